@@ -1,0 +1,31 @@
+# kd-experiments: the two README commands are `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STORE := $(CURDIR)/mlruns/mlflow.db
+
+.PHONY: setup demo test test-fast bench ui clean
+
+setup: $(VENV)/.installed  ## create .venv and install the package with its dev tools
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup  ## the main job: a sweep over compression ratios, tracked in ./mlruns, then its report
+	$(BIN)/kd-train --config-dir sweeps --config-name quickstart_compression
+	$(BIN)/kd-report --experiment quickstart --sweep latest
+	@echo
+	@echo "Browse every run in the MLflow UI (then open http://127.0.0.1:5000):"
+	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(STORE) --host 127.0.0.1 --port 5000"
+
+test: setup  ## the test suite (CPU, under 10 minutes on 2 cores)
+	$(BIN)/python -m pytest -q
+
+ui: setup  ## serve the MLflow UI of ./mlruns on 127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(STORE) --host 127.0.0.1 --port 5000
+
+clean:  ## remove run outputs (keeps .venv and ./mlruns)
+	rm -rf logs outputs multirun .pytest_cache

@@ -1,0 +1,94 @@
+"""Hydra/OmegaConf helpers: custom resolvers, config validation, dataset naming.
+
+Resolvers (registered on import):
+
+- ``${kd.project_root:}``: the folder that holds ``configs/`` (the repository root of
+  an editable install), so data and log paths do not depend on the working directory;
+- ``${kd.uid:}``: a short random id, fixed for one config object, that keeps run
+  folders of jobs started in the same second apart.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PROJECT_ROOT / "configs"
+SWEEP_DIR = PROJECT_ROOT / "sweeps"
+
+if not OmegaConf.has_resolver("kd.project_root"):
+    OmegaConf.register_new_resolver("kd.project_root", lambda: str(PROJECT_ROOT))
+if not OmegaConf.has_resolver("kd.uid"):
+    OmegaConf.register_new_resolver("kd.uid", lambda: uuid.uuid4().hex[:6], use_cache=True)
+
+
+def dataset_name(data_cfg: DictConfig | dict[str, Any]) -> str:
+    """A short name of the data a run used: ``mnist-c3``, ``mvtec-bottle``, ``events``."""
+    data = dict(data_cfg)
+    target = str(data.get("_target_", ""))
+    if "category" in data:
+        root = Path(str(data.get("root", "")))
+        family = "synthetic" if "Synthetic" in target else "mvtec"
+        return f"{family}-{data['category']}" if root else str(data["category"])
+    if "dataset" in data:
+        name = str(data["dataset"])
+        if "normal_class" in data and data["normal_class"] is not None:
+            name += f"-c{data['normal_class']}"
+        return name
+    return target.rsplit(".", 1)[-1].removesuffix("DataModule").lower() or "data"
+
+
+def scheme_name(scheme_cfg: DictConfig | dict[str, Any]) -> str:
+    """The scheme's short name from its ``_target_``: the package under ``schemes``
+    (``kd_experiments.schemes.score_regression.ScoreRegressionScheme`` -> ``score_regression``)."""
+    target = str(dict(scheme_cfg).get("_target_", "scheme"))
+    parts = target.split(".")
+    if "schemes" in parts and parts.index("schemes") + 1 < len(parts) - 1:
+        return parts[parts.index("schemes") + 1]
+    return parts[-1].removesuffix("Scheme").lower()
+
+
+def experiment_label(cfg: DictConfig) -> dict[str, str]:
+    """Tags that name what a run is: scheme, dataset, seed."""
+    scheme_target = str(cfg.scheme.get("_target_", "scheme"))
+    return {
+        "scheme_class": scheme_target.rsplit(".", 1)[-1],
+        "dataset": dataset_name(cfg.data),
+        "seed": str(cfg.get("seed", 0)),
+    }
+
+
+def instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets a user error through unwrapped.
+
+    Nested configs are passed as plain ``dict``/``list`` (``_convert_="all"``), so
+    hyper-parameters saved in checkpoints load with ``torch.load(weights_only=True)``.
+
+    Hydra wraps any exception raised by a ``_target_`` in ``InstantiationException``
+    with the traceback text folded in; a :class:`~kd_experiments.errors.KDError` raised
+    by a constructor (a missing folder, a value out of range) is re-raised as itself so
+    that ``kd-train`` prints its one line.
+    """
+    import hydra
+    from hydra.errors import InstantiationException
+
+    from kd_experiments.errors import ConfigError, KDError
+
+    kwargs.setdefault("_convert_", "all")  # plain dicts/lists: picklable, weights-only-safe hparams
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        while cause is not None and not isinstance(cause, KDError):
+            cause = cause.__cause__
+        if isinstance(cause, KDError):
+            raise cause from None
+        original = error.__cause__
+        if isinstance(original, TypeError) and "argument" in str(original):
+            target = node.get("_target_", "?") if isinstance(node, DictConfig) else "?"
+            raise ConfigError(f"invalid config for {target}: {original}") from None
+        raise

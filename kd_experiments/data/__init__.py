@@ -1,0 +1,1 @@
+"""DataModules: MVTec-style folders, one-class labelled sets, collision events, generators."""

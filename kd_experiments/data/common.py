@@ -1,0 +1,237 @@
+"""Pieces shared by every DataModule: safe image reading, normalisation, seeded splits.
+
+Every helper here turns a user-caused problem (a missing folder, a corrupt or
+truncated image) into a one-line :class:`~kd_experiments.errors.DataError`
+naming the path, as CONTRIBUTING.md requires. Truncated images are *not*
+silently padded: ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is never set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from kd_experiments.errors import ConfigError, DataError
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+"""File suffixes (lower case) treated as images when listing a folder."""
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+IMAGENET_GRAY_MEAN: float = 0.449
+"""Mean of :data:`IMAGENET_MEAN`, used for single-channel input to ImageNet-normalised models."""
+IMAGENET_GRAY_STD: float = 0.226
+"""Mean of :data:`IMAGENET_STD`, used for single-channel input to ImageNet-normalised models."""
+
+# PIL reports broken files through several exception types: OSError (truncated
+# data, UnidentifiedImageError), SyntaxError (bad PNG chunk checksums in
+# ``verify``), ValueError (bad header fields), DecompressionBombError (absurd size).
+_PIL_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    UnidentifiedImageError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+)
+
+
+def require_dir(path: str | Path, what: str) -> Path:
+    """Return ``path`` as a :class:`Path` after checking it is an existing, non-empty folder.
+
+    Args:
+        path: The folder to check.
+        what: What the folder is, for the message (e.g. ``"MVTec AD root"``).
+
+    Raises:
+        DataError: If ``path`` does not exist, is not a folder, or is empty.
+    """
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise DataError(f"{what} not found: {folder}")
+    if not folder.is_dir():
+        raise DataError(f"{what} is not a folder: {folder}")
+    if not any(folder.iterdir()):
+        raise DataError(f"{what} is empty: {folder}")
+    return folder
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Return the image files directly inside ``folder``, sorted by name.
+
+    Hidden files (names starting with ``.``) are skipped. A missing folder
+    yields an empty list; callers decide whether that is an error.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        entry
+        for entry in folder.iterdir()
+        if entry.is_file()
+        and not entry.name.startswith(".")
+        and entry.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def list_subdirs(folder: str | Path) -> list[str]:
+    """Return the names of the non-hidden sub-folders of ``folder``, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        entry.name
+        for entry in folder.iterdir()
+        if entry.is_dir() and not entry.name.startswith(".")
+    )
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """Check an image file's structure without decoding its pixels; return its ``(width, height)``.
+
+    Uses :meth:`PIL.Image.Image.verify`, which walks the file's chunks and
+    checksums (PNG) without decompressing them. This catches files that are
+    not images, bad headers and most truncations cheaply; a file whose
+    compressed data is damaged is caught by :func:`load_image` when decoded.
+
+    Raises:
+        DataError: If the file is missing or not a readable image.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}") from None
+    except _PIL_ERRORS as error:
+        raise DataError(f"unreadable or truncated image {path}: {error}") from error
+    return size
+
+
+def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
+    """Decode an image file completely and convert it to ``mode``.
+
+    The pixel data is fully read (``load``) so that a truncated or corrupt
+    file fails here, with its name, rather than later inside a transform.
+
+    Args:
+        path: The image file.
+        mode: The PIL mode to convert to (``"RGB"``, ``"L"``, ...).
+
+    Raises:
+        DataError: If the file is missing, not an image, truncated or corrupt.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert(mode)
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}") from None
+    except _PIL_ERRORS as error:
+        raise DataError(f"unreadable or truncated image {path}: {error}") from error
+
+
+def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """Convert a PIL image to a ``uint8`` tensor of shape ``(C, H, W)``."""
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Return ``(images - mean) / std`` per channel.
+
+    Args:
+        images: Float tensor ``(C, H, W)`` or ``(N, C, H, W)``, values in [0, 1].
+        mean: One value per channel.
+        std: One value per channel (positive).
+    """
+    assert len(mean) == len(std) == images.shape[-3], "one mean/std value per channel"
+    shape = (len(mean), 1, 1)
+    mean_tensor = torch.tensor(mean, dtype=images.dtype, device=images.device).view(shape)
+    std_tensor = torch.tensor(std, dtype=images.dtype, device=images.device).view(shape)
+    return (images - mean_tensor) / std_tensor
+
+
+def imagenet_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Return the ImageNet ``(mean, std)`` for RGB (3 channels) or grayscale (1 channel) input."""
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    assert channels == 1, f"ImageNet statistics exist for 1 or 3 channels, not {channels}"
+    return (IMAGENET_GRAY_MEAN,), (IMAGENET_GRAY_STD,)
+
+
+def check_choice(key: str, value: object, allowed: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``allowed``; otherwise raise a ConfigError listing them."""
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, allowed))}")
+    return str(value)
+
+
+def check_fraction(key: str, value: float) -> float:
+    """Return ``value`` if it lies strictly between 0 and 1; otherwise raise a ConfigError."""
+    if not 0.0 < float(value) < 1.0:
+        raise ConfigError(f"{key}={value!r} must lie strictly between 0 and 1")
+    return float(value)
+
+
+def check_positive_int(key: str, value: object, minimum: int = 1) -> int:
+    """Return ``value`` if it is an int >= ``minimum`` (not a bool); else raise a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+def parse_image_size(key: str, value: int | Sequence[int]) -> tuple[int, int]:
+    """Return an image size as ``(height, width)``; an int means a square image.
+
+    Raises:
+        ConfigError: Unless ``value`` is a positive int or a pair of positive ints.
+    """
+    sizes = (value, value) if isinstance(value, int) else tuple(value)
+    if len(sizes) != 2 or any(
+        isinstance(size, bool) or not isinstance(size, int) or size < 1 for size in sizes
+    ):
+        raise ConfigError(
+            f"{key}={value!r} must be a positive int or a (height, width) pair of them"
+        )
+    return sizes[0], sizes[1]
+
+
+def split_indices(count: int, held_out_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split ``range(count)`` into seeded ``(kept, held_out)`` lists of indices, each sorted.
+
+    ``held_out`` has ``round(held_out_fraction * count)`` elements, but at least
+    one; ``kept`` keeps at least one. The split depends only on ``count``,
+    ``held_out_fraction`` and ``seed``, never on global random state.
+
+    Raises:
+        DataError: If ``count < 2`` (no split leaves both parts non-empty).
+    """
+    assert 0.0 < held_out_fraction < 1.0, "held_out_fraction must lie in (0, 1)"
+    if count < 2:
+        raise DataError(
+            f"cannot split {count} sample(s) into two non-empty parts; at least 2 are needed"
+        )
+    held_out_count = min(max(1, round(held_out_fraction * count)), count - 1)
+    permutation = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(permutation[held_out_count:]), sorted(permutation[:held_out_count])
+
+
+def seeded_subset(indices: Sequence[int], size: int, seed: int) -> list[int]:
+    """Return ``size`` elements drawn uniformly, without replacement, from ``indices``.
+
+    The drawn elements keep their order in ``indices``.
+
+    Returns ``indices`` unchanged (as a list) when ``size >= len(indices)``.
+    """
+    if size >= len(indices):
+        return list(indices)
+    chosen = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))[:size]
+    return [indices[position] for position in sorted(chosen.tolist())]

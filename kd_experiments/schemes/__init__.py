@@ -1,0 +1,1 @@
+"""Teacher-student schemes, each a LightningModule over a plain PyTorch network."""

@@ -1,0 +1,204 @@
+"""Behaviour shared by every teacher-student scheme.
+
+:class:`AnomalyScheme` is the LightningModule every scheme extends. A scheme provides
+
+- ``score_batch(batch)``: the deployed model's anomaly scores for a batch (``score``,
+  shape ``(B,)``; higher means more anomalous), and where it has them the teacher's
+  scores (``teacher_score``) and pixel maps (``map``, ``teacher_map``, ``(B, H, W)``);
+- ``compression_summary()``: teacher and student sizes (params, MACs) and their ratios.
+
+The base class turns those into test metrics that are exact under DDP: every rank
+keeps its samples' scores with their dataset ``index``; at the end of the test epoch
+the ranks exchange them, drop the duplicates the distributed sampler pads with, and
+compute every metric once on the whole split (``kd_experiments.metrics``). The same
+values are logged on every rank, so no further reduction is needed. It also logs the
+ROC curve and the score histograms as PNG artifacts, and guards training against
+NaN/inf losses (the run fails with a clear message; the last checkpoint is kept).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
+
+from kd_experiments import metrics as kd_metrics
+from kd_experiments.errors import TrainingDivergedError
+from kd_experiments.tracking import is_global_zero, log_figure_from_module
+
+COMPRESSION_KEYS = (
+    "teacher_params",
+    "student_params",
+    "compression_ratio",
+    "teacher_macs",
+    "student_macs",
+    "mac_compression_ratio",
+)
+
+
+def gather_and_deduplicate(records: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate per-batch tensors, gather them from all ranks, keep one row per index.
+
+    ``records`` maps a field name to the list of per-batch CPU tensors; it must hold
+    ``index``. Rows are returned sorted by ``index``, so the result is identical whatever
+    the number of processes.
+    """
+    local = {key: torch.cat(values) for key, values in records.items() if values}
+    if not local:
+        return {}
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        merged = {key: torch.cat([part[key] for part in gathered if part]) for key in local}
+    else:
+        merged = local
+    index = merged["index"].long()
+    order = torch.argsort(index, stable=True)
+    sorted_index = index[order]
+    keep = torch.ones_like(sorted_index, dtype=torch.bool)
+    keep[1:] = sorted_index[1:] != sorted_index[:-1]
+    selected = order[keep]
+    return {key: value[selected] for key, value in merged.items()}
+
+
+class AnomalyScheme(L.LightningModule):
+    """Base LightningModule of a teacher-student anomaly-detection scheme."""
+
+    #: short name used in tags, run names and the ``scheme`` param
+    scheme_name: str = "base"
+    #: whether the teacher can score images on its own (then ``test/teacher_*`` is logged)
+    teacher_scores: bool = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._test_records: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.test_results: dict[str, torch.Tensor] = {}
+        self.test_metrics: dict[str, float] = {}
+
+    # -- what a scheme implements --------------------------------------------------------
+    def score_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Scores of the deployed model (``score``) and optionally ``teacher_score``, ``map``."""
+        raise NotImplementedError
+
+    def compression_summary(self) -> dict[str, float]:
+        """``teacher_params``, ``student_params``, ``compression_ratio``, MACs and their ratio."""
+        raise NotImplementedError
+
+    def plot_test_results(self, results: dict[str, torch.Tensor]) -> None:
+        """Scheme-specific artifacts (maps, reconstructions); rank 0 only. Default: none."""
+
+    # -- NaN guard -------------------------------------------------------------------------
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise TrainingDivergedError(
+                f"{self.scheme_name}: training loss became {loss.detach().float().item()} at "
+                f"epoch {self.current_epoch}, step {self.global_step}; lower the learning rate "
+                "or check the data (the last good checkpoint is kept)"
+            )
+
+    def check_finite(self, name: str, value: torch.Tensor) -> None:
+        """Raise :class:`TrainingDivergedError` if a logged quantity is NaN/inf."""
+        if not torch.isfinite(value).all():
+            raise TrainingDivergedError(
+                f"{self.scheme_name}: {name} became {value.detach().float().mean().item()} at "
+                f"epoch {self.current_epoch}, step {self.global_step} (the last good checkpoint is kept)"
+            )
+
+    # -- test ------------------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self._test_records = defaultdict(list)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: ARG002
+        outputs = self.score_batch(batch)
+        assert "score" in outputs, f"{type(self).__name__}.score_batch must return 'score'"
+        self._test_records["index"].append(batch["index"].detach().cpu())
+        self._test_records["label"].append(batch["label"].detach().cpu())
+        if "mask" in batch and "map" in outputs:
+            self._test_records["mask"].append((batch["mask"].detach().cpu().flatten(0, 1) > 0.5))
+        for key, value in outputs.items():
+            self._test_records[key].append(value.detach().float().cpu())
+
+    def on_test_epoch_end(self) -> None:
+        results = gather_and_deduplicate(self._test_records)
+        self._test_records = defaultdict(list)
+        computed = self.compute_test_metrics(results)
+        self.test_results = results
+        self.test_metrics = computed
+        self.log_dict({f"test/{k}": v for k, v in computed.items()}, sync_dist=False)
+        if is_global_zero() and self.logger is not None:
+            self.plot_score_distributions(results)
+            self.plot_test_results(results)
+
+    def compute_test_metrics(self, results: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Every test metric of the split, from the de-duplicated results."""
+        labels = results["label"].long()
+        computed: dict[str, float] = {
+            "num_test_images": float(labels.numel()),
+            "num_test_anomalous": float(labels.sum().item()),
+        }
+        if labels.min() == labels.max():
+            # Only reachable with a truncated test loop (fast_dev_run, limit_test_batches):
+            # the datamodules refuse test splits without both classes.
+            rank_zero_warn(
+                f"{self.scheme_name}: the scored test samples hold one class only "
+                f"({labels.numel()} samples); ranking metrics are skipped"
+            )
+            return computed
+        computed.update(kd_metrics.evaluate_image_scores(results["score"], labels))
+        if "teacher_score" in results and self.teacher_scores:
+            teacher = kd_metrics.evaluate_image_scores(results["teacher_score"], labels)
+            computed.update({f"teacher_{k}": v for k, v in teacher.items()})
+            anomalous = labels == 1
+            if anomalous.any():
+                computed["wasserstein_anomalous"] = kd_metrics.wasserstein(
+                    results["score"][anomalous], results["teacher_score"][anomalous]
+                )
+        if "map" in results and "mask" in results:
+            computed.update(kd_metrics.evaluate_maps(results["map"], results["mask"]))
+        if "teacher_map" in results and "mask" in results and self.teacher_scores:
+            teacher_maps = kd_metrics.evaluate_maps(results["teacher_map"], results["mask"])
+            computed.update({f"teacher_{k}": v for k, v in teacher_maps.items()})
+        return computed
+
+    # -- artifacts ---------------------------------------------------------------------------
+    def plot_score_distributions(self, results: dict[str, torch.Tensor]) -> None:
+        """ROC curve and score histograms (normal vs anomalous) as PNG artifacts."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels = results["label"].long()
+        if labels.min() == labels.max():
+            return
+        sources = [("student", results["score"])]
+        if "teacher_score" in results and self.teacher_scores:
+            sources.append(("teacher", results["teacher_score"]))
+
+        figure, axis = plt.subplots(figsize=(4.5, 4))
+        for name, scores in sources:
+            fpr, tpr, _ = kd_metrics.roc_curve(scores, labels)
+            auroc = kd_metrics.image_auroc(scores, labels)
+            axis.plot(fpr, tpr, label=f"{name} (AUROC {auroc:.3f})")
+        axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        axis.set_xlabel("false positive rate")
+        axis.set_ylabel("true positive rate")
+        axis.set_title(f"{self.scheme_name}: image-level ROC")
+        axis.legend(loc="lower right")
+        log_figure_from_module(self, figure, "plots/roc_curve.png")
+
+        figure, axes = plt.subplots(1, len(sources), figsize=(4.5 * len(sources), 3.5), squeeze=False)
+        for axis, (name, scores) in zip(axes[0], sources, strict=True):
+            values = scores.numpy()
+            bins = 40
+            axis.hist(values[labels.numpy() == 0], bins=bins, alpha=0.6, label="normal", density=True)
+            axis.hist(values[labels.numpy() == 1], bins=bins, alpha=0.6, label="anomalous", density=True)
+            axis.set_xlabel(f"{name} anomaly score")
+            axis.set_ylabel("density")
+            axis.legend()
+        figure.suptitle(f"{self.scheme_name}: score distributions")
+        log_figure_from_module(self, figure, "plots/score_histograms.png")

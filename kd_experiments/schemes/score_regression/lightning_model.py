@@ -1,0 +1,323 @@
+"""Unsupervised-to-supervised compression as a LightningModule.
+
+Pol, Govorkova, Ojalvo, Pierini, Chernyavskaya, Elmer, Harris, Gronroos,
+"Knowledge Distillation for Anomaly Detection", arXiv 2310.06047 (2023).
+
+An unsupervised teacher (the convolutional autoencoder of
+:mod:`~kd_experiments.schemes.score_regression.torch_model`, optionally a VAE, or the
+dense autoencoder of :mod:`~kd_experiments.schemes.score_regression.events_model` for
+collision events) learns to reconstruct normal samples with an MSE loss; its anomaly
+score is ``log(1 + per-sample MSE)``. A tiny supervised student learns to regress that
+score with an L1 loss, so at deployment only the student runs.
+
+Schedule (a fixed fraction of the training steps, so ``trainer.max_epochs`` and
+``fast_dev_run`` both work): with ``co_learning=False`` (the paper's baseline) the
+teacher trains alone for the first ``teacher_fraction`` of the steps, then is frozen
+while the student learns from it; with ``co_learning=True`` every batch takes a
+teacher step and then a student step on the current teacher's scores (the paper's
+co-learning). The two optimisers are Adam, lr 1e-3, weight decay 1e-5, as in the
+authors' code (AdrianAlan/kd4ad); the authors' ReduceLROnPlateau and 300 epochs are
+left to the trainer config (a fixed schedule here).
+
+Techniques, each a config switch, combinable (:mod:`.techniques`): pseudo outlier
+exposure (``outlier_exposure.dataset``/``root``: the other IDX set's training images,
+read lazily at the start of fit through ``load_idx_split``; the data must be in
+[0, 1], ``data.normalization=none``), noise exposure (``noise_exposure.std``), tail
+re-weighting (``tail_reweighting.strength``). Where the paper's code and the paper
+differ, the docstring of :mod:`.techniques` says which one is followed.
+
+Any trained model as teacher (:mod:`.teachers`): ``teacher_model`` (a callable or a
+scheme checkpoint through :func:`.teachers.load_scheme_teacher`) replaces the
+autoencoder; it is frozen and every batch trains the student only.
+
+Test metrics: the base class's (AUROC, TPR at FPR 1e-2/1e-3/1e-4 of student and
+teacher, Wasserstein distance between their scores on anomalies) plus
+``image_auroc_retention`` (student / teacher) and TPR at FPR 1e-5 (the event-data
+operating point; meaningful only with >= 1e5 normal test samples).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_experiments import metrics as kd_metrics
+from kd_experiments.compression import count_macs, count_parameters
+from kd_experiments.errors import ConfigError
+from kd_experiments.schemes.base import AnomalyScheme
+from kd_experiments.schemes.score_regression.teachers import ScoreTeacher
+from kd_experiments.schemes.score_regression.techniques import (
+    OUTLIER_PARTNER,
+    OutlierSampler,
+    Techniques,
+    load_outlier_images,
+    student_batch,
+    weighted_l1,
+)
+from kd_experiments.schemes.score_regression.torch_model import (
+    VariationalAutoencoder,
+    build_student,
+    build_teacher,
+    reconstruction_score,
+    resolve_student_spec,
+)
+
+#: extra false positive rates reported beyond the base class's
+EXTRA_FPRS: tuple[float, ...] = (1e-5,)
+
+
+def _options(value: dict | None, name: str, allowed: dict[str, Any]) -> dict[str, Any]:
+    """A technique's sub-config merged over its defaults; unknown keys are refused."""
+    merged = dict(allowed)
+    for key, item in dict(value or {}).items():
+        if key not in allowed:
+            raise ConfigError(f"scheme.{name}.{key} is unknown; keys: {sorted(allowed)}")
+        merged[key] = item
+    return merged
+
+
+class ScoreRegressionScheme(AnomalyScheme):
+    """Autoencoder teacher -> small CNN student regressing the teacher's anomaly score.
+
+    Args:
+        input_shape: ``(C, H, W)`` of the images (from the datamodule; 28x28 for the
+            paper's teacher) or ``(F,)`` of feature vectors (collision events).
+        compression_ratio: target ``teacher_params / student_params`` when ``student=auto``.
+        student: ``auto`` (closest to ``compression_ratio``), a paper name ``A``..``G``,
+            or an explicit spec ``{form, channels, strides, final_pool}`` (``form=mlp``
+            with hidden widths as ``channels`` for feature vectors).
+        latent_dim: the teacher's latent size (20 in the paper; 3 for events).
+        teacher_fraction: share of the training steps in which the teacher trains alone
+            (baseline schedule); ignored with ``co_learning`` or an external teacher.
+        co_learning: train teacher and student together, batch by batch.
+        teacher_lr, student_lr, weight_decay: Adam settings.
+        teacher: ``autoencoder`` (the paper's) or ``vae``.
+        vae_beta: weight of the KL term (per input element) of the VAE teacher.
+        outlier_exposure: ``{dataset, root, batch_size, max_images}``: pseudo outliers
+            from ``dataset`` (``mnist`` | ``fashion_mnist``) in ``root``; off when
+            ``dataset`` is null. ``batch_size`` defaults to the normal batch's size.
+        noise_exposure: ``{std, clip}``: the student sees ``clip(x + std * N(0, 1))``
+            labelled by the teacher; off when ``std`` is 0.
+        tail_reweighting: ``{strength}``: per-sample L1 weights ``1 + strength * relu(z)``.
+        teacher_model: a trained detector as teacher (a callable ``images -> (B,)`` or a
+            :class:`~kd_experiments.schemes.score_regression.teachers.ScoreTeacher`);
+            replaces ``teacher``.
+    """
+
+    scheme_name = "score_regression"
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        compression_ratio: float | None = 8.0,
+        student: str | dict | None = "auto",
+        latent_dim: int = 20,
+        teacher_fraction: float = 0.5,
+        co_learning: bool = False,
+        teacher_lr: float = 1e-3,
+        student_lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        teacher: str = "autoencoder",
+        vae_beta: float = 1.0,
+        outlier_exposure: dict | None = None,
+        noise_exposure: dict | None = None,
+        tail_reweighting: dict | None = None,
+        teacher_model: Any = None,
+    ) -> None:
+        super().__init__()
+        input_shape = tuple(int(v) for v in input_shape)
+        if not 0.0 < teacher_fraction < 1.0:
+            raise ConfigError(f"scheme.teacher_fraction must be in (0, 1), got {teacher_fraction}")
+        self.save_hyperparameters(ignore=["teacher_model"])
+        self.automatic_optimization = False
+        self.input_shape = input_shape
+        self.external_teacher = teacher_model is not None
+        if self.external_teacher:
+            if co_learning:
+                raise ConfigError("scheme.co_learning needs a trainable teacher; an external teacher_model is frozen")
+            self.teacher = teacher_model if isinstance(teacher_model, ScoreTeacher) else ScoreTeacher(teacher_model)
+            teacher_params = self.teacher.num_parameters()
+        else:
+            self.teacher = build_teacher(teacher, input_shape, latent_dim)
+            teacher_params = count_parameters(self.teacher)
+        self.student_spec = resolve_student_spec(student, compression_ratio, teacher_params, input_shape)
+        self.student = build_student(self.student_spec, input_shape)
+
+        noise = _options(noise_exposure, "noise_exposure", {"std": 0.0, "clip": [0.0, 1.0]})
+        tail = _options(tail_reweighting, "tail_reweighting", {"strength": 0.0})
+        self.techniques = Techniques(
+            noise_std=float(noise["std"]),
+            noise_clip=None if noise["clip"] is None else (float(noise["clip"][0]), float(noise["clip"][1])),
+            tail_strength=float(tail["strength"]),
+        )
+        self.outlier_options = _options(
+            outlier_exposure, "outlier_exposure", {"dataset": None, "root": None, "batch_size": None, "max_images": None}
+        )
+        if self.outlier_options["dataset"] is not None:
+            if self.outlier_options["dataset"] not in OUTLIER_PARTNER:
+                raise ConfigError(
+                    f"scheme.outlier_exposure.dataset={self.outlier_options['dataset']!r}: "
+                    f"use one of {sorted(OUTLIER_PARTNER)} or null"
+                )
+            if self.outlier_options["root"] is None:
+                raise ConfigError("scheme.outlier_exposure.root is required when outlier_exposure.dataset is set")
+            if len(input_shape) != 3 or input_shape[1:] != (28, 28) or input_shape[0] != 1:
+                raise ConfigError(f"scheme.outlier_exposure takes 1x28x28 images, the data gives {input_shape}")
+        self._outlier_sampler: OutlierSampler | None = None
+
+    @property
+    def teacher_kind(self) -> str:
+        return "external" if self.external_teacher else str(self.hparams.teacher)
+
+    def technique_name(self) -> str:
+        """A short name of the switched-on techniques, e.g. ``co_learning+outlier_exposure``."""
+        parts = ["co_learning" if self.hparams.co_learning else "baseline"]
+        if self.outlier_options["dataset"] is not None:
+            parts.append("outlier_exposure")
+        if self.techniques.noise_std > 0:
+            parts.append("noise_exposure")
+        if self.techniques.tail_strength > 0:
+            parts.append("tail_reweighting")
+        return "+".join(parts)
+
+    # -- sizes --------------------------------------------------------------------------
+    def compression_summary(self) -> dict[str, float]:
+        example = torch.zeros(1, *self.input_shape)
+        teacher_params = self.teacher.num_parameters() if self.external_teacher else count_parameters(self.teacher)
+        student_params = count_parameters(self.student)
+        teacher_macs = _macs_or_nan(self.teacher, example)
+        student_macs = count_macs(self.student, example)
+        return {
+            "teacher_params": teacher_params,
+            "student_params": student_params,
+            "compression_ratio": teacher_params / student_params,
+            "teacher_macs": teacher_macs,
+            "student_macs": student_macs,
+            "mac_compression_ratio": teacher_macs / student_macs,
+            "student_spec": self.student_spec.describe(),
+            "teacher_kind": self.teacher_kind,
+            "technique": self.technique_name(),
+        }
+
+    # -- scores -------------------------------------------------------------------------
+    def teacher_score(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's anomaly score ``(B,)`` (``log(1 + MSE)`` for the autoencoders)."""
+        if self.external_teacher:
+            return self.teacher(images)
+        return reconstruction_score(images, self.teacher(images))
+
+    def score_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        images = batch["image"]
+        return {"score": self.student(images), "teacher_score": self.teacher_score(images)}
+
+    def compute_test_metrics(self, results: dict[str, torch.Tensor]) -> dict[str, float]:
+        computed = super().compute_test_metrics(results)
+        labels = results["label"].long()
+        if labels.min() == labels.max():
+            return computed
+        sources = [("", results["score"])]
+        if "teacher_score" in results:
+            sources.append(("teacher_", results["teacher_score"]))
+        for prefix, scores in sources:
+            for fpr in EXTRA_FPRS:
+                computed[f"{prefix}tpr_at_fpr_{kd_metrics.fpr_key(fpr)}"] = kd_metrics.tpr_at_fpr(scores, labels, fpr)
+        if computed.get("teacher_image_auroc"):
+            computed["image_auroc_retention"] = computed["image_auroc"] / computed["teacher_image_auroc"]
+        return computed
+
+    # -- training -----------------------------------------------------------------------
+    def configure_optimizers(self):
+        student_optimizer = torch.optim.Adam(
+            self.student.parameters(), lr=self.hparams.student_lr, weight_decay=self.hparams.weight_decay
+        )
+        if self.external_teacher:
+            return student_optimizer
+        teacher_optimizer = torch.optim.Adam(
+            self.teacher.parameters(), lr=self.hparams.teacher_lr, weight_decay=self.hparams.weight_decay
+        )
+        return [teacher_optimizer, student_optimizer]
+
+    def on_fit_start(self) -> None:
+        """Read the pseudo outliers once (outlier exposure), lazily, on every rank."""
+        options = self.outlier_options
+        if options["dataset"] is not None and self._outlier_sampler is None:
+            images = load_outlier_images(
+                options["dataset"], options["root"], options["max_images"], seed=int(torch.initial_seed()) % 2**31
+            )
+            batch_size = options["batch_size"] or getattr(self.trainer.datamodule, "batch_size", 64)
+            self._outlier_sampler = OutlierSampler(images, int(batch_size), seed=self.global_rank)
+
+    def teacher_phase_batches(self) -> int:
+        """Number of training batches in which only the teacher trains (baseline schedule)."""
+        total = max(int(self.trainer.estimated_stepping_batches), 2)
+        return max(1, min(total - 1, round(total * self.hparams.teacher_fraction)))
+
+    def in_teacher_phase(self, batch_idx: int) -> bool:
+        """Whether this batch belongs to the teacher-only phase (counted in batches, since
+        with two manual optimisers Lightning's ``global_step`` counts both)."""
+        batches_done = self.current_epoch * self.trainer.num_training_batches + batch_idx
+        return batches_done < self.teacher_phase_batches()
+
+    def teacher_loss(self, images: torch.Tensor) -> torch.Tensor:
+        return teacher_training_loss(self.teacher, images, self.hparams.vae_beta)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        images = batch["image"]
+        if self.external_teacher:
+            teacher_optimizer, student_optimizer = None, self.optimizers()
+            train_teacher, train_student = False, True
+        else:
+            teacher_optimizer, student_optimizer = self.optimizers()
+            train_teacher = self.hparams.co_learning or self.in_teacher_phase(batch_idx)
+            train_student = self.hparams.co_learning or not train_teacher
+
+        if train_teacher:
+            self.teacher.train()
+            teacher_loss = self.teacher_loss(images)
+            teacher_optimizer.zero_grad()
+            self.manual_backward(teacher_loss)
+            teacher_optimizer.step()
+            self.log("train/teacher_loss", teacher_loss, on_step=False, on_epoch=True, prog_bar=True)
+        if train_student:
+            self.teacher.eval()
+            outliers = self._outlier_sampler.sample() if self._outlier_sampler is not None else None
+            inputs, targets, weights = student_batch(images, self.teacher_score, self.techniques, outliers)
+            student_loss = weighted_l1(self.student(inputs), targets, weights)
+            student_optimizer.zero_grad()
+            self.manual_backward(student_loss)
+            student_optimizer.step()
+            self.log("train/student_loss", student_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/teacher_phase", float(train_teacher and not train_student), on_step=False, on_epoch=True)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: ARG002
+        images = batch["image"]
+        teacher_score = self.teacher_score(images)
+        student_score = self.student(images)
+        student_loss = F.l1_loss(student_score, teacher_score)
+        if self.external_teacher:
+            teacher_loss = torch.zeros((), device=images.device)
+        else:
+            teacher_loss = F.mse_loss(self.teacher(images), images)
+        self.log("val/teacher_loss", teacher_loss, on_epoch=True, sync_dist=True)
+        self.log("val/student_loss", student_loss, on_epoch=True, sync_dist=True)
+        self.log("val/loss", teacher_loss + student_loss, on_epoch=True, prog_bar=True, sync_dist=True)
+
+
+def teacher_training_loss(teacher: nn.Module, images: torch.Tensor, vae_beta: float = 1.0) -> torch.Tensor:
+    """The teacher's loss: MSE reconstruction (the paper), plus ``vae_beta`` times the KL
+    term per input element for the VAE teacher."""
+    if isinstance(teacher, VariationalAutoencoder):
+        reconstruction, kl = teacher.elbo_terms(images)
+        return F.mse_loss(reconstruction, images) + vae_beta * kl.mean() / images[0].numel()
+    return F.mse_loss(teacher(images), images)
+
+
+def _macs_or_nan(module: nn.Module, example: torch.Tensor) -> float:
+    """MACs of a teacher; NaN for an external scorer whose operations cannot be traced."""
+    try:
+        return float(count_macs(module, example))
+    except Exception:  # noqa: BLE001 - an arbitrary callable may fail to trace
+        return float("nan")

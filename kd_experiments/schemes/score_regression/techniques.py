@@ -1,0 +1,147 @@
+"""Training techniques of unsupervised-to-supervised compression, as pure functions.
+
+Pol, Govorkova, Ojalvo, Pierini, Chernyavskaya, Elmer, Harris, Gronroos,
+"Knowledge Distillation for Anomaly Detection", arXiv 2310.06047 (2023), Sec. 3:
+the student only ever sees normal training images, so it is asked to extrapolate the
+teacher's score to anomalies it never saw. Their remedies, and one of ours:
+
+- **pseudo outlier exposure**: the student also regresses the teacher's score on images
+  of another data set (Fashion-MNIST for MNIST and the reverse). The paper's code
+  (AdrianAlan/kd4ad, ``experiment-outlier-exposure.py``) takes the *test* split of the
+  other set and runs the outlier batches after each epoch; here the other set's
+  *training* split is used (no test image of any set is touched) and an outlier batch
+  is concatenated to each normal batch of the student step.
+- **noise exposure**: the student sees the normal batch with Gaussian noise added
+  (std 0.1, clipped to [0, 1], as the authors' ``experiment-noise-exposure.py``),
+  labelled by the teacher's score of the noisy images.
+- **tail re-weighting** (ours, not in the paper): the per-sample L1 loss is weighted by
+  ``1 + strength * relu(z)``, ``z`` the teacher score standardised within the batch,
+  weights renormalised to mean 1; the student spends its few parameters on the high
+  scores, where an anomaly threshold lies.
+
+:func:`student_batch` assembles what a student step sees from these switches; the
+Lightning scheme and the benchmark loops both call it, so they compute the same
+targets with the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kd_experiments.errors import ConfigError
+
+#: the other data set of pseudo outlier exposure, as in the paper
+OUTLIER_PARTNER: dict[str, str] = {"mnist": "fashion_mnist", "fashion_mnist": "mnist"}
+
+
+@dataclass(frozen=True)
+class Techniques:
+    """Which student-side techniques are on (co-learning is a schedule, see the scheme)."""
+
+    noise_std: float = 0.0
+    noise_clip: tuple[float, float] | None = (0.0, 1.0)
+    tail_strength: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.noise_std < 0:
+            raise ConfigError(f"scheme.noise_exposure.std must be >= 0, got {self.noise_std}")
+        if self.tail_strength < 0:
+            raise ConfigError(f"scheme.tail_reweighting.strength must be >= 0, got {self.tail_strength}")
+
+
+def add_noise(
+    images: torch.Tensor, std: float, clip: tuple[float, float] | None = (0.0, 1.0),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``images + std * N(0, 1)``, clipped to ``clip`` (the authors' noise exposure)."""
+    noise = torch.randn(images.shape, generator=generator, device="cpu").to(images)
+    noisy = images + std * noise
+    return noisy.clamp(*clip) if clip is not None else noisy
+
+
+def tail_weights(targets: torch.Tensor, strength: float) -> torch.Tensor:
+    """Per-sample weights ``1 + strength * relu(z)`` normalised to mean 1 (``z``: the
+    batch-standardised target). ``strength=0`` gives ones."""
+    if strength == 0 or targets.numel() < 2:
+        return torch.ones_like(targets)
+    z = (targets - targets.mean()) / targets.std().clamp_min(1e-8)
+    weights = 1.0 + strength * torch.relu(z)
+    return (weights / weights.mean()).detach()
+
+
+def weighted_l1(predictions: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The student's loss: L1 (as the paper), optionally weighted per sample."""
+    if weights is None:
+        return F.l1_loss(predictions, targets)
+    return (weights * (predictions - targets).abs()).mean()
+
+
+def student_batch(
+    images: torch.Tensor,
+    teacher_score: Callable[[torch.Tensor], torch.Tensor],
+    techniques: Techniques,
+    outliers: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inputs, targets and loss weights of one student step.
+
+    Args:
+        images: the normal batch.
+        teacher_score: the (frozen, eval-mode) teacher's score function ``(B, ...) -> (B,)``.
+        techniques: noise exposure and tail re-weighting settings.
+        outliers: a batch of pseudo outliers to append (outlier exposure), or ``None``.
+
+    Returns:
+        ``(inputs, targets, weights)``; targets and weights carry no gradient.
+    """
+    inputs = images
+    if techniques.noise_std > 0:
+        inputs = add_noise(images, techniques.noise_std, techniques.noise_clip, generator)
+    if outliers is not None:
+        inputs = torch.cat([inputs, outliers.to(inputs)])
+    with torch.no_grad():
+        targets = teacher_score(inputs).detach().float()
+    return inputs, targets, tail_weights(targets, techniques.tail_strength)
+
+
+def load_outlier_images(
+    dataset: str, root: str | Path, max_images: int | None = None, seed: int = 0
+) -> torch.Tensor:
+    """The *training* images of ``dataset`` (an IDX set) as float ``(N, 1, 28, 28)`` in [0, 1].
+
+    A seeded draw of ``max_images`` when given. Reads through
+    :func:`kd_experiments.data.one_class.load_idx_split`, so a missing or corrupt file
+    raises its one-line :class:`~kd_experiments.errors.DataError`.
+    """
+    from kd_experiments.data.one_class import load_idx_split
+
+    if dataset not in OUTLIER_PARTNER:
+        raise ConfigError(
+            f"scheme.outlier_exposure.dataset={dataset!r}: use one of {sorted(OUTLIER_PARTNER)}"
+        )
+    images, _ = load_idx_split(root, "train")
+    if max_images is not None and max_images < len(images):
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+        images = images[order[:max_images].sort().values]
+    return images.unsqueeze(1).float() / 255.0
+
+
+class OutlierSampler:
+    """Draws seeded random batches from an in-memory outlier set (pseudo outlier exposure)."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int = 0) -> None:
+        if len(images) == 0:
+            raise ConfigError("scheme.outlier_exposure: the outlier set is empty")
+        self.images = images
+        self.batch_size = int(batch_size)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, batch_size: int | None = None) -> torch.Tensor:
+        count = min(batch_size or self.batch_size, len(self.images))
+        index = torch.randint(len(self.images), (count,), generator=self.generator)
+        return self.images[index]

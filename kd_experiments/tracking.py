@@ -1,0 +1,432 @@
+"""MLflow conventions: one place for every MLflow call of the framework.
+
+What every run carries (the contract users and ``kd-report`` rely on):
+
+- **params**: the resolved Hydra config flattened with dots (``scheme.compression_ratio``),
+  plus the measured ``scheme``, ``teacher_params``, ``student_params``,
+  ``compression_ratio``, ``teacher_macs``, ``student_macs``, ``mac_compression_ratio``;
+- **tags**: ``scheme``, ``dataset``, ``seed``, ``git_commit``, ``torch_version``,
+  ``cuda_version``, ``sweep_id`` (shared by the runs of one ``-m`` sweep), and
+  ``error`` when the run failed;
+- **artifacts**: ``config/config.yaml`` (the resolved config), plots under ``plots/``;
+- **metrics**: per-epoch ``train/*`` and ``val/*``, final ``test/*``.
+
+Runs of one Hydra multirun are children (``mlflow.parentRunId``) of one parent run
+created, under a file lock, by the first job of the sweep, so the MLflow UI shows a
+sweep as one expandable row. Run names are ``<scheme>-<dataset>-cr<ratio>-s<seed>-<id>``:
+readable, and unique across seeds and repeats.
+
+The default store is ``sqlite:///<cwd>/mlruns/mlflow.db`` with artifacts in
+``<cwd>/mlruns/artifacts``; ``MLFLOW_TRACKING_URI`` overrides it (a server, another
+database, a ``file:`` store). Only global rank 0 talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.loggers import MLFlowLogger
+
+from kd_experiments.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE_DIR = "mlruns"
+PARENT_TAG = "kd.sweep_parent"
+REQUIRED_PARAMS = (
+    "scheme",
+    "teacher_params",
+    "student_params",
+    "compression_ratio",
+    "teacher_macs",
+    "student_macs",
+    "mac_compression_ratio",
+)
+MAX_PARAM_LENGTH = 6000
+
+
+def is_global_zero() -> bool:
+    """True in the process that owns tracking (global rank 0, or no distributed run)."""
+    return rank_zero_only.rank == 0
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None, root: str | Path | None = None) -> str:
+    """The tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``tracking_uri``, else the local store.
+
+    The local store is an SQLite database plus an artifact folder under ``<root>/mlruns``
+    (``root`` defaults to the current working directory).
+    """
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if env_uri:
+        return env_uri
+    if tracking_uri:
+        return str(tracking_uri)
+    store = Path(root or os.getcwd()).resolve() / DEFAULT_STORE_DIR
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def default_artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
+    """Artifact folder for a new experiment in a local SQLite store (beside the database).
+
+    Other stores (servers, ``file:``) keep their own default and get ``None``.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db_path = Path(tracking_uri.removeprefix("sqlite:///"))
+    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment_name)
+    return (db_path.parent / "artifacts" / safe_name).resolve().as_uri()
+
+
+def _prepare_local_store(tracking_uri: str) -> None:
+    """Create the folder of a local SQLite store, or fail with one clear line."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    db_path = Path(tracking_uri.removeprefix("sqlite:///"))
+    try:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TrackingError(
+            f"cannot create the MLflow store folder {db_path.parent}: {error.strerror}"
+        ) from None
+    if db_path.exists() and not os.access(db_path, os.W_OK):
+        raise TrackingError(f"the MLflow store {db_path} is read-only")
+    if not os.access(db_path.parent, os.W_OK):
+        raise TrackingError(f"the MLflow store folder {db_path.parent} is read-only")
+
+
+def make_client(tracking_uri: str):
+    """An ``MlflowClient`` on ``tracking_uri``, checked to answer (raises TrackingError)."""
+    from mlflow.tracking import MlflowClient
+
+    _prepare_local_store(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 - any transport or store error means unreachable
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrackingError(
+            f"the MLflow tracking store {tracking_uri} cannot be reached: {first_line[:300]}"
+        ) from None
+    return client
+
+
+def get_or_create_experiment(client, experiment_name: str, tracking_uri: str) -> str:
+    """Experiment id for ``experiment_name``, created if needed (safe under parallel jobs)."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(
+            experiment_name,
+            artifact_location=default_artifact_location(tracking_uri, experiment_name),
+        )
+    except Exception:  # another job created it in between
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a nested mapping into ``{"a.b.c": "value"}`` with string values.
+
+    Lists become their string form; values longer than MLflow's limit are cut with a
+    marker (the full config is always logged as the YAML artifact).
+    """
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, prefix=f"{name}."))
+        else:
+            text = str(value)
+            if len(text) > MAX_PARAM_LENGTH:
+                text = text[: MAX_PARAM_LENGTH - 12] + "...[truncated]"
+            flat[name] = text
+    return flat
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    """The current git commit of the project checkout (``unknown`` outside a checkout)."""
+    search = Path(cwd) if cwd else Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=search, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = out.stdout.strip()
+    if out.returncode != 0 or not commit:
+        return "unknown"
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=search,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    return commit + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def environment_tags() -> dict[str, str]:
+    """Versions a result depends on: torch, CUDA, Python, host."""
+    import torch
+
+    return {
+        "torch_version": torch.__version__,
+        "cuda_version": str(torch.version.cuda) if torch.cuda.is_available() else "none",
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "python_version": platform.python_version(),
+        "host": platform.node(),
+    }
+
+
+def sweep_id_from_dir(sweep_dir: str | Path) -> str:
+    """A short stable id for a Hydra multirun, derived from its sweep folder."""
+    resolved = str(Path(sweep_dir).resolve())
+    return Path(resolved).name.replace(os.sep, "_") + "-" + hashlib.sha1(resolved.encode()).hexdigest()[:6]
+
+
+def format_ratio(ratio: float) -> str:
+    """``4.0 -> '4'``, ``2.7 -> '2.7'``: compact ratio text for run names."""
+    return f"{ratio:g}"
+
+
+def make_run_name(scheme: str, dataset: str, compression_ratio: float, seed: int) -> str:
+    """Readable, collision-free run name."""
+    return f"{scheme}-{dataset}-cr{format_ratio(compression_ratio)}-s{seed}-{uuid.uuid4().hex[:6]}"
+
+
+class KDMLFlowLogger(MLFlowLogger):
+    """Lightning's MLflow logger writing into a run whose life :class:`RunTracker` owns.
+
+    Two differences from the stock logger: hyper-parameters are not logged (the whole
+    resolved config already is, flattened, by the tracker; logging them twice with other
+    names makes MLflow's immutable params collide), and ``finalize`` does not close the
+    run (Lightning calls it after ``fit``, before ``test``; the tracker closes the run
+    once, with the true final status).
+    """
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:  # noqa: ARG002 - deliberately ignored
+        return None
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:  # noqa: ARG002 - tracker sets status
+        if not self._initialized:
+            return
+        if self._checkpoint_callback:
+            self._scan_and_log_checkpoints(self._checkpoint_callback)
+
+
+class RunTracker:
+    """The life of one MLflow run: start, params, tags, artifacts, and its final status.
+
+    Use as a context manager::
+
+        with RunTracker(...) as tracker:
+            tracker.log_params({...})
+            trainer = Trainer(logger=tracker.lightning_logger())
+            ...
+
+    An exception inside the block ends the run FAILED with the message as tag ``error``
+    (KeyboardInterrupt: KILLED), and is re-raised. Every method is a no-op outside
+    global rank 0, so DDP workers never write to MLflow.
+    """
+
+    def __init__(
+        self,
+        experiment_name: str,
+        run_name: str,
+        tracking_uri: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        sweep_dir: str | Path | None = None,
+        run_id: str | None = None,
+        log_model_checkpoints: bool = False,
+        enabled: bool = True,
+    ) -> None:
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.tags = dict(tags or {})
+        self.sweep_dir = Path(sweep_dir) if sweep_dir else None
+        self.resume_run_id = run_id
+        self.log_model_checkpoints = log_model_checkpoints
+        self.enabled = enabled
+        self.active = enabled and is_global_zero()
+        self.client = None
+        self.experiment_id: str | None = None
+        self.run_id: str | None = None
+        self.parent_run_id: str | None = None
+        self._logger: KDMLFlowLogger | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def __enter__(self) -> RunTracker:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.end("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.end("KILLED", error="interrupted by the user (SIGINT)")
+        else:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc_type.__name__
+            self.end("FAILED", error=f"{exc_type.__name__}: {message}")
+        return False
+
+    def start(self) -> str | None:
+        """Create (or re-open, when resuming) the run; returns its id on rank 0."""
+        if not self.active:
+            return None
+        self.client = make_client(self.tracking_uri)
+        self.experiment_id = get_or_create_experiment(
+            self.client, self.experiment_name, self.tracking_uri
+        )
+        if self.resume_run_id:
+            try:
+                run = self.client.get_run(self.resume_run_id)
+            except Exception:
+                raise TrackingError(
+                    f"cannot resume MLflow run {self.resume_run_id}: no such run in {self.tracking_uri}"
+                ) from None
+            self.run_id = run.info.run_id
+            self.run_name = run.info.run_name
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.client.set_tag(self.run_id, "resumed", "true")
+            return self.run_id
+        tags = dict(self.tags)
+        if self.sweep_dir is not None:
+            sweep_id = sweep_id_from_dir(self.sweep_dir)
+            tags["sweep_id"] = sweep_id
+            self.parent_run_id = self._get_or_create_parent(sweep_id)
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def end(self, status: str, error: str | None = None) -> None:
+        """Close the run with ``status`` (FINISHED, FAILED, KILLED), keeping what was logged."""
+        if not self.active or self.run_id is None:
+            return
+        try:
+            if error:
+                self.client.set_tag(self.run_id, "error", error[:5000])
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as tracking_error:  # noqa: BLE001 - never hide the original error
+            log.error("could not close MLflow run %s as %s: %s", self.run_id, status, tracking_error)
+
+    def _get_or_create_parent(self, sweep_id: str) -> str:
+        """The parent run of a sweep; a file lock in the sweep folder stops parallel jobs racing."""
+        assert self.sweep_dir is not None
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        lock_path = self.sweep_dir / ".mlflow_parent.lock"
+        with open(lock_path, "w") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                existing = self.client.search_runs(
+                    [self.experiment_id],
+                    filter_string=f"tags.sweep_id = '{sweep_id}' and tags.`{PARENT_TAG}` = 'true'",
+                    max_results=1,
+                )
+                if existing:
+                    return existing[0].info.run_id
+                parent_tags = {
+                    PARENT_TAG: "true",
+                    "sweep_id": sweep_id,
+                    "sweep_dir": str(self.sweep_dir.resolve()),
+                    **{k: v for k, v in self.tags.items() if k in ("scheme", "dataset", "git_commit")},
+                }
+                parent = self.client.create_run(
+                    self.experiment_id, run_name=f"sweep-{sweep_id}", tags=parent_tags
+                )
+                return parent.info.run_id
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    # -- logging -----------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params in batches of 100 (MLflow's limit); values become strings."""
+        if not self.active or self.run_id is None:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(str(k), str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        if self.resume_run_id:  # params of a resumed run exist already and are immutable
+            existing = self.client.get_run(self.run_id).data.params
+            items = [p for p in items if p.key not in existing]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.active or self.run_id is None:
+            return
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self.active or self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        items = [Metric(k, float(v), timestamp, step or 0) for k, v in metrics.items()]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if not self.active or self.run_id is None:
+            return
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        if not self.active or self.run_id is None:
+            return
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.active or self.run_id is None:
+            return
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def lightning_logger(self) -> KDMLFlowLogger | None:
+        """A Lightning logger writing per-epoch metrics into this run (``None`` if disabled)."""
+        if not self.enabled:
+            return None
+        if not self.active:
+            # DDP workers still need a logger object of the same kind; it writes nothing.
+            return KDMLFlowLogger(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri)
+        if self._logger is None:
+            self._logger = KDMLFlowLogger(
+                experiment_name=self.experiment_name,
+                tracking_uri=self.tracking_uri,
+                run_id=self.run_id,
+                log_model=self.log_model_checkpoints,
+            )
+        return self._logger
+
+
+def log_figure_from_module(module, figure, artifact_file: str) -> None:
+    """Log a matplotlib figure from inside a LightningModule into its MLflow run, if any.
+
+    Works from any rank (only rank 0's MLflow logger writes); closes the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    try:
+        for logger in getattr(module, "loggers", []) or []:
+            if isinstance(logger, MLFlowLogger) and is_global_zero() and logger.run_id:
+                logger.experiment.log_figure(logger.run_id, figure, artifact_file)
+    finally:
+        plt.close(figure)

@@ -1,0 +1,235 @@
+"""``kd-train``: the Hydra application that trains, tests and tracks one run.
+
+Flow: config -> datamodule + scheme -> Lightning Trainer -> metrics and artifacts ->
+MLflow. Every object comes from the config (``_target_``), so sweeping a width, a
+ratio or a seed needs no code change::
+
+    kd-train experiment=quickstart                         # one run
+    kd-train experiment=quickstart scheme.compression_ratio=32 seed=1
+    kd-train -m experiment=quickstart scheme.compression_ratio=2,8,32 seed=0,1
+    kd-train --config-dir sweeps --config-name quickstart_compression   # a sweep file
+    kd-train experiment=quickstart ckpt_path=<run folder>/checkpoints/last.ckpt  # resume
+
+A user error (bad path, bad value, corrupt file, NaN loss, unreachable store) prints
+one line, ``kd-train: error: ...``, ends the MLflow run FAILED with that message as its
+``error`` tag, and exits with status 1; checkpoints and logged metrics are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from kd_experiments import config as kd_config
+from kd_experiments.errors import ConfigError, KDError
+from kd_experiments.tracking import (
+    REQUIRED_PARAMS,
+    RunTracker,
+    environment_tags,
+    flatten_config,
+    git_commit,
+    is_global_zero,
+    make_run_name,
+)
+
+log = logging.getLogger("kd_experiments.train")
+
+
+def _hydra_sweep_dir() -> Path | None:
+    """The sweep folder when running inside a Hydra multirun, else ``None``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hydra_cfg.sweep.dir)
+
+
+def _instantiate_callbacks(callbacks_cfg: DictConfig | None) -> list[Any]:
+    if not callbacks_cfg:
+        return []
+    callbacks = []
+    for name, callback_cfg in callbacks_cfg.items():
+        if callback_cfg is None:
+            continue
+        if not isinstance(callback_cfg, DictConfig) or "_target_" not in callback_cfg:
+            raise ConfigError(f"callbacks.{name} must be a config with a _target_")
+        callbacks.append(kd_config.instantiate(callback_cfg))
+    return callbacks
+
+
+def _instantiate_extra_loggers(logger_cfg: DictConfig | None) -> list[Any]:
+    """Lightning loggers other than MLflow (the tracker makes that one)."""
+    if not logger_cfg:
+        return []
+    return [
+        kd_config.instantiate(cfg)
+        for name, cfg in logger_cfg.items()
+        if name != "mlflow" and cfg is not None and "_target_" in cfg
+    ]
+
+
+def _run_name(cfg: DictConfig, dataset: str) -> str:
+    ratio = cfg.scheme.get("compression_ratio", None)
+    base = str(cfg.get("run_name") or "") or None
+    if base:
+        return f"{base}-s{cfg.seed}-{os.urandom(3).hex()}"
+    return make_run_name(kd_config.scheme_name(cfg.scheme), dataset, float(ratio or 1.0), int(cfg.seed))
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks that need no data or model: raise :class:`ConfigError` early, in one line."""
+    for group in ("data", "scheme", "trainer"):
+        if group not in cfg or cfg[group] is None:
+            raise ConfigError(f"the config has no '{group}' group; pick one, e.g. {group}=<name>")
+    ratio = cfg.scheme.get("compression_ratio", None)
+    if ratio is not None and not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio >= 1):
+        raise ConfigError(f"scheme.compression_ratio must be a number >= 1, got {ratio!r}")
+    if not isinstance(cfg.get("seed", 0), int):
+        raise ConfigError(f"seed must be an integer, got {cfg.get('seed')!r}")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, test and track one run; returns the final metrics (``test/*`` and the last ``val/*``)."""
+    import lightning as L
+    import torch
+
+    from kd_experiments.checkpoints import check_resume_checkpoint, mlflow_run_id_of
+
+    validate_config(cfg)
+    started = time.perf_counter()
+    dataset = kd_config.dataset_name(cfg.data)
+    logger_cfg = cfg.get("logger") or {}
+    mlflow_cfg = logger_cfg.get("mlflow") if logger_cfg else None
+    ckpt_path = cfg.get("ckpt_path")
+    resuming = bool(ckpt_path) and bool(cfg.get("train", True))
+    resume_run_id = cfg.get("resume_run_id")
+    if resuming and not resume_run_id:
+        try:
+            resume_run_id = mlflow_run_id_of(ckpt_path)
+        except KDError:
+            resume_run_id = None  # reported inside the run by check_resume_checkpoint
+
+    tags = {
+        **kd_config.experiment_label(cfg),
+        "git_commit": git_commit(),
+        **environment_tags(),
+        **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()},
+    }
+    tracker = RunTracker(
+        experiment_name=str(cfg.get("experiment_name") or "kd-experiments"),
+        run_name=_run_name(cfg, dataset),
+        tracking_uri=(mlflow_cfg or {}).get("tracking_uri"),
+        tags=tags,
+        sweep_dir=_hydra_sweep_dir(),
+        run_id=resume_run_id,
+        log_model_checkpoints=bool((mlflow_cfg or {}).get("log_model_checkpoints", False)),
+        enabled=mlflow_cfg is not None,
+    )
+    with tracker:
+        tracker.log_params(flatten_config(OmegaConf.to_container(cfg, resolve=True)))
+        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+
+        L.seed_everything(int(cfg.seed), workers=True)
+        datamodule = kd_config.instantiate(cfg.data)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        model = kd_config.instantiate(cfg.scheme, input_shape=tuple(datamodule.input_shape))
+        summary = model.compression_summary()
+        tracker.log_params({"scheme": model.scheme_name, **summary})
+        tracker.set_tags({"scheme": model.scheme_name})
+        missing = [key for key in REQUIRED_PARAMS if key != "scheme" and key not in summary]
+        assert not missing, f"{type(model).__name__}.compression_summary lacks {missing}"
+
+        if ckpt_path:
+            check_resume_checkpoint(ckpt_path, model)
+
+        callbacks = _instantiate_callbacks(cfg.get("callbacks"))
+        loggers = [lg for lg in [tracker.lightning_logger()] if lg is not None]
+        loggers += _instantiate_extra_loggers(logger_cfg)
+        trainer: L.Trainer = kd_config.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+        if cfg.get("train", True):
+            try:
+                trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None)
+            except SystemExit:
+                # Lightning turns Ctrl-C into a graceful shutdown then sys.exit(1).
+                if trainer.interrupted:
+                    raise KeyboardInterrupt from None
+                raise
+            if trainer.interrupted:
+                raise KeyboardInterrupt
+        metrics: dict[str, float] = {}
+        if cfg.get("test", True):
+            # The final weights of the fixed schedule (or of ckpt_path when test-only):
+            # no model selection on any split.
+            test_ckpt = ckpt_path if (ckpt_path and not cfg.get("train", True)) else None
+            trainer.test(model=model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
+        for key, value in trainer.callback_metrics.items():
+            metrics[key] = float(value.item() if isinstance(value, torch.Tensor) else value)
+        duration = time.perf_counter() - started
+        tracker.log_metrics({"duration_s": duration})
+        if is_global_zero():
+            key_metric = str(cfg.get("optimized_metric") or "test/image_auroc")
+            value = metrics.get(key_metric, float("nan"))
+            print(
+                f"[kd-train] {tracker.run_name}: compression_ratio={summary['compression_ratio']:.1f} "
+                f"student_params={int(summary['student_params'])} {key_metric}={value:.4f} "
+                f"({duration:.1f} s)",
+                flush=True,
+            )
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(kd_config.CONFIG_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except KDError as error:
+        print(f"kd-train: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    metric_name = cfg.get("optimized_metric")
+    if metric_name:
+        if metric_name not in metrics:
+            raise ConfigError(
+                f"optimized_metric={metric_name!r} was not computed; available: {sorted(metrics)}"
+            )
+        return metrics[metric_name]
+    return None
+
+
+def _quiet_third_party() -> None:
+    """Keep the console to what a user acts on: progress, the run summary, errors."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch.trainer.connectors.logger_connector.logger_connector").setLevel(
+        logging.WARNING
+    )
+    for pattern in (
+        r".*isinstance\(treespec, LeafSpec\).*",
+        r".*smaller than the logging interval.*",
+        r".*does not have many workers.*",
+        r".*Consider setting `persistent_workers=True`.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def main() -> None:
+    """Console entry point of ``kd-train``."""
+    _quiet_third_party()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Shared fixtures: composed Hydra configs, temporary MLflow stores, the real data folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from kd_experiments.config import CONFIG_DIR, PROJECT_ROOT
+
+torch.set_num_threads(1)
+
+SHARED_DATA = Path(os.environ.get("KD_DATA_DIR", PROJECT_ROOT.parent / "shared" / "data"))
+
+
+def shared_data(relative: str) -> Path:
+    """A folder of ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"real data {path} is absent (set KD_DATA_DIR to the shared data folder)")
+    return path
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite MLflow store for the test, exported as MLFLOW_TRACKING_URI."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
+    """Compose the train config with overrides, Hydra's runtime set as in a real run."""
+
+    def _compose(*overrides: str) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+            cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.paths.log_dir = str(tmp_path / "logs")
+            cfg.paths.cache_dir = str(tmp_path / "cache")
+            cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+            cfg.hydra.job.num = 0
+        HydraConfig().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]  # a task function never sees the hydra node
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def fast_overrides(*extra: str) -> list[str]:
+    """Overrides that keep a run to a few seconds on one CPU core."""
+    return [
+        "trainer.max_epochs=1",
+        "trainer.enable_model_summary=false",
+        "callbacks.progress_bar=null",
+        "callbacks.model_summary=null",
+        *extra,
+    ]

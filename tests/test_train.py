@@ -1,0 +1,279 @@
+"""The pipeline end to end: configs compose, runs train and test, MLflow holds the contract."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from kd_experiments.config import CONFIG_DIR, PROJECT_ROOT, SWEEP_DIR
+from kd_experiments.errors import ConfigError, DataError, KDError, TrainingDivergedError
+from kd_experiments.tracking import REQUIRED_PARAMS
+from kd_experiments.train import train
+from tests.conftest import fast_overrides, shared_data
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+SWEEPS = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]
+
+
+def _only_run(uri: str, experiment: str):
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"experiment {experiment} missing"
+    runs = client.search_runs([found.experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+# -- configs ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(compose_cfg, experiment: str) -> None:
+    cfg = compose_cfg(f"experiment={experiment}")
+    assert cfg.data._target_ and cfg.scheme._target_ and cfg.trainer._target_
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_every_sweep_file_composes(sweep: str) -> None:
+    result = subprocess.run(
+        [*KD_TRAIN, "--config-dir", str(SWEEP_DIR), "--config-name", sweep, "--cfg", "job"],
+        capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "_target_" in result.stdout
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_cpu"])
+@pytest.mark.parametrize("logger", ["mlflow", "csv", "none"])
+def test_every_trainer_and_logger_composes(compose_cfg, trainer: str, logger: str) -> None:
+    cfg = compose_cfg(f"trainer={trainer}", f"logger={logger}")
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+
+
+def test_unknown_experiment_and_key_are_refused(compose_cfg) -> None:
+    with pytest.raises(MissingConfigException, match="no_such_experiment"):
+        compose_cfg("experiment=no_such_experiment")
+    with pytest.raises(ConfigCompositionException, match="no_such_key"):
+        compose_cfg("scheme.no_such_key=1")
+
+
+# -- one tracked run -------------------------------------------------------------------------
+def test_quickstart_run_logs_the_contract(compose_cfg, mlflow_uri: str) -> None:
+    cfg = compose_cfg("experiment=quickstart", *fast_overrides("trainer.max_epochs=2", "+tags.purpose=test"))
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/image_auroc"] <= 1.0
+    client, run = _only_run(mlflow_uri, "quickstart")
+    assert run.info.status == "FINISHED"
+    for key in REQUIRED_PARAMS:
+        assert key in run.data.params, key
+    assert run.data.params["scheme"] == "score_regression"
+    ratio = float(run.data.params["compression_ratio"])
+    assert ratio == pytest.approx(float(run.data.params["teacher_params"]) / float(run.data.params["student_params"]))
+    assert 6 <= ratio <= 10  # the config asks for 8
+    assert run.data.params["scheme.compression_ratio"] == "8"  # the flattened config
+    for tag in ("git_commit", "scheme", "dataset", "torch_version", "cuda_version", "seed"):
+        assert run.data.tags.get(tag), tag
+    assert run.data.tags["purpose"] == "test"
+    assert run.data.tags["dataset"] == "digits-c0"
+    for metric in ("test/image_auroc", "test/teacher_image_auroc", "train/teacher_loss", "val/loss"):
+        assert metric in run.data.metrics, metric
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config" in artifacts and "plots" in artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/roc_curve.png", "plots/score_histograms.png"} <= plots
+    config_text = Path(client.download_artifacts(run.info.run_id, "config/config.yaml")).read_text()
+    assert "compression_ratio: 8" in config_text
+    # every epoch's validation loss is a separate point of the metric's history
+    assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 2
+
+
+def test_run_names_do_not_collide_across_seeds(compose_cfg, mlflow_uri: str) -> None:
+    names = set()
+    for seed in (0, 0, 1):
+        cfg = compose_cfg("experiment=quickstart", *fast_overrides(f"seed={seed}", "test=false"))
+        train(cfg)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    names = {r.info.run_name for r in runs}
+    assert len(names) == 3
+    assert sum("-s1-" in name for name in names) == 1
+
+
+def test_csv_logger_makes_no_mlflow_run(compose_cfg, mlflow_uri: str, tmp_path: Path) -> None:
+    cfg = compose_cfg("experiment=quickstart", "logger=csv", *fast_overrides())
+    metrics = train(cfg)
+    assert "test/image_auroc" in metrics
+    assert MlflowClient(tracking_uri=mlflow_uri).get_experiment_by_name("quickstart") is None
+    assert list((tmp_path / "run").rglob("metrics.csv"))
+
+
+def test_deterministic_runs_give_identical_metrics(compose_cfg, mlflow_uri: str) -> None:
+    results = []
+    for _ in range(2):
+        cfg = compose_cfg("experiment=quickstart", *fast_overrides("trainer.deterministic=true"))
+        results.append(train(cfg)["test/image_auroc"])
+    assert results[0] == results[1]
+
+
+# -- every datamodule with the scheme ----------------------------------------------------------
+def _write_folder_dataset(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for class_name in ("circle", "square", "noise"):
+        folder = root / class_name
+        folder.mkdir(parents=True)
+        for i in range(12):
+            image = (rng.random((28, 28)) * 60).astype(np.uint8)
+            if class_name == "circle":
+                yy, xx = np.mgrid[:28, :28]
+                image[(yy - 14) ** 2 + (xx - 14) ** 2 < 64] = 255
+            elif class_name == "square":
+                image[8:20, 8:20] = 255
+            Image.fromarray(image).save(folder / f"{i:03d}.png")
+
+
+def test_fast_dev_run_digits(compose_cfg, mlflow_uri: str) -> None:
+    cfg = compose_cfg("experiment=quickstart", *fast_overrides("+trainer.fast_dev_run=true"))
+    assert "test/image_auroc" in train(cfg)
+
+
+def test_fast_dev_run_folder(compose_cfg, mlflow_uri: str, tmp_path: Path) -> None:
+    _write_folder_dataset(tmp_path / "shapes")
+    cfg = compose_cfg("data=folder", f"data.root={tmp_path / 'shapes'}", "data.normal_class=circle",
+                      *fast_overrides("+trainer.fast_dev_run=true"))
+    assert "test/image_auroc" in train(cfg)
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
+def test_fast_dev_run_idx(compose_cfg, mlflow_uri: str, dataset: str) -> None:
+    root = shared_data(dataset)
+    cfg = compose_cfg(f"data={dataset}", f"data.root={root}", "data.normal_class=3", "data.protocol=balanced",
+                      *fast_overrides("+trainer.fast_dev_run=true"))
+    assert "test/image_auroc" in train(cfg)
+
+
+def test_fast_dev_run_synthetic_mvtec(compose_cfg, mlflow_uri: str) -> None:
+    cfg = compose_cfg("data=synthetic_mvtec", "data.image_size=28", "data.grayscale=true",
+                      "data.normalization=none", "data.eval_batch_size=64",
+                      *fast_overrides("+trainer.fast_dev_run=true"))
+    assert "test/image_auroc" in train(cfg)
+
+
+@pytest.mark.real_data
+def test_fast_dev_run_mvtec_bottle(compose_cfg, mlflow_uri: str) -> None:
+    root = shared_data("mvtec_ad")
+    cfg = compose_cfg("data=mvtec_bottle", f"data.root={root}", "data.image_size=28", "data.grayscale=true",
+                      "data.normalization=none", "data.eval_batch_size=100",
+                      *fast_overrides("+trainer.fast_dev_run=true"))
+    assert "test/image_auroc" in train(cfg)
+
+
+# -- bad input: one clear error, a FAILED run, nothing lost -------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        (["data=mnist", "data.root=/nonexistent/mnist"], DataError, "/nonexistent/mnist"),
+        (["data.normal_class=12"], ConfigError, "normal_class"),
+        (["scheme.compression_ratio=0.5"], ConfigError, "compression_ratio"),
+        (["scheme.compression_ratio=100000"], ConfigError, "cannot be reached"),
+        (["scheme.teacher_lr=1e30", "scheme.co_learning=true"], TrainingDivergedError, "became"),
+    ],
+    ids=["missing-folder", "normal-class", "ratio-below-1", "ratio-unreachable", "nan-loss"],
+)
+def test_bad_input_fails_the_run_with_one_clear_error(
+    compose_cfg, mlflow_uri: str, overrides: list[str], error: type[KDError], message: str
+) -> None:
+    cfg = compose_cfg("experiment=quickstart", *fast_overrides("trainer.max_epochs=3", *overrides))
+    with pytest.raises(error, match=message) as raised:
+        train(cfg)
+    assert "\n" not in str(raised.value)
+    client, run = _only_run(mlflow_uri, "quickstart")
+    assert run.info.status == "FAILED"
+    assert message in run.data.tags["error"]
+    # what was logged before the failure is kept
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "config")] == ["config/config.yaml"]
+    assert "scheme.compression_ratio" in run.data.params
+
+
+class PoisonWeightsAtEpoch(L.Callback):
+    """Test helper: turn the weights NaN at the start of a given epoch (a divergence)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                for parameter in pl_module.parameters():
+                    parameter.fill_(float("nan"))
+
+
+def test_nan_loss_keeps_the_last_good_checkpoint(compose_cfg, mlflow_uri: str, tmp_path: Path) -> None:
+    cfg = compose_cfg("experiment=quickstart", *fast_overrides(
+        "trainer.max_epochs=4", "+callbacks.poison._target_=tests.test_train.PoisonWeightsAtEpoch",
+        "+callbacks.poison.epoch=2"))
+    with pytest.raises(TrainingDivergedError, match="epoch 2"):
+        train(cfg)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 1  # the last epoch that finished with finite weights
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+    _, run = _only_run(mlflow_uri, "quickstart")
+    assert run.info.status == "FAILED"
+    assert len(MlflowClient(tracking_uri=mlflow_uri).get_metric_history(run.info.run_id, "val/loss")) == 2
+
+
+def test_cli_prints_one_line_and_exits_1(tmp_path: Path) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "KD_LOG_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [*KD_TRAIN, "experiment=quickstart", "data=mnist", "data.root=/nonexistent/mnist"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("kd-train: error:")]
+    assert len(error_lines) == 1 and "/nonexistent/mnist" in error_lines[0]
+    assert "Traceback" not in result.stderr
+    runs = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_runs(
+        [MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("quickstart").experiment_id]
+    )
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+# -- DDP ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ddp_cpu_test_metric_equals_one_process(tmp_path: Path) -> None:
+    """2 CPU processes (gloo): every test image scored once, the same metric as 1 process."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "OMP_NUM_THREADS": "1"}
+    common = ["experiment=quickstart", "trainer.max_epochs=2", "callbacks.progress_bar=null",
+              "data.batch_size=16"]
+    ddp_dir = tmp_path / "ddp"
+    result = subprocess.run(
+        [*KD_TRAIN, *common, "trainer=ddp_cpu", f"hydra.run.dir={ddp_dir}"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = ddp_dir / "checkpoints" / "last.ckpt"
+    single = subprocess.run(
+        [*KD_TRAIN, *common, "train=false", f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path / 'single'}"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert len(runs) == 2, "only rank 0 may create a run"
+    by_mode = {("ddp" if r.data.params.get("trainer.devices") == "2" else "single"): r for r in runs}
+    ddp_run, single_run = by_mode["ddp"], by_mode["single"]
+    assert ddp_run.info.status == single_run.info.status == "FINISHED"
+    # digits class 0 test split: every image scored exactly once under DDP
+    assert ddp_run.data.metrics["test/num_test_images"] == single_run.data.metrics["test/num_test_images"]
+    assert ddp_run.data.metrics["test/image_auroc"] == pytest.approx(single_run.data.metrics["test/image_auroc"], abs=1e-6)
+    assert ddp_run.data.metrics["test/teacher_image_auroc"] == pytest.approx(
+        single_run.data.metrics["test/teacher_image_auroc"], abs=1e-6)
