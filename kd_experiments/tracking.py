@@ -23,6 +23,7 @@ database, a ``file:`` store). Only global rank 0 talks to MLflow.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
@@ -31,7 +32,8 @@ import platform
 import subprocess
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,32 @@ REQUIRED_PARAMS = (
     "mac_compression_ratio",
 )
 MAX_PARAM_LENGTH = 6000
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+def is_storage_error(error: BaseException) -> bool:
+    """Whether ``error`` comes from writing to the tracking store (full, read-only, gone)."""
+    if isinstance(error, TrackingError):
+        return False
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+        return True
+    module = type(error).__module__
+    return module.startswith(("sqlalchemy", "mlflow", "sqlite3"))
+
+
+@contextmanager
+def storage_errors(tracking_uri: str) -> Iterator[None]:
+    """Turn a failure to write the tracking store into one :class:`TrackingError` line."""
+    try:
+        yield
+    except Exception as error:
+        if is_storage_error(error):
+            raise TrackingError(f"the MLflow store {tracking_uri} cannot be written: {_first_line(error)}") from None
+        raise
 
 
 def is_global_zero() -> bool:
@@ -105,18 +133,43 @@ def _prepare_local_store(tracking_uri: str) -> None:
         raise TrackingError(f"the MLflow store folder {db_path.parent} is read-only")
 
 
+def _check_server_answers(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast (one request, no retries) when an HTTP tracking server does not answer.
+
+    MLflow's own client retries a refused connection for minutes with back-off; a user
+    with a typo in the URI should learn it at once, before any training starts.
+    """
+    import urllib.error
+    import urllib.request
+
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - http(s) only
+            response.read(64)
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy or an auth layer may not expose /health)
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise TrackingError(f"the MLflow tracking server {tracking_uri} cannot be reached: {reason}") from None
+
+
 def make_client(tracking_uri: str):
     """An ``MlflowClient`` on ``tracking_uri``, checked to answer (raises TrackingError)."""
     from mlflow.tracking import MlflowClient
 
     _prepare_local_store(tracking_uri)
+    if tracking_uri.startswith(("http://", "https://")):
+        _check_server_answers(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         client.search_experiments(max_results=1)
-    except Exception as error:  # noqa: BLE001 - any transport or store error means unreachable
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except Exception as error:  # noqa: BLE001 - any transport or store error means unusable
+        if tracking_uri.startswith("sqlite:"):
+            raise TrackingError(
+                f"the MLflow store {tracking_uri} cannot be written or opened: {_first_line(error)}"
+            ) from None
         raise TrackingError(
-            f"the MLflow tracking store {tracking_uri} cannot be reached: {first_line[:300]}"
+            f"the MLflow tracking store {tracking_uri} cannot be reached: {_first_line(error)}"
         ) from None
     return client
 
@@ -290,6 +343,10 @@ class RunTracker:
         """Create (or re-open, when resuming) the run; returns its id on rank 0."""
         if not self.active:
             return None
+        with storage_errors(self.tracking_uri):
+            return self._start()
+
+    def _start(self) -> str | None:
         self.client = make_client(self.tracking_uri)
         self.experiment_id = get_or_create_experiment(
             self.client, self.experiment_name, self.tracking_uri
@@ -360,45 +417,51 @@ class RunTracker:
         """Log params in batches of 100 (MLflow's limit); values become strings."""
         if not self.active or self.run_id is None:
             return
-        from mlflow.entities import Param
+        with storage_errors(self.tracking_uri):
+            from mlflow.entities import Param
 
-        items = [Param(str(k), str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
-        if self.resume_run_id:  # params of a resumed run exist already and are immutable
-            existing = self.client.get_run(self.run_id).data.params
-            items = [p for p in items if p.key not in existing]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+            items = [Param(str(k), str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+            if self.resume_run_id:  # params of a resumed run exist already and are immutable
+                existing = self.client.get_run(self.run_id).data.params
+                items = [p for p in items if p.key not in existing]
+            for start in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, params=items[start : start + 100])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.active or self.run_id is None:
             return
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+        with storage_errors(self.tracking_uri):
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, str(value))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if not self.active or self.run_id is None:
             return
-        from mlflow.entities import Metric
+        with storage_errors(self.tracking_uri):
+            from mlflow.entities import Metric
 
-        timestamp = int(time.time() * 1000)
-        items = [Metric(k, float(v), timestamp, step or 0) for k, v in metrics.items()]
-        for start in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+            timestamp = int(time.time() * 1000)
+            items = [Metric(k, float(v), timestamp, step or 0) for k, v in metrics.items()]
+            for start in range(0, len(items), 1000):
+                self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if not self.active or self.run_id is None:
             return
-        self.client.log_text(self.run_id, text, artifact_file)
+        with storage_errors(self.tracking_uri):
+            self.client.log_text(self.run_id, text, artifact_file)
 
     def log_figure(self, figure, artifact_file: str) -> None:
         if not self.active or self.run_id is None:
             return
-        self.client.log_figure(self.run_id, figure, artifact_file)
+        with storage_errors(self.tracking_uri):
+            self.client.log_figure(self.run_id, figure, artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not self.active or self.run_id is None:
             return
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        with storage_errors(self.tracking_uri):
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def lightning_logger(self) -> KDMLFlowLogger | None:
         """A Lightning logger writing per-epoch metrics into this run (``None`` if disabled)."""

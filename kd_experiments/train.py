@@ -39,6 +39,7 @@ from kd_experiments.tracking import (
     git_commit,
     is_global_zero,
     make_run_name,
+    storage_errors,
 )
 
 log = logging.getLogger("kd_experiments.train")
@@ -106,6 +107,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     import torch
 
+    from kd_experiments.callbacks import ChannelsLast
     from kd_experiments.checkpoints import check_resume_checkpoint, mlflow_run_id_of
 
     validate_config(cfg)
@@ -138,7 +140,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log_model_checkpoints=bool((mlflow_cfg or {}).get("log_model_checkpoints", False)),
         enabled=mlflow_cfg is not None,
     )
-    with tracker:
+    with tracker, storage_errors(tracker.tracking_uri):
         tracker.log_params(flatten_config(OmegaConf.to_container(cfg, resolve=True)))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
 
@@ -157,6 +159,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             check_resume_checkpoint(ckpt_path, model)
 
         callbacks = _instantiate_callbacks(cfg.get("callbacks"))
+        if cfg.get("channels_last", False):
+            callbacks.append(ChannelsLast())
         loggers = [lg for lg in [tracker.lightning_logger()] if lg is not None]
         loggers += _instantiate_extra_loggers(logger_cfg)
         trainer: L.Trainer = kd_config.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -200,6 +204,14 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except KDError as error:
         print(f"kd-train: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print(
+            "kd-train: interrupted; the MLflow run is KILLED and checkpoints/interrupted.ckpt "
+            "is in the run folder (resume from checkpoints/last.ckpt with ckpt_path=...)",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(130) from None
     metric_name = cfg.get("optimized_metric")
     if metric_name:
         if metric_name not in metrics:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kd_experiments.errors import ConfigError, DataError
 
@@ -235,3 +236,39 @@ def seeded_subset(indices: Sequence[int], size: int, seed: int) -> list[int]:
         return list(indices)
     chosen = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))[:size]
     return [indices[position] for position in sorted(chosen.tolist())]
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random permutation per epoch drawn from ``seed + epoch`` alone.
+
+    Lightning calls :meth:`set_epoch` before every epoch (as for a
+    ``DistributedSampler``), so the order of epoch ``e`` does not depend on how many
+    epochs ran in this process: a run resumed from a checkpoint sees exactly the
+    batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, length: int, seed: int = 0) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0) -> DataLoader:
+    """The DataLoader of every datamodule: epoch-seeded shuffling, persistent workers."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochSeededSampler(len(dataset), seed) if shuffle else None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )

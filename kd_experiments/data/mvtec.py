@@ -37,6 +37,7 @@ from kd_experiments.data.common import (
     imagenet_stats,
     list_images,
     list_subdirs,
+    make_loader,
     load_image,
     normalize,
     parse_image_size,
@@ -336,14 +337,7 @@ class MVTecDataModule(LightningDataModule):
         return samples
 
     def _loader(self, dataset: MVTecDataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-        )
+        return make_loader(dataset, batch_size, shuffle, self.seed, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches (seeded by ``seed``)."""

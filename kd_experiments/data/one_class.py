@@ -43,6 +43,7 @@ from kd_experiments.data.common import (
     list_images,
     list_subdirs,
     load_image,
+    make_loader,
     normalize,
     parse_image_size,
     pil_to_uint8_tensor,
@@ -562,14 +563,7 @@ class OneClassDataModule(LightningDataModule):
         self._ensure_loaded()
 
     def _loader(self, dataset: OneClassDataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-        )
+        return make_loader(dataset, batch_size, shuffle, self.seed, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches (seeded by ``seed``)."""
