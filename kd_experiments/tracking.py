@@ -153,6 +153,21 @@ def _check_server_answers(tracking_uri: str, timeout_s: float = 5.0) -> None:
         raise TrackingError(f"the MLflow tracking server {tracking_uri} cannot be reached: {reason}") from None
 
 
+@contextmanager
+def _local_store_lock(tracking_uri: str) -> Iterator[None]:
+    """An exclusive file lock beside a local SQLite store (no-op for other stores)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(tracking_uri.removeprefix("sqlite:///")).with_suffix(".lock")
+    with open(lock_path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
 def make_client(tracking_uri: str):
     """An ``MlflowClient`` on ``tracking_uri``, checked to answer (raises TrackingError)."""
     from mlflow.tracking import MlflowClient
@@ -160,9 +175,12 @@ def make_client(tracking_uri: str):
     _prepare_local_store(tracking_uri)
     if tracking_uri.startswith(("http://", "https://")):
         _check_server_answers(tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri)
     try:
-        client.search_experiments(max_results=1)
+        # The first use of an SQLite store creates and migrates its tables; parallel jobs
+        # of a sweep must not do that at once ("duplicate column name"), so serialise it.
+        with _local_store_lock(tracking_uri):
+            client = MlflowClient(tracking_uri=tracking_uri)
+            client.search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - any transport or store error means unusable
         if tracking_uri.startswith("sqlite:"):
             raise TrackingError(
