@@ -83,7 +83,7 @@ def _instantiate_extra_loggers(logger_cfg: DictConfig | None) -> list[Any]:
 
 
 def _run_name(cfg: DictConfig, dataset: str) -> str:
-    ratio = cfg.scheme.get("compression_ratio", None)
+    ratio = cfg.scheme.get("compression_ratio", None) or cfg.scheme.get("mac_compression_ratio", None)
     base = str(cfg.get("run_name") or "") or None
     if base:
         return f"{base}-s{cfg.seed}-{os.urandom(3).hex()}"
