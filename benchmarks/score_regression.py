@@ -1,0 +1,231 @@
+"""Benchmark: Pol et al.'s unsupervised-to-supervised compression on MNIST / Fashion-MNIST.
+
+Pol et al., "Knowledge Distillation for Anomaly Detection", arXiv 2310.06047: one class
+normal, ``protocol=balanced`` (the normal class's test images plus as many drawn from
+the other classes), the conv-autoencoder teacher and the seven students A-G trained in
+one loop per (class, teacher), as the authors' scripts do
+(:mod:`kd_experiments.schemes.score_regression.family`).
+
+Techniques: ``co_learning`` and ``co_learning+outlier_exposure`` students train together
+with the teacher; ``baseline``, ``outlier_exposure``, ``noise_exposure``,
+``tail_reweighting`` students then learn from the trained, frozen teacher. One teacher per
+class serves all (its training does not depend on the students).
+No model selection: a fixed number of epochs with cosine decay; nothing is chosen on
+the test split (nor on the validation split).
+
+Resumable: every finished record is appended to the JSON at once; records already
+present (same dataset, class, technique, student, seed) are skipped::
+
+    nohup .venv/bin/python benchmarks/score_regression.py --dataset mnist &
+    .venv/bin/python benchmarks/score_regression.py --dataset fashion_mnist --classes 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kd_experiments import metrics as kd_metrics
+from kd_experiments.compression import count_parameters
+from kd_experiments.data.one_class import OneClassDataModule
+from kd_experiments.schemes.score_regression.family import (
+    StudentTrack,
+    autoencoder_scorer,
+    fit_students,
+    fit_teacher,
+    predict,
+)
+from kd_experiments.schemes.score_regression.lightning_model import teacher_training_loss
+from kd_experiments.schemes.score_regression.techniques import (
+    OUTLIER_PARTNER,
+    OutlierSampler,
+    Techniques,
+    load_outlier_images,
+)
+from kd_experiments.schemes.score_regression.torch_model import (
+    PAPER_STUDENTS,
+    ConvAutoencoder,
+    build_student,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("KD_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+#: technique -> (group, student-side techniques, outlier exposure)
+TECHNIQUES: dict[str, tuple[str, Techniques, bool]] = {
+    "baseline": ("frozen", Techniques(), False),
+    "outlier_exposure": ("frozen", Techniques(), True),
+    "noise_exposure": ("frozen", Techniques(noise_std=0.1), False),
+    "tail_reweighting": ("frozen", Techniques(tail_strength=1.0), False),
+    "co_learning": ("co_learning", Techniques(), False),
+    "co_learning+outlier_exposure": ("co_learning", Techniques(), True),
+}
+
+
+def machine() -> dict[str, object]:
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Results:
+    """The JSON file: ``runs`` (flat records), ``command``, ``commit``, ``machine``."""
+
+    def __init__(self, path: Path, key_fields: tuple[str, ...]) -> None:
+        self.path = path
+        self.key_fields = key_fields
+        if path.exists():
+            self.data = json.loads(path.read_text())
+        else:
+            self.data = {"runs": []}
+        self.data.update(command=" ".join([Path(sys.executable).name, *sys.argv]), commit=commit(), machine=machine())
+
+    def key(self, record: dict) -> tuple:
+        return tuple(record.get(field) for field in self.key_fields)
+
+    def has(self, **fields) -> bool:
+        wanted = self.key(fields)
+        return any(self.key(run) == wanted for run in self.data["runs"])
+
+    def append(self, record: dict) -> None:
+        self.data["runs"].append(record)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.data, indent=1))
+        temporary.replace(self.path)
+
+
+def evaluate(teacher_scores: torch.Tensor, student_scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    anomalous = labels == 1
+    teacher_auroc = kd_metrics.image_auroc(teacher_scores, labels)
+    student_auroc = kd_metrics.image_auroc(student_scores, labels)
+    record = {
+        "teacher_auroc": teacher_auroc,
+        "student_auroc": student_auroc,
+        "retention": student_auroc / teacher_auroc,
+        "wasserstein": kd_metrics.wasserstein(student_scores[anomalous], teacher_scores[anomalous]),
+    }
+    for fpr in (1e-3, 1e-4):
+        key = kd_metrics.fpr_key(fpr)
+        record[f"teacher_tpr_at_fpr_{key}"] = kd_metrics.tpr_at_fpr(teacher_scores, labels, fpr)
+        record[f"student_tpr_at_fpr_{key}"] = kd_metrics.tpr_at_fpr(student_scores, labels, fpr)
+    return record
+
+
+def run_class(args, results: Results, normal_class: int, outlier_images: torch.Tensor | None) -> None:
+    techniques = [t for t in args.techniques if not all(
+        results.has(dataset=args.dataset, normal_class=normal_class, technique=t, student=s, seed=args.seed)
+        for s in args.students
+    )]
+    if not techniques:
+        print(f"[{args.dataset} class {normal_class}] all done, skipped", flush=True)
+        return
+    torch.manual_seed(args.seed)
+    data = OneClassDataModule(
+        dataset=args.dataset, root=DATA / args.dataset, normal_class=normal_class, protocol="balanced",
+        val_fraction=0.1, batch_size=args.batch_size, normalization="none", seed=args.seed,
+    )
+    data.setup("fit")
+    train_images = data.train_dataset.images
+    test_images, labels = data.test_dataset.images, data.test_dataset.labels
+    loss_fn = functools.partial(teacher_training_loss, vae_beta=1.0)
+
+    # One teacher per class: it trains with the co-learning students (if any), then the
+    # baseline-schedule students learn from it, frozen (family.py explains why this is
+    # the same teacher the baseline schedule would train alone).
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    teacher = ConvAutoencoder()
+    groups: dict[str, list[StudentTrack]] = {"co_learning": [], "frozen": []}
+    for technique in techniques:
+        group, student_techniques, outlier_exposure = TECHNIQUES[technique]
+        for name in args.students:
+            groups[group].append(StudentTrack(technique, name, build_student(PAPER_STUDENTS[name], (1, 28, 28)),
+                                              student_techniques, outlier_exposure))
+    common = dict(batch_size=args.batch_size, outlier_batch_size=args.outlier_batch_size, lr=args.lr, seed=args.seed)
+    sampler = None
+    if any(track.outlier_exposure for tracks in groups.values() for track in tracks):
+        sampler = OutlierSampler(outlier_images, args.outlier_batch_size, seed=args.seed)
+    fit_students(groups["co_learning"], teacher, train_images, args.teacher_epochs, loss_fn, sampler, **common)
+    teacher_seconds = time.perf_counter() - started
+    if groups["frozen"]:
+        fit_students(groups["frozen"], teacher, train_images, args.student_epochs, None, sampler, **common)
+    seconds = time.perf_counter() - started
+    teacher_scores = predict(autoencoder_scorer(teacher), test_images)
+    teacher_params = count_parameters(teacher)
+    for track in groups["co_learning"] + groups["frozen"]:
+        student_scores = predict(track.model, test_images)
+        student_params = count_parameters(track.model)
+        co_learning = TECHNIQUES[track.technique][0] == "co_learning"
+        record = {
+            "dataset": args.dataset, "normal_class": normal_class, "technique": track.technique,
+            "student": track.student, "student_params": student_params, "teacher_params": teacher_params,
+            "compression_ratio": teacher_params / student_params,
+            **evaluate(teacher_scores, student_scores, labels),
+            "seed": args.seed, "protocol": "balanced", "test_images": int(labels.numel()),
+            "teacher_epochs": args.teacher_epochs,
+            "student_epochs": args.teacher_epochs if co_learning else args.student_epochs,
+            "lr": args.lr, "outlier_batch_size": args.outlier_batch_size if track.outlier_exposure else 0,
+            "teacher_and_co_learning_seconds": round(teacher_seconds, 1), "class_train_seconds": round(seconds, 1),
+        }
+        if not results.has(**record):
+            results.append(record)
+    smallest = {r["technique"]: round(r["student_auroc"], 4) for r in results.data["runs"]
+                if r["dataset"] == args.dataset and r["normal_class"] == normal_class and r["student"] == args.students[-1]}
+    print(f"[{args.dataset} class {normal_class}] {len(groups['co_learning']) + len(groups['frozen'])} students "
+          f"in {seconds:.0f} s, teacher AUROC {kd_metrics.image_auroc(teacher_scores, labels):.4f}, "
+          f"student {args.students[-1]}: {smallest}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=sorted(OUTLIER_PARTNER), default="mnist")
+    parser.add_argument("--classes", type=int, nargs="+", default=list(range(10)))
+    parser.add_argument("--techniques", nargs="+", choices=list(TECHNIQUES), default=list(TECHNIQUES))
+    parser.add_argument("--students", nargs="+", choices=list(PAPER_STUDENTS), default=list(PAPER_STUDENTS))
+    parser.add_argument("--teacher-epochs", type=int, default=4, help="also the co-learning students' epochs")
+    parser.add_argument("--student-epochs", type=int, default=4, help="baseline-schedule students, after the teacher")
+    parser.add_argument("--lr", type=float, default=3e-3, help="Adam lr of teacher and students (cosine decay)")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--outlier-batch-size", type=int, default=40,
+                        help="pseudo outliers appended to each student batch (about the authors' 0.37 ratio)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--outlier-images", type=int, default=20000, help="seeded subset of the other set's train split")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    output = args.output or ROOT / "benchmarks" / "results" / f"score_regression_{args.dataset}.json"
+    results = Results(output, ("dataset", "normal_class", "technique", "student", "seed"))
+    outlier_images = None
+    if any(TECHNIQUES[t][2] for t in args.techniques):
+        partner = OUTLIER_PARTNER[args.dataset]
+        outlier_images = load_outlier_images(partner, DATA / partner, args.outlier_images, seed=args.seed)
+    for normal_class in args.classes:
+        run_class(args, results, normal_class, outlier_images)
+
+
+if __name__ == "__main__":
+    main()

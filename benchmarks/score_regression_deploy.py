@@ -1,0 +1,185 @@
+"""Benchmark: deploying Pol et al.'s students: int8, ONNX Runtime, CPU latency and throughput.
+
+One normal class (MNIST digit 0 by default, ``protocol=balanced``): the conv-autoencoder
+teacher and the seven students A-G are trained in one loop (co-learning, fixed epochs,
+:mod:`kd_experiments.schemes.score_regression.family`) and cached; then, per model:
+
+- fp32 AUROC (PyTorch) and int8 AUROC after static post-training quantisation
+  (:func:`kd_experiments.compression.quantize_int8_static`: torch FX graph mode, x86
+  backend, per-channel int8 weights, uint8 activations, calibrated on 500 *training*
+  images of the normal class and 500 pseudo outliers from the other set's *training*
+  split, so the output range covers anomalous scores; no test image is used);
+- ONNX export (:func:`~kd_experiments.compression.export_onnx`) and the largest
+  |PyTorch - ONNX Runtime| score difference over the whole test split
+  (:func:`~kd_experiments.compression.onnx_parity`), plus the AUROC from ONNX Runtime;
+- CPU latency at batch 1 and throughput at batch 1024 (median of repeated calls,
+  :func:`~kd_experiments.compression.measure_latency`), one thread, for PyTorch fp32,
+  PyTorch int8 and ONNX Runtime fp32. The teacher's timed function is its whole score
+  (reconstruction + ``log(1 + MSE)``), the students' their forward pass.
+
+Resumable: one record per model, appended at once; present records are skipped::
+
+    .venv/bin/python benchmarks/score_regression_deploy.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from score_regression import DATA, ROOT, Results  # noqa: E402
+
+from kd_experiments import metrics as kd_metrics  # noqa: E402
+from kd_experiments.compression import (  # noqa: E402
+    count_macs,
+    count_parameters,
+    export_onnx,
+    measure_latency,
+    onnx_parity,
+    quantize_int8_static,
+)
+from kd_experiments.data.one_class import OneClassDataModule  # noqa: E402
+from kd_experiments.schemes.score_regression.family import StudentTrack, fit_students, predict  # noqa: E402
+from kd_experiments.schemes.score_regression.lightning_model import teacher_training_loss  # noqa: E402
+from kd_experiments.schemes.score_regression.techniques import OUTLIER_PARTNER, load_outlier_images  # noqa: E402
+from kd_experiments.schemes.score_regression.torch_model import (  # noqa: E402
+    PAPER_STUDENTS,
+    ConvAutoencoder,
+    build_student,
+    reconstruction_score,
+)
+
+
+class TeacherScore(nn.Module):
+    """The teacher's deployed score as one module: image -> ``log(1 + MSE)``."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return reconstruction_score(images, self.teacher(images))
+
+
+def trained_models(args, train_images: torch.Tensor) -> dict[str, nn.Module]:
+    cache = ROOT / ".cache" / "score_regression_deploy" / f"{args.dataset}_c{args.normal_class}_e{args.epochs}_s{args.seed}.pt"
+    torch.manual_seed(args.seed)
+    teacher = ConvAutoencoder()
+    students = {name: build_student(spec, (1, 28, 28)) for name, spec in PAPER_STUDENTS.items()}
+    if cache.is_file():
+        state = torch.load(cache, weights_only=True)
+        teacher.load_state_dict(state["teacher"])
+        for name, student in students.items():
+            student.load_state_dict(state[name])
+    else:
+        tracks = [StudentTrack("co_learning", name, model) for name, model in students.items()]
+        started = time.perf_counter()
+        fit_students(tracks, teacher, train_images, args.epochs, functools.partial(teacher_training_loss),
+                     lr=args.lr, seed=args.seed)
+        print(f"trained teacher + 7 students in {time.perf_counter() - started:.0f} s", flush=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"teacher": teacher.state_dict(), **{n: s.state_dict() for n, s in students.items()}}, cache)
+    models: dict[str, nn.Module] = {"teacher": TeacherScore(teacher)}
+    models.update(students)
+    for model in models.values():
+        model.eval()
+    return models
+
+
+def onnx_runner(path: Path):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda images: torch.from_numpy(session.run(None, {name: images.numpy()})[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"])
+    parser.add_argument("--normal-class", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--large-batch", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=200, help="timed batch-1 calls (median)")
+    parser.add_argument("--large-repeats", type=int, default=5, help="timed large-batch calls (median)")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "score_regression_deploy.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.backends.quantized.engine = "x86"
+    results = Results(args.output, ("dataset", "normal_class", "model", "seed", "epochs"))
+
+    data = OneClassDataModule(dataset=args.dataset, root=DATA / args.dataset, normal_class=args.normal_class,
+                              protocol="balanced", normalization="none", seed=args.seed)
+    data.setup("fit")
+    train_images = data.train_dataset.images
+    test_images, labels = data.test_dataset.images, data.test_dataset.labels
+    models = trained_models(args, train_images)
+    # Calibration: normal training images and pseudo outliers (the other set's training
+    # split, as outlier exposure): the activation ranges must cover the high scores of
+    # anomalies, or the int8 output clips them and ties them. No test image is used.
+    partner = OUTLIER_PARTNER[args.dataset]
+    outliers = load_outlier_images(partner, DATA / partner, max_images=500, seed=args.seed)
+    calibration = [train_images[i : i + 100] for i in range(0, min(500, len(train_images)), 100)]
+    calibration += [outliers[i : i + 100] for i in range(0, len(outliers), 100)]
+    one, many = test_images[:1].contiguous(), test_images[: args.large_batch].contiguous()
+    if len(many) < args.large_batch:
+        many = test_images.repeat(-(-args.large_batch // len(test_images)), 1, 1, 1)[: args.large_batch].contiguous()
+
+    for name, model in models.items():
+        key = dict(dataset=args.dataset, normal_class=args.normal_class, model=name, seed=args.seed, epochs=args.epochs)
+        if results.has(**key):
+            print(f"{name}: done, skipped", flush=True)
+            continue
+        record: dict[str, object] = {**key, "params": count_parameters(model), "macs": count_macs(model, one)}
+        fp32_scores = predict(model, test_images)
+        record["fp32_auroc"] = kd_metrics.image_auroc(fp32_scores, labels)
+
+        quantised = quantize_int8_static(model, calibration)
+        int8_scores = predict(quantised, test_images)
+        record["int8_auroc"] = kd_metrics.image_auroc(int8_scores, labels)
+        record["int8_auroc_difference"] = record["int8_auroc"] - record["fp32_auroc"]
+        record["int8_max_score_difference"] = float((int8_scores - fp32_scores).abs().max())
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = export_onnx(model, one, Path(folder) / f"{name}.onnx")
+            record["onnx_bytes"] = path.stat().st_size
+            record["onnx_max_abs_difference"] = onnx_parity(model, path, test_images)
+            run_onnx = onnx_runner(path)
+            record["onnx_auroc"] = kd_metrics.image_auroc(predict(run_onnx, test_images), labels)
+            for runtime, function in (("torch_fp32", model), ("torch_int8", quantised), ("onnxruntime_fp32", run_onnx)):
+                latency = measure_latency(function, one, repeats=args.repeats, warmup=10)
+                batch_seconds = measure_latency(function, many, repeats=args.large_repeats, warmup=1)
+                record[f"{runtime}_latency_batch1_ms"] = latency * 1e3
+                record[f"{runtime}_throughput_per_s"] = args.large_batch / batch_seconds
+        record["large_batch"] = args.large_batch
+        results.append(record)
+        print(f"{name}: params {record['params']}, AUROC fp32 {record['fp32_auroc']:.4f} int8 {record['int8_auroc']:.4f}, "
+              f"ONNX diff {record['onnx_max_abs_difference']:.2e}, "
+              f"throughput torch {record['torch_fp32_throughput_per_s']:.0f}/s "
+              f"ORT {record['onnxruntime_fp32_throughput_per_s']:.0f}/s", flush=True)
+    teacher = next(r for r in results.data["runs"] if r["model"] == "teacher" and r["epochs"] == args.epochs)
+    for record in results.data["runs"]:
+        for runtime in ("torch_fp32", "onnxruntime_fp32"):
+            record[f"{runtime}_throughput_vs_teacher"] = (
+                record[f"{runtime}_throughput_per_s"] / teacher[f"{runtime}_throughput_per_s"])
+    results.path.write_text(json.dumps(results.data, indent=1))
+
+
+if __name__ == "__main__":
+    main()

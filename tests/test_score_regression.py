@@ -1,0 +1,259 @@
+"""Unsupervised-to-supervised compression (Pol et al.): networks, techniques, any-teacher
+path, metrics, int8 and ONNX deployment of the student. Tiny data, CPU, seconds."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from kd_experiments.compression import count_parameters, export_onnx, onnx_parity, quantize_int8_static
+from kd_experiments.data.one_class import OneClassDataModule
+from kd_experiments.errors import ConfigError
+from kd_experiments.metrics import image_auroc
+from kd_experiments.schemes.score_regression import ScoreRegressionScheme, ScoreTeacher, load_scheme_teacher
+from kd_experiments.schemes.score_regression.events_model import MLPAutoencoder, MLPScoreRegressor
+from kd_experiments.schemes.score_regression.family import StudentTrack, fit_students, predict
+from kd_experiments.schemes.score_regression.lightning_model import teacher_training_loss
+from kd_experiments.schemes.score_regression.techniques import (
+    OutlierSampler,
+    Techniques,
+    add_noise,
+    load_outlier_images,
+    student_batch,
+    tail_weights,
+    weighted_l1,
+)
+from kd_experiments.schemes.score_regression.torch_model import (
+    PAPER_STUDENTS,
+    ConvAutoencoder,
+    VariationalAutoencoder,
+    build_student,
+    reconstruction_score,
+)
+from kd_experiments.train import train
+from tests.conftest import fast_overrides
+
+SHAPE = (1, 28, 28)
+
+
+def _write_idx(folder: Path, count: int = 40, seed: int = 0) -> Path:
+    """A tiny MNIST-format set (train split only) in the real IDX format."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, count, dtype=np.uint8)
+    header = (2051).to_bytes(4, "big") + b"".join(v.to_bytes(4, "big") for v in (count, 28, 28))
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes()))
+    header = (2049).to_bytes(4, "big") + count.to_bytes(4, "big")
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + labels.tobytes()))
+    return folder
+
+
+def _digits(batch_size: int = 16, max_train: int = 64, max_test: int = 60) -> OneClassDataModule:
+    return OneClassDataModule(
+        dataset="digits", root=None, normal_class=0, image_size=28, normalization="none",
+        batch_size=batch_size, max_train_samples=max_train, max_test_samples=max_test,
+    )
+
+
+def _trainer(max_steps: int = -1, max_epochs: int = 1, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=max_epochs, max_steps=max_steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, **kwargs,
+    )
+
+
+def _snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _changed(before: list[torch.Tensor], module: torch.nn.Module) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+
+# -- networks --------------------------------------------------------------------------------
+def test_paper_sizes_and_the_vae_teacher() -> None:
+    assert count_parameters(ConvAutoencoder()) == 19357
+    sizes = {name: count_parameters(build_student(spec, SHAPE)) for name, spec in PAPER_STUDENTS.items()}
+    assert sizes == {"A": 7177, "B": 2189, "C": 1057, "D": 409, "E": 225, "F": 133, "G": 77}
+    vae = VariationalAutoencoder().eval()
+    images = torch.rand(3, *SHAPE)
+    assert torch.equal(vae(images), vae(images))  # deterministic score: the mean's reconstruction
+    reconstruction, kl = vae.elbo_terms(images)
+    assert reconstruction.shape == images.shape and kl.shape == (3,) and (kl >= 0).all()
+    assert teacher_training_loss(vae, images) > torch.nn.functional.mse_loss(reconstruction, images) - 1e-6
+
+
+# -- techniques ------------------------------------------------------------------------------
+def test_technique_functions() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(8, *SHAPE)
+    noisy = add_noise(images, 0.1, (0.0, 1.0), generator)
+    assert noisy.min() >= 0 and noisy.max() <= 1 and not torch.equal(noisy, images)
+    targets = torch.tensor([0.1, 0.2, 0.3, 2.0])
+    weights = tail_weights(targets, 2.0)
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert weights[-1] > weights[0] and torch.equal(tail_weights(targets, 0.0), torch.ones(4))
+    assert weighted_l1(targets, targets + 1, weights).item() == pytest.approx(1.0)
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).mean(1)
+
+    outliers = torch.ones(3, *SHAPE)
+    inputs, targets, weights = student_batch(images, score, Techniques(noise_std=0.1, tail_strength=1.0), outliers, generator)
+    assert inputs.shape == (11, *SHAPE) and torch.equal(inputs[8:], outliers)
+    assert torch.allclose(targets, score(inputs)) and not targets.requires_grad
+    assert weights.argmax() >= 8  # the bright outliers get the largest weights
+    with pytest.raises(ConfigError, match="noise_exposure.std"):
+        Techniques(noise_std=-1)
+
+
+def test_outlier_images_load_lazily_from_idx(tmp_path: Path) -> None:
+    root = _write_idx(tmp_path / "fashion_mnist", count=30)
+    images = load_outlier_images("fashion_mnist", root, max_images=10)
+    assert images.shape == (10, *SHAPE) and 0 <= images.min() and images.max() <= 1
+    sampler = OutlierSampler(images, batch_size=4, seed=0)
+    assert sampler.sample().shape == (4, *SHAPE)
+    with pytest.raises(ConfigError, match="outlier_exposure.dataset"):
+        load_outlier_images("cifar10", root)
+    with pytest.raises(ConfigError, match="outlier_exposure.root"):
+        ScoreRegressionScheme(SHAPE, outlier_exposure={"dataset": "fashion_mnist"})
+    with pytest.raises(ConfigError, match="outlier_exposure.colour"):
+        ScoreRegressionScheme(SHAPE, outlier_exposure={"colour": 1})
+
+
+TECHNIQUES = {
+    "baseline": {},
+    "co_learning": {"co_learning": True},
+    "outlier_exposure": {"outlier_exposure": {"dataset": "fashion_mnist", "batch_size": 8}},
+    "co_learning+outlier_exposure": {"co_learning": True, "outlier_exposure": {"dataset": "fashion_mnist"}},
+    "noise_exposure": {"noise_exposure": {"std": 0.1}},
+    "tail_reweighting": {"tail_reweighting": {"strength": 1.0}},
+    "vae_teacher": {"teacher": "vae", "co_learning": True},
+}
+
+
+@pytest.mark.parametrize("technique", list(TECHNIQUES))
+def test_each_technique_trains_teacher_and_student(technique: str, tmp_path: Path) -> None:
+    options = dict(TECHNIQUES[technique])
+    if "outlier_exposure" in options:
+        options["outlier_exposure"] = {**options["outlier_exposure"], "root": str(_write_idx(tmp_path / "fmnist"))}
+    torch.manual_seed(0)
+    scheme = ScoreRegressionScheme(SHAPE, student="G", compression_ratio=None, **options)
+    teacher_before, student_before = _snapshot(scheme.teacher), _snapshot(scheme.student)
+    _trainer(max_epochs=1, limit_val_batches=1).fit(scheme, datamodule=_digits())
+    assert _changed(teacher_before, scheme.teacher) and _changed(student_before, scheme.student)
+    assert scheme.technique_name().startswith("co_learning" if options.get("co_learning") else "baseline")
+    if "outlier_exposure" in options:
+        assert scheme._outlier_sampler is not None and "outlier_exposure" in scheme.technique_name()
+    summary = scheme.compression_summary()
+    assert summary["student_params"] == 77 and summary["technique"] == scheme.technique_name()
+
+
+def test_family_loop_trains_all_students_with_the_scheme_scores() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(40, *SHAPE)
+    teacher = ConvAutoencoder()
+    tracks = [
+        StudentTrack("co_learning", "G", build_student(PAPER_STUDENTS["G"], SHAPE)),
+        StudentTrack("co_learning+noise", "F", build_student(PAPER_STUDENTS["F"], SHAPE), Techniques(noise_std=0.1)),
+        StudentTrack("co_learning+outlier_exposure", "G", build_student(PAPER_STUDENTS["G"], SHAPE),
+                     outlier_exposure=True),
+    ]
+    before = [_snapshot(t.model) for t in tracks] + [_snapshot(teacher)]
+    fit_students(tracks, teacher, images, epochs=1, teacher_loss_fn=teacher_training_loss,
+                 outliers=OutlierSampler(torch.rand(10, *SHAPE), 4), batch_size=20)
+    assert all(_changed(b, m) for b, m in zip(before, [t.model for t in tracks] + [teacher], strict=True))
+    assert all(np.isfinite(t.last_loss) for t in tracks)
+    scores = predict(lambda x: reconstruction_score(x, teacher(x)), images, batch_size=16)
+    assert scores.shape == (40,)
+
+
+# -- any trained model as teacher --------------------------------------------------------------
+def test_any_callable_or_scheme_checkpoint_is_a_teacher(tmp_path: Path) -> None:
+    data = _digits()
+    torch.manual_seed(0)
+    source = ScoreRegressionScheme(SHAPE, student="E", compression_ratio=None, co_learning=True)
+    trainer = _trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(source, datamodule=data)
+    checkpoint = tmp_path / "source.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    teacher = load_scheme_teacher("kd_experiments.schemes.score_regression.ScoreRegressionScheme", checkpoint)
+    images = data.test_dataset.images[:8]
+    source.eval()
+    with torch.no_grad():
+        assert torch.allclose(teacher(images), source.student(images), atol=1e-6)  # the deployed score
+    scheme = ScoreRegressionScheme(SHAPE, student="G", compression_ratio=None, teacher_model=teacher)
+    assert scheme.compression_summary()["teacher_params"] == count_parameters(source)
+    teacher_before, student_before = _snapshot(scheme.teacher), _snapshot(scheme.student)
+    _trainer(max_epochs=1, limit_val_batches=1).fit(scheme, datamodule=data)
+    assert not _changed(teacher_before, scheme.teacher) and _changed(student_before, scheme.student)
+
+    # any callable: a function of the image with a declared size
+    brightness = ScoreTeacher(lambda x: x.flatten(1).mean(1), parameters_count=1000)
+    scheme = ScoreRegressionScheme(SHAPE, student="G", compression_ratio=None, teacher_model=brightness)
+    assert scheme.compression_summary()["compression_ratio"] == pytest.approx(1000 / 77)
+    _trainer(max_epochs=1, limit_val_batches=1).test(scheme, datamodule=data, verbose=False)
+    expected = image_auroc(data.test_dataset.images.flatten(1).mean(1), data.test_dataset.labels)
+    assert scheme.test_metrics["teacher_image_auroc"] == pytest.approx(expected)
+    with pytest.raises(ConfigError, match="co_learning"):
+        ScoreRegressionScheme(SHAPE, student="G", compression_ratio=None, teacher_model=brightness, co_learning=True)
+    with pytest.raises(ConfigError, match="no parameters"):
+        ScoreRegressionScheme(SHAPE, student="G", compression_ratio=None, teacher_model=lambda x: x.mean((1, 2, 3)))
+
+
+# -- metrics and the pipeline -------------------------------------------------------------------
+def test_pipeline_run_with_all_techniques_logs_retention_and_tpr(compose_cfg, tmp_path: Path) -> None:
+    root = _write_idx(tmp_path / "fmnist_idx")
+    cfg = compose_cfg(
+        "experiment=quickstart", "scheme=score_regression_co_learning_oe", "scheme.student=G",
+        "scheme.compression_ratio=null", f"scheme.outlier_exposure.root={root}", "scheme.noise_exposure.std=0.1",
+        "scheme.tail_reweighting.strength=1.0", "+data.max_train_samples=64",
+        "logger=none", *fast_overrides("trainer.max_epochs=1"),
+    )
+    assert cfg.scheme.co_learning and cfg.scheme.outlier_exposure.dataset == "fashion_mnist"
+    metrics = train(cfg)
+    for key in ("test/image_auroc", "test/teacher_image_auroc", "test/image_auroc_retention",
+                "test/wasserstein_anomalous", "test/tpr_at_fpr_1e-3", "test/tpr_at_fpr_1e-4",
+                "test/tpr_at_fpr_1e-5", "test/teacher_tpr_at_fpr_1e-5"):
+        assert key in metrics and np.isfinite(metrics[key]), key
+    assert metrics["test/image_auroc_retention"] == pytest.approx(
+        metrics["test/image_auroc"] / metrics["test/teacher_image_auroc"])
+
+
+# -- deployment ------------------------------------------------------------------------------
+@pytest.mark.parametrize("student", ["G", "mlp"])
+def test_int8_and_onnx_students_match_fp32(student: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    if student == "mlp":
+        model, inputs = MLPScoreRegressor(57, (8,)).eval(), torch.randn(256, 57)
+    else:
+        # positive weights and images from dark to bright: scores spread like a trained one's
+        brightness = torch.linspace(0.05, 1.0, 256).view(-1, 1, 1, 1)
+        model, inputs = build_student(PAPER_STUDENTS["G"], SHAPE).eval(), torch.rand(256, *SHAPE) * brightness
+        for parameter in model.parameters():
+            torch.nn.init.uniform_(parameter, 0.0, 0.5)
+    with torch.no_grad():
+        reference = model(inputs)
+    quantised = quantize_int8_static(model, [inputs[i : i + 64] for i in range(0, 256, 64)])
+    with torch.no_grad():
+        int8_scores = quantised(inputs)
+    spread = (reference.max() - reference.min()).item()
+    assert (int8_scores - reference).abs().max().item() < 0.05 * spread + 1e-3
+    assert np.corrcoef(int8_scores.numpy(), reference.numpy())[0, 1] > 0.99
+    path = export_onnx(model, inputs[:1], tmp_path / f"{student}.onnx")
+    assert onnx_parity(model, path, inputs) <= 1e-4
+
+
+def test_events_teacher_and_student_shapes() -> None:
+    teacher, student = MLPAutoencoder(57, latent_dim=3).eval(), MLPScoreRegressor(57, (4,))
+    features = torch.randn(5, 57)
+    assert teacher(features).shape == (5, 57) and student(features).shape == (5,)
+    assert 4000 < count_parameters(teacher) < 6000
