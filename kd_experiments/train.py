@@ -84,10 +84,14 @@ def _instantiate_extra_loggers(logger_cfg: DictConfig | None) -> list[Any]:
 
 def _run_name(cfg: DictConfig, dataset: str) -> str:
     ratio = cfg.scheme.get("compression_ratio", None) or cfg.scheme.get("mac_compression_ratio", None)
+    try:
+        ratio = float(ratio) if ratio is not None else 1.0
+    except (TypeError, ValueError):
+        ratio = 1.0  # validate_config reports the bad value inside the run
     base = str(cfg.get("run_name") or "") or None
     if base:
         return f"{base}-s{cfg.seed}-{os.urandom(3).hex()}"
-    return make_run_name(kd_config.scheme_name(cfg.scheme), dataset, float(ratio or 1.0), int(cfg.seed))
+    return make_run_name(kd_config.scheme_name(cfg.scheme), dataset, ratio, int(cfg.seed))
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -110,7 +114,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from kd_experiments.callbacks import ChannelsLast
     from kd_experiments.checkpoints import check_resume_checkpoint, mlflow_run_id_of
 
-    validate_config(cfg)
     started = time.perf_counter()
     dataset = kd_config.dataset_name(cfg.data)
     logger_cfg = cfg.get("logger") or {}
@@ -143,6 +146,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with tracker, storage_errors(tracker.tracking_uri):
         tracker.log_params(flatten_config(OmegaConf.to_container(cfg, resolve=True)))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+        validate_config(cfg)
 
         L.seed_everything(int(cfg.seed), workers=True)
         datamodule = kd_config.instantiate(cfg.data)
