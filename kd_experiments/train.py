@@ -179,7 +179,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 raise
             if trainer.interrupted:
                 raise KeyboardInterrupt
-        metrics: dict[str, float] = {}
+        # trainer.test() resets callback_metrics: keep the last train/ and val/ values.
+        metrics: dict[str, float] = {
+            key: float(value.item() if isinstance(value, torch.Tensor) else value)
+            for key, value in trainer.callback_metrics.items()
+        }
         if cfg.get("test", True):
             # The final weights of the fixed schedule (or of ckpt_path when test-only):
             # no model selection on any split.

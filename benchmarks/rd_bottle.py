@@ -1,0 +1,402 @@
+"""RD, RD with Expert and a nearest-neighbour probe on MVTec AD bottle (CPU, package weights).
+
+Writes ``benchmarks/results/rd_bottle.json``: ``runs`` (one flat record per finished
+run), ``command``, ``commit``, ``machine``. Resumable: every finished record is
+appended at once, and records already in the file (same scheme, ratio, seed, image
+size, epochs) are skipped, so the script can run in pieces, in the background::
+
+    nohup .venv/bin/python benchmarks/rd_bottle.py > benchmarks/results/rd_bottle.log 2>&1 &
+
+Runs, most important first (``--plan``): the knn probe, RD and RD with Expert at full
+width (seed 0), both at ratio 16, then ratios 4 and 64, then seeds 1 and 2 at full
+width. RD runs go through ``kd_experiments.train.train`` (the ``kd-train`` code path,
+logged to MLflow) with a fixed epoch budget; the final weights are tested, nothing is
+selected on the test split.
+
+``knn`` is a training-free nearest-neighbour probe (PatchCore-style, Roth et al.,
+CVPR 2022, without its coreset re-weighting) on the *same* encoder and levels: the
+three feature levels, 3x3 average-pooled, resized to the middle level and
+concatenated; the memory bank holds every training patch (or a greedy coreset of
+``--knn-coreset`` of them); a test patch scores its distance to the nearest bank
+patch; the map is up-sampled and smoothed like RD's (sigma 4), the image score is its
+maximum. anomalib's Patchcore is not used because it would need hub weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_DATA = Path(os.environ.get("KD_DATA_DIR", ROOT.parent / "shared" / "data")) / "mvtec_ad"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no commit yet)"
+
+
+class ResultFile:
+    """A JSON results file that records are appended to one at a time."""
+
+    def __init__(self, path: Path, command: str) -> None:
+        self.path = path
+        if path.exists():
+            self.data = json.loads(path.read_text())
+        else:
+            self.data = {"runs": []}
+        self.data.update({"command": command, "commit": git_commit(), "machine": machine()})
+        self.save()
+
+    def has(self, key: dict) -> bool:
+        self.reload()
+        return any(all(run.get(k) == v for k, v in key.items()) for run in self.data["runs"])
+
+    def reload(self) -> None:
+        """Pick up records other processes appended (several may run pieces of the plan)."""
+        if self.path.exists():
+            self.data["runs"] = json.loads(self.path.read_text())["runs"]
+
+    def append(self, record: dict) -> None:
+        import fcntl
+
+        lock = self.path.with_suffix(".lock")
+        with open(lock, "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            self.reload()
+            self.data["runs"].append(record)
+            self.save()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.data, indent=2))
+        temporary.replace(self.path)
+
+
+# ----------------------------------------------------------------------------- RD runs
+
+
+def compose(overrides: list[str], run_dir: Path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from kd_experiments.config import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def logged_metrics(tag_value: str, experiment_name: str) -> dict:
+    """The last logged value of every metric of the MLflow run tagged ``benchmark_run``.
+
+    ``train()`` returns the metrics Lightning still holds after testing (``test/*``);
+    training throughput and losses are read back from the run itself.
+    """
+    from kd_experiments.tracking import make_client, resolve_tracking_uri
+
+    client = make_client(resolve_tracking_uri(None, ROOT))
+    experiment = client.get_experiment_by_name(experiment_name)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.benchmark_run = '{tag_value}'")
+    if not runs:
+        return {}
+    return {**runs[0].data.metrics, "run_id": runs[0].info.run_id}
+
+
+def run_rd(scheme: str, ratio: float, seed: int, args: argparse.Namespace) -> dict:
+    from kd_experiments import config as kd_config
+    from kd_experiments.train import train
+
+    experiment = "rd_bottle" if scheme == "rd" else "rd_expert_bottle"
+    run_dir = ROOT / "logs" / "benchmarks" / f"{experiment}-cr{ratio:g}-s{seed}-{args.image_size}px"
+    overrides = [
+        f"experiment={experiment}",
+        f"data.root={args.data}",
+        f"data.image_size={args.image_size}",
+        f"data.batch_size={args.batch_size}",
+        f"trainer.max_epochs={args.epochs}",
+        f"scheme.compression_ratio={ratio}",
+        f"scheme.blur_sigma={args.blur_sigma if args.blur_sigma is not None else 4.0 * args.image_size / 256}",
+        f"seed={seed}",
+        "callbacks.progress_bar=null",
+        "callbacks.model_summary=null",
+        "trainer.enable_model_summary=false",
+        "+tags.purpose=benchmark",
+        f"+tags.benchmark_run={run_dir.name}-{os.getpid()}-{time.time_ns()}",
+    ]
+    cfg = compose(overrides, run_dir)
+    started = time.perf_counter()
+    metrics = train(cfg)
+    wall = time.perf_counter() - started
+    logged = logged_metrics(cfg.tags.benchmark_run, str(cfg.experiment_name))
+    scheme_module = kd_config.instantiate(cfg.scheme, input_shape=(3, args.image_size, args.image_size))
+    summary = scheme_module.compression_summary()
+    return {
+        "image_auroc": metrics["test/image_auroc"],
+        "pixel_auroc": metrics["test/pixel_auroc"],
+        "aupro": metrics["test/aupro"],
+        "student_params": int(summary["student_params"]),
+        "deployed_params": int(summary["deployed_params"]),
+        "student_macs": int(summary["student_macs"]),
+        "deployed_macs": int(summary["deployed_macs"]),
+        "measured_compression_ratio": summary["compression_ratio"],
+        "width_multiplier": summary["width_multiplier"],
+        "train_images_per_s": logged.get("train/images_per_s"),
+        "infer_images_per_s": metrics.get("test/images_per_s"),
+        "final_train_loss": logged.get("train/loss"),
+        "final_val_loss": logged.get("val/loss"),
+        "mlflow_run_id": logged.get("run_id"),
+        "blur_sigma": float(cfg.scheme.blur_sigma),
+        "wall_s": wall,
+    }
+
+
+# ------------------------------------------------------------------------------ knn probe
+
+
+def greedy_coreset(features: torch.Tensor, count: int, seed: int = 0, projection_dim: int = 128) -> torch.Tensor:
+    """Indices of a greedy k-center coreset (PatchCore), on a random projection."""
+    generator = torch.Generator().manual_seed(seed)
+    if features.shape[1] > projection_dim:
+        projection = torch.randn(features.shape[1], projection_dim, generator=generator) / projection_dim**0.5
+        projected = features @ projection
+    else:
+        projected = features
+    chosen = [int(torch.randint(len(projected), (1,), generator=generator))]
+    distances = torch.cdist(projected, projected[chosen[0]][None]).squeeze(1)
+    for _ in range(count - 1):
+        index = int(torch.argmax(distances))
+        chosen.append(index)
+        distances = torch.minimum(distances, torch.cdist(projected, projected[index][None]).squeeze(1))
+    return torch.tensor(chosen)
+
+
+def run_knn(args: argparse.Namespace) -> dict:
+    import torch.nn.functional as F
+
+    from kd_experiments import metrics as kd_metrics
+    from kd_experiments.data.mvtec import MVTecDataModule
+    from kd_experiments.schemes.reverse_distillation.anomaly_map import gaussian_blur
+    from kd_experiments.schemes.reverse_distillation.torch_model import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        FeatureEncoder,
+    )
+
+    datamodule = MVTecDataModule(args.data, "bottle", image_size=args.image_size, batch_size=args.batch_size,
+                                 seed=0, cache_images=True)
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    encoder = FeatureEncoder("tf_efficientnet_lite0", (1, 2, 3), "package", None, True, IMAGENET_MEAN, IMAGENET_STD)
+    encoder.eval()
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        features = encoder(images)
+        size = features[1].shape[-2:]
+        pooled = [F.interpolate(F.avg_pool2d(f, 3, 1, 1), size=size, mode="bilinear", align_corners=False)
+                  for f in features]
+        return torch.cat(pooled, dim=1)  # (B, D, h, w)
+
+    sigma = args.blur_sigma if args.blur_sigma is not None else 4.0 * args.image_size / 256
+    started = time.perf_counter()
+    bank = []
+    with torch.no_grad():
+        for batch in datamodule.train_dataloader():
+            patches = embed(batch["image"])
+            bank.append(patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1]))
+    bank_tensor = torch.cat(bank)
+    if args.knn_coreset < 1:
+        count = max(1, int(len(bank_tensor) * args.knn_coreset))
+        bank_tensor = bank_tensor[greedy_coreset(bank_tensor, count)]
+    fit_seconds = time.perf_counter() - started
+    train_images = len(datamodule.train_dataset)
+
+    scores, maps, masks, labels = [], [], [], []
+    infer_seconds, infer_images = 0.0, 0
+    with torch.no_grad():
+        for batch in datamodule.test_dataloader():
+            images = batch["image"]
+            started = time.perf_counter()
+            patches = embed(images)
+            batch_size, dims, height, width = patches.shape
+            queries = patches.permute(0, 2, 3, 1).reshape(-1, dims)
+            nearest = torch.cdist(queries, bank_tensor).amin(dim=1).view(batch_size, 1, height, width)
+            upsampled = F.interpolate(nearest, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            smoothed = gaussian_blur(upsampled, sigma).squeeze(1)
+            infer_seconds += time.perf_counter() - started
+            infer_images += batch_size
+            maps.append(smoothed)
+            scores.append(smoothed.flatten(1).amax(dim=1))
+            masks.append(batch["mask"].squeeze(1) > 0.5)
+            labels.append(batch["label"])
+    score_tensor, label_tensor = torch.cat(scores), torch.cat(labels)
+    image = kd_metrics.evaluate_image_scores(score_tensor, label_tensor)
+    pixel = kd_metrics.evaluate_maps(torch.cat(maps), torch.cat(masks))
+    encoder_params = sum(p.numel() for p in encoder.parameters())
+    from kd_experiments.compression import count_macs
+
+    return {
+        "image_auroc": image["image_auroc"],
+        "pixel_auroc": pixel["pixel_auroc"],
+        "aupro": pixel["aupro"],
+        "student_params": 0,
+        "deployed_params": encoder_params,
+        "deployed_macs": int(count_macs(encoder, torch.zeros(1, 3, args.image_size, args.image_size))),
+        "memory_bank_patches": int(bank_tensor.shape[0]),
+        "memory_bank_dims": int(bank_tensor.shape[1]),
+        "memory_bank_bytes": int(bank_tensor.numel() * bank_tensor.element_size()),
+        "coreset_fraction": args.knn_coreset,
+        "blur_sigma": sigma,
+        "train_images_per_s": train_images / fit_seconds,
+        "infer_images_per_s": infer_images / infer_seconds,
+        "wall_s": fit_seconds + infer_seconds,
+    }
+
+
+# ----------------------------------------------------------------------------------- plan
+
+PLAN: list[tuple[str, float | None, int]] = [
+    ("knn", None, 0),
+    ("rd", 1, 0),
+    ("rd_expert", 1, 0),
+    ("rd", 16, 0),
+    ("rd_expert", 16, 0),
+    ("rd", 4, 0),
+    ("rd", 64, 0),
+    ("rd", 1, 1),
+    ("rd", 1, 2),
+    ("rd_expert", 4, 0),
+    ("rd_expert", 64, 0),
+    ("rd_expert", 1, 1),
+    ("rd_expert", 1, 2),
+]
+
+
+def markdown_table(path: Path) -> str:
+    """The records of a results file as a Markdown table; full-width seeds as mean +- std."""
+    import statistics
+
+    runs = json.loads(path.read_text())["runs"]
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        key = (run["scheme"], run.get("compression_ratio"), run.get("image_size"), run.get("epochs"))
+        groups.setdefault(key, []).append(run)
+
+    def cell(values: list[float], digits: int = 4) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.{digits}f}"
+        return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
+
+    lines = [
+        ("| scheme | ratio (measured) | px | epochs | seeds | image AUROC | pixel AUROC | AUPRO | student params "
+         "| deployed params | deployed MMACs | train img/s | infer img/s | memory bank |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {"knn": 0, "rd": 1, "rd_expert": 2}
+    for key in sorted(groups, key=lambda k: (order.get(k[0], 9), k[1] or 0, k[2] or 0)):
+        rows = groups[key]
+        scheme, ratio, size, epochs = key
+        measured = rows[0].get("measured_compression_ratio")
+        ratio_text = "-" if ratio is None else f"{ratio:g} ({measured:.1f})" if measured else f"{ratio:g}"
+        bank = rows[0].get("memory_bank_bytes")
+        lines.append(
+            f"| {scheme} | {ratio_text} | {size} | {epochs or '-'} | {','.join(str(r['seed']) for r in rows)} "
+            f"| {cell([r['image_auroc'] for r in rows])} | {cell([r['pixel_auroc'] for r in rows])} "
+            f"| {cell([r['aupro'] for r in rows])} | {rows[0]['student_params']:,} | {rows[0]['deployed_params']:,} "
+            f"| {rows[0].get('deployed_macs', 0) / 1e6:.0f} "
+            f"| {cell([r['train_images_per_s'] for r in rows if r.get('train_images_per_s')], 1)} "
+            f"| {cell([r['infer_images_per_s'] for r in rows if r.get('infer_images_per_s')], 1)} "
+            f"| {f'{bank / 2**20:.1f} MiB' if bank else '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding bottle/")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--blur-sigma", type=float, default=None,
+                        help="map smoothing; default: the paper's 4 at 256 px, scaled to the image size")
+    parser.add_argument("--knn-coreset", type=float, default=1.0, help="coreset fraction of the knn bank (1 = all)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only these plan entries, as scheme:ratio:seed (e.g. rd:16:0 knn::0)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "rd_bottle.json")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--table", action="store_true", help="print the results as Markdown and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(markdown_table(args.output))
+        return
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}")
+    (ROOT / "mlruns").mkdir(exist_ok=True)
+    command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
+                                    else sys.argv[0], *sys.argv[1:]])
+    results = ResultFile(args.output, command)
+    plan = PLAN
+    if args.only is not None:
+        wanted = set(args.only)
+        plan = [entry for entry in PLAN if f"{entry[0]}:{'' if entry[1] is None else f'{entry[1]:g}'}:{entry[2]}" in wanted]
+    for scheme, ratio, seed in plan:
+        key = {"scheme": scheme, "compression_ratio": ratio, "seed": seed, "image_size": args.image_size}
+        if scheme != "knn":
+            key["epochs"] = args.epochs
+        if results.has(key):
+            print(f"[rd_bottle] skip {key} (done)", flush=True)
+            continue
+        print(f"[rd_bottle] run {key}", flush=True)
+        record = run_knn(args) if scheme == "knn" else run_rd(scheme, float(ratio), seed, args)
+        record = {**key, **record, "device": "cpu", "torch_threads": torch.get_num_threads(),
+                  "batch_size": args.batch_size, "backbone": "tf_efficientnet_lite0", "weights": "package"}
+        results.append(record)
+        print(f"[rd_bottle] done {json.dumps(record)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

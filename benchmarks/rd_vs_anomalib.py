@@ -1,0 +1,234 @@
+"""Our reverse distillation against anomalib 2.7's ``ReverseDistillation``, side by side.
+
+Writes ``benchmarks/results/rd_vs_anomalib.json`` (``runs`` with ``implementation`` =
+``kd_experiments`` or ``anomalib``, ``command``, ``commit``, ``machine``); resumable like
+``benchmarks/rd_bottle.py``. Both implementations are trained in *this* process, one
+after the other, by the same loop: same data (MVTec AD bottle, same split, same
+shuffling seed), same image size, batch size, epochs, thread count and the same
+frozen encoder *weights*; each uses its own bottleneck, decoder, loss, optimiser
+settings and inference path (anomalib: ``ReverseDistillationModel``,
+``ReverseDistillationLoss``, Adam lr 0.005 betas (0.5, 0.99) on decoder + bottleneck as
+its ``configure_optimizers``; ours: :class:`ReverseStudent` at width 0.5 and 1.0,
+:func:`distillation_loss`, Adam lr 0.005 betas (0.5, 0.999)). Throughput counts forward,
+backward and optimiser step (training) and the full scoring path to maps and scores
+(inference), data loading excluded, one thread.
+
+Backbone: anomalib's RD builds its decoder only for ResNet-family backbones
+(``get_decoder``: resnet18 ... wide_resnet101_2), so it cannot take our default
+EfficientNet-Lite0, and its ``TimmFeatureExtractor`` would fetch pretrained weights from
+the hub. Both therefore use timm ``resnet18`` (layers 1-3), the smallest backbone
+anomalib's RD supports, built with ``pre_trained=False`` and given *identical* encoder
+weights: ours (``weights="none"``, seeded) copied into anomalib's encoder tensor by
+tensor (checked by position and shape). Offline, no pretrained ResNet weights exist,
+so the encoder is a random-init network: absolute quality is far below the pretrained
+setting; the comparison of the two implementations is like for like.
+The map smoothing is the paper's sigma 4 at 256 px scaled to the image size, for both.
+
+    nohup .venv/bin/python benchmarks/rd_vs_anomalib.py > logs/benchmarks/rd_vs_anomalib.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from rd_bottle import DEFAULT_DATA, RESULTS, ResultFile
+
+
+def copy_by_position(source: torch.nn.Module, target: torch.nn.Module) -> int:
+    """Copy every tensor of ``source``'s state dict into ``target``'s, in order, checking shapes."""
+    source_state, target_state = source.state_dict(), target.state_dict()
+    assert len(source_state) == len(target_state), (len(source_state), len(target_state))
+    copied = {}
+    for (source_name, tensor), (target_name, reference) in zip(source_state.items(), target_state.items(), strict=True):
+        assert tensor.shape == reference.shape, (source_name, target_name, tensor.shape, reference.shape)
+        copied[target_name] = tensor.clone()
+    target.load_state_dict(copied)
+    return len(copied)
+
+
+class Ours(torch.nn.Module):
+    """Our deployed RD model (encoder + full-width student) with anomalib's calling convention."""
+
+    def __init__(self, encoder, student, sigma: float) -> None:
+        super().__init__()
+        self.encoder, self.student, self.sigma = encoder, student, sigma
+
+    def features(self, images):
+        with torch.no_grad():
+            teacher = [f.detach() for f in self.encoder(images)]
+        return teacher, self.student(teacher)
+
+    def score(self, images):
+        from kd_experiments.schemes.reverse_distillation.anomaly_map import (
+            anomaly_map,
+            image_scores,
+        )
+
+        teacher, student = self.features(images)
+        maps = anomaly_map(student, teacher, images.shape[-2:], self.sigma)
+        return image_scores(maps), maps
+
+
+def build(implementation: str, args: argparse.Namespace, seed: int, width: float = 1.0):
+    from kd_experiments.schemes.reverse_distillation import loss as rd_loss
+    from kd_experiments.schemes.reverse_distillation.torch_model import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        FeatureEncoder,
+        ReverseStudent,
+    )
+
+    torch.manual_seed(seed)
+    encoder = FeatureEncoder(args.backbone, (1, 2, 3), "none", None, True, IMAGENET_MEAN, IMAGENET_STD)
+    encoder.eval()
+    sigma = 4.0 * args.image_size / 256
+    torch.manual_seed(seed + 1)
+    if implementation == "kd_experiments":
+        student = ReverseStudent(encoder.out_channels, width)
+        model = Ours(encoder, student, sigma)
+        optimizer = torch.optim.Adam(student.parameters(), lr=0.005, betas=(0.5, 0.999))
+
+        def train_step(images):
+            teacher, outputs = model.features(images)
+            return rd_loss.distillation_loss(outputs, teacher)
+
+        def score(images):
+            return model.score(images)
+
+        trainable = student
+        deployed = model
+    else:
+        from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
+        from anomalib.models.image.reverse_distillation.torch_model import ReverseDistillationModel
+
+        model = ReverseDistillationModel(
+            backbone=args.backbone, input_size=(args.image_size, args.image_size),
+            layers=["layer1", "layer2", "layer3"], anomaly_map_mode="add", pre_trained=False,
+        )
+        copied = copy_by_position(encoder.extractor.model, model.encoder.feature_extractor)
+        print(f"[rd_vs_anomalib] copied {copied} encoder tensors into anomalib's encoder", flush=True)
+        model.anomaly_map_generator.sigma = sigma
+        model.anomaly_map_generator.kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
+        for parameter in model.encoder.parameters():
+            parameter.requires_grad_(False)
+        loss_function = ReverseDistillationLoss()
+        optimizer = torch.optim.Adam(
+            list(model.decoder.parameters()) + list(model.bottleneck.parameters()), lr=0.005, betas=(0.5, 0.99)
+        )
+
+        def train_step(images):
+            model.train()
+            encoder_features, decoder_features = model(images)
+            return loss_function(encoder_features=encoder_features, decoder_features=decoder_features)
+
+        def score(images):
+            model.eval()
+            with torch.no_grad():
+                output = model(images)
+            return output.pred_score.flatten(), output.anomaly_map.squeeze(1)
+
+        trainable = torch.nn.ModuleList([model.bottleneck, model.decoder])
+        deployed = model
+    encoder_params = sum(p.numel() for p in encoder.parameters())
+    student_params = sum(p.numel() for p in trainable.parameters())
+    return train_step, score, optimizer, trainable, deployed, encoder_params, student_params
+
+
+def run(implementation: str, seed: int, args: argparse.Namespace, width: float = 1.0) -> dict:
+    from kd_experiments import metrics as kd_metrics
+    from kd_experiments.data.mvtec import MVTecDataModule
+
+    datamodule = MVTecDataModule(args.data, "bottle", image_size=args.image_size, batch_size=args.batch_size,
+                                 seed=seed, cache_images=True)
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    train_step, score, optimizer, trainable, _deployed, encoder_params, student_params = build(implementation, args, seed, width)
+    torch.manual_seed(seed)
+    train_seconds, train_images = 0.0, 0
+    losses = []
+    for _epoch in range(args.epochs):
+        trainable.train()
+        for batch in datamodule.train_dataloader():
+            images = batch["image"]
+            started = time.perf_counter()
+            loss = train_step(images)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            train_seconds += time.perf_counter() - started
+            train_images += images.shape[0]
+            losses.append(float(loss.detach()))
+    trainable.eval()
+    scores, maps, masks, labels = [], [], [], []
+    infer_seconds, infer_images = 0.0, 0
+    with torch.no_grad():
+        for batch in datamodule.test_dataloader():
+            started = time.perf_counter()
+            batch_scores, batch_maps = score(batch["image"])
+            infer_seconds += time.perf_counter() - started
+            infer_images += batch["image"].shape[0]
+            scores.append(batch_scores)
+            maps.append(batch_maps)
+            masks.append(batch["mask"].squeeze(1) > 0.5)
+            labels.append(batch["label"])
+    image = kd_metrics.evaluate_image_scores(torch.cat(scores), torch.cat(labels))
+    pixel = kd_metrics.evaluate_maps(torch.cat(maps), torch.cat(masks))
+    return {
+        "image_auroc": image["image_auroc"],
+        "pixel_auroc": pixel["pixel_auroc"],
+        "aupro": pixel["aupro"],
+        "student_params": student_params,
+        "deployed_params": encoder_params + student_params,
+        "train_images_per_s": train_images / train_seconds,
+        "infer_images_per_s": infer_images / infer_seconds,
+        "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "train_seconds": train_seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--widths", type=float, nargs="+", default=[0.5, 1.0],
+                        help="width multipliers of our student (0.5: decoder widths = encoder channels, "
+                             "like RD4AD's mirrored decoder)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "rd_vs_anomalib.json")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/rd_vs_anomalib.py " + " ".join(sys.argv[1:])
+    results = ResultFile(args.output, command.strip())
+    jobs = [("anomalib", None)] + [("kd_experiments", width) for width in args.widths]
+    for seed in args.seeds:
+        for implementation, width in jobs:
+            key = {"implementation": implementation, "backbone": args.backbone, "seed": seed,
+                   "image_size": args.image_size, "epochs": args.epochs, "width_multiplier": width}
+            if results.has(key):
+                print(f"[rd_vs_anomalib] skip {key} (done)", flush=True)
+                continue
+            print(f"[rd_vs_anomalib] run {key}", flush=True)
+            record = {**key, **run(implementation, seed, args, width or 1.0), "device": "cpu", "weights": "none (random, shared)",
+                      "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(), "compression_ratio": 1}
+            results.append(record)
+            print(f"[rd_vs_anomalib] done {json.dumps(record)}", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

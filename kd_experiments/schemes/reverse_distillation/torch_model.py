@@ -1,0 +1,363 @@
+"""Networks of reverse distillation (RD) and of RD with an expert (plain PyTorch).
+
+Papers:
+
+- Deng & Li, "Anomaly Detection via Reverse Distillation from One-Class Embedding",
+  CVPR 2022 (arXiv 2201.10703); authors' code hq-deng/RD4AD.
+- Liu, Wang, Leng, Zhang, "Unlocking the Potential of Reverse Distillation for
+  Anomaly Detection", AAAI 2025 (arXiv 2412.07579); authors' code hito2448/URD.
+
+Modules:
+
+- :class:`FeatureEncoder`: the encoder (RD's frozen teacher; in RD with Expert the
+  trainable teacher, and a frozen copy of it is the expert). A
+  :class:`kd_experiments.backbones.FeatureExtractor` over any timm ``features_only``
+  model, plus a fixed affine map from the data's normalisation to the one the
+  pretrained weights expect (EfficientNet-Lite: mean = std = 0.5).
+- :class:`OneClassBottleneck`: RD's OCBE. Multi-scale feature fusion (MFF: every
+  shallower level is brought to the deepest level's resolution by stride-2 3x3
+  convolutions and concatenated with the deepest level, as in RD4AD's
+  ``BN_layer``), then the one-class embedding block (OCE: a stride-2 residual stage).
+  Paper and code agree; we use basic residual blocks (two 3x3 convolutions) where
+  RD4AD uses ResNet bottleneck blocks, because one family must serve every backbone.
+- :class:`ReverseDecoder`: the reversed student. One stage per encoder level, deepest
+  first: bilinear up-sampling to that level's size, 3x3 conv, residual blocks, and a
+  1x1 projection to the encoder's channels (the features compared with the
+  teacher's). RD4AD mirrors the ResNet encoder (``de_resnet.py``); ours is generic
+  so that any backbone works and so that a width multiplier scales it.
+- :class:`SkipFusion`: URD's skip connection from teacher features into the decoder,
+  optionally with *guided information injection* (GII): the fused teacher features
+  are gated per pixel by their cosine similarity to the decoder's output at that
+  level, ``f * sim + s * (1 - sim)`` (similarity computed without gradient), as the
+  paper (Sec. 3.3) and ``Student.forward_decoder_gii`` in hito2448/URD describe; we
+  clamp the similarity at 0 so the gate stays a convex mix (URD uses the raw cosine).
+  The teacher branch follows URD's code: the teacher feature of this level plus the
+  next-shallower teacher feature down-sampled by 2 and projected by a 1x1 conv, then
+  a 3x3 conv; the result is concatenated with the decoder output and fused by a 3x3
+  conv. (Note: URD's released ``train.py`` calls the student with ``attn=True``,
+  which routes to ``forward_decoder_wogii``, i.e. skip fusion *without* the gating;
+  here ``guided_injection`` switches the gating on and off explicitly.)
+- :class:`ReverseStudent`: bottleneck + decoder (+ skip fusion): the part that a
+  width multiplier compresses. The deployed model is encoder + student.
+
+Width: every internal width of the student is ``max(min_channels, round(w * base))``
+where ``base`` is derived from the encoder's channels ``C_i`` (fusion ``C_last``,
+embedding ``2 * C_last``, decoder stage ``i``: ``2 * C_i``, skip-fusion hidden
+``C_i``); the projections back to ``C_i`` are present at every width. ``w = 1`` is
+the full-width student the compression ratio refers to.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_experiments.backbones import FeatureExtractor
+from kd_experiments.errors import ConfigError
+
+#: ImageNet statistics (the datamodules' ``normalization="imagenet"``).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def input_statistics(normalization: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` the data was normalised with: ``imagenet`` or ``none`` ([0, 1] pixels)."""
+    if normalization == "imagenet":
+        if channels == 3:
+            return IMAGENET_MEAN, IMAGENET_STD
+        return (sum(IMAGENET_MEAN) / 3,) * channels, (sum(IMAGENET_STD) / 3,) * channels
+    if normalization == "none":
+        return (0.0,) * channels, (1.0,) * channels
+    raise ConfigError(f"scheme.input_normalization must be 'imagenet' or 'none', got {normalization!r}")
+
+
+class FeatureEncoder(nn.Module):
+    """Multi-level features of a pretrained timm backbone, from data-normalised images.
+
+    Args:
+        backbone: timm model name (``tf_efficientnet_lite0``, ``wide_resnet50_2``...).
+        layers: timm ``out_indices`` (three levels in the papers).
+        weights, weights_path: see :class:`kd_experiments.backbones.FeatureExtractor`.
+        frozen: RD's teacher and the expert are frozen; URD's teacher is trained.
+        input_mean, input_std: the normalisation of the incoming images.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        layers: Sequence[int],
+        weights: str,
+        weights_path: str | None,
+        frozen: bool,
+        input_mean: Sequence[float],
+        input_std: Sequence[float],
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        extra = {} if in_channels == 3 else {"in_chans": in_channels}
+        self.extractor = FeatureExtractor(
+            backbone, layers=tuple(layers), weights=weights, weights_path=weights_path, frozen=frozen, **extra
+        )
+        channels = len(input_mean)
+        backbone_mean = torch.tensor(self._per_channel(self.extractor.mean, channels))
+        backbone_std = torch.tensor(self._per_channel(self.extractor.std, channels))
+        mean, std = torch.tensor(tuple(input_mean)), torch.tensor(tuple(input_std))
+        # images * scale + shift == ((images * std + mean) - backbone_mean) / backbone_std
+        self.register_buffer("scale", (std / backbone_std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", ((mean - backbone_mean) / backbone_std).view(1, -1, 1, 1), persistent=False)
+
+    @staticmethod
+    def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
+        values = tuple(values)
+        if len(values) == channels:
+            return values
+        return (sum(values) / len(values),) * channels
+
+    @property
+    def out_channels(self) -> list[int]:
+        return list(self.extractor.out_channels)
+
+    @property
+    def frozen(self) -> bool:
+        return self.extractor.frozen
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.extractor(images * self.scale + self.shift)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ResidualBlock(nn.Module):
+    """Basic residual block (two 3x3 convolutions), optionally strided / widening."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x), inplace=True)
+
+
+# ---------------------------------------------------------------------------- student
+
+
+@dataclass(frozen=True)
+class StudentWidths:
+    """Internal widths of a student (see the module docstring)."""
+
+    fusion: int
+    embedding: int
+    decoder: tuple[int, ...]
+    skip: tuple[int, ...]
+
+    @classmethod
+    def from_multiplier(cls, encoder_channels: Sequence[int], width_multiplier: float, min_channels: int = 2) -> StudentWidths:
+        def scaled(base: int) -> int:
+            return max(min_channels, round(width_multiplier * base))
+
+        last = encoder_channels[-1]
+        return cls(
+            fusion=scaled(last),
+            embedding=scaled(2 * last),
+            decoder=tuple(scaled(2 * c) for c in encoder_channels),
+            skip=tuple(scaled(c) for c in encoder_channels),
+        )
+
+
+class OneClassBottleneck(nn.Module):
+    """RD's OCBE: multi-scale feature fusion, then the one-class embedding (stride 2)."""
+
+    def __init__(self, encoder_channels: Sequence[int], fusion_channels: int, embedding_channels: int, blocks: int) -> None:
+        super().__init__()
+        levels = len(encoder_channels)
+        self.branches = nn.ModuleList()
+        for level, channels in enumerate(encoder_channels[:-1]):
+            steps = levels - 1 - level
+            layers: list[nn.Module] = []
+            for step in range(steps):
+                layers.append(conv_bn_relu(channels if step == 0 else fusion_channels, fusion_channels, 3, 2))
+            self.branches.append(nn.Sequential(*layers))
+        fused = fusion_channels * (levels - 1) + encoder_channels[-1]
+        self.embedding = nn.Sequential(
+            ResidualBlock(fused, embedding_channels, stride=2),
+            *[ResidualBlock(embedding_channels, embedding_channels) for _ in range(blocks - 1)],
+        )
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        deepest = features[-1]
+        parts = []
+        for branch, feature in zip(self.branches, features[:-1], strict=True):
+            part = branch(feature)
+            if part.shape[-2:] != deepest.shape[-2:]:  # odd sizes (TF "SAME" padding rounds up)
+                part = F.interpolate(part, size=deepest.shape[-2:], mode="bilinear", align_corners=False)
+            parts.append(part)
+        return self.embedding(torch.cat([*parts, deepest], dim=1))
+
+
+class DecoderStage(nn.Module):
+    """Up-sample to a level's size, convolve at ``width``, project to the encoder's channels."""
+
+    def __init__(self, in_channels: int, width: int, out_channels: int, blocks: int) -> None:
+        super().__init__()
+        self.entry = conv_bn_relu(in_channels, width, 3, 1)
+        self.blocks = nn.Sequential(*[ResidualBlock(width, width) for _ in range(blocks)])
+        self.project = nn.Conv2d(width, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+        return self.project(self.blocks(self.entry(x)))
+
+
+class SkipFusion(nn.Module):
+    """URD's skip connection at one decoder level, with optional guided information injection.
+
+    Inputs: the decoder output ``student`` at level ``i`` (``C_i`` channels), the teacher
+    features of level ``i`` and of the next-shallower level ``i - 1``. Output: the next
+    decoder stage's input (``hidden`` channels).
+    """
+
+    def __init__(self, channels: int, shallower_channels: int, hidden: int, guided_injection: bool) -> None:
+        super().__init__()
+        self.guided_injection = guided_injection
+        self.project_teacher = nn.Conv2d(channels, hidden, 1, bias=False)
+        self.project_shallower = nn.Sequential(
+            nn.Conv2d(shallower_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)
+        )
+        self.fuse_teacher = conv_bn_relu(hidden, hidden, 3)
+        if guided_injection:
+            self.project_student = nn.Conv2d(channels, hidden, 1, bias=False)
+            self.inject = conv_bn_relu(hidden, hidden, 3)
+        self.fuse = conv_bn_relu(channels + hidden, hidden, 3)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, shallower: torch.Tensor) -> torch.Tensor:
+        shallower = F.interpolate(shallower, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+        encoded = self.fuse_teacher(self.project_teacher(teacher) + self.project_shallower(shallower))
+        if self.guided_injection:
+            with torch.no_grad():
+                similarity = F.cosine_similarity(student.detach(), teacher, dim=1).unsqueeze(1).clamp(min=0.0)
+            encoded = self.inject(encoded * similarity + self.project_student(student) * (1.0 - similarity))
+        return self.fuse(torch.cat([student, encoded], dim=1))
+
+
+class ReverseStudent(nn.Module):
+    """Bottleneck + reversed decoder (+ skip fusion): teacher features -> student features.
+
+    ``forward(teacher_features)`` returns one map per encoder level, shallowest first,
+    each with the teacher's shape.
+    """
+
+    def __init__(
+        self,
+        encoder_channels: Sequence[int],
+        width_multiplier: float = 1.0,
+        bottleneck_blocks: int = 2,
+        decoder_blocks: int = 1,
+        skip_fusion: bool = False,
+        guided_injection: bool = False,
+    ) -> None:
+        super().__init__()
+        if guided_injection and not skip_fusion:
+            raise ConfigError("scheme.guided_injection=true needs scheme.skip_fusion=true (it gates the skip features)")
+        if not width_multiplier > 0:
+            raise ConfigError(f"scheme.width_multiplier must be > 0, got {width_multiplier}")
+        channels = [int(c) for c in encoder_channels]
+        if len(channels) < 2:
+            raise ConfigError(f"reverse distillation needs at least two encoder levels, got layers for {channels}")
+        self.encoder_channels = channels
+        self.width_multiplier = float(width_multiplier)
+        self.widths = StudentWidths.from_multiplier(channels, width_multiplier)
+        self.skip_fusion = skip_fusion
+        self.bottleneck = OneClassBottleneck(channels, self.widths.fusion, self.widths.embedding, bottleneck_blocks)
+        levels = len(channels)
+        self.stages = nn.ModuleList()
+        self.fusions = nn.ModuleList()
+        in_channels = self.widths.embedding
+        for level in reversed(range(levels)):  # deepest first
+            self.stages.append(DecoderStage(in_channels, self.widths.decoder[level], channels[level], decoder_blocks))
+            in_channels = channels[level]
+            if skip_fusion and level > 0:
+                hidden = self.widths.skip[level]
+                self.fusions.append(SkipFusion(channels[level], channels[level - 1], hidden, guided_injection))
+                in_channels = hidden
+
+    def forward(self, teacher_features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        x = self.bottleneck(teacher_features)
+        levels = len(teacher_features)
+        outputs: list[torch.Tensor] = [None] * levels  # type: ignore[list-item]
+        for position, level in enumerate(reversed(range(levels))):
+            student = self.stages[position](x, teacher_features[level].shape[-2:])
+            outputs[level] = student
+            x = student
+            if self.skip_fusion and level > 0:
+                x = self.fusions[position](student, teacher_features[level], teacher_features[level - 1])
+        return outputs
+
+
+def count_on_meta(build: Callable[[], nn.Module]) -> int:
+    """Parameters of a module built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        module = build()
+    return sum(p.numel() for p in module.parameters())
+
+
+def width_for_ratio(
+    compression_ratio: float,
+    build_student: Callable[[float], nn.Module],
+    tolerance: float = 0.25,
+    min_width: float = 1e-3,
+) -> float:
+    """The width multiplier whose student is ``compression_ratio`` times smaller than at width 1.
+
+    Student size grows monotonically with the width, so the multiplier is found by
+    bisection in log space. Raises :class:`ConfigError` for a ratio below 1 or one that
+    no width reaches within ``tolerance`` (relative).
+    """
+    if not (isinstance(compression_ratio, int | float) and math.isfinite(compression_ratio) and compression_ratio >= 1):
+        raise ConfigError(f"scheme.compression_ratio must be a number >= 1, got {compression_ratio!r}")
+    full = count_on_meta(lambda: build_student(1.0))
+    target = full / compression_ratio
+    if compression_ratio == 1:
+        return 1.0
+    low, high = math.log(min_width), 0.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        width = math.exp(middle)
+        if count_on_meta(lambda width=width: build_student(width)) > target:
+            high = middle
+        else:
+            low = middle
+    candidates = [math.exp(low), math.exp(high)]
+    sizes = [count_on_meta(lambda w=w: build_student(w)) for w in candidates]
+    errors = [abs(math.log(size / target)) for size in sizes]
+    best = min(range(2), key=lambda i: errors[i])
+    if errors[best] > math.log1p(tolerance):
+        smallest = count_on_meta(lambda: build_student(min_width))
+        raise ConfigError(
+            f"scheme.compression_ratio={compression_ratio} cannot be reached by any student width "
+            f"(closest {full / sizes[best]:.1f}; the largest reachable is about {full / smallest:.1f})"
+        )
+    return candidates[best]

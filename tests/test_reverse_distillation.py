@@ -1,0 +1,266 @@
+"""Reverse distillation and RD with Expert: networks, maps, losses, switches, runs, DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from kd_experiments.errors import ConfigError
+from kd_experiments.schemes.reverse_distillation import ReverseDistillationScheme
+from kd_experiments.schemes.reverse_distillation import loss as rd_loss
+from kd_experiments.schemes.reverse_distillation.anomaly_map import (
+    anomaly_map,
+    gaussian_blur,
+    image_scores,
+)
+from kd_experiments.schemes.reverse_distillation.lightning_model import defect_type_of
+from kd_experiments.schemes.reverse_distillation.synthetic_anomalies import (
+    SyntheticAnomalies,
+    perlin_noise,
+)
+from kd_experiments.schemes.reverse_distillation.torch_model import (
+    ReverseStudent,
+    count_on_meta,
+    width_for_ratio,
+)
+from kd_experiments.train import train
+from tests.conftest import fast_overrides
+
+LITE0_CHANNELS = [24, 40, 112]
+SIZE = 32  # lite0 levels at 8x8, 4x4, 2x2: the smallest useful input
+SWITCHES = ("expert", "skip_fusion", "guided_injection", "synthetic_anomalies")
+TINY_DATA = ("data.image_size=32", "data.n_train=12", "data.n_test_good=4", "data.n_test_defect_per_type=2",
+             "data.batch_size=4")
+
+
+def _features(batch: int = 2, size: int = SIZE) -> list[torch.Tensor]:
+    return [torch.randn(batch, c, size // s, size // s) for c, s in zip(LITE0_CHANNELS, (4, 8, 16), strict=True)]
+
+
+def _scheme(**overrides) -> ReverseDistillationScheme:
+    model = ReverseDistillationScheme((3, SIZE, SIZE), **overrides)
+    model.log = lambda *args, **kwargs: None  # no trainer attached
+    return model
+
+
+# -- networks ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("skip_fusion", "guided_injection"), [(False, False), (True, False), (True, True)])
+def test_student_reproduces_every_teacher_shape(skip_fusion: bool, guided_injection: bool) -> None:
+    student = ReverseStudent(LITE0_CHANNELS, 0.25, skip_fusion=skip_fusion, guided_injection=guided_injection)
+    teacher = _features()
+    outputs = student(teacher)
+    assert [o.shape for o in outputs] == [t.shape for t in teacher]
+    assert len(student.fusions) == (2 if skip_fusion else 0)
+    assert hasattr(student.fusions[0], "inject") == guided_injection if skip_fusion else True
+
+
+def test_guided_injection_needs_skip_fusion() -> None:
+    with pytest.raises(ConfigError, match="skip_fusion"):
+        ReverseStudent(LITE0_CHANNELS, 1.0, skip_fusion=False, guided_injection=True)
+
+
+def test_odd_feature_sizes_are_handled() -> None:
+    student = ReverseStudent(LITE0_CHANNELS, 0.1)
+    teacher = [torch.randn(2, 24, 13, 13), torch.randn(2, 40, 7, 7), torch.randn(2, 112, 4, 4)]
+    assert [o.shape for o in student(teacher)] == [t.shape for t in teacher]
+
+
+@pytest.mark.parametrize("ratio", [4, 16, 64])
+def test_width_search_reaches_the_ratio(ratio: int) -> None:
+    def build(width: float) -> ReverseStudent:
+        return ReverseStudent(LITE0_CHANNELS, width)
+
+    width = width_for_ratio(ratio, build)
+    measured = count_on_meta(lambda: build(1.0)) / count_on_meta(lambda: build(width))
+    assert ratio / 1.25 <= measured <= ratio * 1.25
+    assert width < 1
+
+
+@pytest.mark.parametrize(("ratio", "message"), [(0.5, ">= 1"), (1e7, "cannot be reached"), (float("nan"), ">= 1")])
+def test_bad_ratios_raise_one_config_error(ratio: float, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as raised:
+        width_for_ratio(ratio, lambda width: ReverseStudent(LITE0_CHANNELS, width))
+    assert "\n" not in str(raised.value)
+
+
+# -- maps ---------------------------------------------------------------------------------------
+def test_anomaly_map_is_at_input_resolution_and_zero_for_a_perfect_student() -> None:
+    teacher = _features(batch=3)
+    maps = anomaly_map(teacher, teacher, (SIZE, SIZE))
+    assert maps.shape == (3, SIZE, SIZE)
+    assert maps.abs().max() < 1e-5
+    noisy = anomaly_map([t + torch.randn_like(t) for t in teacher], teacher, (SIZE, SIZE))
+    assert noisy.min() > 0
+    assert torch.equal(image_scores(noisy), noisy.flatten(1).amax(1))
+
+
+def test_gaussian_blur_keeps_constants_and_spreads_a_peak() -> None:
+    constant = torch.full((1, 1, 40, 40), 2.5)
+    assert torch.allclose(gaussian_blur(constant, 4.0), constant, atol=1e-5)
+    peak = torch.zeros(1, 1, 41, 41)
+    peak[0, 0, 20, 20] = 1.0
+    blurred = gaussian_blur(peak, 4.0)
+    assert blurred.sum() == pytest.approx(1.0, abs=1e-4)
+    assert blurred[0, 0, 20, 20] < 0.02 and blurred[0, 0, 20, 24] > 0
+
+
+# -- losses and synthetic anomalies --------------------------------------------------------------------
+def test_losses_vanish_on_identical_features_and_follow_the_mask() -> None:
+    features = _features()
+    assert rd_loss.distillation_loss(features, features) == pytest.approx(0.0, abs=1e-5)
+    mask = torch.zeros(2, 1, SIZE, SIZE)
+    assert rd_loss.teacher_loss(features, features, features, features, mask) == pytest.approx(0.0, abs=1e-5)
+    mask[:, :, :16, :16] = 1  # the teacher matches the expert everywhere: the mask is missed
+    assert rd_loss.anomaly_separation_loss(features, features, mask) > 0.5
+
+
+def test_synthetic_anomalies_change_only_the_masked_pixels() -> None:
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    images = (torch.rand(6, 3, 48, 48) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    first, masks = SyntheticAnomalies(mean, std, seed=3)(images)
+    again, masks_again = SyntheticAnomalies(mean, std, seed=3)(images)
+    assert torch.equal(first, again) and torch.equal(masks, masks_again)  # seeded
+    assert masks.shape == (6, 1, 48, 48) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert (masks.flatten(1).sum(1) > 0).all()
+    outside = (masks == 0).expand_as(images)
+    assert torch.allclose(first[outside], images[outside], atol=1e-5)
+    assert (first - images).abs()[~outside].mean() > 0.05
+    for source in ("procedural", "in_set"):
+        changed, _ = SyntheticAnomalies(mean, std, texture_source=source)(images)
+        assert changed.shape == images.shape and torch.isfinite(changed).all()
+    with pytest.raises(ConfigError, match="texture_source"):
+        SyntheticAnomalies(mean, std, texture_source="dtd")
+
+
+def test_perlin_noise_is_smooth_and_bounded() -> None:
+    noise = perlin_noise(64, 64, (4, 4), torch.Generator().manual_seed(0))
+    assert noise.shape == (64, 64) and noise.abs().max() <= 1.5
+    assert (noise[1:] - noise[:-1]).abs().max() < 0.3  # neighbours are close: smooth
+
+
+# -- the scheme: training step, switches, summary ------------------------------------------------------------
+@pytest.mark.parametrize(
+    "switches",
+    [{}, {"expert": True, "skip_fusion": True, "guided_injection": True, "synthetic_anomalies": True},
+     {"expert": True}, {"synthetic_anomalies": True}, {"skip_fusion": True}],
+    ids=["rd", "rd_expert", "expert-only", "anomalies-only", "skip-only"],
+)
+def test_training_step_trains_exactly_the_right_parameters(switches: dict) -> None:
+    torch.manual_seed(0)
+    model = _scheme(compression_ratio=16, **switches)
+    model.train()
+    optimizer = model.configure_optimizers()
+    batch = {"image": torch.randn(4, 3, SIZE, SIZE)}
+    loss = model.training_step(batch, 0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    optimizer.zero_grad()
+    loss.backward()
+    assert all(p.grad is not None for p in model.student.parameters())
+    encoder_grads = [p.grad is not None for p in model.encoder.parameters()]
+    assert all(encoder_grads) if switches.get("expert") else not any(encoder_grads)
+    if model.expert is not None:
+        assert not any(p.requires_grad or p.grad is not None for p in model.expert.parameters())
+    before = [p.detach().clone() for p in model.student.parameters()]
+    optimizer.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.student.parameters(), strict=True))
+    assert model.scheme_name == ("rd_expert" if switches.get("expert") else "reverse_distillation")
+    assert (model.anomalies is not None) == switches.get("synthetic_anomalies", False)
+
+
+def test_score_batch_gives_scores_and_maps_at_input_resolution() -> None:
+    model = _scheme(width_multiplier=0.1).eval()
+    outputs = model.score_batch({"image": torch.randn(3, 3, SIZE, SIZE)})
+    assert outputs["score"].shape == (3,)
+    assert outputs["map"].shape == (3, SIZE, SIZE)
+    assert torch.allclose(outputs["score"], outputs["map"].flatten(1).amax(1))
+
+
+def test_compression_summary_and_ratio() -> None:
+    full = _scheme(compression_ratio=1).compression_summary()
+    small = _scheme(compression_ratio=16, expert=True, skip_fusion=True, guided_injection=True).compression_summary()
+    for summary in (full, small):
+        for key in ("teacher_params", "student_params", "compression_ratio", "teacher_macs", "student_macs",
+                    "mac_compression_ratio", "deployed_params", "deployed_macs"):
+            assert summary[key] > 0, key
+        assert summary["deployed_params"] == summary["teacher_params"] + summary["student_params"]
+        assert summary["compression_ratio"] == pytest.approx(summary["full_student_params"] / summary["student_params"])
+    assert full["compression_ratio"] == 1.0 and full["width_multiplier"] == 1.0
+    assert 16 / 1.25 <= small["compression_ratio"] <= 16 * 1.25
+    assert small["mac_compression_ratio"] > 4
+    assert small["expert_params"] == small["teacher_params"]  # the expert is a frozen copy, not deployed
+    assert full["teacher_params"] < 1_000_000  # lite0 pruned after the third level
+
+
+def test_bad_scheme_values_raise_config_errors() -> None:
+    with pytest.raises(ConfigError, match="guided_injection"):
+        _scheme(guided_injection=True)
+    with pytest.raises(ConfigError, match="width_multiplier"):
+        _scheme(width_multiplier=1.5)
+    with pytest.raises(ConfigError, match="input_normalization"):
+        _scheme(input_normalization="zscore")
+    with pytest.raises(ConfigError, match="map_mode"):
+        _scheme(map_mode="max")
+
+
+def test_defect_type_is_the_test_folder() -> None:
+    assert defect_type_of("/data/bottle/test/broken_large/003.png") == "broken_large"
+    assert defect_type_of("/data/bottle/test/good/000.png") == "good"
+
+
+# -- runs through kd-train ------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["reverse_distillation", "rd_expert"])
+def test_smoke_run_logs_metrics_and_map_overlays(compose_cfg, mlflow_uri: str, scheme: str) -> None:
+    cfg = compose_cfg("experiment=rd_smoke", f"scheme={scheme}", *TINY_DATA, *fast_overrides())
+    metrics = train(cfg)
+    for key in ("test/image_auroc", "test/pixel_auroc", "test/aupro", "test/images_per_s"):
+        assert key in metrics, key
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("rd_smoke").experiment_id])
+    assert run.info.status == "FINISHED"
+    for key in ("train/images_per_s", "train/student_loss", "val/loss", "test/pixel_auroc"):
+        assert key in run.data.metrics, key
+    assert ("train/teacher_loss" in run.data.metrics) == (scheme == "rd_expert")
+    assert run.data.params["scheme"] == ("rd_expert" if scheme == "rd_expert" else "reverse_distillation")
+    assert 3 <= float(run.data.params["compression_ratio"]) <= 5  # rd_smoke asks for 4
+    assert int(run.data.params["deployed_params"]) > int(run.data.params["student_params"])
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/anomaly_maps.png", "plots/roc_curve.png", "plots/score_histograms.png"} <= plots
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_score_every_image_once(tmp_path: Path) -> None:
+    """RD with Expert (trainable teacher, two parameter groups) on 2 CPU processes (gloo);
+    a single process testing the DDP checkpoint gives the same metrics."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "OMP_NUM_THREADS": "1",
+           "KD_CACHE_DIR": str(tmp_path / "cache")}
+    common = ["experiment=rd_smoke", "scheme=rd_expert", *TINY_DATA, "trainer.max_epochs=1",
+              "callbacks.progress_bar=null", "callbacks.model_summary=null"]
+    kd_train = [sys.executable, "-m", "kd_experiments.train"]
+    ddp_dir = tmp_path / "ddp"
+    result = subprocess.run([*kd_train, *common, "trainer=ddp_cpu", f"hydra.run.dir={ddp_dir}"],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = subprocess.run(
+        [*kd_train, *common, "train=false", f"ckpt_path={ddp_dir / 'checkpoints' / 'last.ckpt'}",
+         f"hydra.run.dir={tmp_path / 'single'}"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False)
+    assert single.returncode == 0, single.stderr[-3000:]
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("rd_smoke").experiment_id])
+    assert len(runs) == 2, "only rank 0 may create a run"
+    by_mode = {("single" if r.data.params.get("ckpt_path", "None") not in ("None", "") else "ddp"): r for r in runs}
+    ddp_run, single_run = by_mode["ddp"], by_mode["single"]
+    assert ddp_run.data.params.get("trainer.devices") == "2", {k: v for k, v in ddp_run.data.params.items()
+                                                               if k.startswith("trainer.")}
+    assert ddp_run.info.status == single_run.info.status == "FINISHED"
+    assert ddp_run.data.metrics["test/num_test_images"] == single_run.data.metrics["test/num_test_images"] == 10
+    for key in ("test/image_auroc", "test/pixel_auroc", "test/aupro"):
+        assert ddp_run.data.metrics[key] == pytest.approx(single_run.data.metrics[key], abs=1e-5), key
+    plots = {a.path for a in client.list_artifacts(ddp_run.info.run_id, "plots")}
+    assert "plots/anomaly_maps.png" in plots
