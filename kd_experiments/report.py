@@ -1,21 +1,47 @@
-"""``kd-report``: read a sweep back from MLflow and show quality against size.
+"""``kd-report``: read a sweep back from MLflow and show quality against size and speed.
 
-    kd-report                                   # the most recent experiment
-    kd-report --experiment quickstart           # every run of one experiment
-    kd-report --experiment quickstart --sweep <sweep_id>   # or --sweep latest
+    kd-report                                              # the most recent experiment
+    kd-report --experiment quickstart                      # every run of one experiment
+    kd-report --experiment quickstart --sweep latest       # the most recent sweep (or a sweep_id)
+    kd-report -e quickstart --sweep latest --output reports/quickstart   # where the files go
 
-Prints a Rich table (one row per run: scheme, dataset, seed, compression ratio,
-sizes, key metrics, status). Works on any tracking URI (``--tracking-uri`` or
-``MLFLOW_TRACKING_URI``; default ``./mlruns/mlflow.db``).
+It prints a Rich table (one row per run: scheme, dataset, seed, compression ratio,
+sizes, key metrics, status) and a summary by compression ratio, and writes into
+``--output`` (default ``$KD_LOG_DIR/reports/<experiment>/<sweep>``, i.e. ``./logs/...``):
+
+- ``report.md``: the summary by compression ratio (mean +- std over seeds, the Pareto
+  front marked) and the table of every run, with the charts embedded;
+- ``quality_vs_compression.png``: the quality metric against the measured compression
+  ratio (teacher params / student params), every seed a faint point, the mean over seeds
+  a marker with its standard deviation, the Pareto front (higher quality and higher
+  compression are both better) drawn and circled, the teacher's quality as a line;
+- ``quality_vs_latency.png``: the quality metric against latency. The latency is the
+  runs' inference-latency metric when they logged one (``test/latency_ms`` or another
+  ``*latency_ms`` metric that is not the teacher's), else the run's wall-clock
+  ``duration_s`` (training + test): the axis label says which;
+- ``spread_by_ratio.png``: per compression ratio, the spread of the quality metric over
+  seeds (box plot with every seed as a point).
+
+The files are logged as artifacts (under ``report/``) of the sweep's parent run (the run
+tagged ``kd.sweep_parent=true`` with the sweep's ``sweep_id``); when the report covers
+runs of several sweeps, or none, there is no single parent and the files are only
+written to disk. A parent still RUNNING whose children have all ended is closed
+(FINISHED, or FAILED when a child failed): nothing else ends a sweep's parent run.
+Works on any tracking URI (``--tracking-uri`` or ``MLFLOW_TRACKING_URI``; default
+``./mlruns/mlflow.db``): SQLite, ``file:`` stores, an ``mlflow server``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from kd_experiments.errors import KDError, TrackingError
@@ -27,6 +53,18 @@ DEFAULT_METRICS = (
     "test/pixel_auroc",
     "test/aupro",
 )
+DEFAULT_QUALITY = "test/image_auroc"
+#: inference-latency metrics, in order of preference (the first one the runs have wins)
+LATENCY_METRICS = ("test/latency_ms", "test/student_latency_ms", "latency_ms")
+DURATION_METRIC = "duration_s"
+REPORT_ARTIFACT_DIR = "report"
+REPORT_FILES = (
+    "report.md",
+    "quality_vs_compression.png",
+    "quality_vs_latency.png",
+    "spread_by_ratio.png",
+)
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
 @dataclass
@@ -47,6 +85,55 @@ class RunRecord:
     student_macs: float
     duration_s: float
     metrics: dict[str, float] = field(default_factory=dict)
+    #: the ratio the config asked for (``scheme.compression_ratio``); NaN if absent
+    target_compression_ratio: float = math.nan
+    parent_run_id: str = ""
+
+
+@dataclass
+class RatioSummary:
+    """The runs of one scheme, dataset and compression ratio, summarised over seeds."""
+
+    scheme: str
+    dataset: str
+    target_compression_ratio: float
+    compression_ratio: float  # mean measured ratio over the runs
+    student_params: float
+    quality: list[float]
+    teacher_quality: list[float]
+    latency: list[float]
+    seeds: list[str]
+    on_compression_front: bool = False
+    on_latency_front: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.scheme} / {self.dataset}"
+
+    @property
+    def quality_mean(self) -> float:
+        return _mean(self.quality)
+
+    @property
+    def quality_std(self) -> float:
+        return _std(self.quality)
+
+    @property
+    def latency_mean(self) -> float:
+        return _mean(self.latency)
+
+    @property
+    def latency_std(self) -> float:
+        return _std(self.latency)
+
+
+@dataclass
+class LatencySource:
+    """Which metric the latency axis shows, and how to say so."""
+
+    metric: str
+    label: str
+    is_inference_latency: bool
 
 
 def _float(value: Any) -> float:
@@ -56,6 +143,52 @@ def _float(value: Any) -> float:
         return math.nan
 
 
+def _finite(values: Sequence[float]) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = _finite(values)
+    return statistics.fmean(finite) if finite else math.nan
+
+
+def _std(values: Sequence[float]) -> float:
+    finite = _finite(values)
+    return statistics.stdev(finite) if len(finite) > 1 else 0.0 if finite else math.nan
+
+
+# -- reading MLflow -------------------------------------------------------------------------
+def _find_experiment(client, uri: str, experiment: str | None):
+    if experiment is None:
+        experiments = [e for e in client.search_experiments() if e.name != "Default"]
+        if not experiments:
+            raise TrackingError(f"no experiment with runs in {uri}; run kd-train first")
+        return max(experiments, key=lambda e: e.last_update_time or e.creation_time or 0)
+    chosen = client.get_experiment_by_name(experiment)
+    if chosen is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise TrackingError(f"no MLflow experiment named {experiment!r} in {uri}; found {names}")
+    return chosen
+
+
+def _search_all_runs(client, experiment_id: str, filter_string: str = "") -> list:
+    """Every run of the experiment matching the filter, following MLflow's pages."""
+    runs: list = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=filter_string,
+            max_results=1000,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def load_runs(
     tracking_uri: str | None = None,
     experiment: str | None = None,
@@ -63,21 +196,13 @@ def load_runs(
 ) -> tuple[str, list[RunRecord]]:
     """The runs (not sweep parents) of an experiment, optionally of one sweep.
 
-    Returns the experiment name and the records sorted by scheme, ratio and seed.
+    ``sweep_id="latest"`` picks the sweep of the most recently started run that has one.
+    Returns the experiment name and the records sorted by scheme, dataset, ratio and seed.
     """
     uri = resolve_tracking_uri(tracking_uri)
     client = make_client(uri)
-    if experiment is None:
-        experiments = [e for e in client.search_experiments() if e.name != "Default"]
-        if not experiments:
-            raise TrackingError(f"no experiment with runs in {uri}; run kd-train first")
-        chosen = max(experiments, key=lambda e: e.last_update_time or e.creation_time or 0)
-    else:
-        chosen = client.get_experiment_by_name(experiment)
-        if chosen is None:
-            names = sorted(e.name for e in client.search_experiments())
-            raise TrackingError(f"no MLflow experiment named {experiment!r} in {uri}; found {names}")
-    runs = client.search_runs([chosen.experiment_id], max_results=5000, order_by=["attributes.start_time DESC"])
+    chosen = _find_experiment(client, uri, experiment)
+    runs = _search_all_runs(client, chosen.experiment_id)
     if sweep_id == "latest":
         sweep_id = next((r.data.tags["sweep_id"] for r in runs if r.data.tags.get("sweep_id")), None)
         if sweep_id is None:
@@ -90,7 +215,6 @@ def load_runs(
         if sweep_id and tags.get("sweep_id") != sweep_id:
             continue
         params = run.data.params
-        duration = run.data.metrics.get("duration_s", math.nan)
         records.append(
             RunRecord(
                 run_id=run.info.run_id,
@@ -105,12 +229,24 @@ def load_runs(
                 teacher_params=_float(params.get("teacher_params")),
                 student_params=_float(params.get("student_params")),
                 student_macs=_float(params.get("student_macs")),
-                duration_s=_float(duration),
+                duration_s=_float(run.data.metrics.get(DURATION_METRIC, math.nan)),
                 metrics=dict(run.data.metrics),
+                target_compression_ratio=_float(params.get("scheme.compression_ratio")),
+                parent_run_id=tags.get("mlflow.parentRunId", ""),
             )
         )
     records.sort(key=lambda r: (r.scheme, r.dataset, r.compression_ratio, r.seed, r.run_name))
     return chosen.name, records
+
+
+def find_sweep_parent(client, experiment_id: str, sweep_id: str):
+    """The parent run of a sweep (tag ``kd.sweep_parent=true`` and ``sweep_id``), or ``None``."""
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.sweep_id = '{sweep_id}' and tags.`{PARENT_TAG}` = 'true'",
+        max_results=1,
+    )
+    return found[0] if found else None
 
 
 def metric_columns(records: Sequence[RunRecord], wanted: Sequence[str] = DEFAULT_METRICS) -> list[str]:
@@ -118,12 +254,108 @@ def metric_columns(records: Sequence[RunRecord], wanted: Sequence[str] = DEFAULT
     return [name for name in wanted if any(name in r.metrics for r in records)]
 
 
+def choose_quality_metric(records: Sequence[RunRecord], wanted: str | None = None) -> str:
+    """``wanted`` if given, else the first of :data:`DEFAULT_METRICS` a run has (student metrics)."""
+    if wanted:
+        return wanted
+    for name in DEFAULT_METRICS:
+        if "teacher" not in name and any(name in r.metrics for r in records):
+            return name
+    return DEFAULT_QUALITY
+
+
+def choose_latency(records: Sequence[RunRecord]) -> LatencySource:
+    """The inference-latency metric the runs logged, else the runs' wall-clock duration."""
+    names = {name for r in records for name in r.metrics}
+    candidates = [m for m in LATENCY_METRICS if m in names]
+    candidates += sorted(n for n in names if n.endswith("latency_ms") and "teacher" not in n and n not in candidates)
+    if candidates:
+        metric = candidates[0]
+        return LatencySource(metric, f"{metric} (student inference latency, ms)", True)
+    return LatencySource(
+        DURATION_METRIC,
+        "duration_s: run wall-clock time, training + test (s); no inference-latency metric was logged",
+        False,
+    )
+
+
+# -- summarising ----------------------------------------------------------------------------
+def pareto_front(
+    points: Sequence[tuple[float, float]], maximize_x: bool = True, maximize_y: bool = True
+) -> list[int]:
+    """Indices of the non-dominated points (NaN points are never on the front).
+
+    A point dominates another when it is at least as good on both axes and better on
+    one; "good" is larger or smaller per axis as the flags say. Returned sorted by x.
+    """
+    sign_x = 1.0 if maximize_x else -1.0
+    sign_y = 1.0 if maximize_y else -1.0
+    scored = [
+        (index, sign_x * x, sign_y * y)
+        for index, (x, y) in enumerate(points)
+        if math.isfinite(x) and math.isfinite(y)
+    ]
+    front = []
+    for index, x, y in scored:
+        dominated = any(
+            (ox >= x and oy >= y) and (ox > x or oy > y) for other, ox, oy in scored if other != index
+        )
+        if not dominated:
+            front.append(index)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def summarize_by_ratio(
+    records: Sequence[RunRecord], quality: str, latency: LatencySource
+) -> list[RatioSummary]:
+    """One :class:`RatioSummary` per scheme, dataset and compression ratio (FINISHED runs only),
+    with both Pareto fronts marked (quality vs compression ratio, quality vs latency)."""
+    teacher_quality = quality.replace("test/", "test/teacher_", 1) if quality.startswith("test/") else ""
+    groups: dict[tuple[str, str, float], list[RunRecord]] = {}
+    for record in records:
+        if record.status != "FINISHED":
+            continue
+        ratio_key = (
+            record.target_compression_ratio
+            if math.isfinite(record.target_compression_ratio)
+            else round(record.compression_ratio, 1)
+        )
+        groups.setdefault((record.scheme, record.dataset, ratio_key), []).append(record)
+    summaries = [
+        RatioSummary(
+            scheme=scheme,
+            dataset=dataset,
+            target_compression_ratio=ratio_key,
+            compression_ratio=_mean([r.compression_ratio for r in members]),
+            student_params=_mean([r.student_params for r in members]),
+            quality=[r.metrics.get(quality, math.nan) for r in members],
+            teacher_quality=[r.metrics.get(teacher_quality, math.nan) for r in members],
+            latency=[r.metrics.get(latency.metric, math.nan) for r in members],
+            seeds=[str(r.seed) for r in members],
+        )
+        for (scheme, dataset, ratio_key), members in groups.items()
+    ]
+    summaries.sort(key=lambda s: (s.scheme, s.dataset, s.compression_ratio))
+    for index in pareto_front([(s.compression_ratio, s.quality_mean) for s in summaries]):
+        summaries[index].on_compression_front = True
+    for index in pareto_front([(s.latency_mean, s.quality_mean) for s in summaries], maximize_x=False):
+        summaries[index].on_latency_front = True
+    return summaries
+
+
+# -- tables -----------------------------------------------------------------------------------
 def _fmt(value: float, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     return f"{value:.{digits}f}".rstrip("0").rstrip(".") if digits else f"{value:g}"
+
+
+def _fmt_spread(mean: float, std: float, digits: int = 4) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def render_table(experiment: str, records: Sequence[RunRecord], columns: Sequence[str]):
@@ -153,15 +385,407 @@ def render_table(experiment: str, records: Sequence[RunRecord], columns: Sequenc
     return table
 
 
+def _summary_rows(summaries: Sequence[RatioSummary], latency: LatencySource) -> list[list[str]]:
+    latency_digits = 2 if latency.is_inference_latency else 1
+    return [
+        [
+            s.scheme,
+            s.dataset,
+            _fmt(s.target_compression_ratio, 1),
+            _fmt(s.compression_ratio, 1),
+            _fmt(s.student_params, 0),
+            str(len(s.quality)),
+            _fmt_spread(s.quality_mean, s.quality_std),
+            _fmt(_mean(s.teacher_quality)),
+            _fmt_spread(s.latency_mean, s.latency_std, latency_digits),
+            "yes" if s.on_compression_front else "",
+            "yes" if s.on_latency_front else "",
+        ]
+        for s in summaries
+    ]
+
+
+def _summary_headers(quality: str, latency: LatencySource) -> list[str]:
+    return [
+        "scheme",
+        "dataset",
+        "target ratio",
+        "measured ratio",
+        "student params",
+        "seeds",
+        f"{quality} (mean ± std)",
+        "teacher",
+        f"{latency.metric} (mean ± std)",
+        "Pareto (ratio)",
+        "Pareto (latency)",
+    ]
+
+
+def render_summary_table(summaries: Sequence[RatioSummary], quality: str, latency: LatencySource):
+    """A Rich table of the summary by compression ratio."""
+    from rich.table import Table
+
+    table = Table(title=f"By compression ratio: {quality}, mean ± std over seeds (FINISHED runs)")
+    headers = _summary_headers(quality, latency)
+    for index, header in enumerate(headers):
+        table.add_column(header, justify="left" if index < 2 else "right")
+    for row in _summary_rows(summaries, latency):
+        table.add_row(*row)
+    return table
+
+
+def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|")
+
+    lines = [
+        "| " + " | ".join(cell(h) for h in headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+    ]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_report(
+    experiment: str,
+    records: Sequence[RunRecord],
+    summaries: Sequence[RatioSummary],
+    quality: str,
+    latency: LatencySource,
+    columns: Sequence[str],
+    sweep_id: str | None = None,
+    tracking_uri: str = "",
+    parent_run_id: str | None = None,
+) -> str:
+    """The Markdown report: context, the summary by ratio, the runs, the charts."""
+    finished = sum(r.status == "FINISHED" for r in records)
+    statuses = ", ".join(
+        f"{sum(r.status == s for r in records)} {s}" for s in sorted({r.status for r in records})
+    )
+    lines = [
+        f"# kd-report: experiment `{experiment}`" + (f", sweep `{sweep_id}`" if sweep_id else ""),
+        "",
+        f"- runs: {len(records)} ({statuses})",
+        f"- tracking URI: `{tracking_uri}`" if tracking_uri else "",
+        f"- sweep parent run: `{parent_run_id}`" if parent_run_id else "",
+        f"- quality metric: `{quality}` (higher is better); compression ratio = teacher params / student params",
+        f"- latency: {latency.label}",
+        f"- generated: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        "",
+        "## By compression ratio",
+        "",
+        f"Mean ± standard deviation over seeds of the {finished} FINISHED runs. *Pareto (ratio)*: no "
+        "other row has both a higher compression ratio and a higher mean quality; *Pareto (latency)*: "
+        "no other row is both faster and better.",
+        "",
+        _markdown_table(_summary_headers(quality, latency), _summary_rows(summaries, latency)),
+        "",
+        "![quality against compression ratio](quality_vs_compression.png)",
+        "",
+        "![quality against latency](quality_vs_latency.png)",
+        "",
+        "![spread over seeds per compression ratio](spread_by_ratio.png)",
+        "",
+        "## Every run",
+        "",
+    ]
+    headers = ["run", "status", "scheme", "dataset", "seed", "ratio", "MAC ratio", "student params",
+               "teacher params", *[c.removeprefix("test/") for c in columns], "time (s)"]
+    rows = [
+        [
+            f"`{r.run_name}`",
+            r.status,
+            r.scheme,
+            r.dataset,
+            str(r.seed),
+            _fmt(r.compression_ratio, 1),
+            _fmt(r.mac_compression_ratio, 1),
+            _fmt(r.student_params, 0),
+            _fmt(r.teacher_params, 0),
+            *[_fmt(r.metrics.get(c, math.nan)) for c in columns],
+            _fmt(r.duration_s, 1),
+        ]
+        for r in records
+    ]
+    lines += [_markdown_table(headers, rows), ""]
+    return "\n".join(line for i, line in enumerate(lines) if line or (i and lines[i - 1])) + "\n"
+
+
+# -- charts -------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(summaries: Sequence[RatioSummary]) -> dict[str, Any]:
+    plt = _pyplot()
+    labels = sorted({s.label for s in summaries})
+    cycle = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    return {label: cycle[i % len(cycle)] for i, label in enumerate(labels)}
+
+
+def _no_data(axis, text: str) -> None:
+    axis.text(0.5, 0.5, text, ha="center", va="center", transform=axis.transAxes, wrap=True)
+
+
+def plot_quality_vs_compression(
+    records: Sequence[RunRecord], summaries: Sequence[RatioSummary], quality: str, title: str
+):
+    """Quality against the measured compression ratio, the Pareto front marked."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    colors = _colors(summaries)
+    plotted = [s for s in summaries if math.isfinite(s.quality_mean) and math.isfinite(s.compression_ratio)]
+    if not plotted:
+        _no_data(axis, f"no FINISHED run has {quality}")
+    for label in sorted({s.label for s in plotted}):
+        group = [s for s in plotted if s.label == label]
+        color = colors[label]
+        seeds = [
+            (r.compression_ratio, r.metrics[quality])
+            for r in records
+            if r.status == "FINISHED" and f"{r.scheme} / {r.dataset}" == label and quality in r.metrics
+        ]
+        if seeds:
+            axis.scatter(*zip(*seeds, strict=True), color=color, alpha=0.35, s=18, label=f"{label}: each seed")
+        axis.errorbar(
+            [s.compression_ratio for s in group],
+            [s.quality_mean for s in group],
+            yerr=[s.quality_std for s in group],
+            color=color, marker="o", linestyle="-", linewidth=1, capsize=3, label=f"{label}: mean ± std",
+        )
+        teacher = _mean([v for s in group for v in s.teacher_quality])
+        if math.isfinite(teacher):
+            axis.axhline(teacher, color=color, linestyle="--", linewidth=1, label=f"{label}: teacher")
+    front = [s for s in plotted if s.on_compression_front]
+    if front:
+        front.sort(key=lambda s: s.compression_ratio)
+        # the attainment staircase: every point below and left of it is dominated
+        axis.plot(
+            [s.compression_ratio for s in front], [s.quality_mean for s in front],
+            color="black", linewidth=1.5, linestyle="--", alpha=0.7, drawstyle="steps-pre", zorder=1,
+        )
+        axis.scatter(
+            [s.compression_ratio for s in front], [s.quality_mean for s in front],
+            s=160, facecolors="none", edgecolors="black", linewidths=1.8, zorder=5, label="Pareto front",
+        )
+    if plotted and max(s.compression_ratio for s in plotted) / max(min(s.compression_ratio for s in plotted), 1e-9) > 8:
+        axis.set_xscale("log", base=2)
+    axis.set_xlabel("compression ratio (teacher params / student params, measured)")
+    axis.set_ylabel(f"{quality} (higher is better)")
+    axis.set_title(title, fontsize=10)
+    axis.grid(True, alpha=0.3)
+    if plotted:
+        axis.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    return figure
+
+
+def plot_quality_vs_latency(
+    summaries: Sequence[RatioSummary], quality: str, latency: LatencySource, title: str
+):
+    """Quality against latency (mean ± std over seeds), the Pareto front marked."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    colors = _colors(summaries)
+    plotted = [s for s in summaries if math.isfinite(s.quality_mean) and math.isfinite(s.latency_mean)]
+    if not plotted:
+        _no_data(axis, f"no FINISHED run has both {quality} and {latency.metric}")
+    for label in sorted({s.label for s in plotted}):
+        group = [s for s in plotted if s.label == label]
+        axis.errorbar(
+            [s.latency_mean for s in group], [s.quality_mean for s in group],
+            xerr=[s.latency_std for s in group], yerr=[s.quality_std for s in group],
+            color=colors[label], marker="o", linestyle="none", capsize=3, label=label,
+        )
+        for s in group:
+            axis.annotate(f"×{_fmt(s.compression_ratio, 1)}", (s.latency_mean, s.quality_mean),
+                          textcoords="offset points", xytext=(5, 4), fontsize=7)
+    front = sorted((s for s in plotted if s.on_latency_front), key=lambda s: s.latency_mean)
+    if front:
+        axis.plot([s.latency_mean for s in front], [s.quality_mean for s in front],
+                  color="black", linewidth=1.5, linestyle="--", alpha=0.7, drawstyle="steps-post", zorder=1)
+        axis.scatter([s.latency_mean for s in front], [s.quality_mean for s in front], s=160,
+                     facecolors="none", edgecolors="black", linewidths=1.8, zorder=5, label="Pareto front")
+    axis.set_xlabel(latency.label, fontsize=8 if not latency.is_inference_latency else 10)
+    axis.set_ylabel(f"{quality} (higher is better)")
+    axis.set_title(title, fontsize=10)
+    axis.grid(True, alpha=0.3)
+    if plotted:
+        axis.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    return figure
+
+
+def plot_spread_by_ratio(summaries: Sequence[RatioSummary], quality: str, title: str):
+    """Per compression ratio, the quality of every seed: a box plot and the points."""
+    plt = _pyplot()
+    labels = sorted({s.label for s in summaries}) or ["-"]
+    per_panel = max(6.0, 1.1 * max((sum(s.label == label for s in summaries) for label in labels), default=1))
+    figure, axes = plt.subplots(1, len(labels), figsize=(per_panel * len(labels), 4.5), squeeze=False)
+    for axis, label in zip(axes[0], labels, strict=True):
+        group = [s for s in summaries if s.label == label]
+        data = [_finite(s.quality) for s in group]
+        positions = list(range(1, len(group) + 1))
+        shown = [(p, d) for p, d in zip(positions, data, strict=True) if d]
+        if shown:
+            axis.boxplot([d for _, d in shown], positions=[p for p, _ in shown], widths=0.5, showfliers=False)
+            for position, (summary, values) in zip(positions, zip(group, data, strict=True), strict=True):
+                if not values:
+                    continue
+                offsets = [0.0] if len(values) == 1 else [-0.12 + 0.24 * i / (len(values) - 1) for i in range(len(values))]
+                axis.scatter([position + o for o in offsets], values, s=22, zorder=3, alpha=0.8)
+                for offset, value, seed in zip(offsets, values, summary.seeds, strict=False):
+                    axis.annotate(f"s{seed}", (position + offset, value), textcoords="offset points",
+                                  xytext=(4, 0), fontsize=6)
+        else:
+            _no_data(axis, f"no FINISHED run has {quality}")
+        axis.set_xticks(positions, [f"×{_fmt(s.target_compression_ratio, 1)}\n(n={len(_finite(s.quality))})" for s in group])
+        axis.set_xlabel("compression ratio asked for (seeds per ratio)")
+        axis.set_ylabel(quality)
+        axis.set_title(label, fontsize=9)
+        axis.grid(True, axis="y", alpha=0.3)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+# -- the report -----------------------------------------------------------------------------------
+@dataclass
+class Report:
+    """What :func:`make_report` produced."""
+
+    experiment: str
+    sweep_id: str | None
+    records: list[RunRecord]
+    summaries: list[RatioSummary]
+    quality: str
+    latency: LatencySource
+    output_dir: Path
+    files: list[Path]
+    parent_run_id: str | None = None
+    logged_to_parent: bool = False
+
+
+def default_output_dir(experiment: str, sweep_id: str | None) -> Path:
+    """``$KD_LOG_DIR/reports/<experiment>/<sweep or all-runs>`` (``KD_LOG_DIR`` defaults to ./logs)."""
+    safe = lambda text: "".join(c if c.isalnum() or c in "-_." else "_" for c in text)  # noqa: E731
+    root = Path(os.environ.get("KD_LOG_DIR") or "logs")
+    return root / "reports" / safe(experiment) / safe(sweep_id or "all-runs")
+
+
+def _close_finished_parent(client, parent, children: Sequence[RunRecord]) -> None:
+    """End a sweep parent left RUNNING once every child has ended (nothing else ends it)."""
+    if parent.info.status != "RUNNING" or not children:
+        return
+    if any(r.status not in TERMINAL_STATUSES for r in children):
+        return
+    status = "FINISHED" if all(r.status == "FINISHED" for r in children) else "FAILED"
+    end_time = max(
+        (client.get_run(r.run_id).info.end_time or 0) for r in children
+    ) or None
+    client.set_terminated(parent.info.run_id, status=status, end_time=end_time)
+
+
+def make_report(
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    sweep_id: str | None = None,
+    output_dir: str | Path | None = None,
+    quality: str | None = None,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    log_to_parent: bool = True,
+) -> Report:
+    """Read the runs, write ``report.md`` and the three charts, log them to the sweep's parent.
+
+    Raises :class:`TrackingError` when the store, experiment or sweep cannot be found, or
+    the selection holds no run.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    experiment_name, records = load_runs(uri, experiment, sweep_id)
+    if not records:
+        raise TrackingError(
+            f"experiment {experiment_name!r} has no runs" + (f" in sweep {sweep_id}" if sweep_id else "")
+        )
+    sweeps = sorted({r.sweep_id for r in records if r.sweep_id})
+    resolved_sweep = sweeps[0] if sweep_id and sweeps else None
+    quality_metric = choose_quality_metric(records, quality)
+    latency = choose_latency(records)
+    summaries = summarize_by_ratio(records, quality_metric, latency)
+    columns = metric_columns(records, metrics)
+
+    client = make_client(uri)
+    parent = None
+    if len(sweeps) == 1 and all(r.sweep_id == sweeps[0] for r in records):
+        experiment_id = client.get_experiment_by_name(experiment_name).experiment_id
+        parent = find_sweep_parent(client, experiment_id, sweeps[0])
+        resolved_sweep = sweeps[0]
+
+    out = Path(output_dir) if output_dir else default_output_dir(experiment_name, resolved_sweep)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{experiment_name}" + (f", sweep {resolved_sweep}" if resolved_sweep else "")
+    plt = _pyplot()
+    figures = {
+        "quality_vs_compression.png": plot_quality_vs_compression(
+            records, summaries, quality_metric, f"{quality_metric} vs compression ratio\n{title}"
+        ),
+        "quality_vs_latency.png": plot_quality_vs_latency(
+            summaries, quality_metric, latency, f"{quality_metric} vs {latency.metric}\n{title}"
+        ),
+        "spread_by_ratio.png": plot_spread_by_ratio(
+            summaries, quality_metric, f"spread of {quality_metric} over seeds\n{title}"
+        ),
+    }
+    files = []
+    for name, figure in figures.items():
+        path = out / name
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        files.append(path)
+    markdown = markdown_report(
+        experiment_name, records, summaries, quality_metric, latency, columns,
+        sweep_id=resolved_sweep, tracking_uri=uri, parent_run_id=parent.info.run_id if parent else None,
+    )
+    (out / "report.md").write_text(markdown, encoding="utf-8")
+    files.insert(0, out / "report.md")
+
+    logged = False
+    if parent is not None and log_to_parent:
+        for path in files:
+            client.log_artifact(parent.info.run_id, str(path), REPORT_ARTIFACT_DIR)
+        _close_finished_parent(client, parent, records)
+        logged = True
+    return Report(
+        experiment=experiment_name, sweep_id=resolved_sweep, records=records, summaries=summaries,
+        quality=quality_metric, latency=latency, output_dir=out, files=files,
+        parent_run_id=parent.info.run_id if parent else None, logged_to_parent=logged,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kd-report", description="Tables of the runs of an MLflow experiment, by compression ratio."
+        prog="kd-report",
+        description="Tables, Markdown and charts of the runs of an MLflow experiment, by compression ratio.",
     )
     parser.add_argument("--experiment", "-e", help="MLflow experiment name (default: the most recent)")
     parser.add_argument("--sweep", help="only the runs of this sweep_id ('latest': the most recent sweep)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlruns)")
     parser.add_argument(
+        "--output", "-o", type=Path,
+        help="folder for report.md and the PNG charts (default: $KD_LOG_DIR/reports/<experiment>/<sweep>)",
+    )
+    parser.add_argument(
+        "--quality", help="the quality metric of the charts (default: test/image_auroc, else the first present)"
+    )
+    parser.add_argument(
         "--metrics", nargs="+", default=list(DEFAULT_METRICS), help="metric columns (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--no-log", action="store_true", help="do not log the files as artifacts of the sweep's parent run"
     )
     return parser
 
@@ -171,16 +795,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
 
     args = build_parser().parse_args(argv)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # a log file gets the whole table
     try:
-        experiment, records = load_runs(args.tracking_uri, args.experiment, args.sweep)
+        report = make_report(
+            tracking_uri=args.tracking_uri,
+            experiment=args.experiment,
+            sweep_id=args.sweep,
+            output_dir=args.output,
+            quality=args.quality,
+            metrics=args.metrics,
+            log_to_parent=not args.no_log,
+        )
     except KDError as error:
         print(f"kd-report: error: {error}", file=sys.stderr)
         return 1
-    if not records:
-        print(f"kd-report: experiment {experiment!r} has no runs" + (f" in sweep {args.sweep}" if args.sweep else ""))
-        return 1
-    console.print(render_table(experiment, records, metric_columns(records, args.metrics)))
+    console.print(render_table(report.experiment, report.records, metric_columns(report.records, args.metrics)))
+    console.print(render_summary_table(report.summaries, report.quality, report.latency))
+    console.print(f"[kd-report] wrote {', '.join(p.name for p in report.files)} to {report.output_dir}")
+    if report.logged_to_parent:
+        console.print(
+            f"[kd-report] logged them as artifacts '{REPORT_ARTIFACT_DIR}/' of the sweep's parent run "
+            f"{report.parent_run_id}"
+        )
+    elif report.parent_run_id is None:
+        console.print("[kd-report] no single sweep parent for these runs (use --sweep): files written to disk only")
     return 0
 
 

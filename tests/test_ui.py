@@ -1,0 +1,88 @@
+"""The MLflow UI in a real browser (Debian's headless Chromium, driven by Playwright):
+a finished tiny sweep shows as one expandable row whose runs show their compression_ratio."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kd_experiments.search import compose_config
+from kd_experiments.tracking import PARENT_TAG
+from kd_experiments.train import train
+from tests.conftest import fast_overrides
+from tests.test_mlflow_server import mlflow_server
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+UI_TIMEOUT_MS = 90_000  # a loaded 2-core machine renders the React app slowly
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium "
+                       "(apt-get install chromium chromium-driver; .ci/run does it)"),
+]
+
+
+def _tiny_sweep(tmp_path: Path) -> None:
+    """Two runs of a multirun (ratios 8 and 32), children of one parent, as kd-train -m makes them."""
+    for job, ratio in enumerate((8, 32)):
+        cfg = compose_config(
+            ["experiment=quickstart", *fast_overrides(f"scheme.compression_ratio={ratio}"),
+             f"paths.log_dir={tmp_path / 'logs'}"],
+            sweep_dir=tmp_path / "sweep", job_num=job,
+        )
+        train(cfg)
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_the_sweep_and_compression_ratios(mlflow_uri: str, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    _tiny_sweep(tmp_path)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    experiment = client.get_experiment_by_name("quickstart")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get(PARENT_TAG) == "true")
+    children = [r for r in runs if r.data.tags.get(PARENT_TAG) != "true"]
+    assert len(children) == 2
+    screenshot = tmp_path / "mlflow_ui.png"
+
+    with mlflow_server(tmp_path, mlflow_uri) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 2200, "height": 900})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            expect.set_options(timeout=UI_TIMEOUT_MS)
+            page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs", wait_until="domcontentloaded")
+            # the sweep is one row: its parent run, children folded under it
+            parent_link = page.get_by_role("link", name=parent.info.run_name, exact=True)
+            expect(parent_link).to_be_visible()
+            parent_row = page.locator("[role=row]", has=parent_link)
+            parent_row.locator("[role=gridcell][col-id='attributes.`Run Name`'] button").first.click()
+            for child in children:
+                expect(page.get_by_role("link", name=child.info.run_name, exact=True)).to_be_visible()
+            # show the compression_ratio param as a column (exact name: not scheme.compression_ratio)
+            page.get_by_role("button", name="Columns").click()
+            page.get_by_text("compression_ratio", exact=True).first.click()
+            page.keyboard.press("Escape")
+            header = page.locator("[role=columnheader][col-id='params.`compression_ratio`']").first
+            header.scroll_into_view_if_needed()
+            expect(header).to_be_visible()
+            for child in children:
+                row = page.locator("[role=row]", has=page.get_by_role("link", name=child.info.run_name, exact=True))
+                value = child.data.params["compression_ratio"]
+                cell = page.locator(
+                    f"[role=row][row-id='{row.first.get_attribute('row-id')}'] "
+                    "[role=gridcell][col-id='params.`compression_ratio`']"
+                ).first
+                expect(cell).to_have_text(value)
+                expect(cell).to_be_visible()
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 10_000
