@@ -26,8 +26,6 @@ import argparse
 import functools
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +39,6 @@ from kd_experiments.schemes.score_regression.family import (
     StudentTrack,
     autoencoder_scorer,
     fit_students,
-    fit_teacher,
     predict,
 )
 from kd_experiments.schemes.score_regression.lightning_model import teacher_training_loss
@@ -56,6 +53,7 @@ from kd_experiments.schemes.score_regression.torch_model import (
     ConvAutoencoder,
     build_student,
 )
+from common import commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("KD_DATA_DIR", ROOT.parent / "shared" / "data"))
@@ -69,26 +67,6 @@ TECHNIQUES: dict[str, tuple[str, Techniques, bool]] = {
     "co_learning": ("co_learning", Techniques(), False),
     "co_learning+outlier_exposure": ("co_learning", Techniques(), True),
 }
-
-
-def machine() -> dict[str, object]:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class Results:
