@@ -99,9 +99,10 @@ def validate_config(cfg: DictConfig) -> None:
     for group in ("data", "scheme", "trainer"):
         if group not in cfg or cfg[group] is None:
             raise ConfigError(f"the config has no '{group}' group; pick one, e.g. {group}=<name>")
-    ratio = cfg.scheme.get("compression_ratio", None)
-    if ratio is not None and not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio >= 1):
-        raise ConfigError(f"scheme.compression_ratio must be a number >= 1, got {ratio!r}")
+    for name in ("compression_ratio", "mac_compression_ratio"):
+        ratio = cfg.scheme.get(name, None)
+        if ratio is not None and not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio >= 1):
+            raise ConfigError(f"scheme.{name} must be a number >= 1, got {ratio!r}")
     if not isinstance(cfg.get("seed", 0), int):
         raise ConfigError(f"seed must be an integer, got {cfg.get('seed')!r}")
 

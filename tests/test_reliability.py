@@ -221,3 +221,37 @@ def test_every_torch_load_is_weights_only() -> None:
             if "weights_only=True" not in match.group(0):
                 offenders.append(f"{path.relative_to(PROJECT_ROOT)}: {match.group(0)[:80]}")
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize(
+    ("experiment", "overrides", "message"),
+    [
+        ("quickstart", ["scheme.compression_ratio=0.5"], "compression_ratio"),
+        ("quickstart", ["scheme.compression_ratio=1e9"], "cannot be reached"),
+        ("quickstart", ["data.normal_class=42"], "normal_class"),
+        ("rd_smoke", ["scheme.compression_ratio=0.5"], "compression_ratio"),
+        ("rd_smoke", ["scheme.compression_ratio=1e12"], "compression_ratio"),
+        ("rd_smoke", ["scheme.backbone=no_such_backbone"], "no_such_backbone"),
+        ("rd_smoke", ["scheme.weights=nowhere"], "nowhere"),
+        ("rd_smoke", ["scheme.weights=file", "scheme.weights_path=/nonexistent/w.pth"], "/nonexistent/w.pth"),
+        ("pkd_smoke", ["scheme.mac_compression_ratio=0.5"], "compression_ratio"),
+        ("pkd_smoke", ["scheme.mac_compression_ratio=1e12", "scheme.student_width=null"], "compression_ratio"),
+        ("pkd_smoke", ["data=mnist", "data.root=/nonexistent/mnist"], "/nonexistent/mnist"),
+        ("score_regression_events", ["data.synthetic=false"], "data.background_path"),
+        ("score_regression_events", ["data.synthetic=false", "data.background_path=/nonexistent/bg.h5",
+                                     "data.signal_paths={x:/nonexistent/x.h5}"], "/nonexistent/bg.h5"),
+    ],
+)
+def test_bad_input_of_every_scheme_fails_its_run_in_one_line(
+    compose_cfg, mlflow_uri: str, experiment: str, overrides: list[str], message: str
+) -> None:
+    from kd_experiments.errors import KDError
+
+    cfg = compose_cfg(f"experiment={experiment}", *fast_overrides(*overrides))
+    with pytest.raises(KDError, match=re.escape(message)) as raised:
+        train(cfg)
+    assert "\n" not in str(raised.value)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert message in runs[0].data.tags["error"]
