@@ -511,3 +511,46 @@ def log_figure_from_module(module, figure, artifact_file: str) -> None:
                 logger.experiment.log_figure(logger.run_id, figure, artifact_file)
     finally:
         plt.close(figure)
+
+
+def close_sweep_parent(tracking_uri: str | None, sweep_dir: str | Path) -> str | None:
+    """End a sweep's parent run once its children have ended: FAILED if any child failed,
+    else FINISHED. Returns the status set, or ``None`` when there was nothing to close."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = make_client(uri)
+    sweep_id = sweep_id_from_dir(sweep_dir)
+    parents = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.sweep_id = '{sweep_id}' and tags.`{PARENT_TAG}` = 'true'",
+    )
+    if not parents or parents[0].info.status != "RUNNING":
+        return None
+    parent = parents[0]
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    statuses = {child.info.status for child in children}
+    if "RUNNING" in statuses:
+        return None
+    status = "FAILED" if statuses & {"FAILED", "KILLED"} else "FINISHED"
+    client.set_terminated(parent.info.run_id, status=status)
+    return status
+
+
+try:  # Hydra's callback API: close the parent run when a multirun ends
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra is a dependency
+    _HydraCallback = object
+
+
+class CloseSweepParentCallback(_HydraCallback):
+    """Hydra callback (``hydra.callbacks``) ending the sweep's parent run after a multirun."""
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:  # noqa: ARG002
+        mlflow_cfg = (config.get("logger") or {}).get("mlflow") if config.get("logger") else None
+        if mlflow_cfg is None:
+            return
+        try:
+            close_sweep_parent(mlflow_cfg.get("tracking_uri"), config.hydra.sweep.dir)
+        except Exception as error:  # noqa: BLE001 - never fail a finished sweep over its parent row
+            log.warning("could not close the sweep's parent run: %s", error)
