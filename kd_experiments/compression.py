@@ -149,6 +149,33 @@ def compression_ratio(reference: nn.Module | int, deployed: nn.Module | int) -> 
     return counts[0] / counts[1]
 
 
+def size_summary(
+    teacher_params: int,
+    student_params: int,
+    teacher_macs: float,
+    student_macs: float,
+    reference_params: int | None = None,
+    reference_macs: float | None = None,
+) -> dict[str, float]:
+    """The six size entries every scheme logs (``compression_summary``).
+
+    ``compression_ratio`` is ``reference_params / student_params`` and
+    ``mac_compression_ratio`` likewise for MACs, the reference being the teacher unless
+    given (reverse distillation compares with its full-width student). MACs may be NaN
+    (a teacher whose operations cannot be counted), and so is then their ratio.
+    """
+    reference_params = teacher_params if reference_params is None else reference_params
+    reference_macs = teacher_macs if reference_macs is None else reference_macs
+    return {
+        "teacher_params": teacher_params,
+        "student_params": student_params,
+        "compression_ratio": compression_ratio(reference_params, student_params),
+        "teacher_macs": teacher_macs,
+        "student_macs": student_macs,
+        "mac_compression_ratio": reference_macs / student_macs,
+    }
+
+
 def serialized_size_bytes(module: nn.Module) -> int:
     """Bytes of ``torch.save(module.state_dict())``: the size of the weights on disk.
 

@@ -358,6 +358,23 @@ def _fmt_spread(mean: float, std: float, digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _run_row(record: RunRecord, columns: Sequence[str]) -> list[str]:
+    """One run's cells, as both the Rich table and the Markdown report show them."""
+    return [
+        record.run_name,
+        record.status,
+        record.scheme,
+        record.dataset,
+        str(record.seed),
+        _fmt(record.compression_ratio, 1),
+        _fmt(record.mac_compression_ratio, 1),
+        _fmt(record.student_params, 0),
+        _fmt(record.teacher_params, 0),
+        *[_fmt(record.metrics.get(c, math.nan)) for c in columns],
+        _fmt(record.duration_s, 1),
+    ]
+
+
 def render_table(experiment: str, records: Sequence[RunRecord], columns: Sequence[str]):
     """A Rich table of the runs."""
     from rich.table import Table
@@ -369,19 +386,7 @@ def render_table(experiment: str, records: Sequence[RunRecord], columns: Sequenc
         table.add_column(column.removeprefix("test/"), justify="right")
     table.add_column("time (s)", justify="right")
     for record in records:
-        table.add_row(
-            record.run_name,
-            record.status,
-            record.scheme,
-            record.dataset,
-            str(record.seed),
-            _fmt(record.compression_ratio, 1),
-            _fmt(record.mac_compression_ratio, 1),
-            _fmt(record.student_params, 0),
-            _fmt(record.teacher_params, 0),
-            *[_fmt(record.metrics.get(c, math.nan)) for c in columns],
-            _fmt(record.duration_s, 1),
-        )
+        table.add_row(*_run_row(record, columns))
     return table
 
 
@@ -491,22 +496,7 @@ def markdown_report(
     ]
     headers = ["run", "status", "scheme", "dataset", "seed", "ratio", "MAC ratio", "student params",
                "teacher params", *[c.removeprefix("test/") for c in columns], "time (s)"]
-    rows = [
-        [
-            f"`{r.run_name}`",
-            r.status,
-            r.scheme,
-            r.dataset,
-            str(r.seed),
-            _fmt(r.compression_ratio, 1),
-            _fmt(r.mac_compression_ratio, 1),
-            _fmt(r.student_params, 0),
-            _fmt(r.teacher_params, 0),
-            *[_fmt(r.metrics.get(c, math.nan)) for c in columns],
-            _fmt(r.duration_s, 1),
-        ]
-        for r in records
-    ]
+    rows = [[f"`{r.run_name}`", *_run_row(r, columns)[1:]] for r in records]
     lines += [_markdown_table(headers, rows), ""]
     return "\n".join(line for i, line in enumerate(lines) if line or (i and lines[i - 1])) + "\n"
 

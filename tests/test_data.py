@@ -8,7 +8,6 @@ with the reason, where that folder is absent.
 from __future__ import annotations
 
 import gzip
-import os
 import re
 import shutil
 from collections import Counter
@@ -29,10 +28,9 @@ from kd_experiments.data.synthetic import (
     generate_mvtec_like,
 )
 from kd_experiments.errors import ConfigError, DataError
+from tests.conftest import SHARED_DATA
 
-DATA_DIR = Path(
-    os.environ.get("KD_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
+DATA_DIR = SHARED_DATA
 
 
 def requires_data(subfolder: str) -> Callable[[Callable], Callable]:

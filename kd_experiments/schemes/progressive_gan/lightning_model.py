@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from kd_experiments.checkpoints import load_checkpoint
-from kd_experiments.compression import count_macs, count_parameters
+from kd_experiments.compression import count_macs, count_parameters, size_summary
 from kd_experiments.errors import CheckpointError, ConfigError
 from kd_experiments.schemes.base import AnomalyScheme
 from kd_experiments.schemes.progressive_gan.loss import (
@@ -231,12 +231,7 @@ class ProgressiveGANScheme(AnomalyScheme):
         student_params = count_parameters(deployed)
         student_macs = count_macs(deployed, example)
         return {
-            "teacher_params": teacher_params,
-            "student_params": student_params,
-            "compression_ratio": teacher_params / student_params,
-            "teacher_macs": teacher_macs,
-            "student_macs": student_macs,
-            "mac_compression_ratio": teacher_macs / student_macs,
+            **size_summary(teacher_params, student_params, teacher_macs, student_macs),
             "student_spec": (self.student_spec or self.teacher_spec).describe(),
             "role": self.role,
         }

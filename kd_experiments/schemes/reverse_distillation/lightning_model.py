@@ -59,7 +59,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kd_experiments.compression import count_macs, count_parameters
+from kd_experiments.compression import count_macs, count_parameters, size_summary
 from kd_experiments.errors import ConfigError
 from kd_experiments.schemes.base import AnomalyScheme
 from kd_experiments.schemes.reverse_distillation import loss as rd_loss
@@ -182,14 +182,10 @@ class ReverseDistillationScheme(AnomalyScheme):
             student_macs = count_macs(self.student, (features,))
             full_macs = count_macs(full_student, (features,))
             self._summary = {
-                "teacher_params": teacher_params,
-                "student_params": student_params,
+                **size_summary(teacher_params, student_params, teacher_macs, student_macs,
+                               reference_params=full_params, reference_macs=full_macs),
                 "full_student_params": full_params,
-                "compression_ratio": full_params / student_params,
-                "teacher_macs": teacher_macs,
-                "student_macs": student_macs,
                 "full_student_macs": full_macs,
-                "mac_compression_ratio": full_macs / student_macs,
                 "deployed_params": teacher_params + student_params,
                 "deployed_macs": teacher_macs + student_macs,
                 "width_multiplier": self.width_multiplier,

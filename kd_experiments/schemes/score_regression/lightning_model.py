@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_experiments import metrics as kd_metrics
-from kd_experiments.compression import count_macs, count_parameters
+from kd_experiments.compression import count_macs, count_parameters, size_summary
 from kd_experiments.errors import ConfigError
 from kd_experiments.schemes.base import AnomalyScheme
 from kd_experiments.schemes.score_regression.teachers import ScoreTeacher
@@ -191,12 +191,7 @@ class ScoreRegressionScheme(AnomalyScheme):
         teacher_macs = _macs_or_nan(self.teacher, example)
         student_macs = count_macs(self.student, example)
         return {
-            "teacher_params": teacher_params,
-            "student_params": student_params,
-            "compression_ratio": teacher_params / student_params,
-            "teacher_macs": teacher_macs,
-            "student_macs": student_macs,
-            "mac_compression_ratio": teacher_macs / student_macs,
+            **size_summary(teacher_params, student_params, teacher_macs, student_macs),
             "student_spec": self.student_spec.describe(),
             "teacher_kind": self.teacher_kind,
             "technique": self.technique_name(),
