@@ -115,7 +115,8 @@ def evaluate(teacher_scores: torch.Tensor, student_scores: torch.Tensor, labels:
 
 def run_class(args, results: Results, normal_class: int, outlier_images: torch.Tensor | None) -> None:
     techniques = [t for t in args.techniques if not all(
-        results.has(dataset=args.dataset, normal_class=normal_class, technique=t, student=s, seed=args.seed)
+        results.has(dataset=args.dataset, normal_class=normal_class, technique=t, student=s, seed=args.seed,
+                    teacher_epochs=args.teacher_epochs, lr_schedule=args.lr_schedule)
         for s in args.students
     )]
     if not techniques:
@@ -143,7 +144,8 @@ def run_class(args, results: Results, normal_class: int, outlier_images: torch.T
         for name in args.students:
             groups[group].append(StudentTrack(technique, name, build_student(PAPER_STUDENTS[name], (1, 28, 28)),
                                               student_techniques, outlier_exposure))
-    common = dict(batch_size=args.batch_size, outlier_batch_size=args.outlier_batch_size, lr=args.lr, seed=args.seed)
+    common = dict(batch_size=args.batch_size, outlier_batch_size=args.outlier_batch_size, lr=args.lr, seed=args.seed,
+                  lr_schedule=args.lr_schedule)
     sampler = None
     if any(track.outlier_exposure for tracks in groups.values() for track in tracks):
         sampler = OutlierSampler(outlier_images, args.outlier_batch_size, seed=args.seed)
@@ -166,13 +168,14 @@ def run_class(args, results: Results, normal_class: int, outlier_images: torch.T
             "seed": args.seed, "protocol": "balanced", "test_images": int(labels.numel()),
             "teacher_epochs": args.teacher_epochs,
             "student_epochs": args.teacher_epochs if co_learning else args.student_epochs,
-            "lr": args.lr, "outlier_batch_size": args.outlier_batch_size if track.outlier_exposure else 0,
+            "lr": args.lr, "lr_schedule": args.lr_schedule, "outlier_batch_size": args.outlier_batch_size if track.outlier_exposure else 0,
             "teacher_and_co_learning_seconds": round(teacher_seconds, 1), "class_train_seconds": round(seconds, 1),
         }
         if not results.has(**record):
             results.append(record)
     smallest = {r["technique"]: round(r["student_auroc"], 4) for r in results.data["runs"]
-                if r["dataset"] == args.dataset and r["normal_class"] == normal_class and r["student"] == args.students[-1]}
+                if r["dataset"] == args.dataset and r["normal_class"] == normal_class and r["student"] == args.students[-1]
+                and r["teacher_epochs"] == args.teacher_epochs and r.get("lr_schedule") == args.lr_schedule}
     print(f"[{args.dataset} class {normal_class}] {len(groups['co_learning']) + len(groups['frozen'])} students "
           f"in {seconds:.0f} s, teacher AUROC {kd_metrics.image_auroc(teacher_scores, labels):.4f}, "
           f"student {args.students[-1]}: {smallest}", flush=True)
@@ -187,6 +190,8 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=4, help="also the co-learning students' epochs")
     parser.add_argument("--student-epochs", type=int, default=4, help="baseline-schedule students, after the teacher")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam lr of teacher and students (cosine decay)")
+    parser.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+                        help="cosine decay to 2%% of --lr, or the authors' constant rate")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--outlier-batch-size", type=int, default=40,
                         help="pseudo outliers appended to each student batch (about the authors' 0.37 ratio)")
@@ -196,7 +201,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     output = args.output or ROOT / "benchmarks" / "results" / f"score_regression_{args.dataset}.json"
-    results = Results(output, ("dataset", "normal_class", "technique", "student", "seed"))
+    results = Results(output, ("dataset", "normal_class", "technique", "student", "seed", "teacher_epochs", "lr_schedule"))
     outlier_images = None
     if any(TECHNIQUES[t][2] for t in args.techniques):
         partner = OUTLIER_PARTNER[args.dataset]

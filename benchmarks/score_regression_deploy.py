@@ -9,6 +9,12 @@ teacher and the seven students A-G are trained in one loop (co-learning, fixed e
   backend, per-channel int8 weights, uint8 activations, calibrated on 500 *training*
   images of the normal class and 500 pseudo outliers from the other set's *training*
   split, so the output range covers anomalous scores; no test image is used);
+- int8 after quantisation-aware training (:func:`kd_experiments.compression.quantize_int8_qat`:
+  FX graph mode fake quantisation, 2 epochs of Adam at lr 1e-4 on the student's own
+  objective, L1 to the trained teacher's score on the normal *training* images, moving-
+  average observers updated throughout). Fine-tuning changes the network, so its int8 AUROC is
+  compared with its *float twin* (the same fine-tuned weights without fake
+  quantisation), which isolates what int8 costs; the twin's AUROC is recorded too;
 - ONNX export (:func:`~kd_experiments.compression.export_onnx`) and the largest
   |PyTorch - ONNX Runtime| score difference over the whole test split
   (:func:`~kd_experiments.compression.onnx_parity`), plus the AUROC from ONNX Runtime;
@@ -44,6 +50,7 @@ from kd_experiments.compression import (  # noqa: E402
     count_macs,
     count_parameters,
     export_onnx,
+    quantize_int8_qat,
     measure_latency,
     onnx_parity,
     quantize_int8_static,
@@ -96,6 +103,21 @@ def trained_models(args, train_images: torch.Tensor) -> dict[str, nn.Module]:
     return models
 
 
+def qat_record(model: nn.Module, batches, test_images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict:
+    """int8 after quantisation-aware training, against its float twin (see the module docstring)."""
+    quantised, twin = quantize_int8_qat(model, batches, nn.functional.l1_loss, epochs=2, lr=1e-4, seed=seed,
+                                        return_float=True)
+    int8_scores, float_scores = predict(quantised, test_images), predict(twin, test_images)
+    record = {
+        "qat_int8_auroc": kd_metrics.image_auroc(int8_scores, labels),
+        "qat_float_auroc": kd_metrics.image_auroc(float_scores, labels),
+        "qat_max_score_difference": float((int8_scores - float_scores).abs().max()),
+        "qat_epochs": 2, "qat_lr": 1e-4,
+    }
+    record["qat_int8_auroc_difference"] = record["qat_int8_auroc"] - record["qat_float_auroc"]
+    return record
+
+
 def onnx_runner(path: Path):
     import onnxruntime
 
@@ -140,10 +162,22 @@ def main() -> None:
     if len(many) < args.large_batch:
         many = test_images.repeat(-(-args.large_batch // len(test_images)), 1, 1, 1)[: args.large_batch].contiguous()
 
+    teacher_targets = predict(models["teacher"], train_images)
+    qat_generator = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(train_images), generator=qat_generator)
+    qat_batches = [(train_images[index], teacher_targets[index]) for index in order.split(100)]
+
     for name, model in models.items():
         key = dict(dataset=args.dataset, normal_class=args.normal_class, model=name, seed=args.seed, epochs=args.epochs)
         if results.has(**key):
-            print(f"{name}: done, skipped", flush=True)
+            done = next(run for run in results.data["runs"] if results.key(run) == results.key(key))
+            if name != "teacher" and "qat_int8_auroc" not in done:
+                done.update(qat_record(model, qat_batches, test_images, labels, args.seed))
+                results.path.write_text(json.dumps(results.data, indent=1))
+                print(f"{name}: QAT int8 {done['qat_int8_auroc']:.4f} vs float twin {done['qat_float_auroc']:.4f}",
+                      flush=True)
+            else:
+                print(f"{name}: done, skipped", flush=True)
             continue
         record: dict[str, object] = {**key, "params": count_parameters(model), "macs": count_macs(model, one)}
         fp32_scores = predict(model, test_images)
@@ -154,6 +188,8 @@ def main() -> None:
         record["int8_auroc"] = kd_metrics.image_auroc(int8_scores, labels)
         record["int8_auroc_difference"] = record["int8_auroc"] - record["fp32_auroc"]
         record["int8_max_score_difference"] = float((int8_scores - fp32_scores).abs().max())
+        if name != "teacher":
+            record.update(qat_record(model, qat_batches, test_images, labels, args.seed))
 
         with tempfile.TemporaryDirectory() as folder:
             path = export_onnx(model, one, Path(folder) / f"{name}.onnx")

@@ -3,8 +3,9 @@
 One place for the numbers a compression sweep reports: parameters
 (:func:`count_parameters`), multiply-accumulates (:func:`count_macs`), the
 teacher/student ratio (:func:`compression_ratio`), bytes on disk
-(:func:`serialized_size_bytes`), post-training int8 quantisation
-(:func:`quantize_int8_dynamic`, :func:`quantize_int8_static`), ONNX export and
+(:func:`serialized_size_bytes`), int8 quantisation, post-training
+(:func:`quantize_int8_dynamic`, :func:`quantize_int8_static`) or quantisation-aware
+(:func:`quantize_int8_qat`), ONNX export and
 its numerical check (:func:`export_onnx`, :func:`onnx_parity`), and latency for
 benchmarks (:func:`measure_latency`; tests never assert timings).
 
@@ -54,6 +55,7 @@ __all__ = [
     "measure_latency",
     "onnx_parity",
     "quantize_int8_dynamic",
+    "quantize_int8_qat",
     "quantize_int8_static",
     "serialized_size_bytes",
 ]
@@ -206,10 +208,46 @@ def quantize_int8_dynamic(module: nn.Module) -> nn.Module:
         return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
+def _qconfig_mapping(backend: str, qat: bool, float_modules: Sequence[str]):
+    """The default (QAT) qconfig mapping of ``backend`` with ``float_modules`` left in float."""
+    from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+
+    mapping = get_default_qat_qconfig_mapping(backend) if qat else get_default_qconfig_mapping(backend)
+    for name in float_modules:
+        mapping = mapping.set_module_name(name, None)
+    return mapping
+
+
+def _check_backend(function: str, backend: str) -> None:
+    if backend not in torch.backends.quantized.supported_engines:
+        raise ConfigError(
+            f"{function}: backend {backend!r} is not available here; supported: "
+            f"{', '.join(torch.backends.quantized.supported_engines)}"
+        )
+
+
+def _check_float_modules(function: str, module: nn.Module, float_modules: Sequence[str]) -> None:
+    names = dict(module.named_modules())
+    missing = [name for name in float_modules if name not in names]
+    if missing:
+        raise ConfigError(f"{function}: float_modules {missing} are not submodules of {type(module).__name__}")
+
+
+def _prepare(function: str, module: nn.Module, prepare: Callable[[], nn.Module]) -> nn.Module:
+    try:
+        return prepare()
+    except Exception as error:  # torch.fx.proxy.TraceError and friends
+        message = " ".join(str(error).split())[:200]
+        raise ConfigError(
+            f"{function}: torch.fx cannot trace {type(module).__name__} ({type(error).__name__}: {message})"
+        ) from None
+
+
 def quantize_int8_static(
     module: nn.Module,
     calibration_batches: Iterable[ExampleInput],
     backend: str = "x86",
+    float_modules: Sequence[str] = (),
 ) -> nn.Module:
     """Static post-training int8 quantisation (FX graph mode) for CPU inference.
 
@@ -237,23 +275,21 @@ def quantize_int8_static(
             normalised images), each a tensor or a sequence of positional tensors.
         backend: The quantised engine, ``"x86"`` (default) or ``"fbgemm"`` on x86
             CPUs, ``"qnnpack"`` on ARM.
+        float_modules: Names of submodules left in float (for instance a
+            one-output head, so that the score is not rounded to 256 levels).
 
     Returns:
         The quantised model (a ``torch.fx.GraphModule``) in eval mode, on the CPU;
         run it with ``torch.backends.quantized.engine`` set to ``backend``.
 
     Raises:
-        ConfigError: No calibration batch, an unsupported backend, or a model that
-            ``torch.fx`` cannot trace.
+        ConfigError: No calibration batch, an unsupported backend, an unknown
+            float module, or a model that ``torch.fx`` cannot trace.
     """
-    from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    if backend not in torch.backends.quantized.supported_engines:
-        raise ConfigError(
-            f"quantize_int8_static: backend {backend!r} is not available here; supported: "
-            f"{', '.join(torch.backends.quantized.supported_engines)}"
-        )
+    _check_backend("quantize_int8_static", backend)
+    _check_float_modules("quantize_int8_static", module, float_modules)
     batches = iter(calibration_batches)
     first = next(batches, None)
     if first is None:
@@ -262,21 +298,105 @@ def quantize_int8_static(
 
     model = copy.deepcopy(module).cpu().eval()
     with _quantized_engine(backend):
-        try:
-            prepared = prepare_fx(
-                model, get_default_qconfig_mapping(backend), example_inputs=first_args
-            )
-        except Exception as error:  # torch.fx.proxy.TraceError and friends
-            message = " ".join(str(error).split())[:200]
-            raise ConfigError(
-                f"quantize_int8_static: torch.fx cannot trace {type(module).__name__} "
-                f"({type(error).__name__}: {message})"
-            ) from None
+        mapping = _qconfig_mapping(backend, qat=False, float_modules=float_modules)
+        prepared = _prepare("quantize_int8_static", module,
+                            lambda: prepare_fx(model, mapping, example_inputs=first_args))
         with torch.no_grad():
             prepared(*first_args)
             for batch in batches:
                 prepared(*(_cpu(arg) for arg in _as_args(batch)))
         return convert_fx(prepared)
+
+
+def quantize_int8_qat(
+    module: nn.Module,
+    train_batches: Sequence[tuple[ExampleInput, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    epochs: int = 2,
+    lr: float = 1e-4,
+    backend: str = "x86",
+    float_modules: Sequence[str] = (),
+    freeze_observers_after: int | None = None,
+    seed: int = 0,
+    return_float: bool = False,
+) -> nn.Module | tuple[nn.Module, nn.Module]:
+    """Quantisation-aware training (FX graph mode), then conversion to int8 for the CPU.
+
+    Follows PyTorch's FX QAT recipe: ``prepare_qat_fx`` with
+    ``get_default_qat_qconfig_mapping(backend)`` inserts fake-quantise modules (int8
+    per-channel weights, uint8 activations, the same numerics as
+    :func:`quantize_int8_static`), the model is fine-tuned with ``loss_fn`` at a small
+    learning rate (Adam) so that its weights adapt to the rounding, optionally with
+    the observers frozen for the last epochs (``freeze_observers_after``; by default
+    they keep tracking the moving-average ranges to the end: frozen too early, at a
+    learning rate that still moves the weights, the activations leave the frozen
+    ranges, clip, and the straight-through gradient vanishes), and ``convert_fx``
+    produces the int8 model. The input module is not changed.
+
+    Args:
+        module: The trained float model (symbolically traceable by ``torch.fx``).
+        train_batches: ``(inputs, targets)`` pairs, reused every epoch in a seeded
+            random order; ``inputs`` a tensor or a sequence of positional tensors.
+        loss_fn: ``loss_fn(outputs, targets)``: the model's own training loss.
+        epochs: Passes over ``train_batches`` (>= 1).
+        lr: Adam learning rate of the fine-tuning (a fraction of the training one).
+        backend: The quantised engine (``"x86"``, ``"fbgemm"``, ``"qnnpack"``).
+        float_modules: Names of submodules left in float (e.g. a one-output head,
+            so the score is not rounded to 256 levels).
+        freeze_observers_after: Epochs after which observers stop updating
+            (default: never, they update in every epoch).
+        seed: Seed of the batch order.
+        return_float: Also return the *float twin*: the fine-tuned weights with fake
+            quantisation switched off, i.e. the same network in fp32. Comparing the
+            two isolates the cost of int8 from the effect of the fine-tuning itself.
+
+    Returns:
+        The int8 model (a ``torch.fx.GraphModule``) in eval mode, on the CPU; with
+        ``return_float``, ``(int8_model, float_twin)``.
+
+    Raises:
+        ConfigError: No batch, ``epochs < 1``, an unsupported backend, an unknown
+            float module, or a model that ``torch.fx`` cannot trace.
+    """
+    from torch.ao.quantization import disable_observer
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+
+    _check_backend("quantize_int8_qat", backend)
+    _check_float_modules("quantize_int8_qat", module, float_modules)
+    if not train_batches:
+        raise ConfigError("quantize_int8_qat: train_batches is empty")
+    if epochs < 1:
+        raise ConfigError(f"quantize_int8_qat: epochs must be >= 1, got {epochs}")
+    if freeze_observers_after is None:
+        freeze_observers_after = epochs
+    first_args = tuple(_cpu(arg) for arg in _as_args(train_batches[0][0]))
+    model = copy.deepcopy(module).cpu().train()
+    generator = torch.Generator().manual_seed(seed)
+    with _quantized_engine(backend):
+        mapping = _qconfig_mapping(backend, qat=True, float_modules=float_modules)
+        prepared = _prepare("quantize_int8_qat", module,
+                            lambda: prepare_qat_fx(model, mapping, example_inputs=first_args))
+        optimizer = torch.optim.Adam(prepared.parameters(), lr=lr)
+        for epoch in range(epochs):
+            if epoch == freeze_observers_after:
+                prepared.apply(disable_observer)
+            prepared.train()
+            for index in torch.randperm(len(train_batches), generator=generator).tolist():
+                inputs, targets = train_batches[index]
+                loss = loss_fn(prepared(*(_cpu(arg) for arg in _as_args(inputs))), targets.cpu())
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        prepared.eval()
+        float_twin = None
+        if return_float:
+            from torch.ao.quantization import disable_fake_quant
+
+            float_twin = copy.deepcopy(prepared)
+            float_twin.apply(disable_fake_quant)
+            float_twin.apply(disable_observer)
+        quantised = convert_fx(prepared)
+    return (quantised, float_twin) if return_float else quantised
 
 
 def _cpu(value: Any) -> Any:

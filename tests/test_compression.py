@@ -14,6 +14,7 @@ from kd_experiments.compression import (
     measure_latency,
     onnx_parity,
     quantize_int8_dynamic,
+    quantize_int8_qat,
     quantize_int8_static,
     serialized_size_bytes,
 )
@@ -170,6 +171,76 @@ def test_quantize_int8_static_errors() -> None:
         quantize_int8_static(TinyConvNet(), [])
     with pytest.raises(ConfigError, match="backend 'tpu' is not available"):
         quantize_int8_static(TinyConvNet(), [torch.randn(1, 3, 4, 4)], backend="tpu")
+
+
+class TinyRegressor(nn.Module):
+    """conv -> LeakyReLU -> pool -> linear head: a score-regression student in miniature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.LeakyReLU(0.3), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images)).squeeze(1)
+
+
+def _regression_batches(count: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(count):
+        images = torch.rand(16, 1, 8, 8, generator=generator)
+        batches.append((images, images.mean(dim=(1, 2, 3)) * 3.0))
+    return batches
+
+
+def test_quantize_int8_qat_converts_keeps_float_modules_and_returns_a_twin() -> None:
+    torch.manual_seed(0)
+    net = TinyRegressor()
+    batches = _regression_batches()
+    before = [parameter.clone() for parameter in net.parameters()]
+    quantised, twin = quantize_int8_qat(net, batches, nn.functional.l1_loss, epochs=2, lr=1e-2,
+                                        float_modules=["head"], return_float=True)
+    for parameter, original in zip(net.parameters(), before, strict=True):  # the input is not modified
+        assert torch.equal(parameter, original)
+    kinds = {type(module).__module__ for module in quantised.modules()}
+    assert any(kind.startswith("torch.ao.nn.quantized") for kind in kinds)
+    assert isinstance(quantised.head, nn.Linear)  # left in float, as asked
+    images, targets = batches[0]
+    with torch.no_grad():
+        int8, float_ = quantised(images), twin(images)
+    assert int8.shape == float_.shape == targets.shape
+    # the twin runs the fine-tuned weights without fake quantisation: close to int8, not equal
+    assert (int8 - float_).abs().max() < 0.1 * targets.abs().max()
+    assert not torch.equal(int8, float_)
+    # fine-tuning moved the weights away from the input model's
+    with torch.no_grad():
+        assert not torch.allclose(twin(images), net(images))
+
+
+def test_quantize_int8_qat_fine_tuning_lowers_the_loss() -> None:
+    torch.manual_seed(0)
+    net = TinyRegressor()
+    batches = _regression_batches()
+
+    def loss(model: nn.Module) -> float:
+        with torch.no_grad():
+            return sum(float(nn.functional.l1_loss(model(x), y)) for x, y in batches) / len(batches)
+
+    quantised = quantize_int8_qat(net, batches, nn.functional.l1_loss, epochs=10, lr=1e-2)
+    assert loss(quantised) < 0.75 * loss(net)  # the int8 model learnt: no-op training would stay at 1x
+
+
+def test_quantize_int8_qat_errors() -> None:
+    batches = _regression_batches(1)
+    with pytest.raises(ConfigError, match="train_batches is empty"):
+        quantize_int8_qat(TinyRegressor(), [], nn.functional.l1_loss)
+    with pytest.raises(ConfigError, match="epochs must be >= 1"):
+        quantize_int8_qat(TinyRegressor(), batches, nn.functional.l1_loss, epochs=0)
+    with pytest.raises(ConfigError, match=r"float_modules \['tail'\] are not submodules"):
+        quantize_int8_qat(TinyRegressor(), batches, nn.functional.l1_loss, float_modules=["tail"])
+    with pytest.raises(ConfigError, match="backend 'tpu' is not available"):
+        quantize_int8_qat(TinyRegressor(), batches, nn.functional.l1_loss, backend="tpu")
 
 
 # ------------------------------------------------------------------------------ ONNX

@@ -1,0 +1,111 @@
+"""Study: how many epochs does Pol et al.'s autoencoder teacher need? (validation data only)
+
+The paper trains the teacher for 300 epochs (AdrianAlan/kd4ad: Adam lr 1e-3, weight
+decay 1e-5, batch 100, ReduceLROnPlateau); ``benchmarks/score_regression.py`` could
+afford 5 on a 2-core CPU. This script measures, per epoch, the teacher's AUROC on a
+*validation* set built from the training split only, so that the epoch budget of the
+main benchmark is chosen without looking at any test image:
+
+- normal: the 10% of the normal class's training images the datamodule holds out
+  (``val_fraction=0.1``), never trained on;
+- anomalous: as many training images of the other nine classes (seeded draw).
+
+Optimiser: the authors' Adam lr 1e-3, weight decay 1e-5, batch 100, at a constant
+learning rate (their plateau scheduler rarely fires on this loss in the first tens of
+epochs), same batch order as :func:`~kd_experiments.schemes.score_regression.family.fit_teacher`.
+
+Resumable: one record per (dataset, class, seed, epoch), appended at once to
+``benchmarks/results/score_regression_teacher_budget_<dataset>.json``::
+
+    .venv/bin/python benchmarks/score_regression_teacher_budget.py --dataset mnist --classes 0 1 2 --epochs 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from score_regression import DATA, ROOT, Results  # noqa: E402
+
+from kd_experiments import metrics as kd_metrics  # noqa: E402
+from kd_experiments.data.one_class import OneClassDataModule, load_idx_split  # noqa: E402
+from kd_experiments.schemes.score_regression.family import _batches, autoencoder_scorer, predict  # noqa: E402
+from kd_experiments.schemes.score_regression.lightning_model import teacher_training_loss  # noqa: E402
+from kd_experiments.schemes.score_regression.torch_model import ConvAutoencoder  # noqa: E402
+
+
+def validation_set(dataset: str, normal_class: int, seed: int):
+    """``(train_images, val_images, val_labels)``: training split only, see the module docstring."""
+    data = OneClassDataModule(dataset=dataset, root=DATA / dataset, normal_class=normal_class, protocol="balanced",
+                              val_fraction=0.1, batch_size=100, normalization="none", seed=seed)
+    data.setup("fit")
+    normal_val = data.val_dataset.images
+    images, classes = load_idx_split(DATA / dataset, "train")
+    others = torch.nonzero(classes != normal_class).flatten()
+    generator = torch.Generator().manual_seed(seed + 7)
+    chosen = others[torch.randperm(len(others), generator=generator)[: len(normal_val)]]
+    anomalous = images[chosen].unsqueeze(1).float() / 255.0
+    val_images = torch.cat([normal_val, anomalous])
+    labels = torch.cat([torch.zeros(len(normal_val)), torch.ones(len(anomalous))]).long()
+    return data.train_dataset.images, val_images, labels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"])
+    parser.add_argument("--classes", type=int, nargs="+", default=list(range(10)))
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    output = args.output or ROOT / "benchmarks" / "results" / f"score_regression_teacher_budget_{args.dataset}.json"
+    results = Results(output, ("dataset", "normal_class", "seed", "epoch", "lr"))
+    for normal_class in args.classes:
+        if results.has(dataset=args.dataset, normal_class=normal_class, seed=args.seed, epoch=args.epochs, lr=args.lr):
+            print(f"[{args.dataset} {normal_class}] done, skipped", flush=True)
+            continue
+        train_images, val_images, labels = validation_set(args.dataset, normal_class, args.seed)
+        torch.manual_seed(args.seed)
+        teacher = ConvAutoencoder()
+        optimizer = torch.optim.Adam(teacher.parameters(), lr=args.lr, weight_decay=1e-5)
+        generator = torch.Generator().manual_seed(args.seed)
+        started = time.perf_counter()
+        for epoch in range(1, args.epochs + 1):
+            teacher.train()
+            total, batches = 0.0, 0
+            for index in _batches(len(train_images), 100, generator):
+                loss = teacher_training_loss(teacher, train_images[index])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total, batches = total + loss.item(), batches + 1
+            teacher.eval()
+            scores = predict(autoencoder_scorer(teacher), val_images)
+            record = {
+                "dataset": args.dataset, "normal_class": normal_class, "seed": args.seed, "epoch": epoch,
+                "lr": args.lr, "train_loss": total / batches,
+                "val_normal_loss": float(scores[labels == 0].mean()),
+                "val_auroc": kd_metrics.image_auroc(scores, labels),
+                "seconds": round(time.perf_counter() - started, 1), "val_images": int(labels.numel()),
+            }
+            if not results.has(**record):
+                results.append(record)
+            if epoch % 10 == 0 or epoch == args.epochs:
+                cache = ROOT / ".cache" / "score_regression_teacher_budget" / (
+                    f"{args.dataset}_c{normal_class}_lr{args.lr}_s{args.seed}_e{epoch}.pt")
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(teacher.state_dict(), cache)
+            print(f"[{args.dataset} {normal_class}] epoch {epoch}: val AUROC {record['val_auroc']:.4f} "
+                  f"loss {record['train_loss']:.5f} ({record['seconds']} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
