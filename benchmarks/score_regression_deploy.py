@@ -79,7 +79,9 @@ class TeacherScore(nn.Module):
 
 
 def trained_models(args, train_images: torch.Tensor) -> dict[str, nn.Module]:
-    cache = ROOT / ".cache" / "score_regression_deploy" / f"{args.dataset}_c{args.normal_class}_e{args.epochs}_s{args.seed}.pt"
+    schedule = "" if args.lr_schedule == "cosine" else f"_{args.lr_schedule}{args.lr:g}"
+    cache = ROOT / ".cache" / "score_regression_deploy" / (
+        f"{args.dataset}_c{args.normal_class}_e{args.epochs}{schedule}_s{args.seed}.pt")
     torch.manual_seed(args.seed)
     teacher = ConvAutoencoder()
     students = {name: build_student(spec, (1, 28, 28)) for name, spec in PAPER_STUDENTS.items()}
@@ -92,7 +94,7 @@ def trained_models(args, train_images: torch.Tensor) -> dict[str, nn.Module]:
         tracks = [StudentTrack("co_learning", name, model) for name, model in students.items()]
         started = time.perf_counter()
         fit_students(tracks, teacher, train_images, args.epochs, functools.partial(teacher_training_loss),
-                     lr=args.lr, seed=args.seed)
+                     lr=args.lr, seed=args.seed, lr_schedule=args.lr_schedule)
         print(f"trained teacher + 7 students in {time.perf_counter() - started:.0f} s", flush=True)
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"teacher": teacher.state_dict(), **{n: s.state_dict() for n, s in students.items()}}, cache)
@@ -135,6 +137,7 @@ def main() -> None:
     parser.add_argument("--normal-class", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--large-batch", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=200, help="timed batch-1 calls (median)")
@@ -143,7 +146,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.backends.quantized.engine = "x86"
-    results = Results(args.output, ("dataset", "normal_class", "model", "seed", "epochs"))
+    results = Results(args.output, ("dataset", "normal_class", "model", "seed", "epochs", "lr_schedule"))
 
     data = OneClassDataModule(dataset=args.dataset, root=DATA / args.dataset, normal_class=args.normal_class,
                               protocol="balanced", normalization="none", seed=args.seed)
@@ -168,7 +171,8 @@ def main() -> None:
     qat_batches = [(train_images[index], teacher_targets[index]) for index in order.split(100)]
 
     for name, model in models.items():
-        key = dict(dataset=args.dataset, normal_class=args.normal_class, model=name, seed=args.seed, epochs=args.epochs)
+        key = dict(dataset=args.dataset, normal_class=args.normal_class, model=name, seed=args.seed, epochs=args.epochs,
+                   lr_schedule=args.lr_schedule)
         if results.has(**key):
             done = next(run for run in results.data["runs"] if results.key(run) == results.key(key))
             if name != "teacher" and "qat_int8_auroc" not in done:
@@ -179,7 +183,7 @@ def main() -> None:
             else:
                 print(f"{name}: done, skipped", flush=True)
             continue
-        record: dict[str, object] = {**key, "params": count_parameters(model), "macs": count_macs(model, one)}
+        record: dict[str, object] = {**key, "lr": args.lr, "params": count_parameters(model), "macs": count_macs(model, one)}
         fp32_scores = predict(model, test_images)
         record["fp32_auroc"] = kd_metrics.image_auroc(fp32_scores, labels)
 
@@ -208,8 +212,9 @@ def main() -> None:
               f"ONNX diff {record['onnx_max_abs_difference']:.2e}, "
               f"throughput torch {record['torch_fp32_throughput_per_s']:.0f}/s "
               f"ORT {record['onnxruntime_fp32_throughput_per_s']:.0f}/s", flush=True)
-    teacher = next(r for r in results.data["runs"] if r["model"] == "teacher" and r["epochs"] == args.epochs)
-    for record in results.data["runs"]:
+    budget = (args.epochs, args.lr_schedule)
+    teacher = next(r for r in results.data["runs"] if r["model"] == "teacher" and (r["epochs"], r["lr_schedule"]) == budget)
+    for record in (r for r in results.data["runs"] if (r["epochs"], r["lr_schedule"]) == budget):
         for runtime in ("torch_fp32", "onnxruntime_fp32"):
             record[f"{runtime}_throughput_vs_teacher"] = (
                 record[f"{runtime}_throughput_per_s"] / teacher[f"{runtime}_throughput_per_s"])

@@ -17,7 +17,7 @@ from kd_experiments.errors import ConfigError
 from kd_experiments.metrics import image_auroc
 from kd_experiments.schemes.score_regression import ScoreRegressionScheme, ScoreTeacher, load_scheme_teacher
 from kd_experiments.schemes.score_regression.events_model import MLPAutoencoder, MLPScoreRegressor
-from kd_experiments.schemes.score_regression.family import StudentTrack, fit_students, predict
+from kd_experiments.schemes.score_regression.family import StudentTrack, fit_students, fit_teacher, predict
 from kd_experiments.schemes.score_regression.lightning_model import teacher_training_loss
 from kd_experiments.schemes.score_regression.techniques import (
     OutlierSampler,
@@ -173,6 +173,25 @@ def test_family_loop_trains_all_students_with_the_scheme_scores() -> None:
     assert all(np.isfinite(t.last_loss) for t in tracks)
     scores = predict(lambda x: reconstruction_score(x, teacher(x)), images, batch_size=16)
     assert scores.shape == (40,)
+
+
+def test_co_learning_teacher_follows_fit_teacher_and_lr_schedules() -> None:
+    """The co-learning teacher takes the same steps as a teacher trained alone (the benchmark's
+    one-teacher-per-class shortcut rests on it), under both learning-rate schedules."""
+    images = torch.rand(40, *SHAPE, generator=torch.Generator().manual_seed(3))
+    for schedule in ("cosine", "constant"):
+        torch.manual_seed(0)
+        alone = ConvAutoencoder()
+        fit_teacher(alone, images, epochs=2, loss_fn=teacher_training_loss, batch_size=20, lr_schedule=schedule)
+        torch.manual_seed(0)
+        joint = ConvAutoencoder()
+        track = StudentTrack("co_learning", "G", build_student(PAPER_STUDENTS["G"], SHAPE))
+        fit_students([track], joint, images, epochs=2, teacher_loss_fn=teacher_training_loss, batch_size=20,
+                     lr_schedule=schedule)
+        for a, b in zip(alone.state_dict().values(), joint.state_dict().values(), strict=True):
+            assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        fit_teacher(ConvAutoencoder(), images, epochs=1, loss_fn=teacher_training_loss, lr_schedule="step")
 
 
 # -- any trained model as teacher --------------------------------------------------------------
