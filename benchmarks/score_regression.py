@@ -23,6 +23,7 @@ present (same dataset, class, technique, student, seed) are skipped::
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
 import json
 import os
@@ -89,11 +90,17 @@ class Results:
         return any(self.key(run) == wanted for run in self.data["runs"])
 
     def append(self, record: dict) -> None:
-        self.data["runs"].append(record)
+        """Append under an exclusive lock, merging what other processes wrote meanwhile
+        (several classes or budgets may run in parallel into one file)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self.data, indent=1))
-        temporary.replace(self.path)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                self.data["runs"] = json.loads(self.path.read_text())["runs"]
+            self.data["runs"].append(record)
+            temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(self.data, indent=1))
+            temporary.replace(self.path)
 
 
 def evaluate(teacher_scores: torch.Tensor, student_scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -1,8 +1,9 @@
 """Benchmark: deploying Pol et al.'s students: int8, ONNX Runtime, CPU latency and throughput.
 
 One normal class (MNIST digit 0 by default, ``protocol=balanced``): the conv-autoencoder
-teacher and the seven students A-G are trained in one loop (co-learning, fixed epochs,
-:mod:`kd_experiments.schemes.score_regression.family`) and cached; then, per model:
+teacher and the seven students A-G are trained in one loop (co-learning, optionally with
+pseudo outlier exposure, fixed epochs, :mod:`kd_experiments.schemes.score_regression.family`)
+and cached; then, per model:
 
 - fp32 AUROC (PyTorch) and int8 AUROC after static post-training quantisation
   (:func:`kd_experiments.compression.quantize_int8_static`: torch FX graph mode, x86
@@ -58,7 +59,11 @@ from kd_experiments.compression import (  # noqa: E402
 from kd_experiments.data.one_class import OneClassDataModule  # noqa: E402
 from kd_experiments.schemes.score_regression.family import StudentTrack, fit_students, predict  # noqa: E402
 from kd_experiments.schemes.score_regression.lightning_model import teacher_training_loss  # noqa: E402
-from kd_experiments.schemes.score_regression.techniques import OUTLIER_PARTNER, load_outlier_images  # noqa: E402
+from kd_experiments.schemes.score_regression.techniques import (  # noqa: E402
+    OUTLIER_PARTNER,
+    OutlierSampler,
+    load_outlier_images,
+)
 from kd_experiments.schemes.score_regression.torch_model import (  # noqa: E402
     PAPER_STUDENTS,
     ConvAutoencoder,
@@ -78,10 +83,11 @@ class TeacherScore(nn.Module):
         return reconstruction_score(images, self.teacher(images))
 
 
-def trained_models(args, train_images: torch.Tensor) -> dict[str, nn.Module]:
+def trained_models(args, train_images: torch.Tensor, sampler: OutlierSampler | None) -> dict[str, nn.Module]:
     schedule = "" if args.lr_schedule == "cosine" else f"_{args.lr_schedule}{args.lr:g}"
+    technique = "" if args.technique == "co_learning" else "_oe"
     cache = ROOT / ".cache" / "score_regression_deploy" / (
-        f"{args.dataset}_c{args.normal_class}_e{args.epochs}{schedule}_s{args.seed}.pt")
+        f"{args.dataset}_c{args.normal_class}_e{args.epochs}{schedule}{technique}_s{args.seed}.pt")
     torch.manual_seed(args.seed)
     teacher = ConvAutoencoder()
     students = {name: build_student(spec, (1, 28, 28)) for name, spec in PAPER_STUDENTS.items()}
@@ -91,10 +97,12 @@ def trained_models(args, train_images: torch.Tensor) -> dict[str, nn.Module]:
         for name, student in students.items():
             student.load_state_dict(state[name])
     else:
-        tracks = [StudentTrack("co_learning", name, model) for name, model in students.items()]
+        tracks = [StudentTrack(args.technique, name, model, outlier_exposure=sampler is not None)
+                  for name, model in students.items()]
         started = time.perf_counter()
-        fit_students(tracks, teacher, train_images, args.epochs, functools.partial(teacher_training_loss),
-                     lr=args.lr, seed=args.seed, lr_schedule=args.lr_schedule)
+        fit_students(tracks, teacher, train_images, args.epochs, functools.partial(teacher_training_loss), sampler,
+                     outlier_batch_size=args.outlier_batch_size, lr=args.lr, seed=args.seed,
+                     lr_schedule=args.lr_schedule)
         print(f"trained teacher + 7 students in {time.perf_counter() - started:.0f} s", flush=True)
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"teacher": teacher.state_dict(), **{n: s.state_dict() for n, s in students.items()}}, cache)
@@ -138,6 +146,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
+    parser.add_argument("--technique", choices=["co_learning", "co_learning+outlier_exposure"], default="co_learning",
+                        help="how teacher and students are trained (the students deployed)")
+    parser.add_argument("--outlier-images", type=int, default=20000, help="pseudo outliers: seeded subset of the other set")
+    parser.add_argument("--outlier-batch-size", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--large-batch", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=200, help="timed batch-1 calls (median)")
@@ -146,18 +158,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.backends.quantized.engine = "x86"
-    results = Results(args.output, ("dataset", "normal_class", "model", "seed", "epochs", "lr_schedule"))
+    results = Results(args.output, ("dataset", "normal_class", "model", "seed", "epochs", "lr_schedule", "technique"))
 
     data = OneClassDataModule(dataset=args.dataset, root=DATA / args.dataset, normal_class=args.normal_class,
                               protocol="balanced", normalization="none", seed=args.seed)
     data.setup("fit")
     train_images = data.train_dataset.images
     test_images, labels = data.test_dataset.images, data.test_dataset.labels
-    models = trained_models(args, train_images)
+    partner = OUTLIER_PARTNER[args.dataset]
+    sampler = None
+    if args.technique == "co_learning+outlier_exposure":
+        pool = load_outlier_images(partner, DATA / partner, max_images=args.outlier_images, seed=args.seed)
+        sampler = OutlierSampler(pool, args.outlier_batch_size, seed=args.seed)
+    models = trained_models(args, train_images, sampler)
     # Calibration: normal training images and pseudo outliers (the other set's training
     # split, as outlier exposure): the activation ranges must cover the high scores of
     # anomalies, or the int8 output clips them and ties them. No test image is used.
-    partner = OUTLIER_PARTNER[args.dataset]
     outliers = load_outlier_images(partner, DATA / partner, max_images=500, seed=args.seed)
     calibration = [train_images[i : i + 100] for i in range(0, min(500, len(train_images)), 100)]
     calibration += [outliers[i : i + 100] for i in range(0, len(outliers), 100)]
@@ -165,14 +181,20 @@ def main() -> None:
     if len(many) < args.large_batch:
         many = test_images.repeat(-(-args.large_batch // len(test_images)), 1, 1, 1)[: args.large_batch].contiguous()
 
-    teacher_targets = predict(models["teacher"], train_images)
+    # QAT data: the students' own training inputs (normal training images, plus a batch
+    # of pseudo outliers each with outlier exposure), labelled by the trained teacher.
     qat_generator = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(train_images), generator=qat_generator)
-    qat_batches = [(train_images[index], teacher_targets[index]) for index in order.split(100)]
+    qat_batches = []
+    for index in order.split(100):
+        inputs = train_images[index]
+        if sampler is not None:
+            inputs = torch.cat([inputs, sampler.sample(args.outlier_batch_size)])
+        qat_batches.append((inputs, predict(models["teacher"], inputs)))
 
     for name, model in models.items():
         key = dict(dataset=args.dataset, normal_class=args.normal_class, model=name, seed=args.seed, epochs=args.epochs,
-                   lr_schedule=args.lr_schedule)
+                   lr_schedule=args.lr_schedule, technique=args.technique)
         if results.has(**key):
             done = next(run for run in results.data["runs"] if results.key(run) == results.key(key))
             if name != "teacher" and "qat_int8_auroc" not in done:
@@ -212,9 +234,10 @@ def main() -> None:
               f"ONNX diff {record['onnx_max_abs_difference']:.2e}, "
               f"throughput torch {record['torch_fp32_throughput_per_s']:.0f}/s "
               f"ORT {record['onnxruntime_fp32_throughput_per_s']:.0f}/s", flush=True)
-    budget = (args.epochs, args.lr_schedule)
-    teacher = next(r for r in results.data["runs"] if r["model"] == "teacher" and (r["epochs"], r["lr_schedule"]) == budget)
-    for record in (r for r in results.data["runs"] if (r["epochs"], r["lr_schedule"]) == budget):
+    budget = (args.epochs, args.lr_schedule, args.technique)
+    runs = [r for r in results.data["runs"] if (r["epochs"], r["lr_schedule"], r["technique"]) == budget]
+    teacher = next(r for r in runs if r["model"] == "teacher")
+    for record in runs:
         for runtime in ("torch_fp32", "onnxruntime_fp32"):
             record[f"{runtime}_throughput_vs_teacher"] = (
                 record[f"{runtime}_throughput_per_s"] / teacher[f"{runtime}_throughput_per_s"])

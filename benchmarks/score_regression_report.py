@@ -109,7 +109,7 @@ def deploy_table() -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         lines.append(
-            f"| {run['epochs']} ep, lr {run.get('lr', 3e-3):g} {run.get('lr_schedule', 'cosine')} "
+            f"| {run.get('technique', 'co_learning')}, {run['epochs']} ep, lr {run.get('lr', 3e-3):g} {run.get('lr_schedule', 'cosine')} "
             f"| {run['model']} | {run['params']} | {run['macs']} | {run['fp32_auroc']:.4f} | {run['int8_auroc']:.4f} "
             f"| {run['int8_auroc_difference']:+.4f} | {_number(run, 'qat_float_auroc')} "
             f"| {_number(run, 'qat_int8_auroc')} | {_number(run, 'qat_int8_auroc_difference', '+.4f')} "
