@@ -70,6 +70,7 @@ from torch import nn
 from kd_experiments import metrics as kd_metrics
 from kd_experiments.compression import count_macs, count_parameters, measure_latency
 from kd_experiments.schemes.reverse_distillation.synthetic_anomalies import SyntheticAnomalies
+from kd_experiments.schemes.score_regression.family import predict
 from kd_experiments.schemes.score_regression.teachers import load_scheme_teacher
 from kd_experiments.schemes.score_regression.torch_model import PAPER_STUDENTS, build_student
 from rd_bottle import DEFAULT_DATA, ResultFile, compose
@@ -159,10 +160,10 @@ def synthetic_images(images: torch.Tensor, per_image: int, mean, std, seed: int,
     return torch.cat(batches) if batches else images[:0]
 
 
-@torch.no_grad()
 def score(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """``model``'s scores of ``images`` in eval mode, in batches (:func:`family.predict`)."""
     model.eval()
-    return torch.cat([model(images[start:start + batch_size]).float() for start in range(0, len(images), batch_size)])
+    return predict(model, images, batch_size)
 
 
 def load_data(args: argparse.Namespace, teacher: nn.Module, checkpoint: Path) -> dict[str, torch.Tensor]:

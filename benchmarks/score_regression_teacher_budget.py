@@ -12,7 +12,8 @@ main benchmark is chosen without looking at any test image:
 
 Optimiser: the authors' Adam lr 1e-3, weight decay 1e-5, batch 100, at a constant
 learning rate (their plateau scheduler rarely fires on this loss in the first tens of
-epochs), same batch order as :func:`~kd_experiments.schemes.score_regression.family.fit_teacher`.
+epochs), trained by :func:`~kd_experiments.schemes.score_regression.family.fit_teacher`
+(``lr_schedule="constant"``), so the batch order is the main benchmark's.
 
 Resumable: one record per (dataset, class, seed, epoch), appended at once to
 ``benchmarks/results/score_regression_teacher_budget_<dataset>.json``::
@@ -35,7 +36,7 @@ from score_regression import DATA, ROOT, Results  # noqa: E402
 
 from kd_experiments import metrics as kd_metrics  # noqa: E402
 from kd_experiments.data.one_class import OneClassDataModule, load_idx_split  # noqa: E402
-from kd_experiments.schemes.score_regression.family import _batches, autoencoder_scorer, predict  # noqa: E402
+from kd_experiments.schemes.score_regression.family import autoencoder_scorer, fit_teacher, predict  # noqa: E402
 from kd_experiments.schemes.score_regression.lightning_model import teacher_training_loss  # noqa: E402
 from kd_experiments.schemes.score_regression.torch_model import ConvAutoencoder  # noqa: E402
 
@@ -75,23 +76,13 @@ def main() -> None:
         train_images, val_images, labels = validation_set(args.dataset, normal_class, args.seed)
         torch.manual_seed(args.seed)
         teacher = ConvAutoencoder()
-        optimizer = torch.optim.Adam(teacher.parameters(), lr=args.lr, weight_decay=1e-5)
-        generator = torch.Generator().manual_seed(args.seed)
         started = time.perf_counter()
-        for epoch in range(1, args.epochs + 1):
-            teacher.train()
-            total, batches = 0.0, 0
-            for index in _batches(len(train_images), 100, generator):
-                loss = teacher_training_loss(teacher, train_images[index])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total, batches = total + loss.item(), batches + 1
-            teacher.eval()
+
+        def measure(epoch: int, train_loss: float, normal_class: int = normal_class, teacher=teacher) -> None:
             scores = predict(autoencoder_scorer(teacher), val_images)
             record = {
                 "dataset": args.dataset, "normal_class": normal_class, "seed": args.seed, "epoch": epoch,
-                "lr": args.lr, "train_loss": total / batches,
+                "lr": args.lr, "train_loss": train_loss,
                 "val_normal_loss": float(scores[labels == 0].mean()),
                 "val_auroc": kd_metrics.image_auroc(scores, labels),
                 "seconds": round(time.perf_counter() - started, 1), "val_images": int(labels.numel()),
@@ -104,8 +95,10 @@ def main() -> None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(teacher.state_dict(), cache)
             print(f"[{args.dataset} {normal_class}] epoch {epoch}: val AUROC {record['val_auroc']:.4f} "
-                  f"loss {record['train_loss']:.5f} ({record['seconds']} s)", flush=True)
+                  f"loss {train_loss:.5f} ({record['seconds']} s)", flush=True)
 
+        fit_teacher(teacher, train_images, args.epochs, teacher_training_loss, batch_size=100, lr=args.lr,
+                    weight_decay=1e-5, seed=args.seed, lr_schedule="constant", on_epoch_end=measure)
 
 if __name__ == "__main__":
     main()

@@ -93,8 +93,13 @@ def fit_teacher(
     weight_decay: float = 1e-5,
     seed: int = 0,
     lr_schedule: str = "cosine",
+    on_epoch_end: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train the teacher alone (the baseline schedule's first phase); returns epoch losses."""
+    """Train the teacher alone (the baseline schedule's first phase); returns epoch losses.
+
+    ``on_epoch_end(epoch, mean_loss)`` (epochs counted from 1) is called after every
+    epoch with the teacher in eval mode, e.g. to measure it on validation data.
+    """
     generator = torch.Generator().manual_seed(seed)
     steps = epochs * -(-len(images) // batch_size)
     optimizer, scheduler = _adam(teacher, lr, weight_decay, steps, lr_schedule)
@@ -110,6 +115,9 @@ def fit_teacher(
             scheduler.step()
             total, batches = total + float(loss), batches + 1
         history.append(total / max(batches, 1))
+        if on_epoch_end is not None:
+            teacher.eval()
+            on_epoch_end(len(history), history[-1])
     teacher.eval()
     return history
 
