@@ -287,6 +287,9 @@ PLAN: list[tuple[str, float | None, int]] = [
     ("rd_expert", 64, 0),
     ("rd_expert", 1, 1),
     ("rd_expert", 1, 2),
+    # seeds 1 and 2 at the other ratios too (added in session 3: one seed left the
+    # ratio-64 comparison inside seed noise), so every group is a 3-seed mean.
+    *[(scheme, ratio, seed) for ratio in (64, 16, 4) for scheme in ("rd", "rd_expert") for seed in (1, 2)],
 ]
 
 

@@ -8,7 +8,9 @@ shuffling seed), same image size, batch size, epochs, thread count and the same
 frozen encoder *weights*; each uses its own bottleneck, decoder, loss, optimiser
 settings and inference path (anomalib: ``ReverseDistillationModel``,
 ``ReverseDistillationLoss``, Adam lr 0.005 betas (0.5, 0.99) on decoder + bottleneck as
-its ``configure_optimizers``; ours: :class:`ReverseStudent` at width 0.5 and 1.0,
+its ``configure_optimizers``; ours: :class:`ReverseStudent` at width 0.5 and 1.0, with the bilinear decoder
+(our default) or with ``--decoder-upsampling transposed --decoder-blocks 2``, RD4AD's
+decoder layout, which at width 0.5 is the architecture of anomalib's ``de_resnet18``,
 :func:`distillation_loss`, Adam lr 0.005 betas (0.5, 0.999)). Throughput counts forward,
 backward and optimiser step (training) and the full scoring path to maps and scores
 (inference), data loading excluded, one thread.
@@ -95,7 +97,10 @@ def build(implementation: str, args: argparse.Namespace, seed: int, width: float
     sigma = 4.0 * args.image_size / 256
     torch.manual_seed(seed + 1)
     if implementation == "kd_experiments":
-        student = ReverseStudent(encoder.out_channels, width)
+        student = ReverseStudent(encoder.out_channels, width, decoder_blocks=args.decoder_blocks,
+                                 decoder_upsampling=args.decoder_upsampling,
+                                 decoder_expansion=args.decoder_expansion,
+                                 decoder_projection=not args.no_projection, init=args.init)
         model = Ours(encoder, student, sigma)
         optimizer = torch.optim.Adam(student.parameters(), lr=0.005, betas=(0.5, 0.999))
 
@@ -197,6 +202,103 @@ def run(implementation: str, seed: int, args: argparse.Namespace, width: float =
     }
 
 
+def paired_speed(args: argparse.Namespace, rounds: int, steps: int) -> dict:
+    """Training and inference speed of both implementations, measured *interleaved*.
+
+    Whole-run throughputs of runs made one after the other can differ by the machine's
+    load at the time (this machine is shared). Here both models are built (seed 0), then
+    for ``rounds`` rounds: ``steps`` training steps of anomalib, then of ours, then
+    ``steps`` scoring calls of each, all on the same batch of real training images. Per
+    round the ratio ours / anomalib is taken; the figures are medians over rounds.
+    """
+    import statistics
+
+    from kd_experiments.data.mvtec import MVTecDataModule
+
+    datamodule = MVTecDataModule(args.data, "bottle", image_size=args.image_size, batch_size=args.batch_size,
+                                 seed=0, cache_images=True)
+    datamodule.setup("fit")
+    images = next(iter(datamodule.train_dataloader()))["image"]
+    built = {name: build(name, args, 0, args.widths[0]) for name in ("anomalib", "kd_experiments")}
+    times: dict[str, dict[str, list[float]]] = {name: {"train": [], "infer": []} for name in built}
+
+    def train_steps(name: str) -> float:
+        train_step, _score, optimizer, trainable, *_ = built[name]
+        trainable.train()
+        started = time.perf_counter()
+        for _ in range(steps):
+            loss = train_step(images)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return (time.perf_counter() - started) / steps
+
+    def infer_steps(name: str) -> float:
+        _train_step, score, _optimizer, trainable, *_ = built[name]
+        trainable.eval()
+        started = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(steps):
+                score(images)
+        return (time.perf_counter() - started) / steps
+
+    for name in built:  # warm-up
+        train_steps(name)
+        infer_steps(name)
+    for _round in range(rounds):
+        for name in built:
+            times[name]["train"].append(train_steps(name))
+        for name in built:
+            times[name]["infer"].append(infer_steps(name))
+    batch = images.shape[0]
+    result: dict = {"rounds": rounds, "steps_per_round": steps, "batch_size": batch, "image_size": args.image_size,
+                    "our_student": {"width_multiplier": args.widths[0], "decoder_upsampling": args.decoder_upsampling,
+                                    "decoder_blocks": args.decoder_blocks, "decoder_expansion": args.decoder_expansion,
+                                    "decoder_projection": not args.no_projection, "init": args.init}}
+    for phase in ("train", "infer"):
+        for name in built:
+            result[f"{name}_{phase}_images_per_s"] = batch / statistics.median(times[name][phase])
+        ratios = [a / b for a, b in zip(times["anomalib"][phase], times["kd_experiments"][phase], strict=True)]
+        result[f"{phase}_speed_ratio_ours_over_anomalib"] = statistics.median(ratios)
+        result[f"{phase}_speed_ratio_rounds"] = ratios
+    return result
+
+
+def markdown_table(path: Path) -> str:
+    """The records as Markdown: one row per implementation and configuration, mean +- std over seeds."""
+    import statistics
+
+    runs = json.loads(path.read_text())["runs"]
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        config = (run["implementation"], run.get("width_multiplier"), run.get("decoder_upsampling"),
+                  run.get("decoder_blocks"), run.get("decoder_expansion"), run.get("decoder_projection"),
+                  run.get("init"), run["epochs"], run["image_size"])
+        groups.setdefault(config, []).append(run)
+
+    def cell(rows: list[dict], key: str, digits: int = 4) -> str:
+        values = [r[key] for r in rows]
+        if len(values) == 1:
+            return f"{values[0]:.{digits}f}"
+        return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
+
+    lines = ["| implementation | student | seeds | image AUROC | pixel AUROC | AUPRO | student params | train img/s "
+             "| infer img/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for config, rows in sorted(groups.items(), key=lambda item: (item[0][0] != "anomalib", str(item[0]))):
+        implementation, width, upsampling, blocks, expansion, projection, init = config[:7]
+        if implementation == "anomalib":
+            student = "anomalib OCBE + de_resnet18"
+        else:
+            student = (f"w {width:g}, {upsampling}, {blocks} block(s)/stage, expansion {expansion:g}, "
+                       f"{'1x1 projection' if projection else 'no projection'}, {init} init")
+        lines.append(
+            f"| {implementation} | {student} | {','.join(str(r['seed']) for r in rows)} | {cell(rows, 'image_auroc')} "
+            f"| {cell(rows, 'pixel_auroc')} | {cell(rows, 'aupro')} | {rows[0]['student_params']:,} "
+            f"| {cell(rows, 'train_images_per_s', 1)} | {cell(rows, 'infer_images_per_s', 1)} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -208,17 +310,50 @@ def main() -> None:
     parser.add_argument("--widths", type=float, nargs="+", default=[0.5, 1.0],
                         help="width multipliers of our student (0.5: decoder widths = encoder channels, "
                              "like RD4AD's mirrored decoder)")
+    parser.add_argument("--decoder-upsampling", default="bilinear", choices=("bilinear", "transposed"),
+                        help="our decoder's up-sampling (transposed: RD4AD's, as anomalib's de_resnet)")
+    parser.add_argument("--decoder-blocks", type=int, default=1,
+                        help="residual blocks per decoder stage (2 with transposed: de_resnet18's layout)")
+    parser.add_argument("--decoder-expansion", type=float, default=2.0,
+                        help="decoder width / encoder channels at width 1 (1: RD4AD's mirrored decoder)")
+    parser.add_argument("--no-projection", action="store_true",
+                        help="compare the decoder blocks' outputs directly (RD4AD; needs widths = encoder channels)")
+    parser.add_argument("--init", default="torch", choices=("torch", "resnet"), help="student initialisation")
+    parser.add_argument("--skip-anomalib", action="store_true", help="run only our student(s)")
     parser.add_argument("--output", type=Path, default=RESULTS / "rd_vs_anomalib.json")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--table", action="store_true", help="print the results as Markdown and exit")
+    parser.add_argument("--paired-speed", type=int, default=0, metavar="ROUNDS",
+                        help="instead of training runs, measure both implementations' speed interleaved, "
+                             "ROUNDS rounds (see paired_speed); stored under 'paired_speed' in the results file")
+    parser.add_argument("--paired-steps", type=int, default=5, help="steps per implementation and round")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(args.output))
+        return
+    if args.paired_speed:
+        torch.set_num_threads(args.threads)
+        results = ResultFile(args.output, "python benchmarks/rd_vs_anomalib.py " + " ".join(sys.argv[1:]))
+        measured = paired_speed(args, args.paired_speed, args.paired_steps)
+        measured["command"] = "python benchmarks/rd_vs_anomalib.py " + " ".join(sys.argv[1:])
+        results.reload()
+        results.data["paired_speed"] = measured
+        results.save()
+        print(json.dumps({k: v for k, v in measured.items() if not k.endswith("_rounds")}, indent=1))
+        return
     torch.set_num_threads(args.threads)
     command = "python benchmarks/rd_vs_anomalib.py " + " ".join(sys.argv[1:])
     results = ResultFile(args.output, command.strip())
-    jobs = [("anomalib", None)] + [("kd_experiments", width) for width in args.widths]
+    jobs = [] if args.skip_anomalib else [("anomalib", None)]
+    jobs += [("kd_experiments", width) for width in args.widths]
     for seed in args.seeds:
         for implementation, width in jobs:
             key = {"implementation": implementation, "backbone": args.backbone, "seed": seed,
                    "image_size": args.image_size, "epochs": args.epochs, "width_multiplier": width}
+            if implementation == "kd_experiments":
+                key |= {"decoder_upsampling": args.decoder_upsampling, "decoder_blocks": args.decoder_blocks,
+                        "decoder_expansion": args.decoder_expansion,
+                        "decoder_projection": not args.no_projection, "init": args.init}
             if results.has(key):
                 print(f"[rd_vs_anomalib] skip {key} (done)", flush=True)
                 continue

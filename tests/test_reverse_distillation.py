@@ -71,6 +71,42 @@ def test_odd_feature_sizes_are_handled() -> None:
     assert [o.shape for o in student(teacher)] == [t.shape for t in teacher]
 
 
+def test_transposed_decoder_is_rd4ad_shaped_and_handles_odd_sizes() -> None:
+    # decoder_blocks=2 at width 0.5: an up-sampling block (transposed convs on both paths)
+    # then one residual block per stage, decoder widths equal to the encoder's channels.
+    student = ReverseStudent(LITE0_CHANNELS, 0.5, decoder_blocks=2, decoder_upsampling="transposed")
+    for stage, channels in zip(student.stages, reversed(LITE0_CHANNELS), strict=True):
+        transposed = [m for m in stage.entry.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+        assert [(m.kernel_size, m.stride, m.out_channels) for m in transposed] == [((2, 2), (2, 2), channels)] * 2
+        assert len(stage.blocks) == 1
+    assert [o.shape for o in student(_features())] == [t.shape for t in _features()]
+    teacher = [torch.randn(2, 24, 13, 13), torch.randn(2, 40, 7, 7), torch.randn(2, 112, 4, 4)]
+    assert [o.shape for o in student(teacher)] == [t.shape for t in teacher]
+    bilinear = ReverseStudent(LITE0_CHANNELS, 0.5, decoder_blocks=2)
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in bilinear.modules())
+    with pytest.raises(ConfigError, match="decoder_upsampling"):
+        ReverseStudent(LITE0_CHANNELS, 0.5, decoder_upsampling="nearest")
+
+
+def test_rd4ad_mirror_compares_block_outputs_and_uses_resnet_init() -> None:
+    # decoder_expansion=1, no projection: decoder widths = encoder channels, outputs are
+    # the residual blocks' post-ReLU features, as in RD4AD's de_resnet.
+    torch.manual_seed(0)
+    student = ReverseStudent(LITE0_CHANNELS, 1.0, decoder_blocks=2, decoder_upsampling="transposed",
+                             decoder_expansion=1.0, decoder_projection=False, init="resnet")
+    assert all(isinstance(stage.project, torch.nn.Identity) for stage in student.stages)
+    outputs = student(_features())
+    assert [o.shape for o in outputs] == [t.shape for t in _features()]
+    assert all(bool((o >= 0).all()) for o in outputs)
+    conv = next(m for m in student.modules() if isinstance(m, torch.nn.Conv2d))
+    fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    assert conv.weight.std().item() == pytest.approx((2.0 / fan_out) ** 0.5, rel=0.15)
+    with pytest.raises(ConfigError, match="decoder_projection"):
+        ReverseStudent(LITE0_CHANNELS, 1.0, decoder_projection=False)  # widths 2 x C_i
+    with pytest.raises(ConfigError, match="init"):
+        ReverseStudent(LITE0_CHANNELS, 1.0, init="xavier")
+
+
 @pytest.mark.parametrize("ratio", [4, 16, 64])
 def test_width_search_reaches_the_ratio(ratio: int) -> None:
     def build(width: float) -> ReverseStudent:
@@ -148,8 +184,9 @@ def test_perlin_noise_is_smooth_and_bounded() -> None:
 @pytest.mark.parametrize(
     "switches",
     [{}, {"expert": True, "skip_fusion": True, "guided_injection": True, "synthetic_anomalies": True},
-     {"expert": True}, {"synthetic_anomalies": True}, {"skip_fusion": True}],
-    ids=["rd", "rd_expert", "expert-only", "anomalies-only", "skip-only"],
+     {"expert": True}, {"synthetic_anomalies": True}, {"skip_fusion": True},
+     {"decoder_upsampling": "transposed", "decoder_blocks": 2}],
+    ids=["rd", "rd_expert", "expert-only", "anomalies-only", "skip-only", "transposed-decoder"],
 )
 def test_training_step_trains_exactly_the_right_parameters(switches: dict) -> None:
     torch.manual_seed(0)
@@ -206,6 +243,37 @@ def test_bad_scheme_values_raise_config_errors() -> None:
         _scheme(input_normalization="zscore")
     with pytest.raises(ConfigError, match="map_mode"):
         _scheme(map_mode="max")
+    with pytest.raises(ConfigError, match="decoder_upsampling"):
+        _scheme(decoder_upsampling="pixelshuffle")
+
+
+def test_validation_scores_fixed_synthetic_anomalies_without_test_data() -> None:
+    torch.manual_seed(0)
+    model = _scheme(width_multiplier=0.1, blur_sigma=1.0)
+    logged: dict[str, float] = {}
+    model.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+    model.eval()
+    images = torch.randn(6, 3, SIZE, SIZE)
+    runs = []
+    for _epoch in range(2):
+        model.on_validation_epoch_start()
+        with torch.no_grad():
+            model.validation_step({"image": images}, 0)
+        masks = torch.cat(model._val["masks"]).clone()
+        model.on_validation_epoch_end()
+        runs.append((masks, dict(logged)))
+    assert torch.equal(runs[0][0], runs[1][0])  # the same anomalies every epoch
+    assert runs[0][1] == runs[1][1]  # same weights, same anomalies: same figures
+    for key in ("val/loss", "val/synthetic_pixel_auroc", "val/synthetic_image_auroc"):
+        assert 0.0 <= logged[key] <= 1.0 or key == "val/loss", key
+    # a student that copies the teacher everywhere leaves no signal: chance level
+    model.student.forward = lambda features: [f.clone() for f in features]
+    model.on_validation_epoch_start()
+    with torch.no_grad():
+        model.validation_step({"image": images}, 0)
+    model.on_validation_epoch_end()
+    assert logged["val/synthetic_pixel_auroc"] == pytest.approx(0.5, abs=0.05)
+    assert not _scheme(width_multiplier=0.1, val_synthetic_anomalies=False).val_anomalies
 
 
 def test_defect_type_is_the_test_folder() -> None:

@@ -59,6 +59,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kd_experiments import metrics as kd_metrics
 from kd_experiments.compression import count_macs, count_parameters, size_summary
 from kd_experiments.errors import ConfigError
 from kd_experiments.schemes.base import AnomalyScheme
@@ -66,12 +67,17 @@ from kd_experiments.schemes.reverse_distillation import loss as rd_loss
 from kd_experiments.schemes.reverse_distillation.anomaly_map import MODES, anomaly_map, image_scores
 from kd_experiments.schemes.reverse_distillation.synthetic_anomalies import SyntheticAnomalies
 from kd_experiments.schemes.reverse_distillation.torch_model import (
+    UPSAMPLING,
     FeatureEncoder,
     ReverseStudent,
     input_statistics,
     width_for_ratio,
 )
 from kd_experiments.tracking import log_figure_from_module
+
+
+#: Seed of the validation split's synthetic anomalies (fixed: comparable across epochs).
+VAL_ANOMALY_SEED = 2_147_483_629
 
 
 class ReverseDistillationScheme(AnomalyScheme):
@@ -86,11 +92,24 @@ class ReverseDistillationScheme(AnomalyScheme):
         width_multiplier: explicit student width (1.0 = full width).
         expert, skip_fusion, guided_injection, synthetic_anomalies: see the module docstring.
         bottleneck_blocks, decoder_blocks: residual blocks in the OCE and per decoder stage.
+        decoder_upsampling: ``bilinear`` (default) or ``transposed`` (RD4AD's 2x2
+            stride-2 transposed convolutions; see :class:`DecoderStage`).
+        decoder_expansion: decoder width / encoder channels at full width (2 by
+            default; 1 mirrors the encoder as RD4AD does).
+        decoder_projection: end each decoder stage with a 1x1 projection to the
+            encoder's channels (default); ``false`` compares the blocks' (post-ReLU)
+            outputs directly, as RD4AD does with ResNet encoders.
+        init: the student's initialisation, ``torch`` (PyTorch defaults) or
+            ``resnet`` (RD4AD's Kaiming fan-out).
         student_lr, teacher_lr, betas: Adam settings.
         blur_sigma: Gaussian smoothing of the anomaly map (4 in RD).
         map_mode: ``add`` (RD's sum over levels) or ``multiply``.
         input_normalization: how the data was normalised (``imagenet`` or ``none``).
         texture_source, anomaly_beta_max: synthetic anomaly settings.
+        val_synthetic_anomalies: also score the validation images with synthetic
+            anomalies pasted in (the same anomalies every epoch) and log
+            ``val/synthetic_pixel_auroc`` and ``val/synthetic_image_auroc``: a quality
+            signal for early stopping or budget choice that never touches the test split.
     """
 
     teacher_scores = False  # the encoder alone does not score images
@@ -110,6 +129,10 @@ class ReverseDistillationScheme(AnomalyScheme):
         synthetic_anomalies: bool = False,
         bottleneck_blocks: int = 2,
         decoder_blocks: int = 1,
+        decoder_upsampling: str = "bilinear",
+        decoder_expansion: float = 2.0,
+        decoder_projection: bool = True,
+        init: str = "torch",
         student_lr: float = 0.005,
         teacher_lr: float = 1e-4,
         betas: Sequence[float] = (0.5, 0.999),
@@ -118,6 +141,7 @@ class ReverseDistillationScheme(AnomalyScheme):
         input_normalization: str = "imagenet",
         texture_source: str = "mixed",
         anomaly_beta_max: float = 0.8,
+        val_synthetic_anomalies: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -129,6 +153,8 @@ class ReverseDistillationScheme(AnomalyScheme):
         for name, value in (("bottleneck_blocks", bottleneck_blocks), ("decoder_blocks", decoder_blocks)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"scheme.{name} must be an integer >= 1, got {value!r}")
+        if decoder_upsampling not in UPSAMPLING:
+            raise ConfigError(f"scheme.decoder_upsampling must be one of {UPSAMPLING}, got {decoder_upsampling!r}")
         self.scheme_name = "rd_expert" if expert else "reverse_distillation"
         channels = self.input_shape[0]
         self.input_mean, self.input_std = input_statistics(input_normalization, channels)
@@ -142,7 +168,8 @@ class ReverseDistillationScheme(AnomalyScheme):
 
         def build_student(width: float) -> ReverseStudent:
             return ReverseStudent(
-                encoder_channels, width, bottleneck_blocks, decoder_blocks, skip_fusion, guided_injection
+                encoder_channels, width, bottleneck_blocks, decoder_blocks, skip_fusion, guided_injection,
+                decoder_upsampling, decoder_expansion, decoder_projection, init,
             )
 
         if width_multiplier is None:
@@ -158,6 +185,11 @@ class ReverseDistillationScheme(AnomalyScheme):
             SyntheticAnomalies(self.input_mean, self.input_std, texture_source, anomaly_beta_max)
             if synthetic_anomalies else None
         )
+        self.val_anomalies = (
+            SyntheticAnomalies(self.input_mean, self.input_std, texture_source, anomaly_beta_max)
+            if val_synthetic_anomalies else None
+        )
+        self._val: dict[str, list[torch.Tensor]] = {}
         self._summary: dict[str, Any] | None = None
         self._train_seconds = 0.0
         self._train_images = 0
@@ -281,11 +313,40 @@ class ReverseDistillationScheme(AnomalyScheme):
             self.log("train/images_per_s", self._train_images / self._train_seconds, on_epoch=True,
                      sync_dist=False, batch_size=1)
 
+    def on_validation_epoch_start(self) -> None:
+        if self.val_anomalies is not None:  # the same synthetic anomalies every epoch
+            self.val_anomalies.generator.manual_seed(VAL_ANOMALY_SEED + 7919 * self.global_rank)
+        self._val = {"maps": [], "masks": [], "scores": [], "labels": []}
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        teacher = self.teacher_features(batch["image"])
+        images = batch["image"]
+        teacher = self.teacher_features(images)
         student = self.student(teacher)
         self.log("val/loss", rd_loss.distillation_loss(student, teacher), on_epoch=True, prog_bar=True,
-                 sync_dist=True, batch_size=batch["image"].shape[0])
+                 sync_dist=True, batch_size=images.shape[0])
+        if self.val_anomalies is None:
+            return
+        anomalous, masks = self.val_anomalies(images)
+        clean_maps = anomaly_map(student, teacher, images.shape[-2:], self.hparams.blur_sigma, self.hparams.map_mode)
+        anomalous_maps = self(anomalous)
+        masks = masks.squeeze(1) > 0.5
+        self._val["maps"] += [clean_maps.detach().float().cpu(), anomalous_maps.detach().float().cpu()]
+        self._val["masks"] += [torch.zeros_like(masks).cpu(), masks.cpu()]
+        self._val["scores"] += [image_scores(clean_maps).float().cpu(), image_scores(anomalous_maps).float().cpu()]
+        self._val["labels"] += [torch.zeros(len(images), dtype=torch.long),
+                                masks.flatten(1).any(1).long().cpu()]
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val.get("maps"):
+            return
+        masks, labels = torch.cat(self._val["masks"]), torch.cat(self._val["labels"])
+        if masks.any():
+            pixel = kd_metrics.pixel_auroc(torch.cat(self._val["maps"]), masks)
+            self.log("val/synthetic_pixel_auroc", pixel, sync_dist=True, batch_size=1)
+        if 0 < int(labels.sum()) < len(labels):
+            image = kd_metrics.image_auroc(torch.cat(self._val["scores"]), labels)
+            self.log("val/synthetic_image_auroc", image, sync_dist=True, batch_size=1)
+        self._val = {}
 
     # -- test ----------------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:

@@ -20,11 +20,19 @@ Modules:
   ``BN_layer``), then the one-class embedding block (OCE: a stride-2 residual stage).
   Paper and code agree; we use basic residual blocks (two 3x3 convolutions) where
   RD4AD uses ResNet bottleneck blocks, because one family must serve every backbone.
-- :class:`ReverseDecoder`: the reversed student. One stage per encoder level, deepest
-  first: bilinear up-sampling to that level's size, 3x3 conv, residual blocks, and a
-  1x1 projection to the encoder's channels (the features compared with the
-  teacher's). RD4AD mirrors the ResNet encoder (``de_resnet.py``); ours is generic
-  so that any backbone works and so that a width multiplier scales it.
+- :class:`DecoderStage`: the reversed student's stages, one per encoder level, deepest
+  first, each ending in a 1x1 projection to the encoder's channels (the features
+  compared with the teacher's). Two up-sampling forms (``decoder_upsampling``):
+  ``bilinear`` (our default: bilinear up-sampling to the level's size, a 3x3 conv,
+  then ``decoder_blocks`` residual blocks) and ``transposed``, RD4AD's form
+  (``de_resnet.py``): the first residual block of the stage up-samples by a 2x2
+  stride-2 transposed convolution on both its main path and its shortcut, followed by
+  ``decoder_blocks - 1`` plain residual blocks (``decoder_blocks=2`` at width 0.5
+  mirrors RD4AD's ``de_resnet18``: decoder widths equal to the encoder's channels,
+  two basic blocks per stage). RD4AD compares the raw block outputs (post-ReLU, like
+  ResNet features); we keep the linear 1x1 projection in both forms because other
+  encoders' features (EfficientNet's linear bottlenecks) take negative values. Both are
+  generic so that any backbone works and a width multiplier scales them.
 - :class:`SkipFusion`: URD's skip connection from teacher features into the decoder,
   optionally with *guided information injection* (GII): the fused teacher features
   are gated per pixel by their cosine similarity to the decoder's output at that
@@ -42,9 +50,12 @@ Modules:
 
 Width: every internal width of the student is ``max(min_channels, round(w * base))``
 where ``base`` is derived from the encoder's channels ``C_i`` (fusion ``C_last``,
-embedding ``2 * C_last``, decoder stage ``i``: ``2 * C_i``, skip-fusion hidden
-``C_i``); the projections back to ``C_i`` are present at every width. ``w = 1`` is
-the full-width student the compression ratio refers to.
+embedding ``2 * C_last``, decoder stage ``i``: ``e * C_i`` with ``decoder_expansion``
+``e`` (2 by default; 1 is RD4AD's mirror of the encoder, so that ``w = 1, e = 1`` with
+the transposed decoder and two blocks per stage is the architecture of anomalib's
+``de_resnet18`` behind RD4AD's OCBE), skip-fusion hidden ``C_i``); the projections back
+to ``C_i`` are present at every width. ``w = 1`` is the full-width student the
+compression ratio refers to.
 """
 
 from __future__ import annotations
@@ -175,7 +186,9 @@ class StudentWidths:
     skip: tuple[int, ...]
 
     @classmethod
-    def from_multiplier(cls, encoder_channels: Sequence[int], width_multiplier: float, min_channels: int = 2) -> StudentWidths:
+    def from_multiplier(
+        cls, encoder_channels: Sequence[int], width_multiplier: float, min_channels: int = 2, decoder_expansion: float = 2.0
+    ) -> StudentWidths:
         def scaled(base: int) -> int:
             return max(min_channels, round(width_multiplier * base))
 
@@ -183,7 +196,7 @@ class StudentWidths:
         return cls(
             fusion=scaled(last),
             embedding=scaled(2 * last),
-            decoder=tuple(scaled(2 * c) for c in encoder_channels),
+            decoder=tuple(scaled(decoder_expansion * c) for c in encoder_channels),
             skip=tuple(scaled(c) for c in encoder_channels),
         )
 
@@ -218,18 +231,85 @@ class OneClassBottleneck(nn.Module):
         return self.embedding(torch.cat([*parts, deepest], dim=1))
 
 
-class DecoderStage(nn.Module):
-    """Up-sample to a level's size, convolve at ``width``, project to the encoder's channels."""
+class UpsamplingBlock(nn.Module):
+    """RD4AD's up-sampling residual block: 2x2 stride-2 transposed convs on both paths."""
 
-    def __init__(self, in_channels: int, width: int, out_channels: int, blocks: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.entry = conv_bn_relu(in_channels, width, 3, 1)
-        self.blocks = nn.Sequential(*[ResidualBlock(width, width) for _ in range(blocks)])
-        self.project = nn.Conv2d(width, out_channels, 1)
+        self.conv1 = nn.ConvTranspose2d(in_channels, out_channels, 2, 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Sequential(
+            nn.ConvTranspose2d(in_channels, out_channels, 2, 2, bias=False), nn.BatchNorm2d(out_channels)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x), inplace=True)
+
+
+#: Weight initialisations of the student: PyTorch's defaults, or ResNet's (RD4AD's code).
+INITS = ("torch", "resnet")
+
+
+def resnet_init(module: nn.Module) -> None:
+    """torchvision ResNet's initialisation, as RD4AD's OCBE and decoder use it: Kaiming-normal
+    (fan-out, ReLU) convolutions, BatchNorm weight 1 and bias 0 (transposed convolutions
+    keep PyTorch's default, as in RD4AD, whose loop only matches ``nn.Conv2d``)."""
+    for child in module.modules():
+        if isinstance(child, nn.Conv2d):
+            nn.init.kaiming_normal_(child.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(child, nn.BatchNorm2d | nn.GroupNorm):
+            nn.init.constant_(child.weight, 1)
+            nn.init.constant_(child.bias, 0)
+
+
+#: The decoder's up-sampling forms (see the module docstring).
+UPSAMPLING = ("bilinear", "transposed")
+
+
+class DecoderStage(nn.Module):
+    """Up-sample to a level's size, convolve at ``width``, project to the encoder's channels.
+
+    ``upsampling="bilinear"``: bilinear resize, 3x3 conv, ``blocks`` residual blocks.
+    ``upsampling="transposed"`` (RD4AD): an :class:`UpsamplingBlock` (x2), then
+    ``blocks - 1`` residual blocks; a level whose size is not twice the input's (odd
+    sizes under TF "SAME" padding) is resized bilinearly after the up-sampling block.
+    """
+
+    def __init__(
+        self, in_channels: int, width: int, out_channels: int, blocks: int, upsampling: str = "bilinear",
+        projection: bool = True,
+    ) -> None:
+        super().__init__()
+        if not projection and width != out_channels:
+            raise ConfigError(
+                f"scheme.decoder_projection=false needs decoder widths equal to the encoder's channels "
+                f"(got {width} for {out_channels}: use decoder_expansion=1 at width_multiplier=1)"
+            )
+        if upsampling not in UPSAMPLING:
+            raise ConfigError(f"scheme.decoder_upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
+        self.upsampling = upsampling
+        if upsampling == "bilinear":
+            self.entry: nn.Module = conv_bn_relu(in_channels, width, 3, 1)
+            remaining = blocks
+        else:
+            self.entry = UpsamplingBlock(in_channels, width)
+            remaining = blocks - 1
+        self.blocks = nn.Sequential(*[ResidualBlock(width, width) for _ in range(remaining)])
+        self.project: nn.Module = nn.Conv2d(width, out_channels, 1) if projection else nn.Identity()
 
     def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-        return self.project(self.blocks(self.entry(x)))
+        size = tuple(size)
+        if self.upsampling == "bilinear":
+            x = self.entry(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+        else:
+            x = self.entry(x)
+            if tuple(x.shape[-2:]) != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return self.project(self.blocks(x))
 
 
 class SkipFusion(nn.Module):
@@ -278,6 +358,10 @@ class ReverseStudent(nn.Module):
         decoder_blocks: int = 1,
         skip_fusion: bool = False,
         guided_injection: bool = False,
+        decoder_upsampling: str = "bilinear",
+        decoder_expansion: float = 2.0,
+        decoder_projection: bool = True,
+        init: str = "torch",
     ) -> None:
         super().__init__()
         if guided_injection and not skip_fusion:
@@ -289,7 +373,9 @@ class ReverseStudent(nn.Module):
             raise ConfigError(f"reverse distillation needs at least two encoder levels, got layers for {channels}")
         self.encoder_channels = channels
         self.width_multiplier = float(width_multiplier)
-        self.widths = StudentWidths.from_multiplier(channels, width_multiplier)
+        if not decoder_expansion > 0:
+            raise ConfigError(f"scheme.decoder_expansion must be > 0, got {decoder_expansion}")
+        self.widths = StudentWidths.from_multiplier(channels, width_multiplier, decoder_expansion=decoder_expansion)
         self.skip_fusion = skip_fusion
         self.bottleneck = OneClassBottleneck(channels, self.widths.fusion, self.widths.embedding, bottleneck_blocks)
         levels = len(channels)
@@ -297,12 +383,21 @@ class ReverseStudent(nn.Module):
         self.fusions = nn.ModuleList()
         in_channels = self.widths.embedding
         for level in reversed(range(levels)):  # deepest first
-            self.stages.append(DecoderStage(in_channels, self.widths.decoder[level], channels[level], decoder_blocks))
+            self.stages.append(
+                DecoderStage(
+                    in_channels, self.widths.decoder[level], channels[level], decoder_blocks, decoder_upsampling,
+                    decoder_projection,
+                )
+            )
             in_channels = channels[level]
             if skip_fusion and level > 0:
                 hidden = self.widths.skip[level]
                 self.fusions.append(SkipFusion(channels[level], channels[level - 1], hidden, guided_injection))
                 in_channels = hidden
+        if init not in INITS:
+            raise ConfigError(f"scheme.init must be one of {INITS}, got {init!r}")
+        if init == "resnet":
+            resnet_init(self)
 
     def forward(self, teacher_features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         x = self.bottleneck(teacher_features)
