@@ -207,9 +207,10 @@ def paired_speed(args: argparse.Namespace, rounds: int, steps: int) -> dict:
 
     Whole-run throughputs of runs made one after the other can differ by the machine's
     load at the time (this machine is shared). Here both models are built (seed 0), then
-    for ``rounds`` rounds: ``steps`` training steps of anomalib, then of ours, then
-    ``steps`` scoring calls of each, all on the same batch of real training images. Per
-    round the ratio ours / anomalib is taken; the figures are medians over rounds.
+    for ``rounds`` rounds: ``steps`` training steps of each, then ``steps`` scoring calls
+    of each, all on the same batch of real training images, the order of the two
+    alternating from round to round. Per round the ratio of speeds ours / anomalib is
+    taken; the figures are medians over rounds.
     """
     import statistics
 
@@ -245,10 +246,12 @@ def paired_speed(args: argparse.Namespace, rounds: int, steps: int) -> dict:
     for name in built:  # warm-up
         train_steps(name)
         infer_steps(name)
-    for _round in range(rounds):
-        for name in built:
+    names = list(built)
+    for round_index in range(rounds):
+        order = names if round_index % 2 == 0 else names[::-1]  # alternate who goes first
+        for name in order:
             times[name]["train"].append(train_steps(name))
-        for name in built:
+        for name in order:
             times[name]["infer"].append(infer_steps(name))
     batch = images.shape[0]
     result: dict = {"rounds": rounds, "steps_per_round": steps, "batch_size": batch, "image_size": args.image_size,
