@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine
 from common import commit as git_commit
+from common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -336,7 +336,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding bottle/")
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=35,
+                        help="fixed budget (35: chosen on validation by benchmarks/rd_bottle_budget.py; "
+                             "session 1's records used 10)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--blur-sigma", type=float, default=None,
                         help="map smoothing; default: the paper's 4 at 256 px, scaled to the image size")

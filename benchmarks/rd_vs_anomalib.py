@@ -285,8 +285,8 @@ def markdown_table(path: Path) -> str:
             return f"{values[0]:.{digits}f}"
         return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
 
-    lines = ["| implementation | student | seeds | image AUROC | pixel AUROC | AUPRO | student params | train img/s "
-             "| infer img/s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| implementation | student | seeds | image AUROC | pixel AUROC | AUPRO | student params | train img/s "
+             "| infer img/s |"), "|---|---|---|---|---|---|---|---|---|"]
     for config, rows in sorted(groups.items(), key=lambda item: (item[0][0] != "anomalib", str(item[0]))):
         implementation, width, upsampling, blocks, expansion, projection, init = config[:7]
         if implementation == "anomalib":

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import commit, machine
 
 from kd_experiments import metrics as kd_metrics
 from kd_experiments.compression import count_parameters
@@ -54,7 +55,6 @@ from kd_experiments.schemes.score_regression.torch_model import (
     ConvAutoencoder,
     build_student,
 )
-from common import commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("KD_DATA_DIR", ROOT.parent / "shared" / "data"))
@@ -151,8 +151,8 @@ def run_class(args, results: Results, normal_class: int, outlier_images: torch.T
         for name in args.students:
             groups[group].append(StudentTrack(technique, name, build_student(PAPER_STUDENTS[name], (1, 28, 28)),
                                               student_techniques, outlier_exposure))
-    common = dict(batch_size=args.batch_size, outlier_batch_size=args.outlier_batch_size, lr=args.lr, seed=args.seed,
-                  lr_schedule=args.lr_schedule)
+    common = {"batch_size": args.batch_size, "outlier_batch_size": args.outlier_batch_size, "lr": args.lr, "seed": args.seed,
+                  "lr_schedule": args.lr_schedule}
     sampler = None
     if any(track.outlier_exposure for tracks in groups.values() for track in tracks):
         sampler = OutlierSampler(outlier_images, args.outlier_batch_size, seed=args.seed)

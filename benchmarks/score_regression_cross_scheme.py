@@ -64,6 +64,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from rd_bottle import DEFAULT_DATA, ResultFile, compose
 from scipy.stats import spearmanr
 from torch import nn
 
@@ -73,7 +74,6 @@ from kd_experiments.schemes.reverse_distillation.synthetic_anomalies import Synt
 from kd_experiments.schemes.score_regression.family import predict
 from kd_experiments.schemes.score_regression.teachers import load_scheme_teacher
 from kd_experiments.schemes.score_regression.torch_model import PAPER_STUDENTS, build_student
-from rd_bottle import DEFAULT_DATA, ResultFile, compose
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -275,8 +275,8 @@ def images_per_second(model: nn.Module, images: torch.Tensor, repeats: int) -> f
 def markdown_table(path: Path) -> str:
     runs = json.loads(path.read_text())["runs"]
     lines = [
-        "| student | technique | student params | param ratio | MAC ratio | teacher AUROC | student AUROC "
-        "| retention | Wasserstein (anomalous) | Spearman (test) | train s | teacher img/s | student img/s |",
+        ("| student | technique | student params | param ratio | MAC ratio | teacher AUROC | student AUROC "
+        "| retention | Wasserstein (anomalous) | Spearman (test) | train s | teacher img/s | student img/s |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {name: index for index, name in enumerate(PAPER_STUDENTS)}

@@ -44,27 +44,27 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from score_regression import DATA, ROOT, Results  # noqa: E402
+from score_regression import DATA, ROOT, Results
 
-from kd_experiments import metrics as kd_metrics  # noqa: E402
-from kd_experiments.compression import (  # noqa: E402
+from kd_experiments import metrics as kd_metrics
+from kd_experiments.compression import (
     count_macs,
     count_parameters,
     export_onnx,
-    quantize_int8_qat,
     measure_latency,
     onnx_parity,
+    quantize_int8_qat,
     quantize_int8_static,
 )
-from kd_experiments.data.one_class import OneClassDataModule  # noqa: E402
-from kd_experiments.schemes.score_regression.family import StudentTrack, fit_students, predict  # noqa: E402
-from kd_experiments.schemes.score_regression.lightning_model import teacher_training_loss  # noqa: E402
-from kd_experiments.schemes.score_regression.techniques import (  # noqa: E402
+from kd_experiments.data.one_class import OneClassDataModule
+from kd_experiments.schemes.score_regression.family import StudentTrack, fit_students, predict
+from kd_experiments.schemes.score_regression.lightning_model import teacher_training_loss
+from kd_experiments.schemes.score_regression.techniques import (
     OUTLIER_PARTNER,
     OutlierSampler,
     load_outlier_images,
 )
-from kd_experiments.schemes.score_regression.torch_model import (  # noqa: E402
+from kd_experiments.schemes.score_regression.torch_model import (
     PAPER_STUDENTS,
     ConvAutoencoder,
     build_student,
@@ -193,8 +193,8 @@ def main() -> None:
         qat_batches.append((inputs, predict(models["teacher"], inputs)))
 
     for name, model in models.items():
-        key = dict(dataset=args.dataset, normal_class=args.normal_class, model=name, seed=args.seed, epochs=args.epochs,
-                   lr_schedule=args.lr_schedule, technique=args.technique)
+        key = {"dataset": args.dataset, "normal_class": args.normal_class, "model": name, "seed": args.seed, "epochs": args.epochs,
+                   "lr_schedule": args.lr_schedule, "technique": args.technique}
         if results.has(**key):
             done = next(run for run in results.data["runs"] if results.key(run) == results.key(key))
             if name != "teacher" and "qat_int8_auroc" not in done:

@@ -47,8 +47,8 @@ def _budget_tables(dataset: str, epochs: int, schedule: str, runs: list[dict]) -
     techniques = sorted({t for t, _ in cells})
     classes = sorted(teacher)
     lr = runs[0]["lr"]
-    lines = [f"**{dataset}, teacher {epochs} epochs, lr {lr:g} {schedule}**: teacher AUROC "
-             f"{_mean_std(list(teacher.values()))} over classes {classes} ({len(runs)} records)", ""]
+    lines = [(f"**{dataset}, teacher {epochs} epochs, lr {lr:g} {schedule}**: teacher AUROC "
+             f"{_mean_std(list(teacher.values()))} over classes {classes} ({len(runs)} records)"), ""]
     lines.append("| student (params, ratio) | " + " | ".join(techniques) + " |")
     lines.append("|---|" + "---|" * len(techniques))
     for student in STUDENTS:
@@ -103,9 +103,9 @@ def deploy_table() -> str:
     if not path.exists():
         return "(score_regression_deploy.json not written yet)\n"
     runs = json.loads(path.read_text())["runs"]
-    lines = ["| training | model | params | MACs | AUROC fp32 | AUROC int8 PTQ | PTQ - fp32 | AUROC QAT float twin | "
+    lines = [("| training | model | params | MACs | AUROC fp32 | AUROC int8 PTQ | PTQ - fp32 | AUROC QAT float twin | "
              "AUROC QAT int8 | QAT int8 - twin | max abs ONNX-torch | "
-             "batch-1 latency torch / ORT (ms) | throughput torch / ORT (img/s) | x teacher (torch / ORT) |",
+             "batch-1 latency torch / ORT (ms) | throughput torch / ORT (img/s) | x teacher (torch / ORT) |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         lines.append(

@@ -32,13 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from score_regression import DATA, ROOT, Results  # noqa: E402
+from score_regression import DATA, ROOT, Results
 
-from kd_experiments import metrics as kd_metrics  # noqa: E402
-from kd_experiments.data.one_class import OneClassDataModule, load_idx_split  # noqa: E402
-from kd_experiments.schemes.score_regression.family import autoencoder_scorer, fit_teacher, predict  # noqa: E402
-from kd_experiments.schemes.score_regression.lightning_model import teacher_training_loss  # noqa: E402
-from kd_experiments.schemes.score_regression.torch_model import ConvAutoencoder  # noqa: E402
+from kd_experiments import metrics as kd_metrics
+from kd_experiments.data.one_class import OneClassDataModule, load_idx_split
+from kd_experiments.schemes.score_regression.family import autoencoder_scorer, fit_teacher, predict
+from kd_experiments.schemes.score_regression.lightning_model import teacher_training_loss
+from kd_experiments.schemes.score_regression.torch_model import ConvAutoencoder
 
 
 def validation_set(dataset: str, normal_class: int, seed: int):
@@ -78,7 +78,8 @@ def main() -> None:
         teacher = ConvAutoencoder()
         started = time.perf_counter()
 
-        def measure(epoch: int, train_loss: float, normal_class: int = normal_class, teacher=teacher) -> None:
+        def measure(epoch: int, train_loss: float, normal_class: int = normal_class, teacher=teacher,
+                    val_images=val_images, labels=labels, started=started) -> None:
             scores = predict(autoencoder_scorer(teacher), val_images)
             record = {
                 "dataset": args.dataset, "normal_class": normal_class, "seed": args.seed, "epoch": epoch,

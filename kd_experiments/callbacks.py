@@ -36,7 +36,7 @@ class InterruptCheckpoint(L.Callback):
     def __init__(self, dirpath: str | Path) -> None:
         self.dirpath = Path(dirpath)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:  # noqa: ARG002
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):
             self.dirpath.mkdir(parents=True, exist_ok=True)
             trainer.save_checkpoint(self.dirpath / "interrupted.ckpt")
@@ -49,7 +49,7 @@ class ChannelsLast(L.Callback):
     ``precision=bf16-mixed`` or ``16-mixed``); inputs follow the weights' format.
     """
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: ARG002
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         import torch
 
         pl_module.to(memory_format=torch.channels_last)

@@ -479,9 +479,9 @@ def markdown_report(
         "",
         "## By compression ratio",
         "",
-        f"Mean ± standard deviation over seeds of the {finished} FINISHED runs. *Pareto (ratio)*: no "
+        (f"Mean ± standard deviation over seeds of the {finished} FINISHED runs. *Pareto (ratio)*: no "
         "other row has both a higher compression ratio and a higher mean quality; *Pareto (latency)*: "
-        "no other row is both faster and better.",
+        "no other row is both faster and better."),
         "",
         _markdown_table(_summary_headers(quality, latency), _summary_rows(summaries, latency)),
         "",
@@ -663,7 +663,7 @@ class Report:
 
 def default_output_dir(experiment: str, sweep_id: str | None) -> Path:
     """``$KD_LOG_DIR/reports/<experiment>/<sweep or all-runs>`` (``KD_LOG_DIR`` defaults to ./logs)."""
-    safe = lambda text: "".join(c if c.isalnum() or c in "-_." else "_" for c in text)  # noqa: E731
+    safe = lambda text: "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
     root = Path(os.environ.get("KD_LOG_DIR") or "logs")
     return root / "reports" / safe(experiment) / safe(sweep_id or "all-runs")
 

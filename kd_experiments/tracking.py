@@ -144,7 +144,7 @@ def _check_server_answers(tracking_uri: str, timeout_s: float = 5.0) -> None:
 
     url = tracking_uri.rstrip("/") + "/health"
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - http(s) only
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
             response.read(64)
     except urllib.error.HTTPError:
         return  # it answered (a proxy or an auth layer may not expose /health)
@@ -290,11 +290,11 @@ class KDMLFlowLogger(MLFlowLogger):
     """
 
     @rank_zero_only
-    def log_hyperparams(self, params: Any) -> None:  # noqa: ARG002 - deliberately ignored
+    def log_hyperparams(self, params: Any) -> None:
         return None
 
     @rank_zero_only
-    def finalize(self, status: str = "success") -> None:  # noqa: ARG002 - tracker sets status
+    def finalize(self, status: str = "success") -> None:
         if not self._initialized:
             return
         if self._checkpoint_callback:
@@ -546,7 +546,7 @@ except ImportError:  # pragma: no cover - hydra is a dependency
 class CloseSweepParentCallback(_HydraCallback):
     """Hydra callback (``hydra.callbacks``) ending the sweep's parent run after a multirun."""
 
-    def on_multirun_end(self, config, **kwargs: Any) -> None:  # noqa: ARG002
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
         mlflow_cfg = (config.get("logger") or {}).get("mlflow") if config.get("logger") else None
         if mlflow_cfg is None:
             return

@@ -35,7 +35,7 @@ class SignalAtEpoch(L.Callback):
         self.epoch = epoch
         self.signal_number = signal_number
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: ARG002
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == self.epoch:
             os.kill(os.getpid(), self.signal_number)
 

@@ -11,13 +11,27 @@ import numpy as np
 import pytest
 import torch
 
-from kd_experiments.compression import count_parameters, export_onnx, onnx_parity, quantize_int8_static
+from kd_experiments.compression import (
+    count_parameters,
+    export_onnx,
+    onnx_parity,
+    quantize_int8_static,
+)
 from kd_experiments.data.one_class import OneClassDataModule
 from kd_experiments.errors import ConfigError
 from kd_experiments.metrics import image_auroc
-from kd_experiments.schemes.score_regression import ScoreRegressionScheme, ScoreTeacher, load_scheme_teacher
+from kd_experiments.schemes.score_regression import (
+    ScoreRegressionScheme,
+    ScoreTeacher,
+    load_scheme_teacher,
+)
 from kd_experiments.schemes.score_regression.events_model import MLPAutoencoder, MLPScoreRegressor
-from kd_experiments.schemes.score_regression.family import StudentTrack, fit_students, fit_teacher, predict
+from kd_experiments.schemes.score_regression.family import (
+    StudentTrack,
+    fit_students,
+    fit_teacher,
+    predict,
+)
 from kd_experiments.schemes.score_regression.lightning_model import teacher_training_loss
 from kd_experiments.schemes.score_regression.techniques import (
     OutlierSampler,

@@ -112,13 +112,13 @@ class AnomalyScheme(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._test_records = defaultdict(list)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: ARG002
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         outputs = self.score_batch(batch)
         assert "score" in outputs, f"{type(self).__name__}.score_batch must return 'score'"
         self._test_records["index"].append(batch["index"].detach().cpu())
         self._test_records["label"].append(batch["label"].detach().cpu())
         if "mask" in batch and "map" in outputs:
-            self._test_records["mask"].append((batch["mask"].detach().cpu().flatten(0, 1) > 0.5))
+            self._test_records["mask"].append(batch["mask"].detach().cpu().flatten(0, 1) > 0.5)
         for key, value in outputs.items():
             self._test_records[key].append(value.detach().float().cpu())
 

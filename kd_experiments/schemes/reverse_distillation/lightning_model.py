@@ -75,7 +75,6 @@ from kd_experiments.schemes.reverse_distillation.torch_model import (
 )
 from kd_experiments.tracking import log_figure_from_module
 
-
 #: Seed of the validation split's synthetic anomalies (fixed: comparable across epochs).
 VAL_ANOMALY_SEED = 2_147_483_629
 

@@ -20,6 +20,7 @@ Plain PyTorch: no Lightning, no files.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -41,12 +42,12 @@ class MLPAutoencoder(nn.Module):
         self.latent_dim = latent_dim
         widths = [features, *hidden]
         encoder: list[nn.Module] = []
-        for width_in, width_out in zip(widths[:-1], widths[1:], strict=True):
+        for width_in, width_out in itertools.pairwise(widths):
             encoder += _dense(width_in, width_out)
         encoder.append(nn.Linear(widths[-1], latent_dim))
         decoder: list[nn.Module] = []
         reverse = [latent_dim, *reversed(hidden)]
-        for width_in, width_out in zip(reverse[:-1], reverse[1:], strict=True):
+        for width_in, width_out in itertools.pairwise(reverse):
             decoder += _dense(width_in, width_out)
         decoder.append(nn.Linear(reverse[-1], features))
         self.encoder = nn.Sequential(*encoder)

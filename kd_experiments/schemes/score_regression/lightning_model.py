@@ -287,7 +287,7 @@ class ScoreRegressionScheme(AnomalyScheme):
             self.log("train/student_loss", student_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/teacher_phase", float(train_teacher and not train_student), on_step=False, on_epoch=True)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: ARG002
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images = batch["image"]
         teacher_score = self.teacher_score(images)
         student_score = self.student(images)
