@@ -121,28 +121,39 @@ def logged_metrics(tag_value: str, experiment_name: str) -> dict:
     return {**runs[0].data.metrics, "run_id": runs[0].info.run_id}
 
 
-def run_rd(scheme: str, ratio: float, seed: int, args: argparse.Namespace) -> dict:
-    from kd_experiments import config as kd_config
-    from kd_experiments.train import train
+def experiment_of(scheme: str) -> str:
+    return "rd_bottle" if scheme == "rd" else "rd_expert_bottle"
 
-    experiment = "rd_bottle" if scheme == "rd" else "rd_expert_bottle"
-    run_dir = ROOT / "logs" / "benchmarks" / f"{experiment}-cr{ratio:g}-s{seed}-{args.image_size}px"
-    overrides = [
-        f"experiment={experiment}",
+
+def rd_overrides(scheme: str, ratio: float, seed: int, args: argparse.Namespace, tag: str, purpose: str,
+                 extra: tuple[str, ...] = ()) -> list[str]:
+    """The ``kd-train`` overrides of one benchmark run (the setting of this file's docstring)."""
+    blur_sigma = getattr(args, "blur_sigma", None)
+    return [
+        f"experiment={experiment_of(scheme)}",
         f"data.root={args.data}",
         f"data.image_size={args.image_size}",
         f"data.batch_size={args.batch_size}",
         f"trainer.max_epochs={args.epochs}",
         f"scheme.compression_ratio={ratio}",
-        f"scheme.blur_sigma={args.blur_sigma if args.blur_sigma is not None else 4.0 * args.image_size / 256}",
+        f"scheme.blur_sigma={blur_sigma if blur_sigma is not None else 4.0 * args.image_size / 256}",
         f"seed={seed}",
+        *extra,
         "callbacks.progress_bar=null",
         "callbacks.model_summary=null",
         "trainer.enable_model_summary=false",
-        "+tags.purpose=benchmark",
-        f"+tags.benchmark_run={run_dir.name}-{os.getpid()}-{time.time_ns()}",
+        f"+tags.purpose={purpose}",
+        f"+tags.benchmark_run={tag}",
     ]
-    cfg = compose(overrides, run_dir)
+
+
+def run_rd(scheme: str, ratio: float, seed: int, args: argparse.Namespace) -> dict:
+    from kd_experiments import config as kd_config
+    from kd_experiments.train import train
+
+    run_dir = ROOT / "logs" / "benchmarks" / f"{experiment_of(scheme)}-cr{ratio:g}-s{seed}-{args.image_size}px"
+    tag = f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
+    cfg = compose(rd_overrides(scheme, ratio, seed, args, tag, "benchmark"), run_dir)
     started = time.perf_counter()
     metrics = train(cfg)
     wall = time.perf_counter() - started

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from rd_bottle import DEFAULT_DATA, RESULTS, ResultFile, compose
+from rd_bottle import DEFAULT_DATA, RESULTS, ResultFile, compose, experiment_of, rd_overrides
 
 METRICS = ("val/synthetic_pixel_auroc", "val/synthetic_image_auroc", "val/loss", "train/loss")
 
@@ -63,31 +63,13 @@ def history(tag_value: str, experiment_name: str) -> dict[int, dict[str, float]]
 
 
 def run_one(scheme: str, ratio: float, seed: int, args: argparse.Namespace) -> dict[int, dict[str, float]]:
-    experiment = "rd_bottle" if scheme == "rd" else "rd_expert_bottle"
-    run_dir = ROOT / "logs" / "benchmarks" / f"budget-{experiment}-cr{ratio:g}-s{seed}"
-    tag = f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
-    overrides = [
-        f"experiment={experiment}",
-        f"data.root={args.data}",
-        f"data.image_size={args.image_size}",
-        f"data.batch_size={args.batch_size}",
-        f"trainer.max_epochs={args.epochs}",
-        f"scheme.compression_ratio={ratio}",
-        f"scheme.blur_sigma={4.0 * args.image_size / 256}",
-        "++scheme.val_synthetic_anomalies=true",
-        f"seed={seed}",
-        "test=false",
-        "trainer.num_sanity_val_steps=0",
-        "callbacks.progress_bar=null",
-        "callbacks.model_summary=null",
-        "trainer.enable_model_summary=false",
-        "+tags.purpose=budget",
-        f"+tags.benchmark_run={tag}",
-    ]
     from kd_experiments.train import train
 
-    train(compose(overrides, run_dir))
-    return history(tag, experiment)
+    run_dir = ROOT / "logs" / "benchmarks" / f"budget-{experiment_of(scheme)}-cr{ratio:g}-s{seed}"
+    tag = f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
+    extra = ("++scheme.val_synthetic_anomalies=true", "test=false", "trainer.num_sanity_val_steps=0")
+    train(compose(rd_overrides(scheme, ratio, seed, args, tag, "budget", extra), run_dir))
+    return history(tag, experiment_of(scheme))
 
 
 def table(path: Path) -> str:
