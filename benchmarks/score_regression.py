@@ -135,8 +135,9 @@ def run_class(args, results: Results, normal_class: int, outlier_images: torch.T
         val_fraction=0.1, batch_size=args.batch_size, normalization="none", seed=args.seed,
     )
     data.setup("fit")
-    train_images = data.train_dataset.images
-    test_images, labels = data.test_dataset.images, data.test_dataset.labels
+    device = torch.device(args.device)
+    train_images = data.train_dataset.images.to(device)
+    test_images, labels = data.test_dataset.images.to(device), data.test_dataset.labels
     loss_fn = functools.partial(teacher_training_loss, vae_beta=1.0)
 
     # One teacher per class: it trains with the co-learning students (if any), then the
@@ -144,42 +145,53 @@ def run_class(args, results: Results, normal_class: int, outlier_images: torch.T
     # the same teacher the baseline schedule would train alone).
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    teacher = ConvAutoencoder()
+    teacher = ConvAutoencoder().to(device)
     groups: dict[str, list[StudentTrack]] = {"co_learning": [], "frozen": []}
     for technique in techniques:
         group, student_techniques, outlier_exposure = TECHNIQUES[technique]
         for name in args.students:
-            groups[group].append(StudentTrack(technique, name, build_student(PAPER_STUDENTS[name], (1, 28, 28)),
+            groups[group].append(StudentTrack(technique, name, build_student(PAPER_STUDENTS[name], (1, 28, 28)).to(device),
                                               student_techniques, outlier_exposure))
     common = {"batch_size": args.batch_size, "outlier_batch_size": args.outlier_batch_size, "lr": args.lr, "seed": args.seed,
                   "lr_schedule": args.lr_schedule}
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     sampler = None
     if any(track.outlier_exposure for tracks in groups.values() for track in tracks):
-        sampler = OutlierSampler(outlier_images, args.outlier_batch_size, seed=args.seed)
+        sampler = OutlierSampler(outlier_images.to(device), args.outlier_batch_size, seed=args.seed)
+    teacher_params = count_parameters(teacher)
+
+    def record_group(group: str, seconds: float) -> None:
+        # Each group's records are appended as soon as it is trained, so a run cut short
+        # (a time-limited GPU lease) keeps the groups it finished.
+        teacher_scores = predict(autoencoder_scorer(teacher), test_images)
+        for track in groups[group]:
+            student_scores = predict(track.model, test_images)
+            student_params = count_parameters(track.model)
+            co_learning = group == "co_learning"
+            record = {
+                "dataset": args.dataset, "normal_class": normal_class, "technique": track.technique,
+                "student": track.student, "student_params": student_params, "teacher_params": teacher_params,
+                "compression_ratio": teacher_params / student_params,
+                **evaluate(teacher_scores, student_scores, labels),
+                "seed": args.seed, "protocol": "balanced", "test_images": int(labels.numel()),
+                "teacher_epochs": args.teacher_epochs,
+                "student_epochs": args.teacher_epochs if co_learning else args.student_epochs,
+                "lr": args.lr, "lr_schedule": args.lr_schedule,
+                "outlier_batch_size": args.outlier_batch_size if track.outlier_exposure else 0,
+                "teacher_and_co_learning_seconds": round(teacher_seconds, 1), "class_train_seconds": round(seconds, 1),
+                "device": device_name,
+            }
+            if not results.has(**record):
+                results.append(record)
+
     fit_students(groups["co_learning"], teacher, train_images, args.teacher_epochs, loss_fn, sampler, **common)
     teacher_seconds = time.perf_counter() - started
+    record_group("co_learning", teacher_seconds)
     if groups["frozen"]:
         fit_students(groups["frozen"], teacher, train_images, args.student_epochs, None, sampler, **common)
+        record_group("frozen", time.perf_counter() - started)
     seconds = time.perf_counter() - started
     teacher_scores = predict(autoencoder_scorer(teacher), test_images)
-    teacher_params = count_parameters(teacher)
-    for track in groups["co_learning"] + groups["frozen"]:
-        student_scores = predict(track.model, test_images)
-        student_params = count_parameters(track.model)
-        co_learning = TECHNIQUES[track.technique][0] == "co_learning"
-        record = {
-            "dataset": args.dataset, "normal_class": normal_class, "technique": track.technique,
-            "student": track.student, "student_params": student_params, "teacher_params": teacher_params,
-            "compression_ratio": teacher_params / student_params,
-            **evaluate(teacher_scores, student_scores, labels),
-            "seed": args.seed, "protocol": "balanced", "test_images": int(labels.numel()),
-            "teacher_epochs": args.teacher_epochs,
-            "student_epochs": args.teacher_epochs if co_learning else args.student_epochs,
-            "lr": args.lr, "lr_schedule": args.lr_schedule, "outlier_batch_size": args.outlier_batch_size if track.outlier_exposure else 0,
-            "teacher_and_co_learning_seconds": round(teacher_seconds, 1), "class_train_seconds": round(seconds, 1),
-        }
-        if not results.has(**record):
-            results.append(record)
     smallest = {r["technique"]: round(r["student_auroc"], 4) for r in results.data["runs"]
                 if r["dataset"] == args.dataset and r["normal_class"] == normal_class and r["student"] == args.students[-1]
                 and r["teacher_epochs"] == args.teacher_epochs and r.get("lr_schedule") == args.lr_schedule}
@@ -205,8 +217,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--outlier-images", type=int, default=20000, help="seeded subset of the other set's train split")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: the loops run where the data is")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    torch.backends.cudnn.benchmark = True
     output = args.output or ROOT / "benchmarks" / "results" / f"score_regression_{args.dataset}.json"
     results = Results(output, ("dataset", "normal_class", "technique", "student", "seed", "teacher_epochs", "lr_schedule"))
     outlier_images = None

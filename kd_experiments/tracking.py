@@ -229,7 +229,13 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
-    """The current git commit of the project checkout (``unknown`` outside a checkout)."""
+    """The current git commit of the project checkout (``unknown`` outside a checkout).
+
+    ``KD_EXPERIMENTS_COMMIT``, when set, is returned as is: for copies of the code
+    without their ``.git`` (a container image, a remote GPU machine).
+    """
+    if os.environ.get("KD_EXPERIMENTS_COMMIT"):
+        return os.environ["KD_EXPERIMENTS_COMMIT"]
     search = Path(cwd) if cwd else Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(
