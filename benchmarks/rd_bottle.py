@@ -147,13 +147,15 @@ def rd_overrides(scheme: str, ratio: float, seed: int, args: argparse.Namespace,
     ]
 
 
-def run_rd(scheme: str, ratio: float, seed: int, args: argparse.Namespace) -> dict:
+def run_rd(scheme: str, ratio: float, seed: int, args: argparse.Namespace, extra: tuple[str, ...] = (),
+           name_suffix: str = "") -> dict:
+    """Train and test one RD run through ``kd-train``'s code path; ``extra``: more overrides."""
     from kd_experiments import config as kd_config
     from kd_experiments.train import train
 
-    run_dir = ROOT / "logs" / "benchmarks" / f"{experiment_of(scheme)}-cr{ratio:g}-s{seed}-{args.image_size}px"
+    run_dir = ROOT / "logs" / "benchmarks" / f"{experiment_of(scheme)}-cr{ratio:g}-s{seed}-{args.image_size}px{name_suffix}"
     tag = f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
-    cfg = compose(rd_overrides(scheme, ratio, seed, args, tag, "benchmark"), run_dir)
+    cfg = compose(rd_overrides(scheme, ratio, seed, args, tag, "benchmark", extra), run_dir)
     started = time.perf_counter()
     metrics = train(cfg)
     wall = time.perf_counter() - started

@@ -1,0 +1,116 @@
+"""RD and RD with Expert on MVTec AD bottle on one GPU, in the papers' setting (256 px, batch 16).
+
+Writes ``benchmarks/results/rd_bottle_gpu.json``: ``runs`` (one flat record per run,
+with quality, training and inference images/s and peak GPU memory), ``command``,
+``commit``, ``machine``. Each run goes through ``kd-train``'s code path with
+``trainer=gpu`` (:func:`rd_bottle.run_rd`, logged to MLflow), one run at a time, so the
+throughput and the memory figures are the run's own. Resumable like ``rd_bottle.py``.
+
+The plan (``--only`` picks entries as ``scheme:backbone``):
+
+- ``wide_resnet50_2`` (the papers' encoder, Deng & Li, CVPR 2022; Liu et al., AAAI
+  2025) at 256 px, batch 16: its ImageNet weights come from the hub, which no machine
+  of this project can reach, so these runs use ``weights=none`` (a random encoder) and
+  a short budget: their images/s and peak memory are the papers' architecture's, their
+  AUROC figures are those of a random encoder and say nothing about the method. With
+  hub access: ``--wrn-weights hub --wrn-epochs 200``.
+- ``tf_efficientnet_lite0`` with its offline ImageNet weights (``weights=package``) at
+  256 px, batch 16, the CPU benchmark's validation-chosen 35 epochs: quality, speed
+  and memory of the default encoder on a GPU at the papers' resolution and batch.
+
+Usage::
+
+    python benchmarks/rd_bottle_gpu.py            # needs a CUDA device
+    python benchmarks/rd_bottle_gpu.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from rd_bottle import DEFAULT_DATA, RESULTS, ROOT, ResultFile, run_rd
+
+#: (scheme, backbone)
+PLAN: list[tuple[str, str]] = [
+    ("rd", "wide_resnet50_2"),
+    ("rd_expert", "wide_resnet50_2"),
+    ("rd", "tf_efficientnet_lite0"),
+    ("rd_expert", "tf_efficientnet_lite0"),
+]
+
+
+def markdown_table(path: Path) -> str:
+    runs = json.loads(path.read_text())["runs"]
+    lines = [
+        "| scheme | backbone | weights | px | batch | epochs | precision | image AUROC | pixel AUROC | AUPRO "
+        "| train img/s | infer img/s | peak GPU memory | deployed params | GPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r['scheme']} | {r['backbone']} | {r['weights']} | {r['image_size']} | {r['batch_size']} | {r['epochs']} "
+            f"| {r['precision']} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['aupro']:.4f} "
+            f"| {r['train_images_per_s']:.1f} | {r['infer_images_per_s']:.1f} "
+            f"| {r['peak_gpu_memory_bytes'] / 2**30:.2f} GiB | {r['deployed_params']:,} | {r['gpu']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding bottle/")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=35, help="budget of the package-weights runs")
+    parser.add_argument("--wrn-epochs", type=int, default=3, help="budget of the wide_resnet50_2 runs")
+    parser.add_argument("--wrn-weights", default="none", choices=["none", "hub", "file"])
+    parser.add_argument("--precision", default="32", help="trainer.precision (32, bf16-mixed, 16-mixed)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="*", default=None, help="plan entries as scheme:backbone")
+    parser.add_argument("--output", type=Path, default=RESULTS / "rd_bottle_gpu.json")
+    parser.add_argument("--table", action="store_true", help="print the results as Markdown and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(markdown_table(args.output))
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("rd_bottle_gpu.py needs a CUDA device (trainer=gpu); the CPU benchmark is rd_bottle.py")
+    args.blur_sigma = None
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}")
+    (ROOT / "mlruns").mkdir(exist_ok=True)
+    results = ResultFile(args.output, "python " + " ".join(["benchmarks/rd_bottle_gpu.py", *sys.argv[1:]]))
+    plan = [e for e in PLAN if args.only is None or f"{e[0]}:{e[1]}" in set(args.only)]
+    for scheme, backbone in plan:
+        wrn = backbone == "wide_resnet50_2"
+        weights = args.wrn_weights if wrn else "package"
+        epochs = args.wrn_epochs if wrn else args.epochs
+        key = {"scheme": scheme, "backbone": backbone, "weights": weights, "image_size": args.image_size,
+               "batch_size": args.batch_size, "epochs": epochs, "precision": args.precision, "seed": args.seed}
+        if results.has(key):
+            print(f"[rd_bottle_gpu] skip {key} (done)", flush=True)
+            continue
+        print(f"[rd_bottle_gpu] run {key}", flush=True)
+        run_args = argparse.Namespace(data=args.data, image_size=args.image_size, batch_size=args.batch_size,
+                                      epochs=epochs, blur_sigma=None)
+        extra = ("trainer=gpu", f"trainer.precision={args.precision}", f"scheme.backbone={backbone}",
+                 f"scheme.weights={weights}")
+        torch.cuda.reset_peak_memory_stats()
+        record = run_rd(scheme, 1.0, args.seed, run_args, extra, name_suffix=f"-{backbone}-gpu")
+        record = {
+            **key, "compression_ratio": 1.0, **record,
+            "peak_gpu_memory_bytes": int(torch.cuda.max_memory_allocated()),
+            "peak_gpu_memory_reserved_bytes": int(torch.cuda.max_memory_reserved()),
+            "gpu": torch.cuda.get_device_name(0), "device": "cuda",
+            "quality_meaningful": weights != "none",
+        }
+        results.append(record)
+        print(f"[rd_bottle_gpu] done {json.dumps(record)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
