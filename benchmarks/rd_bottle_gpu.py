@@ -18,9 +18,18 @@ The plan (``--only`` picks entries as ``scheme:backbone``):
   256 px, batch 16, the CPU benchmark's validation-chosen 35 epochs: quality, speed
   and memory of the default encoder on a GPU at the papers' resolution and batch.
 
+AUPRO is anomalib's (``kd_experiments.metrics.aupro``). Where anomalib is not installed
+(the lent GPU machine: its wheels and their needs did not fit the 64 MiB that travels
+there), ``--defer-aupro DIR`` saves the test maps and masks of the package-weights runs
+(float32, exactly what the metric would read) and records ``aupro`` as NaN;
+``--finish-aupro DIR`` then computes it on a machine with anomalib, with the same
+function, and fills the records in.
+
 Usage::
 
     python benchmarks/rd_bottle_gpu.py            # needs a CUDA device
+    python benchmarks/rd_bottle_gpu.py --defer-aupro $OUT   # on a GPU machine without anomalib
+    python benchmarks/rd_bottle_gpu.py --finish-aupro DIR   # where anomalib is
     python benchmarks/rd_bottle_gpu.py --table
 """
 
@@ -32,6 +41,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from rd_bottle import DEFAULT_DATA, RESULTS, ROOT, ResultFile, run_rd
 
@@ -61,6 +71,48 @@ def markdown_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+class DeferredAupro:
+    """Stands in for anomalib's AUPRO where anomalib is missing: saves the first map set
+    a run scores (the student's test maps) to ``<dir>/<name>_{a,b}.npz`` (two halves, to
+    keep each file small) and returns NaN. ``name=None``: save nothing."""
+
+    def __init__(self, directory: Path) -> None:
+        import kd_experiments.metrics as kd_metrics
+
+        self.directory, self.name, self.saved = directory, None, []
+        self.original = kd_metrics._anomalib_aupro
+        kd_metrics._anomalib_aupro = self
+
+    def __call__(self, maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> float:
+        if self.name is not None:
+            half = len(maps) // 2
+            self.directory.mkdir(parents=True, exist_ok=True)
+            np.savez(self.directory / f"{self.name}_a.npz", maps=maps[:half].astype(np.float32),
+                     masks=np.packbits(masks.astype(bool)), shape=np.array(masks.shape), fpr_limit=fpr_limit)
+            np.savez(self.directory / f"{self.name}_b.npz", maps=maps[half:].astype(np.float32))
+            self.saved = [f"{self.name}_a.npz", f"{self.name}_b.npz"]
+            self.name = None
+        return float("nan")
+
+
+def finish_aupro(output: Path, directory: Path) -> None:
+    """Compute the deferred AUPROs from the saved maps (anomalib's metric) into the records."""
+    from kd_experiments import metrics as kd_metrics
+
+    data = json.loads(output.read_text())
+    for run in data["runs"]:
+        files = run.get("aupro_deferred_files")
+        if not files or run.get("aupro") == run.get("aupro"):  # none saved, or already a number
+            continue
+        first, second = (np.load(directory / name) for name in files)
+        maps = np.concatenate([first["maps"], second["maps"]])
+        masks = np.unpackbits(first["masks"])[: int(np.prod(first["shape"]))].reshape(first["shape"])
+        run["aupro"] = kd_metrics.aupro(maps, masks, float(first["fpr_limit"]))
+        run["aupro_computed_on"] = "CPU with anomalib, from this GPU run's saved float32 test maps"
+        print(f"{run['scheme']} {run['backbone']}: AUPRO {run['aupro']:.4f}")
+    output.write_text(json.dumps(data, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding bottle/")
@@ -74,10 +126,18 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="plan entries as scheme:backbone")
     parser.add_argument("--output", type=Path, default=RESULTS / "rd_bottle_gpu.json")
     parser.add_argument("--table", action="store_true", help="print the results as Markdown and exit")
+    parser.add_argument("--defer-aupro", type=Path, default=None,
+                        help="anomalib missing here: save the test maps to this folder, AUPRO left NaN")
+    parser.add_argument("--finish-aupro", type=Path, default=None,
+                        help="compute the deferred AUPROs from the maps in this folder and exit")
     args = parser.parse_args()
     if args.table:
         print(markdown_table(args.output))
         return
+    if args.finish_aupro is not None:
+        finish_aupro(args.output, args.finish_aupro)
+        return
+    deferred = DeferredAupro(args.defer_aupro) if args.defer_aupro is not None else None
     if not torch.cuda.is_available():
         raise SystemExit("rd_bottle_gpu.py needs a CUDA device (trainer=gpu); the CPU benchmark is rd_bottle.py")
     args.blur_sigma = None
@@ -99,6 +159,9 @@ def main() -> None:
                                       epochs=epochs, blur_sigma=None)
         extra = ("trainer=gpu", f"trainer.precision={args.precision}", f"scheme.backbone={backbone}",
                  f"scheme.weights={weights}")
+        if deferred is not None:
+            deferred.name = f"{scheme}_{backbone}_{args.image_size}px_s{args.seed}" if weights != "none" else None
+            deferred.saved = []
         torch.cuda.reset_peak_memory_stats()
         record = run_rd(scheme, 1.0, args.seed, run_args, extra, name_suffix=f"-{backbone}-gpu")
         record = {
@@ -108,6 +171,8 @@ def main() -> None:
             "gpu": torch.cuda.get_device_name(0), "device": "cuda",
             "quality_meaningful": weights != "none",
         }
+        if deferred is not None:
+            record["aupro_deferred_files"] = deferred.saved
         results.append(record)
         print(f"[rd_bottle_gpu] done {json.dumps(record)}", flush=True)
 
