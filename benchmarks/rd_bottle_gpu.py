@@ -58,15 +58,15 @@ def markdown_table(path: Path) -> str:
     runs = json.loads(path.read_text())["runs"]
     lines = [
         "| scheme | backbone | weights | px | batch | epochs | precision | image AUROC | pixel AUROC | AUPRO "
-        "| train img/s | infer img/s | peak GPU memory | deployed params | GPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| decoder | train img/s | infer img/s | peak GPU memory | student params | GPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         lines.append(
             f"| {r['scheme']} | {r['backbone']} | {r['weights']} | {r['image_size']} | {r['batch_size']} | {r['epochs']} "
             f"| {r['precision']} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['aupro']:.4f} "
-            f"| {r['train_images_per_s']:.1f} | {r['infer_images_per_s']:.1f} "
-            f"| {r['peak_gpu_memory_bytes'] / 2**30:.2f} GiB | {r['deployed_params']:,} | {r['gpu']} |"
+            f"| {r.get('decoder', 'default')} | {r['train_images_per_s']:.1f} | {r['infer_images_per_s']:.1f} "
+            f"| {r['peak_gpu_memory_bytes'] / 2**30:.2f} GiB | {r['student_params']:,} | {r['gpu']} |"
         )
     return "\n".join(lines)
 
@@ -122,6 +122,9 @@ def main() -> None:
     parser.add_argument("--wrn-epochs", type=int, default=3, help="budget of the wide_resnet50_2 runs")
     parser.add_argument("--wrn-weights", default="none", choices=["none", "hub", "file"])
     parser.add_argument("--precision", default="32", help="trainer.precision (32, bf16-mixed, 16-mixed)")
+    parser.add_argument("--rd4ad-decoder", action="store_true",
+                        help="RD4AD's own decoder (transposed up-sampling, 2 blocks, expansion 1, no projection, "
+                             "ResNet init), the papers' architecture for ResNet encoders")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", default=None, help="plan entries as scheme:backbone")
     parser.add_argument("--output", type=Path, default=RESULTS / "rd_bottle_gpu.json")
@@ -150,7 +153,8 @@ def main() -> None:
         weights = args.wrn_weights if wrn else "package"
         epochs = args.wrn_epochs if wrn else args.epochs
         key = {"scheme": scheme, "backbone": backbone, "weights": weights, "image_size": args.image_size,
-               "batch_size": args.batch_size, "epochs": epochs, "precision": args.precision, "seed": args.seed}
+               "batch_size": args.batch_size, "epochs": epochs, "precision": args.precision, "seed": args.seed,
+               "decoder": "rd4ad" if args.rd4ad_decoder else "default"}
         if results.has(key):
             print(f"[rd_bottle_gpu] skip {key} (done)", flush=True)
             continue
@@ -159,6 +163,9 @@ def main() -> None:
                                       epochs=epochs, blur_sigma=None)
         extra = ("trainer=gpu", f"trainer.precision={args.precision}", f"scheme.backbone={backbone}",
                  f"scheme.weights={weights}")
+        if args.rd4ad_decoder:
+            extra += ("scheme.decoder_upsampling=transposed", "scheme.decoder_blocks=2", "scheme.decoder_expansion=1",
+                      "scheme.decoder_projection=false", "scheme.init=resnet")
         if deferred is not None:
             deferred.name = f"{scheme}_{backbone}_{args.image_size}px_s{args.seed}" if weights != "none" else None
             deferred.saved = []
