@@ -123,8 +123,8 @@ def main() -> None:
     parser.add_argument("--wrn-weights", default="none", choices=["none", "hub", "file"])
     parser.add_argument("--precision", default="32", help="trainer.precision (32, bf16-mixed, 16-mixed)")
     parser.add_argument("--rd4ad-decoder", action="store_true",
-                        help="RD4AD's own decoder (transposed up-sampling, 2 blocks, expansion 1, no projection, "
-                             "ResNet init), the papers' architecture for ResNet encoders")
+                        help="RD4AD's own student for wide_resnet50_2 (experiment=rd_paper_bottle: bottleneck blocks, "
+                             "width 128, OCBE 3 blocks, decoder 6/4/3 transposed, expansion 1, no projection, ResNet init)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", default=None, help="plan entries as scheme:backbone")
     parser.add_argument("--output", type=Path, default=RESULTS / "rd_bottle_gpu.json")
@@ -154,7 +154,7 @@ def main() -> None:
         epochs = args.wrn_epochs if wrn else args.epochs
         key = {"scheme": scheme, "backbone": backbone, "weights": weights, "image_size": args.image_size,
                "batch_size": args.batch_size, "epochs": epochs, "precision": args.precision, "seed": args.seed,
-               "decoder": "rd4ad" if args.rd4ad_decoder else "default"}
+               "decoder": "rd4ad_bottleneck" if args.rd4ad_decoder else "default"}
         if results.has(key):
             print(f"[rd_bottle_gpu] skip {key} (done)", flush=True)
             continue
@@ -164,8 +164,9 @@ def main() -> None:
         extra = ("trainer=gpu", f"trainer.precision={args.precision}", f"scheme.backbone={backbone}",
                  f"scheme.weights={weights}")
         if args.rd4ad_decoder:
-            extra += ("scheme.decoder_upsampling=transposed", "scheme.decoder_blocks=2", "scheme.decoder_expansion=1",
-                      "scheme.decoder_projection=false", "scheme.init=resnet")
+            extra += ("scheme.decoder_upsampling=transposed", "scheme.decoder_blocks=[6,4,3]", "scheme.decoder_expansion=1",
+                      "scheme.decoder_projection=false", "scheme.init=resnet", "scheme.block=bottleneck",
+                      "scheme.block_base_width=128", "scheme.bottleneck_blocks=3")
         if deferred is not None:
             deferred.name = f"{scheme}_{backbone}_{args.image_size}px_s{args.seed}" if weights != "none" else None
             deferred.saved = []

@@ -46,6 +46,9 @@ def _kd_train(tmp_path: Path, *overrides: str, run_dir: str) -> subprocess.Compl
     return subprocess.run(
         [*KD_TRAIN, *QUICK, *overrides, f"hydra.run.dir={tmp_path / run_dir}"],
         capture_output=True, text=True, timeout=600, env=env, cwd=PROJECT_ROOT,
+        # A shell's background job inherits SIGINT ignored, and Python keeps it so: give
+        # the child the default disposition, so Ctrl-C reaches it as it does a user's run.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

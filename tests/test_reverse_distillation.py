@@ -25,6 +25,7 @@ from kd_experiments.schemes.reverse_distillation.synthetic_anomalies import (
     perlin_noise,
 )
 from kd_experiments.schemes.reverse_distillation.torch_model import (
+    BottleneckBlock,
     ReverseStudent,
     count_on_meta,
     width_for_ratio,
@@ -105,6 +106,70 @@ def test_rd4ad_mirror_compares_block_outputs_and_uses_resnet_init() -> None:
         ReverseStudent(LITE0_CHANNELS, 1.0, decoder_projection=False)  # widths 2 x C_i
     with pytest.raises(ConfigError, match="init"):
         ReverseStudent(LITE0_CHANNELS, 1.0, init="xavier")
+
+
+RESNET50_CHANNELS = [256, 512, 1024]
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize(("backbone", "base_width"), [("resnet50", 64), ("wide_resnet50_2", 128)])
+def test_bottleneck_student_has_anomalibs_rd4ad_architecture(backbone: str, base_width: int) -> None:
+    # RD4AD for ResNet-50 encoders: OCBE of three bottleneck blocks, decoder of
+    # de-convolutional bottleneck blocks, 3/4/6 per stage from the deepest. Compared with
+    # anomalib's ReverseDistillationModel, built here (no weights) module by module.
+    from anomalib.models.image.reverse_distillation.anomaly_map import AnomalyMapGenerationMode
+    from anomalib.models.image.reverse_distillation.torch_model import ReverseDistillationModel
+
+    reference = ReverseDistillationModel(
+        backbone=backbone, input_size=(64, 64), layers=["layer1", "layer2", "layer3"],
+        anomaly_map_mode=AnomalyMapGenerationMode.ADD, pre_trained=False,
+    )
+    with torch.device("meta"):
+        ours = ReverseStudent(RESNET50_CHANNELS, 1.0, bottleneck_blocks=3, decoder_blocks=[6, 4, 3],
+                              decoder_upsampling="transposed", decoder_expansion=1.0, decoder_projection=False,
+                              init="resnet", block="bottleneck", block_base_width=base_width)
+        oc_64 = ReverseStudent(RESNET50_CHANNELS, 1.0, bottleneck_blocks=3, decoder_blocks=[6, 4, 3],
+                               decoder_upsampling="transposed", decoder_expansion=1.0, decoder_projection=False,
+                               block="bottleneck", block_base_width=64).bottleneck
+    assert _count(ours.stages) == _count(reference.decoder)
+    # anomalib's OCBE always uses width 64 (RD4AD's code passes 128 for the wide model) and
+    # holds a conv4/bn4 that its forward never calls.
+    unused = _count(reference.bottleneck.conv4) + _count(reference.bottleneck.bn4)
+    assert _count(oc_64) == _count(reference.bottleneck) - unused
+    if base_width == 128:
+        assert _count(ours.bottleneck) > _count(oc_64)
+
+
+def test_bottleneck_student_shapes_blocks_and_errors() -> None:
+    student = ReverseStudent(RESNET50_CHANNELS, 0.25, bottleneck_blocks=3, decoder_blocks=[3, 2, 1],
+                             decoder_upsampling="transposed", decoder_expansion=1.0, block="bottleneck")
+    teacher = [torch.randn(2, 256, 16, 16), torch.randn(2, 512, 8, 8), torch.randn(2, 1024, 4, 4)]
+    assert [o.shape for o in student(teacher)] == [t.shape for t in teacher]
+    # stages run deepest first; the counts are per level, shallowest first
+    assert [1 + len(stage.blocks) for stage in student.stages] == [1, 2, 3]
+    assert isinstance(student.stages[0].entry, BottleneckBlock)
+    assert len(student.bottleneck.embedding) == 3
+    odd = [torch.randn(1, 256, 13, 13), torch.randn(1, 512, 7, 7), torch.randn(1, 1024, 4, 4)]
+    assert [o.shape for o in student(odd)] == [t.shape for t in odd]
+    with pytest.raises(ConfigError, match="scheme.block "):
+        ReverseStudent(RESNET50_CHANNELS, 1.0, block="inverted")
+    with pytest.raises(ConfigError, match="block_base_width"):
+        ReverseStudent(RESNET50_CHANNELS, 1.0, block="bottleneck", block_base_width=0)
+    with pytest.raises(ConfigError, match="decoder_blocks"):
+        ReverseStudent(RESNET50_CHANNELS, 1.0, decoder_blocks=[2, 2])
+
+
+def test_papers_experiment_builds_rd4ads_student(compose_cfg) -> None:
+    cfg = compose_cfg("experiment=rd_paper_bottle", "scheme.weights=none")
+    assert cfg.trainer.accelerator == "gpu" and cfg.data.image_size == 256 and cfg.data.batch_size == 16
+    from kd_experiments import config as kd_config
+
+    scheme = kd_config.instantiate(cfg.scheme, input_shape=(3, 64, 64))
+    assert scheme.student.block == "bottleneck"
+    assert [1 + len(stage.blocks) for stage in scheme.student.stages] == [3, 4, 6]
 
 
 @pytest.mark.parametrize("ratio", [4, 16, 64])

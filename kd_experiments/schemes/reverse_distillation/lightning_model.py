@@ -90,7 +90,12 @@ class ReverseDistillationScheme(AnomalyScheme):
             ``width_multiplier`` is given).
         width_multiplier: explicit student width (1.0 = full width).
         expert, skip_fusion, guided_injection, synthetic_anomalies: see the module docstring.
-        bottleneck_blocks, decoder_blocks: residual blocks in the OCE and per decoder stage.
+        bottleneck_blocks, decoder_blocks: residual blocks in the OCE and per decoder stage
+            (``decoder_blocks``: one count, or one per encoder level, shallowest first).
+        block: the residual block family of OCBE and decoder, ``basic`` (two 3x3
+            convolutions; default) or ``bottleneck`` (1x1, 3x3, 1x1: RD4AD's form for
+            ResNet-50 encoders); ``block_base_width``: torchvision's ``width_per_group``
+            of the bottleneck blocks (64 ResNet-50, 128 Wide ResNet-50-2).
         decoder_upsampling: ``bilinear`` (default) or ``transposed`` (RD4AD's 2x2
             stride-2 transposed convolutions; see :class:`DecoderStage`).
         decoder_expansion: decoder width / encoder channels at full width (2 by
@@ -132,6 +137,8 @@ class ReverseDistillationScheme(AnomalyScheme):
         decoder_expansion: float = 2.0,
         decoder_projection: bool = True,
         init: str = "torch",
+        block: str = "basic",
+        block_base_width: int = 64,
         student_lr: float = 0.005,
         teacher_lr: float = 1e-4,
         betas: Sequence[float] = (0.5, 0.999),
@@ -149,9 +156,16 @@ class ReverseDistillationScheme(AnomalyScheme):
             raise ConfigError(f"scheme.map_mode must be one of {MODES}, got {map_mode!r}")
         if guided_injection and not skip_fusion:
             raise ConfigError("scheme.guided_injection=true needs scheme.skip_fusion=true (it gates the skip features)")
-        for name, value in (("bottleneck_blocks", bottleneck_blocks), ("decoder_blocks", decoder_blocks)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"scheme.{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(bottleneck_blocks, int) or bottleneck_blocks < 1:
+            raise ConfigError(f"scheme.bottleneck_blocks must be an integer >= 1, got {bottleneck_blocks!r}")
+        if not isinstance(decoder_blocks, int):  # one count per level (a Hydra list)
+            if isinstance(decoder_blocks, str | bytes) or not isinstance(decoder_blocks, Sequence):
+                raise ConfigError(f"scheme.decoder_blocks must be an integer >= 1 or a list of them, got {decoder_blocks!r}")
+            decoder_blocks = [int(b) if isinstance(b, int) else b for b in decoder_blocks]
+            if not all(isinstance(b, int) and b >= 1 for b in decoder_blocks):
+                raise ConfigError(f"scheme.decoder_blocks must be integers >= 1, got {decoder_blocks!r}")
+        elif decoder_blocks < 1:
+            raise ConfigError(f"scheme.decoder_blocks must be an integer >= 1, got {decoder_blocks!r}")
         if decoder_upsampling not in UPSAMPLING:
             raise ConfigError(f"scheme.decoder_upsampling must be one of {UPSAMPLING}, got {decoder_upsampling!r}")
         self.scheme_name = "rd_expert" if expert else "reverse_distillation"
@@ -168,7 +182,7 @@ class ReverseDistillationScheme(AnomalyScheme):
         def build_student(width: float) -> ReverseStudent:
             return ReverseStudent(
                 encoder_channels, width, bottleneck_blocks, decoder_blocks, skip_fusion, guided_injection,
-                decoder_upsampling, decoder_expansion, decoder_projection, init,
+                decoder_upsampling, decoder_expansion, decoder_projection, init, block, block_base_width,
             )
 
         if width_multiplier is None:

@@ -18,8 +18,15 @@ Modules:
   shallower level is brought to the deepest level's resolution by stride-2 3x3
   convolutions and concatenated with the deepest level, as in RD4AD's
   ``BN_layer``), then the one-class embedding block (OCE: a stride-2 residual stage).
-  Paper and code agree; we use basic residual blocks (two 3x3 convolutions) where
-  RD4AD uses ResNet bottleneck blocks, because one family must serve every backbone.
+  Paper and code agree. Blocks (``block``): ``basic`` residual blocks (two 3x3
+  convolutions) by default, so that one family serves every backbone; ``bottleneck``
+  (1x1, 3x3, 1x1, inner width ``out / 4 * block_base_width / 64``) is RD4AD's form for
+  ResNet-50 encoders, where each shallower level steps through the next levels'
+  channels (``BN_layer``'s 256 -> 512 -> 1024). With three OCBE blocks and decoder
+  blocks ``[6, 4, 3]`` it has exactly the parameters of anomalib's
+  ``ReverseDistillationModel`` for resnet50 (the unused ``conv4``/``bn4`` of its OCBE
+  aside; a test checks it module by module); for wide_resnet50_2 RD4AD's code passes
+  ``width_per_group=128`` to the OCBE too, where anomalib keeps 64.
 - :class:`DecoderStage`: the reversed student's stages, one per encoder level, deepest
   first, each ending in a 1x1 projection to the encoder's channels (the features
   compared with the teacher's). Two up-sampling forms (``decoder_upsampling``):
@@ -173,6 +180,68 @@ class ResidualBlock(nn.Module):
         return F.relu(out + self.shortcut(x), inplace=True)
 
 
+#: Residual block families of the student: basic (two 3x3 convolutions, ResNet-18/34 and
+#: the generic default) or bottleneck (1x1 -> 3x3 -> 1x1, ResNet-50 family, RD4AD's form there).
+BLOCKS = ("basic", "bottleneck")
+
+
+class BottleneckBlock(nn.Module):
+    """ResNet's bottleneck block: 1x1 to ``width``, 3x3 (strided) at ``width``, 1x1 to ``out_channels``.
+
+    ``upsample=True`` is RD4AD's de-convolutional bottleneck (``deBottleneck``): the 3x3
+    becomes a 2x2 stride-2 transposed convolution and the shortcut a 2x2 stride-2
+    transposed convolution, so the block doubles the resolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, width: int, stride: int = 1, upsample: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        if upsample:
+            self.conv2: nn.Module = nn.ConvTranspose2d(width, width, 2, 2, bias=False)
+        else:
+            self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if upsample:
+            self.shortcut = nn.Sequential(
+                nn.ConvTranspose2d(in_channels, out_channels, 2, 2, bias=False), nn.BatchNorm2d(out_channels)
+            )
+        elif stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x), inplace=True)
+
+
+def bottleneck_width(out_channels: int, base_width: int) -> int:
+    """The inner width of a bottleneck block with ``out_channels`` outputs: torchvision's
+    ``planes * base_width / 64`` with ``planes = out_channels / 4`` (64: ResNet-50; 128:
+    Wide ResNet-50-2)."""
+    return max(1, round(out_channels / 4 * base_width / 64))
+
+
+def residual_block(block: str, in_channels: int, out_channels: int, stride: int = 1, base_width: int = 64) -> nn.Module:
+    """A residual block of the family ``block`` (:data:`BLOCKS`)."""
+    if block == "basic":
+        return ResidualBlock(in_channels, out_channels, stride)
+    return BottleneckBlock(in_channels, out_channels, bottleneck_width(out_channels, base_width), stride)
+
+
+def _check_block(block: str, base_width: int) -> None:
+    if block not in BLOCKS:
+        raise ConfigError(f"scheme.block must be one of {BLOCKS}, got {block!r}")
+    if not (isinstance(base_width, int) and base_width > 0):
+        raise ConfigError(f"scheme.block_base_width must be a positive integer, got {base_width!r}")
+
+
 # ---------------------------------------------------------------------------- student
 
 
@@ -202,22 +271,39 @@ class StudentWidths:
 
 
 class OneClassBottleneck(nn.Module):
-    """RD's OCBE: multi-scale feature fusion, then the one-class embedding (stride 2)."""
+    """RD's OCBE: multi-scale feature fusion, then the one-class embedding (stride 2).
 
-    def __init__(self, encoder_channels: Sequence[int], fusion_channels: int, embedding_channels: int, blocks: int) -> None:
+    ``block="basic"``: every shallower level is brought down by stride-2 3x3
+    convolutions at ``fusion_channels``; the embedding is ``blocks`` basic blocks.
+    ``block="bottleneck"`` (RD4AD's ``BN_layer`` for ResNet-50 encoders): level ``l``
+    steps through the next levels' widths (``fusion_widths``, e.g. 256 -> 512 -> 1024),
+    and the embedding is ``blocks`` bottleneck blocks of inner width
+    ``out / 4 * base_width / 64``.
+    """
+
+    def __init__(
+        self, encoder_channels: Sequence[int], fusion_channels: int, embedding_channels: int, blocks: int,
+        block: str = "basic", base_width: int = 64, fusion_widths: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
+        _check_block(block, base_width)
         levels = len(encoder_channels)
+        if block == "basic" or fusion_widths is None:
+            fusion_widths = [fusion_channels] * levels
         self.branches = nn.ModuleList()
         for level, channels in enumerate(encoder_channels[:-1]):
-            steps = levels - 1 - level
             layers: list[nn.Module] = []
-            for step in range(steps):
-                layers.append(conv_bn_relu(channels if step == 0 else fusion_channels, fusion_channels, 3, 2))
+            in_channels = channels
+            for step in range(level + 1, levels):
+                out_channels = fusion_widths[step] if block == "bottleneck" else fusion_channels
+                layers.append(conv_bn_relu(in_channels, out_channels, 3, 2))
+                in_channels = out_channels
             self.branches.append(nn.Sequential(*layers))
-        fused = fusion_channels * (levels - 1) + encoder_channels[-1]
+        branch_out = fusion_widths[-1] if block == "bottleneck" else fusion_channels
+        fused = branch_out * (levels - 1) + encoder_channels[-1]
         self.embedding = nn.Sequential(
-            ResidualBlock(fused, embedding_channels, stride=2),
-            *[ResidualBlock(embedding_channels, embedding_channels) for _ in range(blocks - 1)],
+            residual_block(block, fused, embedding_channels, 2, base_width),
+            *[residual_block(block, embedding_channels, embedding_channels, 1, base_width) for _ in range(blocks - 1)],
         )
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -274,16 +360,18 @@ class DecoderStage(nn.Module):
     """Up-sample to a level's size, convolve at ``width``, project to the encoder's channels.
 
     ``upsampling="bilinear"``: bilinear resize, 3x3 conv, ``blocks`` residual blocks.
-    ``upsampling="transposed"`` (RD4AD): an :class:`UpsamplingBlock` (x2), then
-    ``blocks - 1`` residual blocks; a level whose size is not twice the input's (odd
+    ``upsampling="transposed"`` (RD4AD): an :class:`UpsamplingBlock` (x2; with
+    ``block="bottleneck"`` RD4AD's de-convolutional :class:`BottleneckBlock`), then
+    ``blocks - 1`` residual blocks of the family ``block``; a level whose size is not twice the input's (odd
     sizes under TF "SAME" padding) is resized bilinearly after the up-sampling block.
     """
 
     def __init__(
         self, in_channels: int, width: int, out_channels: int, blocks: int, upsampling: str = "bilinear",
-        projection: bool = True,
+        projection: bool = True, block: str = "basic", base_width: int = 64,
     ) -> None:
         super().__init__()
+        _check_block(block, base_width)
         if not projection and width != out_channels:
             raise ConfigError(
                 f"scheme.decoder_projection=false needs decoder widths equal to the encoder's channels "
@@ -295,10 +383,13 @@ class DecoderStage(nn.Module):
         if upsampling == "bilinear":
             self.entry: nn.Module = conv_bn_relu(in_channels, width, 3, 1)
             remaining = blocks
-        else:
+        elif block == "basic":
             self.entry = UpsamplingBlock(in_channels, width)
             remaining = blocks - 1
-        self.blocks = nn.Sequential(*[ResidualBlock(width, width) for _ in range(remaining)])
+        else:
+            self.entry = BottleneckBlock(in_channels, width, bottleneck_width(width, base_width), upsample=True)
+            remaining = blocks - 1
+        self.blocks = nn.Sequential(*[residual_block(block, width, width, 1, base_width) for _ in range(remaining)])
         self.project: nn.Module = nn.Conv2d(width, out_channels, 1) if projection else nn.Identity()
 
     def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -362,8 +453,11 @@ class ReverseStudent(nn.Module):
         decoder_expansion: float = 2.0,
         decoder_projection: bool = True,
         init: str = "torch",
+        block: str = "basic",
+        block_base_width: int = 64,
     ) -> None:
         super().__init__()
+        _check_block(block, block_base_width)
         if guided_injection and not skip_fusion:
             raise ConfigError("scheme.guided_injection=true needs scheme.skip_fusion=true (it gates the skip features)")
         if not width_multiplier > 0:
@@ -377,16 +471,21 @@ class ReverseStudent(nn.Module):
             raise ConfigError(f"scheme.decoder_expansion must be > 0, got {decoder_expansion}")
         self.widths = StudentWidths.from_multiplier(channels, width_multiplier, decoder_expansion=decoder_expansion)
         self.skip_fusion = skip_fusion
-        self.bottleneck = OneClassBottleneck(channels, self.widths.fusion, self.widths.embedding, bottleneck_blocks)
         levels = len(channels)
+        stage_blocks = _per_level(decoder_blocks, levels)
+        self.block = block
+        self.bottleneck = OneClassBottleneck(
+            channels, self.widths.fusion, self.widths.embedding, bottleneck_blocks, block, block_base_width,
+            fusion_widths=self.widths.skip,
+        )
         self.stages = nn.ModuleList()
         self.fusions = nn.ModuleList()
         in_channels = self.widths.embedding
         for level in reversed(range(levels)):  # deepest first
             self.stages.append(
                 DecoderStage(
-                    in_channels, self.widths.decoder[level], channels[level], decoder_blocks, decoder_upsampling,
-                    decoder_projection,
+                    in_channels, self.widths.decoder[level], channels[level], stage_blocks[level], decoder_upsampling,
+                    decoder_projection, block, block_base_width,
                 )
             )
             in_channels = channels[level]
@@ -410,6 +509,17 @@ class ReverseStudent(nn.Module):
             if self.skip_fusion and level > 0:
                 x = self.fusions[position](student, teacher_features[level], teacher_features[level - 1])
         return outputs
+
+
+def _per_level(blocks: int | Sequence[int], levels: int) -> list[int]:
+    """``decoder_blocks`` as one count per encoder level (shallowest first)."""
+    counts = [int(blocks)] * levels if isinstance(blocks, int) else [int(b) for b in blocks]
+    if len(counts) != levels or any(c < 1 for c in counts):
+        raise ConfigError(
+            f"scheme.decoder_blocks must be an integer >= 1 or one such integer per encoder level "
+            f"({levels}, shallowest first), got {blocks!r}"
+        )
+    return counts
 
 
 def count_on_meta(build: Callable[[], nn.Module]) -> int:
