@@ -162,6 +162,17 @@ def test_bottleneck_student_shapes_blocks_and_errors() -> None:
         ReverseStudent(RESNET50_CHANNELS, 1.0, decoder_blocks=[2, 2])
 
 
+@pytest.mark.parametrize("ratio", [4, 64])
+def test_width_search_reaches_the_ratio_with_bottleneck_blocks(ratio: int) -> None:
+    def build(width: float) -> ReverseStudent:
+        return ReverseStudent(RESNET50_CHANNELS, width, bottleneck_blocks=3, decoder_blocks=[6, 4, 3],
+                              decoder_upsampling="transposed", block="bottleneck", block_base_width=128)
+
+    width = width_for_ratio(ratio, build)
+    measured = count_on_meta(lambda: build(1.0)) / count_on_meta(lambda: build(width))
+    assert ratio / 1.25 <= measured <= ratio * 1.25
+
+
 def test_papers_experiment_builds_rd4ads_student(compose_cfg) -> None:
     cfg = compose_cfg("experiment=rd_paper_bottle", "scheme.weights=none")
     assert cfg.trainer.accelerator == "gpu" and cfg.data.image_size == 256 and cfg.data.batch_size == 16
