@@ -10,7 +10,17 @@ of MNIST and Fashion-MNIST from ``../shared/data``. For every class and seed:
 Optionally (``--batch-comparison-classes``) the teacher is also trained at batch size 1 and at
 ``--batch-size`` on the same number of images (``--batch-comparison-images``).
 
-Fixed schedules only: no model or epoch is selected on the test split (validation is skipped).
+No model or epoch is selected on the test split. Two protocols (``--experiment``):
+
+- ``main``: a fixed schedule, the last epoch is tested (validation is skipped);
+- ``val_selected`` (``--select-on-validation``): after every epoch the run's score is measured
+  on a *validation* set drawn from the training split only (the held-out normal images and as
+  many training images of the other nine classes, see :func:`validation_set`), and the
+  epoch with the highest validation AUROC is tested (and, for the teacher, distilled from).
+  Every role gets the same rule, so the comparisons stay fair. GAN training is noisy from
+  epoch to epoch (``benchmarks/results/pkd_budget.json``), which a fixed last epoch suffers
+  from most.
+
 Resumable: every finished run is appended to ``benchmarks/results/pkd_<dataset>.json`` at once,
 and runs already there are skipped; teachers are cached under ``benchmarks/results/.cache/``.
 
@@ -39,6 +49,8 @@ CACHE = RESULTS / ".cache" / "pkd"
 FILE_NAMES = {"mnist": "pkd_mnist.json", "fashion_mnist": "pkd_fmnist.json"}
 EXPERIMENTS = {"mnist": "pkd_mnist", "fashion_mnist": "pkd_fmnist"}
 STUDENT_ROLES = ("student_pkd", "student_one_step", "student_alone")
+RESULTS = Path(os.environ.get("KD_BENCH_RESULTS", RESULTS))
+CACHE = RESULTS / ".cache" / "pkd"
 
 
 def load_results(path: Path) -> dict[str, Any]:
@@ -56,6 +68,22 @@ def append_record(path: Path, record: dict[str, Any], command: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(path)
+
+
+def validation_set(datamodule, dataset_root: Path, normal_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, labels)`` from the training split only: the normal images the datamodule
+    holds out (never trained on) and as many training images of the other classes (a seeded
+    draw, resized and scaled by the datamodule's own code). No test image is used."""
+    from kd_experiments.data.one_class import load_idx_split
+
+    normal = datamodule.val_dataset.images
+    images, classes = load_idx_split(dataset_root, "train")
+    others = torch.nonzero(classes != normal_class).flatten()
+    generator = torch.Generator().manual_seed(seed + 7)
+    chosen = others[torch.randperm(len(others), generator=generator)[: len(normal)]]
+    anomalous = datamodule._to_float(images[chosen])
+    labels = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))]).long()
+    return torch.cat([normal, anomalous]), labels
 
 
 def record_key(record: dict[str, Any]) -> tuple:
@@ -84,21 +112,48 @@ def compose(dataset: str, overrides: list[str]):
     return cfg
 
 
-def run_one(cfg, datamodule, epochs: int, save_teacher: Path | None = None) -> dict[str, Any]:
-    """Fit the scheme of ``cfg`` for a fixed number of epochs, test it, return its figures."""
+def run_one(cfg, datamodule, epochs: int, save_teacher: Path | None = None,
+            validation: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Fit the scheme of ``cfg`` for ``epochs``, test it, return its figures.
+
+    With ``validation`` (images, labels), the epoch of highest validation AUROC is restored
+    before testing (and saving the teacher); otherwise the last epoch is tested."""
+    import copy
+
     import lightning as L
 
     from kd_experiments import config as kd_config
+    from kd_experiments import metrics as kd_metrics
 
     L.seed_everything(int(cfg.seed), workers=True)
     model = kd_config.instantiate(cfg.scheme, input_shape=tuple(datamodule.input_shape))
     summary = model.compression_summary()
+    best: dict[str, Any] = {"epoch": 0, "auroc": float("-inf"), "state": None, "curve": []}
+
+    class SelectOnValidation(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            images, labels = validation
+            pl_module.eval()
+            with torch.no_grad():
+                scores = torch.cat([pl_module.score_batch({"image": chunk})["score"] for chunk in images.split(500)])
+            pl_module.train()
+            auroc = kd_metrics.image_auroc(scores, labels)
+            best["curve"].append(round(auroc, 5))
+            if auroc > best["auroc"]:
+                best.update(epoch=trainer.current_epoch + 1, auroc=auroc,
+                            state=copy.deepcopy(pl_module.state_dict()))
+
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0)
+                        limit_val_batches=0, callbacks=[SelectOnValidation()] if validation is not None else [])
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     train_seconds = time.perf_counter() - started
+    selection = {}
+    if validation is not None:
+        model.load_state_dict(best["state"])
+        selection = {"selection": "val_auroc", "selected_epoch": best["epoch"], "val_auroc": best["auroc"],
+                     "val_curve": best["curve"], "val_images": int(validation[1].numel())}
     if save_teacher is not None:
         state = {key: value for key, value in model.state_dict().items() if key.startswith("teacher_")}
         save_teacher.parent.mkdir(parents=True, exist_ok=True)
@@ -121,40 +176,65 @@ def run_one(cfg, datamodule, epochs: int, save_teacher: Path | None = None) -> d
         "discriminator_resets": dict(model.discriminator_resets),
         "train_seconds": round(train_seconds, 1),
         "test_seconds": round(test_seconds, 1),
+        **selection,
     }
 
 
+ROLES = ("teacher", "ganomaly", "student_pkd", "student_one_step", "student_alone")
+PROTOCOLS = {
+    "val_selected": "all normal training images, the epoch of best validation AUROC tested",
+    "main": "a fixed schedule, the last epoch tested",
+}
+
+
+def _main_table(dataset: str, name: str, experiment: str, runs: list[dict[str, Any]]) -> list[str]:
+    """One protocol's table: AUROC per class and role, the mean of complete classes, the sizes."""
+    by_class: dict[int, dict[str, dict[str, Any]]] = {}
+    sizes: dict[str, tuple] = {}
+    for r in runs:
+        by_class.setdefault(r["normal_class"], {})[r["role"]] = r
+        sizes[r["role"]] = (r["params"], r["macs"], r["mac_compression_ratio"], r["batch_size"], r["epochs"],
+                            r["train_samples"])
+    complete = sorted(c for c, found in by_class.items() if all(role in found for role in ROLES))
+    selected = experiment == "val_selected"
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "-"
+        return f"{r['auroc']:.4f} (e{r['selected_epoch']})" if selected else f"{r['auroc']:.4f}"
+
+    lines = [f"### {dataset}, {experiment}: {PROTOCOLS.get(experiment, experiment)} (`benchmarks/results/{name}`)", ""]
+    if selected:
+        lines += ["Test AUROC (the selected epoch in brackets).", ""]
+    lines += ["| normal class | " + " | ".join(ROLES) + " |", "|---" * (len(ROLES) + 1) + "|"]
+    for normal_class in sorted(by_class):
+        lines.append(f"| {normal_class} | " + " | ".join(cell(by_class[normal_class].get(role)) for role in ROLES) + " |")
+    if complete:
+        means = [sum(by_class[c][role]["auroc"] for c in complete) / len(complete) for role in ROLES]
+        lines.append(f"| **mean of {len(complete)} complete classes** | "
+                     + " | ".join(f"**{m:.4f}**" for m in means) + " |")
+        if selected:
+            val_means = [sum(by_class[c][role]["val_auroc"] for c in complete) / len(complete) for role in ROLES]
+            lines.append("| mean validation AUROC (training split) | "
+                         + " | ".join(f"{m:.4f}" for m in val_means) + " |")
+    lines += ["", "| role | generator params | generator MACs | MAC ratio vs teacher | batch size | epochs | "
+              "training images |", "|---|---|---|---|---|---|---|"]
+    for role in ROLES:
+        if role in sizes:
+            params, macs, ratio, batch_size, epochs, samples = sizes[role]
+            lines.append(f"| {role} | {params:,} | {macs:,} | {ratio:.1f} | {batch_size} | {epochs} | {samples} |")
+    return [*lines, ""]
+
+
 def summary() -> str:
-    """Markdown tables of the results files: the main table per set, then the batch comparison."""
+    """Markdown tables of the results files: each protocol's table per set, then the batch comparison."""
     lines: list[str] = []
-    roles = ("teacher", "ganomaly", "student_pkd", "student_one_step", "student_alone")
     for dataset, name in FILE_NAMES.items():
         runs = load_results(RESULTS / name)["runs"]
-        main_runs = [r for r in runs if r["experiment"] == "main"]
-        if not main_runs:
-            continue
-        by_class: dict[int, dict[str, float]] = {}
-        sizes: dict[str, tuple] = {}
-        for r in main_runs:
-            by_class.setdefault(r["normal_class"], {})[r["role"]] = r["auroc"]
-            sizes[r["role"]] = (r["params"], r["macs"], r["mac_compression_ratio"], r["batch_size"])
-        complete = sorted(c for c, found in by_class.items() if all(role in found for role in roles))
-        lines += [f"### {dataset} (`benchmarks/results/{name}`)", "",
-                  "| normal class | " + " | ".join(roles) + " |", "|---" * (len(roles) + 1) + "|"]
-        for normal_class in sorted(by_class):
-            cells = [f"{by_class[normal_class][role]:.4f}" if role in by_class[normal_class] else "-" for role in roles]
-            lines.append(f"| {normal_class} | " + " | ".join(cells) + " |")
-        if complete:
-            means = [sum(by_class[c][role] for c in complete) / len(complete) for role in roles]
-            lines.append(f"| **mean of {len(complete)} complete classes** | "
-                         + " | ".join(f"**{m:.4f}**" for m in means) + " |")
-        lines += ["", "| role | generator params | generator MACs | MAC ratio vs teacher | batch size |",
-                  "|---|---|---|---|---|"]
-        for role in roles:
-            if role in sizes:
-                params, macs, ratio, batch_size = sizes[role]
-                lines.append(f"| {role} | {params:,} | {macs:,} | {ratio:.1f} | {batch_size} |")
-        lines.append("")
+        for experiment in PROTOCOLS:
+            selected = [r for r in runs if r["experiment"] == experiment]
+            if selected:
+                lines += _main_table(dataset, name, experiment, selected)
         comparison = [r for r in runs if r["experiment"] == "batch_comparison"]
         if comparison:
             lines += ["Batch size comparison (teacher, same images seen):", "",
@@ -184,7 +264,12 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"], choices=list(FILE_NAMES))
     parser.add_argument("--classes", default="0-9", help="e.g. 0-9 or 0,3,5")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-samples", type=int, default=1000, help="normal training images per class")
+    parser.add_argument("--train-samples", type=int, default=1000,
+                        help="normal training images per class (0: all, less the validation hold-out)")
+    parser.add_argument("--select-on-validation", action="store_true",
+                        help="test the epoch of best validation AUROC (training split only), every role")
+    parser.add_argument("--experiment", default=None,
+                        help="record label (default: main, or val_selected with --select-on-validation)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--teacher-epochs", type=int, default=8)
     parser.add_argument("--student-epochs", type=int, default=6)
@@ -200,6 +285,7 @@ def main() -> None:
         print(summary())
         return
 
+    experiment = args.experiment or ("val_selected" if args.select_on_validation else "main")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -224,7 +310,7 @@ def main() -> None:
     def base_overrides(dataset: str, normal_class: int, batch_size: int) -> list[str]:
         folder = "mnist" if dataset == "mnist" else "fashion_mnist"
         return [f"data.root={data_dir / folder}", f"data.normal_class={normal_class}",
-                f"data.batch_size={batch_size}", f"data.max_train_samples={args.train_samples}",
+                f"data.batch_size={batch_size}", f"data.max_train_samples={args.train_samples or 'null'}",
                 f"seed={args.seed}", f"scheme.mac_compression_ratio={args.mac_compression_ratio}"]
 
     def log(message: str) -> None:
@@ -237,12 +323,18 @@ def main() -> None:
                 path = RESULTS / FILE_NAMES[dataset]
                 done = done_keys(dataset)
                 overrides = base_overrides(dataset, normal_class, args.batch_size)
-                teacher_file = CACHE / f"{dataset}_c{normal_class}_b{args.batch_size}_n{args.train_samples}_e{args.teacher_epochs}_s{args.seed}.ckpt"
+                teacher_file = CACHE / (f"{dataset}_c{normal_class}_b{args.batch_size}_n{args.train_samples}"
+                                        f"_e{args.teacher_epochs}_s{args.seed}{'_val' if args.select_on_validation else ''}.ckpt")
                 datamodule = None
+                validation = None
+                train_samples = args.train_samples
+                if not train_samples:  # all of them: their count (the validation hold-out is left out)
+                    datamodule = datamodule_for(dataset, normal_class, compose(dataset, overrides))
+                    train_samples = len(datamodule.train_dataset)
                 for role in args.roles:
                     epochs = args.teacher_epochs if role in ("teacher", "ganomaly") else args.student_epochs
-                    images_seen = epochs * args.train_samples
-                    base = {"experiment": "main", "dataset": dataset, "normal_class": normal_class, "role": role,
+                    images_seen = epochs * train_samples
+                    base = {"experiment": experiment, "dataset": dataset, "normal_class": normal_class, "role": role,
                             "batch_size": args.batch_size, "seed": args.seed, "images_seen": images_seen}
                     need_teacher = role in STUDENT_ROLES and not teacher_file.is_file()
                     if record_key(base) in done and not (role == "teacher" and need_teacher):
@@ -250,20 +342,22 @@ def main() -> None:
                     cfg = compose(dataset, overrides)
                     if datamodule is None:
                         datamodule = datamodule_for(dataset, normal_class, cfg)
+                    if args.select_on_validation and validation is None:
+                        validation = validation_set(datamodule, Path(cfg.data.root), normal_class, args.seed)
                     if need_teacher:  # the teacher's record exists but its file is gone: retrain it
                         log(f"{dataset} c{normal_class}: retraining the cached teacher")
                         run_one(compose(dataset, [*overrides, "scheme.role=teacher"]), datamodule,
-                                args.teacher_epochs, save_teacher=teacher_file)
+                                args.teacher_epochs, save_teacher=teacher_file, validation=validation)
                     extra = [f"scheme.role={role}"]
                     if role in STUDENT_ROLES:
                         extra += [f"scheme.teacher_checkpoint={teacher_file}", "scheme.score_teacher_at_test=false"]
                     cfg = compose(dataset, [*overrides, *extra])
-                    log(f"{dataset} c{normal_class} {role}: {epochs} epochs of {args.train_samples} images")
+                    log(f"{dataset} c{normal_class} {role}: {epochs} epochs of {len(datamodule.train_dataset)} images")
                     figures = run_one(cfg, datamodule, epochs,
-                                      save_teacher=teacher_file if role == "teacher" else None)
+                                      save_teacher=teacher_file if role == "teacher" else None, validation=validation)
                     if record_key(base) in done:
                         continue
-                    record = {**base, **figures, "epochs": epochs, "train_samples": args.train_samples}
+                    record = {**base, **figures, "epochs": epochs, "train_samples": train_samples}
                     append_record(path, record, command)
                     log(f"  auroc={record['auroc']:.4f} macs={record['macs']} "
                         f"mac_ratio={record['mac_compression_ratio']:.1f} ({record['train_seconds']} s train)")

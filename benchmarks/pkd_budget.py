@@ -1,0 +1,133 @@
+"""Study: how many epochs do the EDE-GAN teacher and the P-KDGAN students need? (validation only)
+
+``benchmarks/pkd.py`` runs fixed schedules; this script chooses them without looking at any
+test image. Per epoch it measures the AUROC of a role's score on a *validation* set built
+from the training split only:
+
+- normal: the normal class's training images the datamodule holds out (``val_fraction``),
+  never trained on;
+- anomalous: as many training images of the other nine classes (seeded draw), prepared by
+  the datamodule's own resize and scaling.
+
+Roles: ``teacher`` and ``ganomaly`` trained alone, and the students (``student_one_step``,
+``student_alone``, ``student_pkd``) from a teacher checkpoint this script saved
+(``--teacher-epochs-for-students``). A P-KD student's two steps are fractions of its whole
+schedule, so its per-epoch figures are those of *that* schedule, not of shorter ones.
+
+Resumable: one record per (dataset, class, role, seed, epoch, ...), appended at once to
+``benchmarks/results/pkd_budget.json``; a (role, class) whose last epoch is recorded is
+skipped::
+
+    .venv/bin/python benchmarks/pkd_budget.py --dataset mnist --classes 3 8 --roles teacher --epochs 12
+    .venv/bin/python benchmarks/pkd_budget.py --dataset mnist --classes 3 --roles student_one_step \\
+        --epochs 20 --teacher-epochs-for-students 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pkd import CACHE, ROOT, compose, validation_set  # noqa: E402
+from score_regression import Results  # noqa: E402
+
+STUDENT_ROLES = ("student_pkd", "student_one_step", "student_alone")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"])
+    parser.add_argument("--classes", type=int, nargs="+", default=[3, 8])
+    parser.add_argument("--roles", nargs="+", default=["teacher"],
+                        choices=["teacher", "ganomaly", *STUDENT_ROLES])
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--train-samples", type=int, default=0, help="normal training images (0: all)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--teacher-epochs-for-students", type=int, default=8,
+                        help="the students learn from the teacher checkpoint of this epoch")
+    parser.add_argument("--mac-compression-ratio", type=float, default=100.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "pkd_budget.json")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    sys.path.insert(0, str(ROOT))
+    import lightning as L
+
+    from kd_experiments import config as kd_config
+    from kd_experiments import metrics as kd_metrics
+
+    data_dir = Path(os.environ.get("KD_DATA_DIR", ROOT.parent / "shared" / "data"))
+    results = Results(args.output, ("dataset", "normal_class", "role", "seed", "epoch", "batch_size", "train_samples",
+                                    "teacher_epochs"))
+
+    for normal_class in args.classes:
+        overrides = [f"data.root={data_dir / args.dataset}", f"data.normal_class={normal_class}",
+                     f"data.batch_size={args.batch_size}", f"seed={args.seed}",
+                     f"data.max_train_samples={args.train_samples or 'null'}",
+                     f"scheme.mac_compression_ratio={args.mac_compression_ratio}"]
+        teacher_dir = CACHE / "budget" / f"{args.dataset}_c{normal_class}_b{args.batch_size}_n{args.train_samples}_s{args.seed}"
+        for role in args.roles:
+            student = role in STUDENT_ROLES
+            teacher_epochs = args.teacher_epochs_for_students if student else 0
+            key = {"dataset": args.dataset, "normal_class": normal_class, "role": role, "seed": args.seed,
+                   "batch_size": args.batch_size, "train_samples": args.train_samples, "teacher_epochs": teacher_epochs}
+            if results.has(**key, epoch=args.epochs):
+                print(f"[{args.dataset} {normal_class} {role}] done, skipped", flush=True)
+                continue
+            extra = [f"scheme.role={role}"]
+            if student:
+                teacher_file = teacher_dir / f"teacher_e{teacher_epochs}.ckpt"
+                if not teacher_file.is_file():
+                    raise SystemExit(f"{teacher_file} is missing: run --roles teacher with --epochs >= {teacher_epochs}")
+                extra += [f"scheme.teacher_checkpoint={teacher_file}", "scheme.score_teacher_at_test=false"]
+            cfg = compose(args.dataset, [*overrides, *extra])
+            datamodule = kd_config.instantiate(cfg.data)
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+            val_images, labels = validation_set(datamodule, Path(cfg.data.root), normal_class, args.seed)
+            L.seed_everything(int(cfg.seed), workers=True)
+            model = kd_config.instantiate(cfg.scheme, input_shape=tuple(datamodule.input_shape))
+            started = time.perf_counter()
+
+            class Measure(L.Callback):
+                def on_train_epoch_end(self, trainer, pl_module) -> None:
+                    epoch = trainer.current_epoch + 1
+                    pl_module.eval()
+                    with torch.no_grad():
+                        scores = torch.cat([pl_module.score_batch({"image": chunk})["score"]
+                                            for chunk in val_images.split(500)])
+                    pl_module.train()
+                    record = {**key, "epoch": epoch, "images_seen": epoch * len(datamodule.train_dataset),
+                              "val_auroc": kd_metrics.image_auroc(scores, labels),
+                              "val_images": int(labels.numel()),
+                              "seconds": round(time.perf_counter() - started, 1),
+                              "discriminator_resets": dict(pl_module.discriminator_resets)}
+                    if not results.has(**record):
+                        results.append(record)
+                    if role == "teacher":
+                        state = {k: v for k, v in pl_module.state_dict().items() if k.startswith("teacher_")}
+                        teacher_dir.mkdir(parents=True, exist_ok=True)
+                        torch.save({"state_dict": state}, teacher_dir / f"teacher_e{epoch}.ckpt")
+                    print(f"[{args.dataset} {normal_class} {role}] epoch {epoch}: val AUROC {record['val_auroc']:.4f} "
+                          f"({record['seconds']} s)", flush=True)
+
+            trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Measure()])
+            trainer.fit(model, datamodule=datamodule)
+
+
+if __name__ == "__main__":
+    main()
