@@ -105,6 +105,14 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"scheme.{name} must be a number >= 1, got {ratio!r}")
     if not isinstance(cfg.get("seed", 0), int):
         raise ConfigError(f"seed must be an integer, got {cfg.get('seed')!r}")
+    checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
+    monitor = checkpoint.get("monitor")
+    if monitor in ("val/image_auroc", "val/teacher_image_auroc") and cfg.data.get("val_anomalies", "none") in (None, "none"):
+        raise ConfigError(
+            f"callbacks.model_checkpoint.monitor={monitor} needs labelled anomalies in the validation split: "
+            "set data.val_anomalies=other_classes (one-class sets); for MVTec-style sets with "
+            "scheme.val_synthetic_anomalies=true monitor val/synthetic_image_auroc instead"
+        )
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -186,9 +194,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
             for key, value in trainer.callback_metrics.items()
         }
         if cfg.get("test", True):
-            # The final weights of the fixed schedule (or of ckpt_path when test-only):
-            # no model selection on any split.
+            # The final weights of the fixed schedule (or of ckpt_path when test-only), or,
+            # with a monitored checkpoint (callbacks=select_on_validation), the epoch of best
+            # validation metric: the validation split is drawn from training data, so no
+            # model is ever selected on the test split.
             test_ckpt = ckpt_path if (ckpt_path and not cfg.get("train", True)) else None
+            selector = trainer.checkpoint_callback
+            if cfg.get("train", True) and getattr(selector, "monitor", None) and getattr(selector, "best_model_path", ""):
+                test_ckpt = selector.best_model_path
+                tracker.set_tags({"tested_checkpoint": Path(test_ckpt).name,
+                                  "selected_on": str(selector.monitor)})
+                if selector.best_model_score is not None:
+                    tracker.log_metrics({"selected_" + str(selector.monitor).replace("/", "_"):
+                                         float(selector.best_model_score)})
             trainer.test(model=model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
         for key, value in trainer.callback_metrics.items():
             metrics[key] = float(value.item() if isinstance(value, torch.Tensor) else value)

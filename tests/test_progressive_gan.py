@@ -210,6 +210,7 @@ def test_ddp_two_processes_score_every_test_image_once(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "kd_experiments.train", "experiment=pkd_smoke", "trainer=ddp_cpu",
          "trainer.max_epochs=1", "callbacks.progress_bar=null", "callbacks.model_summary=null",
+         "data.val_anomalies=other_classes",
          f"hydra.run.dir={tmp_path / 'ddp'}"],
         check=False, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
     )
@@ -223,3 +224,5 @@ def test_ddp_two_processes_score_every_test_image_once(tmp_path: Path) -> None:
     assert run.data.metrics["test/num_test_images"] == len(datamodule.test_dataloader().dataset)
     assert 0.0 <= run.data.metrics["test/image_auroc"] <= 1.0
     assert "train/student_discriminator_resets" in run.data.metrics
+    # validation scored across both ranks (labelled anomalies from the training split)
+    assert 0.0 <= run.data.metrics["val/image_auroc"] <= 1.0

@@ -11,7 +11,11 @@ test on the official test split. Two test protocols:
   images, as in Pol et al.
 
 Validation holds out a seeded fraction of the normal class's training images
-(label 0 only). Sets, all loaded into memory as tensors:
+(label 0). With ``val_anomalies="other_classes"`` it also holds as many training
+images of the other classes (label 1, a seeded draw), so that a scheme can be
+scored on validation (``val/image_auroc``) and an epoch selected without
+looking at the test split; the training split itself is unchanged (normal images
+only). Sets, all loaded into memory as tensors:
 
 - ``mnist`` / ``fashion_mnist``: the four standard IDX files in ``root``
   (gzipped or not), see :func:`load_idx_split`.
@@ -56,6 +60,7 @@ from kd_experiments.errors import ConfigError, DataError
 DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "folder", "digits")
 PROTOCOLS: tuple[str, ...] = ("all_others", "balanced")
 NORMALIZATIONS: tuple[str, ...] = ("dataset", "none")
+VAL_ANOMALIES: tuple[str, ...] = ("none", "other_classes")
 
 MNIST_CLASS_NAMES: tuple[str, ...] = tuple(str(digit) for digit in range(10))
 FASHION_MNIST_CLASS_NAMES: tuple[str, ...] = (
@@ -248,6 +253,9 @@ class OneClassDataModule(LightningDataModule):
         max_train_samples: Keep at most this many training images (seeded draw).
         max_test_samples: Keep at most this many test images, drawn (seeded)
             per label in the protocol's normal/anomalous proportion.
+        val_anomalies: ``"none"`` (validation: held-out normal images only) or
+            ``"other_classes"`` (plus as many training images of the other
+            classes, label 1: a labelled validation split from training data).
 
     Raises:
         ConfigError: For an unknown dataset, protocol or normalisation, a
@@ -272,8 +280,10 @@ class OneClassDataModule(LightningDataModule):
         normalization: str = "dataset",
         max_train_samples: int | None = None,
         max_test_samples: int | None = None,
+        val_anomalies: str = "none",
     ) -> None:
         super().__init__()
+        self.val_anomalies = check_choice("val_anomalies", val_anomalies, VAL_ANOMALIES)
         self.dataset = check_choice("dataset", dataset, DATASETS)
         self.protocol = check_choice("protocol", protocol, PROTOCOLS)
         self.normalization = check_choice("normalization", normalization, NORMALIZATIONS)
@@ -510,9 +520,17 @@ class OneClassDataModule(LightningDataModule):
         self._train = self._subset(
             train_raw, train_positions, torch.zeros(len(train_positions), dtype=torch.int64)
         )
-        self._val = self._subset(
-            train_raw, val_positions, torch.zeros(len(val_positions), dtype=torch.int64)
-        )
+        val_labels = torch.zeros(len(val_positions), dtype=torch.int64)
+        if self.val_anomalies == "other_classes":
+            others = torch.nonzero(train_raw.class_ids != self.normal_class).flatten()
+            if len(others) == 0:
+                raise DataError(f"val_anomalies=other_classes: the {self.dataset} training split has no "
+                                "image of another class")
+            generator = torch.Generator().manual_seed(self.seed + 7)
+            chosen = others[torch.randperm(len(others), generator=generator)[: len(val_positions)]]
+            val_positions = val_positions + chosen.tolist()
+            val_labels = torch.cat([val_labels, torch.ones(len(chosen), dtype=torch.int64)])
+        self._val = self._subset(train_raw, val_positions, val_labels)
         test_labels = (test_raw.class_ids[test_positions] != self.normal_class).to(torch.int64)
         self._test = self._subset(test_raw, test_positions, test_labels)
 
@@ -541,7 +559,8 @@ class OneClassDataModule(LightningDataModule):
 
     @property
     def val_dataset(self) -> OneClassDataset:
-        """Held-out normal training images, all label 0 (loads the data on first use)."""
+        """Held-out normal training images (label 0), plus other-class training images (label 1)
+        with ``val_anomalies="other_classes"`` (loads the data on first use)."""
         self._ensure_loaded()
         assert self._val is not None
         return self._val
@@ -552,6 +571,11 @@ class OneClassDataModule(LightningDataModule):
         self._ensure_loaded()
         assert self._test is not None
         return self._test
+
+    @property
+    def val_has_anomalies(self) -> bool:
+        """Whether the validation split holds labelled anomalies (schemes then log ``val/image_auroc``)."""
+        return self.val_anomalies != "none"
 
     def setup(self, stage: str | None = None) -> None:
         """Load, check, split and normalise the data (all splits at once, whatever ``stage``).

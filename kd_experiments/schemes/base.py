@@ -14,6 +14,13 @@ compute every metric once on the whole split (``kd_experiments.metrics``). The s
 values are logged on every rank, so no further reduction is needed. It also logs the
 ROC curve and the score histograms as PNG artifacts, and guards training against
 NaN/inf losses (the run fails with a clear message; the last checkpoint is kept).
+
+When the datamodule's validation split holds labelled anomalies (``val_has_anomalies``,
+e.g. ``OneClassDataModule(val_anomalies="other_classes")``: training images of the other
+classes), every validation epoch also scores it the same way and logs ``val/image_auroc``
+(and ``val/teacher_image_auroc``), exact under DDP; ``callbacks=select_on_validation``
+then keeps the epoch of best validation AUROC and tests it. Schemes compute their
+validation losses on the normal images (label 0) only.
 """
 
 from __future__ import annotations
@@ -76,6 +83,7 @@ class AnomalyScheme(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self._test_records: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._val_records: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.test_results: dict[str, torch.Tensor] = {}
         self.test_metrics: dict[str, float] = {}
 
@@ -107,6 +115,47 @@ class AnomalyScheme(L.LightningModule):
                 f"{self.scheme_name}: {name} became {value.detach().float().mean().item()} at "
                 f"epoch {self.current_epoch}, step {self.global_step} (the last good checkpoint is kept)"
             )
+
+    # -- validation on labelled anomalies ---------------------------------------------------
+    def validation_scored(self) -> bool:
+        """Whether the validation split holds labelled anomalies to score (see the module docstring)."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        return bool(getattr(datamodule, "val_has_anomalies", False))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_records = defaultdict(list)
+
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not (self.validation_scored() and isinstance(batch, dict) and "label" in batch and "index" in batch):
+            return
+        with torch.no_grad():
+            scores = self.score_batch(batch)
+        self._val_records["index"].append(batch["index"].detach().cpu())
+        self._val_records["label"].append(batch["label"].detach().cpu())
+        self._val_records["score"].append(scores["score"].detach().float().cpu())
+        if "teacher_score" in scores and self.teacher_scores:
+            self._val_records["teacher_score"].append(scores["teacher_score"].detach().float().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.validation_scored():
+            return
+        results = gather_and_deduplicate(self._val_records)  # every rank takes part (DDP)
+        self._val_records = defaultdict(list)
+        if not results or results["label"].min() == results["label"].max():
+            return  # a truncated loop (sanity check, limit_val_batches) scored one class only
+        labels = results["label"].long()
+        metrics = {"val/image_auroc": kd_metrics.image_auroc(results["score"], labels)}
+        if "teacher_score" in results:
+            metrics["val/teacher_image_auroc"] = kd_metrics.image_auroc(results["teacher_score"], labels)
+        self.log_dict(metrics, sync_dist=False)  # the same value on every rank
+
+    @staticmethod
+    def normal_only(batch: dict[str, Any]) -> torch.Tensor:
+        """The images of a validation batch with label 0 (all of them when unlabelled)."""
+        images = batch["image"]
+        labels = batch.get("label")
+        return images if labels is None else images[labels == 0]
 
     # -- test ------------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:

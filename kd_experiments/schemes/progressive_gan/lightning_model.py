@@ -390,20 +390,24 @@ class ProgressiveGANScheme(AnomalyScheme):
             self.log(f"train/{name}_{key}_loss", terms[key], on_step=False, on_epoch=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Reconstruction and latent losses on held-out normal images (no model selection)."""
-        images = self.to_gan_range(batch["image"])
+        """Reconstruction and latent losses on the held-out normal images (labelled anomalies,
+        when the split has them, are scored by the base class: ``val/image_auroc``)."""
+        normal = self.normal_only(batch)
+        if len(normal) == 0:
+            return
+        images = self.to_gan_range(normal)
         teacher = self._run(self.teacher_generator, images)
         teacher_loss = 50.0 * (teacher.reconstruction - images).abs().mean() + latent_distance(
             teacher.latent, teacher.latent_of_reconstruction).mean()
-        self.log("val/teacher_loss", teacher_loss, on_epoch=True, sync_dist=True)
+        self.log("val/teacher_loss", teacher_loss, on_epoch=True, sync_dist=True, batch_size=len(images))
         total = teacher_loss
         if self.student_generator is not None:
             student = self._run(self.student_generator, images)
             student_loss = 50.0 * (student.reconstruction - images).abs().mean() + latent_distance(
                 student.latent, student.latent_of_reconstruction).mean()
-            self.log("val/student_loss", student_loss, on_epoch=True, sync_dist=True)
+            self.log("val/student_loss", student_loss, on_epoch=True, sync_dist=True, batch_size=len(images))
             total = student_loss
-        self.log("val/loss", total, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("val/loss", total, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(images))
 
     # -- artifacts ------------------------------------------------------------------------
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:

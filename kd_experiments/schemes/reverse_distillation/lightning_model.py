@@ -327,12 +327,15 @@ class ReverseDistillationScheme(AnomalyScheme):
                      sync_dist=False, batch_size=1)
 
     def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
         if self.val_anomalies is not None:  # the same synthetic anomalies every epoch
             self.val_anomalies.generator.manual_seed(VAL_ANOMALY_SEED + 7919 * self.global_rank)
         self._val = {"maps": [], "masks": [], "scores": [], "labels": []}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        images = batch["image"]
+        images = self.normal_only(batch)  # labelled anomalies are scored by the base class
+        if len(images) == 0:
+            return
         teacher = self.teacher_features(images)
         student = self.student(teacher)
         self.log("val/loss", rd_loss.distillation_loss(student, teacher), on_epoch=True, prog_bar=True,
@@ -350,6 +353,7 @@ class ReverseDistillationScheme(AnomalyScheme):
                                 masks.flatten(1).any(1).long().cpu()]
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         if not self._val.get("maps"):
             return
         masks, labels = torch.cat(self._val["masks"]), torch.cat(self._val["labels"])

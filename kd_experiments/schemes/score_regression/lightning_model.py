@@ -288,7 +288,9 @@ class ScoreRegressionScheme(AnomalyScheme):
         self.log("train/teacher_phase", float(train_teacher and not train_student), on_step=False, on_epoch=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        images = batch["image"]
+        images = self.normal_only(batch)  # labelled anomalies are scored by the base class
+        if len(images) == 0:
+            return
         teacher_score = self.teacher_score(images)
         student_score = self.student(images)
         student_loss = F.l1_loss(student_score, teacher_score)
@@ -296,9 +298,10 @@ class ScoreRegressionScheme(AnomalyScheme):
             teacher_loss = torch.zeros((), device=images.device)
         else:
             teacher_loss = F.mse_loss(self.teacher(images), images)
-        self.log("val/teacher_loss", teacher_loss, on_epoch=True, sync_dist=True)
-        self.log("val/student_loss", student_loss, on_epoch=True, sync_dist=True)
-        self.log("val/loss", teacher_loss + student_loss, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("val/teacher_loss", teacher_loss, on_epoch=True, sync_dist=True, batch_size=len(images))
+        self.log("val/student_loss", student_loss, on_epoch=True, sync_dist=True, batch_size=len(images))
+        self.log("val/loss", teacher_loss + student_loss, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=len(images))
 
 
 def teacher_training_loss(teacher: nn.Module, images: torch.Tensor, vae_beta: float = 1.0) -> torch.Tensor:
