@@ -14,7 +14,9 @@ No model selection: a fixed number of epochs with cosine decay; nothing is chose
 the test split (nor on the validation split).
 
 Resumable: every finished record is appended to the JSON at once; records already
-present (same dataset, class, technique, student, seed) are skipped::
+present (same dataset, class, technique, student, seed) are skipped; inside a class the
+training loops checkpoint every 10 epochs under ``.cache/score_regression/``, so a run
+killed mid-class continues from its last checkpoint (to the same weights)::
 
     nohup .venv/bin/python benchmarks/score_regression.py --dataset mnist &
     .venv/bin/python benchmarks/score_regression.py --dataset fashion_mnist --classes 0 1 2
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -58,6 +61,7 @@ from kd_experiments.schemes.score_regression.torch_model import (
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("KD_DATA_DIR", ROOT.parent / "shared" / "data"))
+CHECKPOINTS = ROOT / ".cache" / "score_regression"
 
 #: technique -> (group, student-side techniques, outlier exposure)
 TECHNIQUES: dict[str, tuple[str, Techniques, bool]] = {
@@ -187,12 +191,24 @@ def run_class(args, results: Results, normal_class: int, outlier_images: torch.T
             if not results.has(**record):
                 results.append(record)
 
-    fit_students(groups["co_learning"], teacher, train_images, args.teacher_epochs, loss_fn, sampler, **common)
+    # Resumable within a class: the loops checkpoint every 10 epochs into .cache/ (a file per
+    # class, group and setting), so a run killed mid-class (a session's end) goes on from there.
+    def checkpoint(group: str) -> Path:
+        tracks = "+".join(f"{t.technique}:{t.student}" for t in groups[group])
+        digest = hashlib.sha1(f"{tracks}|{sorted(common.items())}|{args.channels_last}".encode()).hexdigest()[:10]
+        return CHECKPOINTS / (f"{args.dataset}_c{normal_class}_{group}_e{args.teacher_epochs}-{args.student_epochs}"
+                              f"_{args.device.replace(':', '')}_{digest}.pt")
+
+    fit_students(groups["co_learning"], teacher, train_images, args.teacher_epochs, loss_fn, sampler, **common,
+                 checkpoint=checkpoint("co_learning"))
     teacher_seconds = time.perf_counter() - started
     record_group("co_learning", teacher_seconds)
+    checkpoint("co_learning").unlink(missing_ok=True)
     if groups["frozen"]:
-        fit_students(groups["frozen"], teacher, train_images, args.student_epochs, None, sampler, **common)
+        fit_students(groups["frozen"], teacher, train_images, args.student_epochs, None, sampler, **common,
+                     checkpoint=checkpoint("frozen"))
         record_group("frozen", time.perf_counter() - started)
+        checkpoint("frozen").unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     teacher_scores = predict(autoencoder_scorer(teacher), test_images)
     smallest = {r["technique"]: round(r["student_auroc"], 4) for r in results.data["runs"]

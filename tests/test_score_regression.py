@@ -208,6 +208,47 @@ def test_co_learning_teacher_follows_fit_teacher_and_lr_schedules() -> None:
         fit_teacher(ConvAutoencoder(), images, epochs=1, loss_fn=teacher_training_loss, lr_schedule="step")
 
 
+def test_family_loop_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
+    """A run killed after its last checkpoint and started again ends with the same weights."""
+    from kd_experiments.schemes.score_regression import family
+
+    images = torch.rand(40, *SHAPE, generator=torch.Generator().manual_seed(5))
+    outlier_images = torch.rand(12, *SHAPE, generator=torch.Generator().manual_seed(6))
+
+    def run(checkpoint: Path | None = None):
+        torch.manual_seed(0)
+        teacher = ConvAutoencoder()
+        tracks = [StudentTrack("co_learning+outlier_exposure", "G", build_student(PAPER_STUDENTS["G"], SHAPE),
+                               Techniques(noise_std=0.1), outlier_exposure=True)]
+        fit_students(tracks, teacher, images, epochs=4, teacher_loss_fn=teacher_training_loss,
+                     outliers=OutlierSampler(outlier_images, 4, seed=1), batch_size=20, lr_schedule="cosine",
+                     checkpoint=checkpoint, checkpoint_every=2)
+        return teacher, tracks[0].model
+
+    reference = run()
+    checkpoint = tmp_path / "family.pt"
+    batches, calls = family._batches, {"count": 0}
+
+    def killed_in_epoch_three(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 3:
+            raise KeyboardInterrupt
+        return batches(*args, **kwargs)
+
+    monkeypatch.setattr(family, "_batches", killed_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoint)
+    monkeypatch.setattr(family, "_batches", batches)
+    assert torch.load(checkpoint, weights_only=False)["epochs_done"] == 2
+    resumed = run(checkpoint)
+    for expected, got in zip(reference, resumed, strict=True):
+        for a, b in zip(expected.state_dict().values(), got.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="saved by another run"):
+        fit_students([], ConvAutoencoder(), images, epochs=3, teacher_loss_fn=teacher_training_loss,
+                     batch_size=20, checkpoint=checkpoint)
+
+
 # -- any trained model as teacher --------------------------------------------------------------
 def test_any_callable_or_scheme_checkpoint_is_a_teacher(tmp_path: Path) -> None:
     data = _digits()
