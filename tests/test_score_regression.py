@@ -239,7 +239,7 @@ def test_family_loop_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path: Pa
     with pytest.raises(KeyboardInterrupt):
         run(checkpoint)
     monkeypatch.setattr(family, "_batches", batches)
-    assert torch.load(checkpoint, weights_only=False)["epochs_done"] == 2
+    assert torch.load(checkpoint, weights_only=True)["epochs_done"] == 2
     resumed = run(checkpoint)
     for expected, got in zip(reference, resumed, strict=True):
         for a, b in zip(expected.state_dict().values(), got.state_dict().values(), strict=True):

@@ -252,7 +252,7 @@ class _ResumeState:
         """Restore the checkpoint if there is one; returns the number of epochs it holds."""
         if self.path is None or not self.path.is_file():
             return 0
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
         signature = {**state["signature"], "tracks": [tuple(t) for t in state["signature"]["tracks"]]}
         if signature != self.signature:
             raise ValueError(f"{self.path} was saved by another run ({signature}), not {self.signature}: "
