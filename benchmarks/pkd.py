@@ -15,7 +15,7 @@ No model or epoch is selected on the test split. Two protocols (``--experiment``
 - ``main``: a fixed schedule, the last epoch is tested (validation is skipped);
 - ``val_selected`` (``--select-on-validation``): after every epoch the run's score is measured
   on a *validation* set drawn from the training split only (the held-out normal images and as
-  many training images of the other nine classes, see :func:`validation_set`), and the
+  many training images of the other nine classes: ``data.val_anomalies=other_classes``), and the
   epoch with the highest validation AUROC is tested (and, for the teacher, distilled from).
   Every role gets the same rule, so the comparisons stay fair. GAN training is noisy from
   epoch to epoch (``benchmarks/results/pkd_budget.json``), which a fixed last epoch suffers
@@ -44,13 +44,12 @@ import torch
 from common import commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("KD_BENCH_RESULTS", ROOT / "benchmarks" / "results"))
 CACHE = RESULTS / ".cache" / "pkd"
 FILE_NAMES = {"mnist": "pkd_mnist.json", "fashion_mnist": "pkd_fmnist.json"}
 EXPERIMENTS = {"mnist": "pkd_mnist", "fashion_mnist": "pkd_fmnist"}
 STUDENT_ROLES = ("student_pkd", "student_one_step", "student_alone")
-RESULTS = Path(os.environ.get("KD_BENCH_RESULTS", RESULTS))
-CACHE = RESULTS / ".cache" / "pkd"
+ROLES = ("teacher", "ganomaly", *STUDENT_ROLES)
 
 
 def load_results(path: Path) -> dict[str, Any]:
@@ -70,20 +69,17 @@ def append_record(path: Path, record: dict[str, Any], command: str) -> None:
     tmp.replace(path)
 
 
-def validation_set(datamodule, dataset_root: Path, normal_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images, labels)`` from the training split only: the normal images the datamodule
-    holds out (never trained on) and as many training images of the other classes (a seeded
-    draw, resized and scaled by the datamodule's own code). No test image is used."""
-    from kd_experiments.data.one_class import load_idx_split
+def validation_auroc(module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """AUROC of ``module.score_batch`` on the labelled validation split (the datamodule's, with
+    ``data.val_anomalies=other_classes``: held-out normal training images and as many training
+    images of the other classes; no test image). Leaves the module in train mode."""
+    from kd_experiments import metrics as kd_metrics
 
-    normal = datamodule.val_dataset.images
-    images, classes = load_idx_split(dataset_root, "train")
-    others = torch.nonzero(classes != normal_class).flatten()
-    generator = torch.Generator().manual_seed(seed + 7)
-    chosen = others[torch.randperm(len(others), generator=generator)[: len(normal)]]
-    anomalous = datamodule._to_float(images[chosen])
-    labels = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))]).long()
-    return torch.cat([normal, anomalous]), labels
+    module.eval()
+    with torch.no_grad():
+        scores = torch.cat([module.score_batch({"image": chunk})["score"] for chunk in images.split(500)])
+    module.train()
+    return kd_metrics.image_auroc(scores, labels)
 
 
 def record_key(record: dict[str, Any]) -> tuple:
@@ -123,7 +119,6 @@ def run_one(cfg, datamodule, epochs: int, save_teacher: Path | None = None,
     import lightning as L
 
     from kd_experiments import config as kd_config
-    from kd_experiments import metrics as kd_metrics
 
     L.seed_everything(int(cfg.seed), workers=True)
     model = kd_config.instantiate(cfg.scheme, input_shape=tuple(datamodule.input_shape))
@@ -132,12 +127,7 @@ def run_one(cfg, datamodule, epochs: int, save_teacher: Path | None = None,
 
     class SelectOnValidation(L.Callback):
         def on_train_epoch_end(self, trainer, pl_module) -> None:
-            images, labels = validation
-            pl_module.eval()
-            with torch.no_grad():
-                scores = torch.cat([pl_module.score_batch({"image": chunk})["score"] for chunk in images.split(500)])
-            pl_module.train()
-            auroc = kd_metrics.image_auroc(scores, labels)
+            auroc = validation_auroc(pl_module, *validation)
             best["curve"].append(round(auroc, 5))
             if auroc > best["auroc"]:
                 best.update(epoch=trainer.current_epoch + 1, auroc=auroc,
@@ -180,7 +170,6 @@ def run_one(cfg, datamodule, epochs: int, save_teacher: Path | None = None,
     }
 
 
-ROLES = ("teacher", "ganomaly", "student_pkd", "student_one_step", "student_alone")
 PROTOCOLS = {
     "val_selected": "all normal training images, the epoch of best validation AUROC tested",
     "main": "a fixed schedule, the last epoch tested",
@@ -338,7 +327,8 @@ def main() -> None:
         folder = "mnist" if dataset == "mnist" else "fashion_mnist"
         return [f"data.root={data_dir / folder}", f"data.normal_class={normal_class}",
                 f"data.batch_size={batch_size}", f"data.max_train_samples={args.train_samples or 'null'}",
-                f"seed={args.seed}", f"scheme.mac_compression_ratio={args.mac_compression_ratio}"]
+                f"seed={args.seed}", f"scheme.mac_compression_ratio={args.mac_compression_ratio}",
+                *(["data.val_anomalies=other_classes"] if args.select_on_validation else [])]
 
     def log(message: str) -> None:
         print(time.strftime("%H:%M:%S"), message, flush=True)
@@ -370,7 +360,7 @@ def main() -> None:
                     if datamodule is None:
                         datamodule = datamodule_for(dataset, normal_class, cfg)
                     if args.select_on_validation and validation is None:
-                        validation = validation_set(datamodule, Path(cfg.data.root), normal_class, args.seed)
+                        validation = (datamodule.val_dataset.images, datamodule.val_dataset.labels)
                     if need_teacher:  # the teacher's record exists but its file is gone: retrain it
                         log(f"{dataset} c{normal_class}: retraining the cached teacher")
                         run_one(compose(dataset, [*overrides, "scheme.role=teacher"]), datamodule,

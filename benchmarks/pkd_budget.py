@@ -7,7 +7,7 @@ from the training split only:
 - normal: the normal class's training images the datamodule holds out (``val_fraction``),
   never trained on;
 - anomalous: as many training images of the other nine classes (seeded draw), prepared by
-  the datamodule's own resize and scaling.
+  the datamodule's own resize and scaling (``data.val_anomalies=other_classes``).
 
 Roles: ``teacher`` and ``ganomaly`` trained alone, and the students (``student_one_step``,
 ``student_alone``, ``student_pkd``) from a teacher checkpoint this script saved
@@ -37,10 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pkd import CACHE, ROOT, compose, validation_set  # noqa: E402
+from pkd import CACHE, ROOT, STUDENT_ROLES, compose, validation_auroc  # noqa: E402
 from score_regression import Results  # noqa: E402
-
-STUDENT_ROLES = ("student_pkd", "student_one_step", "student_alone")
 
 
 def main() -> None:
@@ -66,7 +64,6 @@ def main() -> None:
     import lightning as L
 
     from kd_experiments import config as kd_config
-    from kd_experiments import metrics as kd_metrics
 
     data_dir = Path(os.environ.get("KD_DATA_DIR", ROOT.parent / "shared" / "data"))
     results = Results(args.output, ("dataset", "normal_class", "role", "seed", "epoch", "batch_size", "train_samples",
@@ -76,7 +73,7 @@ def main() -> None:
         overrides = [f"data.root={data_dir / args.dataset}", f"data.normal_class={normal_class}",
                      f"data.batch_size={args.batch_size}", f"seed={args.seed}",
                      f"data.max_train_samples={args.train_samples or 'null'}",
-                     f"scheme.mac_compression_ratio={args.mac_compression_ratio}"]
+                     f"scheme.mac_compression_ratio={args.mac_compression_ratio}", "data.val_anomalies=other_classes"]
         teacher_dir = CACHE / "budget" / f"{args.dataset}_c{normal_class}_b{args.batch_size}_n{args.train_samples}_s{args.seed}"
         for role in args.roles:
             student = role in STUDENT_ROLES
@@ -96,7 +93,7 @@ def main() -> None:
             datamodule = kd_config.instantiate(cfg.data)
             datamodule.prepare_data()
             datamodule.setup("fit")
-            val_images, labels = validation_set(datamodule, Path(cfg.data.root), normal_class, args.seed)
+            val_images, labels = datamodule.val_dataset.images, datamodule.val_dataset.labels
             L.seed_everything(int(cfg.seed), workers=True)
             model = kd_config.instantiate(cfg.scheme, input_shape=tuple(datamodule.input_shape))
             started = time.perf_counter()
@@ -104,13 +101,8 @@ def main() -> None:
             class Measure(L.Callback):
                 def on_train_epoch_end(self, trainer, pl_module) -> None:
                     epoch = trainer.current_epoch + 1
-                    pl_module.eval()
-                    with torch.no_grad():
-                        scores = torch.cat([pl_module.score_batch({"image": chunk})["score"]
-                                            for chunk in val_images.split(500)])
-                    pl_module.train()
                     record = {**key, "epoch": epoch, "images_seen": epoch * len(datamodule.train_dataset),
-                              "val_auroc": kd_metrics.image_auroc(scores, labels),
+                              "val_auroc": validation_auroc(pl_module, val_images, labels),
                               "val_images": int(labels.numel()),
                               "seconds": round(time.perf_counter() - started, 1),
                               "discriminator_resets": dict(pl_module.discriminator_resets)}

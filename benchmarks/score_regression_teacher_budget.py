@@ -35,26 +35,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score_regression import DATA, ROOT, Results
 
 from kd_experiments import metrics as kd_metrics
-from kd_experiments.data.one_class import OneClassDataModule, load_idx_split
+from kd_experiments.data.one_class import OneClassDataModule
 from kd_experiments.schemes.score_regression.family import autoencoder_scorer, fit_teacher, predict
 from kd_experiments.schemes.score_regression.lightning_model import teacher_training_loss
 from kd_experiments.schemes.score_regression.torch_model import ConvAutoencoder
 
 
 def validation_set(dataset: str, normal_class: int, seed: int):
-    """``(train_images, val_images, val_labels)``: training split only, see the module docstring."""
+    """``(train_images, val_images, val_labels)``: training split only, see the module docstring
+    (the datamodule's labelled validation split, ``val_anomalies="other_classes"``)."""
     data = OneClassDataModule(dataset=dataset, root=DATA / dataset, normal_class=normal_class, protocol="balanced",
-                              val_fraction=0.1, batch_size=100, normalization="none", seed=seed)
+                              val_fraction=0.1, batch_size=100, normalization="none", seed=seed,
+                              val_anomalies="other_classes")
     data.setup("fit")
-    normal_val = data.val_dataset.images
-    images, classes = load_idx_split(DATA / dataset, "train")
-    others = torch.nonzero(classes != normal_class).flatten()
-    generator = torch.Generator().manual_seed(seed + 7)
-    chosen = others[torch.randperm(len(others), generator=generator)[: len(normal_val)]]
-    anomalous = images[chosen].unsqueeze(1).float() / 255.0
-    val_images = torch.cat([normal_val, anomalous])
-    labels = torch.cat([torch.zeros(len(normal_val)), torch.ones(len(anomalous))]).long()
-    return data.train_dataset.images, val_images, labels
+    return data.train_dataset.images, data.val_dataset.images, data.val_dataset.labels
 
 
 def main() -> None:
