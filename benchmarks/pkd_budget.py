@@ -21,6 +21,13 @@ skipped::
     .venv/bin/python benchmarks/pkd_budget.py --dataset mnist --classes 3 8 --roles teacher --epochs 12
     .venv/bin/python benchmarks/pkd_budget.py --dataset mnist --classes 3 --roles student_one_step \\
         --epochs 20 --teacher-epochs-for-students 8
+
+Student settings (``--set scheme.KEY=VALUE``, recorded as ``variant``) are compared the same
+way, from the teacher ``benchmarks/pkd.py --select-on-validation`` selected and cached
+(``--teacher selected``), so a student recipe is chosen on validation data too::
+
+    .venv/bin/python benchmarks/pkd_budget.py --dataset mnist --classes 0 1 2 3 4 5 6 7 8 9 \\
+        --roles student_pkd --epochs 10 --teacher selected --set scheme.distillation_latent_weight=50
 """
 
 from __future__ import annotations
@@ -52,6 +59,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--teacher-epochs-for-students", type=int, default=8,
                         help="the students learn from the teacher checkpoint of this epoch")
+    parser.add_argument("--teacher", choices=["budget", "selected"], default="budget",
+                        help="students learn from this script's teacher checkpoint of epoch "
+                             "--teacher-epochs-for-students (budget) or from the validation-selected "
+                             "teacher benchmarks/pkd.py cached (selected: 8 epochs, all images, batch 64)")
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="scheme.KEY=VALUE",
+                        help="student settings to compare (recorded as the record's variant)")
     parser.add_argument("--mac-compression-ratio", type=float, default=100.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "pkd_budget.json")
@@ -66,8 +79,14 @@ def main() -> None:
     from kd_experiments import config as kd_config
 
     data_dir = Path(os.environ.get("KD_DATA_DIR", ROOT.parent / "shared" / "data"))
+    for override in args.overrides:
+        if not override.startswith("scheme.") or "=" not in override:
+            raise SystemExit(f"--set takes scheme.KEY=VALUE overrides, got {override!r}")
+    variant = " ".join(sorted(args.overrides)) or None
+    if args.teacher == "selected" and (args.batch_size != 64 or args.train_samples):
+        raise SystemExit("--teacher selected: the cached teachers were trained on all images at batch 64")
     results = Results(args.output, ("dataset", "normal_class", "role", "seed", "epoch", "batch_size", "train_samples",
-                                    "teacher_epochs"))
+                                    "teacher_epochs", "teacher", "variant"))
 
     for normal_class in args.classes:
         overrides = [f"data.root={data_dir / args.dataset}", f"data.normal_class={normal_class}",
@@ -77,14 +96,22 @@ def main() -> None:
         teacher_dir = CACHE / "budget" / f"{args.dataset}_c{normal_class}_b{args.batch_size}_n{args.train_samples}_s{args.seed}"
         for role in args.roles:
             student = role in STUDENT_ROLES
-            teacher_epochs = args.teacher_epochs_for_students if student else 0
+            selected = student and args.teacher == "selected"
+            teacher_epochs = (8 if selected else args.teacher_epochs_for_students) if student else 0
             key = {"dataset": args.dataset, "normal_class": normal_class, "role": role, "seed": args.seed,
-                   "batch_size": args.batch_size, "train_samples": args.train_samples, "teacher_epochs": teacher_epochs}
+                   "batch_size": args.batch_size, "train_samples": args.train_samples, "teacher_epochs": teacher_epochs,
+                   "teacher": "selected" if selected else None, "variant": variant}
             if results.has(**key, epoch=args.epochs):
-                print(f"[{args.dataset} {normal_class} {role}] done, skipped", flush=True)
+                print(f"[{args.dataset} {normal_class} {role} {variant or ''}] done, skipped", flush=True)
                 continue
-            extra = [f"scheme.role={role}"]
-            if student:
+            extra = [f"scheme.role={role}", *args.overrides]
+            if selected:
+                teacher_file = CACHE / f"{args.dataset}_c{normal_class}_b64_n0_e8_s{args.seed}_val.ckpt"
+                if not teacher_file.is_file():
+                    raise SystemExit(f"{teacher_file} is missing: run benchmarks/pkd.py --select-on-validation "
+                                     "--train-samples 0 --teacher-epochs 8 --roles teacher for this class")
+                extra += [f"scheme.teacher_checkpoint={teacher_file}", "scheme.score_teacher_at_test=false"]
+            elif student:
                 teacher_file = teacher_dir / f"teacher_e{teacher_epochs}.ckpt"
                 if not teacher_file.is_file():
                     raise SystemExit(f"{teacher_file} is missing: run --roles teacher with --epochs >= {teacher_epochs}")
@@ -112,7 +139,7 @@ def main() -> None:
                         state = {k: v for k, v in pl_module.state_dict().items() if k.startswith("teacher_")}
                         teacher_dir.mkdir(parents=True, exist_ok=True)
                         torch.save({"state_dict": state}, teacher_dir / f"teacher_e{epoch}.ckpt")
-                    print(f"[{args.dataset} {normal_class} {role}] epoch {epoch}: val AUROC {record['val_auroc']:.4f} "
+                    print(f"[{args.dataset} {normal_class} {role} {variant or ''}] epoch {epoch}: val AUROC {record['val_auroc']:.4f} "
                           f"({record['seconds']} s)", flush=True)
 
             trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False,

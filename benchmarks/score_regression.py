@@ -186,6 +186,8 @@ def run_class(args, results: Results, normal_class: int, outlier_images: torch.T
                 "lr": args.lr, "lr_schedule": args.lr_schedule,
                 "outlier_batch_size": args.outlier_batch_size if track.outlier_exposure else 0,
                 "teacher_and_co_learning_seconds": round(teacher_seconds, 1), "class_train_seconds": round(seconds, 1),
+                # resumed from a checkpoint: the seconds count only the part after the resume
+                "resumed": resumed[group],
                 "device": device_name,
             }
             if not results.has(**record):
@@ -199,6 +201,7 @@ def run_class(args, results: Results, normal_class: int, outlier_images: torch.T
         return CHECKPOINTS / (f"{args.dataset}_c{normal_class}_{group}_e{args.teacher_epochs}-{args.student_epochs}"
                               f"_{args.device.replace(':', '')}_{digest}.pt")
 
+    resumed = {group: checkpoint(group).is_file() for group in groups}
     fit_students(groups["co_learning"], teacher, train_images, args.teacher_epochs, loss_fn, sampler, **common,
                  checkpoint=checkpoint("co_learning"))
     teacher_seconds = time.perf_counter() - started

@@ -221,7 +221,8 @@ def _meta_model(architecture: str) -> nn.Module:
         with torch.device("meta"):
             return timm.create_model(architecture, pretrained=False)
     except Exception:  # an __init__ that needs real values (e.g. calls .item()): build on CPU
-        return timm.create_model(architecture, pretrained=False)
+        with torch.random.fork_rng(devices=[]):  # cached: drawing here would shift later inits once
+            return timm.create_model(architecture, pretrained=False)
 
 
 def _reference_state_dict_layout(architecture: str) -> tuple[tuple[str, torch.Size], ...]:

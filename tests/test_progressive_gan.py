@@ -17,6 +17,7 @@ from kd_experiments.compression import count_macs
 from kd_experiments.errors import CheckpointError, ConfigError, TrainingDivergedError
 from kd_experiments.metrics import image_auroc
 from kd_experiments.schemes.progressive_gan import ProgressiveGANScheme
+from kd_experiments.schemes.progressive_gan import torch_model as pg_torch_model
 from kd_experiments.schemes.progressive_gan.torch_model import (
     EDEGenerator,
     GeneratorSpec,
@@ -96,6 +97,32 @@ def test_student_family_reaches_300_to_1_in_macs() -> None:
     assert summary["compression_ratio"] == pytest.approx(summary["teacher_params"] / summary["student_params"])
     with pytest.raises(ConfigError, match="data.image_size=32"):
         ProgressiveGANScheme(input_shape=(1, 28, 28))
+
+
+def test_same_seed_same_student_whatever_ran_before_in_the_process() -> None:
+    """The student-size search builds (and caches) probe generators; they must not draw from
+    the global RNG, or a seeded model would differ between a cold and a warm cache."""
+    settings = {**TINY, "student_width": None, "mac_compression_ratio": 5.0}
+
+    def student_weights() -> torch.Tensor:
+        torch.manual_seed(0)
+        scheme = ProgressiveGANScheme(input_shape=(1, SIDE, SIDE), role="student_alone", **settings)
+        return _flat(scheme.student_generator)
+
+    pg_torch_model._sizes.cache_clear()
+    cold = student_weights()
+    warm = student_weights()
+    assert torch.equal(cold, warm)
+
+
+def test_student_learning_rate_applies_to_the_student_networks_only() -> None:
+    scheme = ProgressiveGANScheme(input_shape=(1, SIDE, SIDE), role="student_pkd", student_learning_rate=1e-3, **TINY)
+    rates = [optimizer.param_groups[0]["lr"] for optimizer in scheme.configure_optimizers()]
+    assert rates == [2e-4, 2e-4, 1e-3, 1e-3]  # teacher G, teacher D, student G, student D
+    default = ProgressiveGANScheme(input_shape=(1, SIDE, SIDE), role="student_pkd", **TINY)
+    assert [optimizer.param_groups[0]["lr"] for optimizer in default.configure_optimizers()] == [2e-4] * 4
+    with pytest.raises(ConfigError, match="student_learning_rate"):
+        ProgressiveGANScheme(input_shape=(1, SIDE, SIDE), role="student_pkd", student_learning_rate=0.0, **TINY)
 
 
 # -- the schedule -----------------------------------------------------------------------------

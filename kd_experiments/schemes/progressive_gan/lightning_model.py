@@ -99,6 +99,8 @@ class ProgressiveGANScheme(AnomalyScheme):
             ``teacher_discriminator.*`` (e.g. ``last.ckpt`` of a ``role=teacher`` run); skips the
             teacher phase.
         learning_rate, beta1: Adam settings of every network.
+        student_learning_rate: Adam learning rate of the student generator and discriminator
+            (``None``: ``learning_rate``); a tiny student may need a larger step than the teacher.
         collapse_threshold: a discriminator whose loss falls below this is re-initialised.
         input_range: ``(low, high)`` of the data's pixel values, mapped to [-1, 1].
         score_teacher_at_test: also score the teacher at test time (student roles).
@@ -130,6 +132,7 @@ class ProgressiveGANScheme(AnomalyScheme):
         joint_fraction: float = 0.3,
         teacher_checkpoint: str | None = None,
         learning_rate: float = 2e-4,
+        student_learning_rate: float | None = None,
         beta1: float = 0.5,
         collapse_threshold: float = 1e-5,
         input_range: tuple[float, float] | list[float] = (0.0, 1.0),
@@ -146,6 +149,9 @@ class ProgressiveGANScheme(AnomalyScheme):
             raise ConfigError(f"scheme.teacher_fraction must be in (0, 1), got {teacher_fraction}")
         if not 0.0 <= joint_fraction < 1.0:
             raise ConfigError(f"scheme.joint_fraction must be in [0, 1), got {joint_fraction}")
+        for name, value in (("learning_rate", learning_rate), ("student_learning_rate", student_learning_rate)):
+            if value is not None and not float(value) > 0.0:
+                raise ConfigError(f"scheme.{name} must be > 0, got {value}")
         low, high = (float(v) for v in input_range)
         if not high > low:
             raise ConfigError(f"scheme.input_range must be (low, high) with high > low, got {input_range}")
@@ -296,11 +302,14 @@ class ProgressiveGANScheme(AnomalyScheme):
             ddp_kwargs["find_unused_parameters"] = True
 
     def configure_optimizers(self):
-        def adam(network: torch.nn.Module) -> torch.optim.Optimizer:
-            return torch.optim.Adam(network.parameters(), lr=self.hparams.learning_rate,
-                                    betas=(self.hparams.beta1, 0.999))
+        teacher_lr = float(self.hparams.learning_rate)
+        student_lr = float(self.hparams.student_learning_rate or teacher_lr)
 
-        return [adam(network) for network in self._networks()]
+        def adam(network: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+            return torch.optim.Adam(network.parameters(), lr=lr, betas=(self.hparams.beta1, 0.999))
+
+        networks = self._networks()  # teacher G, teacher D[, student G, student D]
+        return [adam(network, teacher_lr if index < 2 else student_lr) for index, network in enumerate(networks)]
 
     def _generator_terms(self, generator, discriminator, images) -> tuple[GANOutputs, dict[str, torch.Tensor]]:
         outputs = self._run(generator, images)

@@ -192,10 +192,17 @@ def initialize_weights(module: nn.Module) -> None:
 
 @functools.lru_cache(maxsize=512)
 def _sizes(spec: GeneratorSpec, image_size: int, channels: int) -> tuple[int, int]:
-    """``(parameters, MACs)`` of the generator of ``spec`` (cached: the search builds many)."""
+    """``(parameters, MACs)`` of the generator of ``spec`` (cached: the search builds many).
+
+    The probe generator is built under a forked RNG: otherwise its initialisation would draw
+    from the global stream on the first (uncached) call only, and a model built after
+    ``seed_everything`` would start from other weights whenever an earlier model in the same
+    process had warmed the cache (found as a student whose figures depended on which run
+    preceded it in a benchmark process)."""
     from kd_experiments.compression import count_macs, count_parameters
 
-    generator = EDEGenerator(spec, image_size, channels)
+    with torch.random.fork_rng(devices=[]):
+        generator = EDEGenerator(spec, image_size, channels)
     example = torch.zeros(1, channels, image_size, image_size)
     return count_parameters(generator), count_macs(generator, example)
 
