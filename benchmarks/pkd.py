@@ -21,6 +21,16 @@ No model or epoch is selected on the test split. Two protocols (``--experiment``
   epoch to epoch (``benchmarks/results/pkd_budget.json``), which a fixed last epoch suffers
   from most.
 
+Student settings (``--set scheme.KEY=VALUE``) give a protocol of their own (``--experiment``);
+its students learn from the cached teacher of the protocol named by ``--teacher-experiment``,
+whose teacher and GANomaly rows the summary then shows beside them (records carry
+``settings`` and ``teacher_experiment``)::
+
+    .venv/bin/python benchmarks/pkd.py --datasets mnist --classes 0-9 --train-samples 0 --teacher-epochs 8 \\
+        --student-epochs 10 --batch-size 64 --select-on-validation --experiment val_selected_student_lr \\
+        --teacher-experiment val_selected --roles student_pkd student_one_step student_alone \\
+        --set scheme.student_learning_rate=1e-3
+
 Resumable: every finished run is appended to ``benchmarks/results/pkd_<dataset>.json`` at once,
 and runs already there are skipped; teachers are cached under ``benchmarks/results/.cache/``.
 
@@ -172,6 +182,7 @@ def run_one(cfg, datamodule, epochs: int, save_teacher: Path | None = None,
 
 PROTOCOLS = {
     "val_selected": "all normal training images, the epoch of best validation AUROC tested",
+    "val_selected_student_lr": "as val_selected, the students at Adam lr 1e-3 (chosen on validation data)",
     "main": "a fixed schedule, the last epoch tested",
 }
 
@@ -201,16 +212,24 @@ def _targets(dataset: str, means: dict[str, float], per_class: dict[int, dict[st
             *[f"| {name} | {value} | {'yes' if met else '**no**'} |" for name, value, met in rows]]
 
 
-def _main_table(dataset: str, name: str, experiment: str, runs: list[dict[str, Any]]) -> list[str]:
-    """One protocol's table: AUROC per class and role, the mean of complete classes, the sizes."""
+def _main_table(dataset: str, name: str, experiment: str, runs: list[dict[str, Any]],
+                all_runs: list[dict[str, Any]] | None = None) -> list[str]:
+    """One protocol's table: AUROC per class and role, the mean of complete classes, the sizes.
+
+    Students trained from another protocol's teacher (``teacher_experiment``) are shown beside
+    that protocol's teacher and GANomaly records."""
     by_class: dict[int, dict[str, dict[str, Any]]] = {}
     sizes: dict[str, tuple] = {}
-    for r in runs:
+    sources = {r["teacher_experiment"] for r in runs if r.get("teacher_experiment")}
+    own_roles = {r["role"] for r in runs}
+    borrowed = [r for r in (all_runs or []) if r["experiment"] in sources and r["role"] in ("teacher", "ganomaly")
+                and r["role"] not in own_roles]
+    for r in [*borrowed, *runs]:
         by_class.setdefault(r["normal_class"], {})[r["role"]] = r
         sizes[r["role"]] = (r["params"], r["macs"], r["mac_compression_ratio"], r["batch_size"], r["epochs"],
                             r["train_samples"])
     complete = sorted(c for c, found in by_class.items() if all(role in found for role in ROLES))
-    selected = experiment == "val_selected"
+    selected = all("selected_epoch" in r for r in runs)
 
     def cell(r: dict[str, Any] | None) -> str:
         if r is None:
@@ -220,6 +239,12 @@ def _main_table(dataset: str, name: str, experiment: str, runs: list[dict[str, A
     lines = [f"### {dataset}, {experiment}: {PROTOCOLS.get(experiment, experiment)} (`benchmarks/results/{name}`)", ""]
     if selected:
         lines += ["Test AUROC (the selected epoch in brackets).", ""]
+    if borrowed:
+        lines += [f"Teacher and GANomaly: the `{', '.join(sorted(sources))}` records (the students learn from that "
+                  "teacher checkpoint).", ""]
+    settings = sorted({r["settings"] for r in runs if r.get("settings")})
+    if settings:
+        lines += [f"Student settings: `{'`, `'.join(settings)}`.", ""]
     lines += ["| normal class | " + " | ".join(ROLES) + " |", "|---" * (len(ROLES) + 1) + "|"]
     for normal_class in sorted(by_class):
         lines.append(f"| {normal_class} | " + " | ".join(cell(by_class[normal_class].get(role)) for role in ROLES) + " |")
@@ -247,10 +272,9 @@ def summary() -> str:
     lines: list[str] = []
     for dataset, name in FILE_NAMES.items():
         runs = load_results(RESULTS / name)["runs"]
-        for experiment in PROTOCOLS:
-            selected = [r for r in runs if r["experiment"] == experiment]
-            if selected:
-                lines += _main_table(dataset, name, experiment, selected)
+        found = [e for e in dict.fromkeys(r["experiment"] for r in runs) if e != "batch_comparison"]
+        for experiment in sorted(found, key=lambda e: list(PROTOCOLS).index(e) if e in PROTOCOLS else len(PROTOCOLS)):
+            lines += _main_table(dataset, name, experiment, [r for r in runs if r["experiment"] == experiment], runs)
         comparison = [r for r in runs if r["experiment"] == "batch_comparison"]
         if comparison:
             lines += ["Batch size comparison (teacher, same images seen):", "",
@@ -291,6 +315,11 @@ def main() -> None:
     parser.add_argument("--student-epochs", type=int, default=6)
     parser.add_argument("--mac-compression-ratio", type=float, default=100.0)
     parser.add_argument("--roles", nargs="+", default=["teacher", "ganomaly", *STUDENT_ROLES])
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="scheme.KEY=VALUE",
+                        help="student settings (recorded as `settings`; give the runs their own --experiment)")
+    parser.add_argument("--teacher-experiment", default=None,
+                        help="the protocol whose cached teacher the students learn from and whose teacher and "
+                             "GANomaly rows the summary shows beside them (student roles only)")
     parser.add_argument("--batch-comparison-classes", default="", help="MNIST classes for batch 1 vs --batch-size")
     parser.add_argument("--batch-comparison-images", type=int, default=1000, help="images seen by each teacher")
     parser.add_argument("--batch-comparison-first", action="store_true", help="run the comparison before the tables")
@@ -302,6 +331,14 @@ def main() -> None:
         return
 
     experiment = args.experiment or ("val_selected" if args.select_on_validation else "main")
+    for override in args.overrides:
+        if not override.startswith("scheme.") or "=" not in override:
+            raise SystemExit(f"--set takes scheme.KEY=VALUE overrides, got {override!r}")
+    if (args.overrides or args.teacher_experiment) and args.experiment in (None, "main", "val_selected"):
+        raise SystemExit("--set / --teacher-experiment: name the runs' own protocol with --experiment")
+    if args.teacher_experiment and set(args.roles) - set(STUDENT_ROLES):
+        raise SystemExit("--teacher-experiment: the teacher and GANomaly are that protocol's; run student roles only")
+    settings = " ".join(sorted(args.overrides)) or None
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -354,6 +391,8 @@ def main() -> None:
                     base = {"experiment": experiment, "dataset": dataset, "normal_class": normal_class, "role": role,
                             "batch_size": args.batch_size, "seed": args.seed, "images_seen": images_seen}
                     need_teacher = role in STUDENT_ROLES and not teacher_file.is_file()
+                    if need_teacher and args.teacher_experiment:
+                        raise SystemExit(f"{teacher_file} is missing: run {args.teacher_experiment}'s teacher first")
                     if record_key(base) in done and not (role == "teacher" and need_teacher):
                         continue
                     cfg = compose(dataset, overrides)
@@ -365,7 +404,7 @@ def main() -> None:
                         log(f"{dataset} c{normal_class}: retraining the cached teacher")
                         run_one(compose(dataset, [*overrides, "scheme.role=teacher"]), datamodule,
                                 args.teacher_epochs, save_teacher=teacher_file, validation=validation)
-                    extra = [f"scheme.role={role}"]
+                    extra = [f"scheme.role={role}", *(args.overrides if role in STUDENT_ROLES else [])]
                     if role in STUDENT_ROLES:
                         extra += [f"scheme.teacher_checkpoint={teacher_file}", "scheme.score_teacher_at_test=false"]
                     cfg = compose(dataset, [*overrides, *extra])
@@ -375,6 +414,10 @@ def main() -> None:
                     if record_key(base) in done:
                         continue
                     record = {**base, **figures, "epochs": epochs, "train_samples": train_samples}
+                    if settings and role in STUDENT_ROLES:
+                        record["settings"] = settings
+                    if args.teacher_experiment:
+                        record["teacher_experiment"] = args.teacher_experiment
                     append_record(path, record, command)
                     log(f"  auroc={record['auroc']:.4f} macs={record['macs']} "
                         f"mac_ratio={record['mac_compression_ratio']:.1f} ({record['train_seconds']} s train)")
