@@ -92,6 +92,14 @@ def validation_auroc(module, images: torch.Tensor, labels: torch.Tensor) -> floa
     return kd_metrics.image_auroc(scores, labels)
 
 
+def scheme_settings(overrides: list[str]) -> str | None:
+    """``--set`` overrides checked (``scheme.KEY=VALUE`` only), as the label records carry."""
+    for override in overrides:
+        if not override.startswith("scheme.") or "=" not in override:
+            raise SystemExit(f"--set takes scheme.KEY=VALUE overrides, got {override!r}")
+    return " ".join(sorted(overrides)) or None
+
+
 def record_key(record: dict[str, Any]) -> tuple:
     return (record["experiment"], record["dataset"], record["normal_class"], record["role"],
             record["batch_size"], record["seed"], record["images_seen"])
@@ -331,14 +339,11 @@ def main() -> None:
         return
 
     experiment = args.experiment or ("val_selected" if args.select_on_validation else "main")
-    for override in args.overrides:
-        if not override.startswith("scheme.") or "=" not in override:
-            raise SystemExit(f"--set takes scheme.KEY=VALUE overrides, got {override!r}")
+    settings = scheme_settings(args.overrides)
     if (args.overrides or args.teacher_experiment) and args.experiment in (None, "main", "val_selected"):
         raise SystemExit("--set / --teacher-experiment: name the runs' own protocol with --experiment")
     if args.teacher_experiment and set(args.roles) - set(STUDENT_ROLES):
         raise SystemExit("--teacher-experiment: the teacher and GANomaly are that protocol's; run student roles only")
-    settings = " ".join(sorted(args.overrides)) or None
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)

@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pkd import CACHE, ROOT, STUDENT_ROLES, compose, validation_auroc  # noqa: E402
+from pkd import CACHE, ROOT, STUDENT_ROLES, compose, scheme_settings, validation_auroc  # noqa: E402
 from score_regression import Results  # noqa: E402
 
 
@@ -79,10 +79,7 @@ def main() -> None:
     from kd_experiments import config as kd_config
 
     data_dir = Path(os.environ.get("KD_DATA_DIR", ROOT.parent / "shared" / "data"))
-    for override in args.overrides:
-        if not override.startswith("scheme.") or "=" not in override:
-            raise SystemExit(f"--set takes scheme.KEY=VALUE overrides, got {override!r}")
-    variant = " ".join(sorted(args.overrides)) or None
+    variant = scheme_settings(args.overrides)
     if args.teacher == "selected" and (args.batch_size != 64 or args.train_samples):
         raise SystemExit("--teacher selected: the cached teachers were trained on all images at batch 64")
     results = Results(args.output, ("dataset", "normal_class", "role", "seed", "epoch", "batch_size", "train_samples",
