@@ -48,6 +48,44 @@ from pkd import CACHE, ROOT, STUDENT_ROLES, compose, scheme_settings, validation
 from score_regression import Results  # noqa: E402
 
 
+def settings_summary(path: Path) -> str:
+    """Markdown: each student setting studied from the selected teachers (``--teacher selected``),
+    best validation AUROC per class over its epochs, beside the same role's validation AUROC in
+    ``benchmarks/pkd.py``'s ``val_selected`` records (default settings) and the teacher's."""
+    import json
+
+    from pkd import FILE_NAMES, RESULTS
+
+    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    lines: list[str] = []
+    for dataset, name in FILE_NAMES.items():
+        reference = {(r["normal_class"], r["role"]): r["val_auroc"]
+                     for r in (json.loads((RESULTS / name).read_text())["runs"] if (RESULTS / name).exists() else [])
+                     if r["experiment"] == "val_selected"}
+        curves: dict[tuple, dict[int, dict[int, float]]] = {}
+        for r in runs:
+            if r["dataset"] == dataset and r.get("teacher") == "selected":
+                curves.setdefault((r["role"], r.get("variant") or "defaults"), {}).setdefault(
+                    r["normal_class"], {})[r["epoch"]] = r["val_auroc"]
+        for (role, variant), per_class in sorted(curves.items()):
+            best = {c: max(epochs.values()) for c, epochs in sorted(per_class.items())}
+            if not all((c, role) in reference and (c, "teacher") in reference for c in best):
+                continue
+            lines += [f"**{dataset}, {role}, `{variant}`** (best validation AUROC over "
+                      f"{max(len(e) for e in per_class.values())} epochs; no test image):", "",
+                      "| normal class | teacher | " + role + " (pkd.py val_selected, defaults) | this setting |",
+                      "|---|---|---|---|"]
+            for c, value in best.items():
+                lines.append(f"| {c} | {reference[(c, 'teacher')]:.4f} | {reference[(c, role)]:.4f} | {value:.4f} |")
+            n = len(best)
+            teacher = sum(reference[(c, "teacher")] for c in best) / n
+            default = sum(reference[(c, role)] for c in best) / n
+            mean = sum(best.values()) / n
+            lines += [f"| **mean of {n}** | **{teacher:.4f}** | **{default:.4f}** ({default / teacher:.3f}x) | "
+                      f"**{mean:.4f}** ({mean / teacher:.3f}x) |", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"])
@@ -68,7 +106,12 @@ def main() -> None:
     parser.add_argument("--mac-compression-ratio", type=float, default=100.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "pkd_budget.json")
+    parser.add_argument("--summary", action="store_true",
+                        help="print the student-settings comparison (validation only) and exit")
     args = parser.parse_args()
+    if args.summary:
+        print(settings_summary(args.output))
+        return
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
