@@ -105,6 +105,12 @@ def record_key(record: dict[str, Any]) -> tuple:
             record["batch_size"], record["seed"], record["images_seen"])
 
 
+# Settings the recorded protocols ran with, pinned here so that a later change of the
+# experiment configs' defaults (e.g. configs/experiment/pkd_mnist.yaml's student learning
+# rate, session 6) does not change what a protocol's command runs; ``--set`` overrides them.
+PROTOCOL_PINS = {"scheme.student_learning_rate": "null"}
+
+
 def compose(dataset: str, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -116,7 +122,9 @@ def compose(dataset: str, overrides: list[str]):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = hydra_compose(config_name="train", overrides=[f"experiment={EXPERIMENTS[dataset]}", *overrides],
+        given = {override.split("=", 1)[0] for override in overrides}
+        pins = [f"{key}={value}" for key, value in PROTOCOL_PINS.items() if key not in given]
+        cfg = hydra_compose(config_name="train", overrides=[f"experiment={EXPERIMENTS[dataset]}", *pins, *overrides],
                             return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(CACHE / "run")
