@@ -38,7 +38,9 @@ update per batch, and re-initialising the discriminator when its loss falls belo
 ``1e-5`` (``collapse_threshold``; logged as ``train/*_discriminator_resets``).
 Our choices (not in either): the schedule by fractions of the training batches, the
 sphere projection as the EDE-GAN's latent constraint, the depth axis of the size family,
-and the EDE-GAN loss weights (GANomaly's 1/50/1 by default; configurable).
+the EDE-GAN loss weights (GANomaly's 1/50/1 by default; configurable), and a separate
+student learning rate (``student_learning_rate``; the MNIST / Fashion-MNIST experiments use
+1e-3, chosen on validation data: ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
