@@ -11,6 +11,10 @@ import torch
 from kd_experiments.tracking import git_commit
 
 
+# Result files name Fashion-MNIST `fmnist`, as the issues and the pkd files do.
+SHORT_NAMES = {"mnist": "mnist", "fashion_mnist": "fmnist"}
+
+
 def machine() -> dict[str, object]:
     """CPU model, cores, torch threads and versions of the machine a record was measured on."""
     cpu = platform.processor() or "unknown"

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import commit, machine
+from common import SHORT_NAMES, commit, machine
 
 from kd_experiments import metrics as kd_metrics
 from kd_experiments.compression import count_parameters
@@ -245,7 +245,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.backends.cudnn.benchmark = True
-    output = args.output or ROOT / "benchmarks" / "results" / f"score_regression_{args.dataset}.json"
+    output = args.output or ROOT / "benchmarks" / "results" / f"score_regression_{SHORT_NAMES[args.dataset]}.json"
     results = Results(output, ("dataset", "normal_class", "technique", "student", "seed", "teacher_epochs", "lr_schedule"))
     outlier_images = None
     if any(TECHNIQUES[t][2] for t in args.techniques):

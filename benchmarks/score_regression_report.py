@@ -12,6 +12,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from common import SHORT_NAMES
+
 RESULTS = Path(__file__).resolve().parent / "results"
 STUDENTS = "ABCDEFG"
 
@@ -25,7 +27,7 @@ def _mean_std(values: list[float]) -> str:
 
 def training_tables(dataset: str) -> str:
     """One table per training budget (teacher epochs, lr schedule) found in the file."""
-    path = RESULTS / f"score_regression_{dataset}.json"
+    path = RESULTS / f"score_regression_{SHORT_NAMES[dataset]}.json"
     if not path.exists():
         return f"({path.name} not written yet)\n"
     runs = json.loads(path.read_text())["runs"]
@@ -130,7 +132,7 @@ SMALLEST = "G"
 
 
 def _runs(dataset: str) -> list[dict]:
-    path = RESULTS / f"score_regression_{dataset}.json"
+    path = RESULTS / f"score_regression_{SHORT_NAMES[dataset]}.json"
     return json.loads(path.read_text())["runs"] if path.exists() else []
 
 
