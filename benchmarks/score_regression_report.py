@@ -25,12 +25,20 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {std:.3f}"
 
 
+def _results_path(dataset: str) -> Path:
+    return RESULTS / f"score_regression_{SHORT_NAMES[dataset]}.json"
+
+
+def _runs(dataset: str) -> list[dict]:
+    path = _results_path(dataset)
+    return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
 def training_tables(dataset: str) -> str:
     """One table per training budget (teacher epochs, lr schedule) found in the file."""
-    path = RESULTS / f"score_regression_{SHORT_NAMES[dataset]}.json"
-    if not path.exists():
-        return f"({path.name} not written yet)\n"
-    runs = json.loads(path.read_text())["runs"]
+    runs = _runs(dataset)
+    if not runs:
+        return f"({_results_path(dataset).name} not written yet)\n"
     budgets: dict[tuple[int, str], list[dict]] = defaultdict(list)
     for run in runs:
         budgets[(run["teacher_epochs"], run.get("lr_schedule", "cosine"))].append(run)
@@ -131,11 +139,6 @@ PAPER = {"mnist": {"teacher": 0.948, "smallest": 0.833}, "fashion_mnist": {"teac
 SMALLEST = "G"
 
 
-def _runs(dataset: str) -> list[dict]:
-    path = RESULTS / f"score_regression_{SHORT_NAMES[dataset]}.json"
-    return json.loads(path.read_text())["runs"] if path.exists() else []
-
-
 def _budget(run: dict) -> tuple[int, str]:
     return run["teacher_epochs"], run.get("lr_schedule", "cosine")
 
@@ -151,20 +154,19 @@ def budget_comparison(long: tuple[int, str] = (300, "constant"), short: tuple[in
         per_set[dataset] = (by, classes)
         columns += [f"{dataset} teacher {long[0]} ep", f"teacher {short[0]} ep",
                     f"{SMALLEST} {long[0]} ep", f"{SMALLEST} {short[0]} ep"]
+    cells_of = ((long, "teacher_auroc"), (short, "teacher_auroc"), (long, "student_auroc"), (short, "student_auroc"))
     lines = ["| class | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     all_classes = sorted(set().union(*(set(classes) for _, classes in per_set.values())))
     for normal_class in all_classes:
         cells = []
-        for dataset, (by, classes) in per_set.items():
-            for budget, key in ((long, "teacher_auroc"), (short, "teacher_auroc"),
-                                (long, "student_auroc"), (short, "student_auroc")):
+        for by, classes in per_set.values():
+            for budget, key in cells_of:
                 run = by.get((budget, normal_class)) if normal_class in classes else None
                 cells.append(f"{run[key]:.4f}" if run else "-")
         lines.append(f"| {normal_class} | " + " | ".join(cells) + " |")
     means = []
-    for dataset, (by, classes) in per_set.items():
-        for budget, key in ((long, "teacher_auroc"), (short, "teacher_auroc"),
-                            (long, "student_auroc"), (short, "student_auroc")):
+    for by, classes in per_set.values():
+        for budget, key in cells_of:
             values = [by[(budget, c)][key] for c in classes if (budget, c) in by]
             means.append(f"**{statistics.mean(values):.4f}** (n={len(values)})" if values else "-")
     lines.append("| mean over these classes | " + " | ".join(means) + " |")
