@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
+#: ``scheme.min_channels`` of configs/scheme/reverse_distillation.yaml (records without the field used it).
+DEFAULT_MIN_CHANNELS = 2
 DEFAULT_DATA = Path(os.environ.get("KD_DATA_DIR", ROOT.parent / "shared" / "data")) / "mvtec_ad"
 
 
@@ -129,6 +131,8 @@ def rd_overrides(scheme: str, ratio: float, seed: int, args: argparse.Namespace,
                  extra: tuple[str, ...] = ()) -> list[str]:
     """The ``kd-train`` overrides of one benchmark run (the setting of this file's docstring)."""
     blur_sigma = getattr(args, "blur_sigma", None)
+    min_channels = getattr(args, "min_channels", None)
+    floor = (f"scheme.min_channels={min_channels}",) if min_channels is not None else ()
     return [
         f"experiment={experiment_of(scheme)}",
         f"data.root={args.data}",
@@ -138,6 +142,7 @@ def rd_overrides(scheme: str, ratio: float, seed: int, args: argparse.Namespace,
         f"scheme.compression_ratio={ratio}",
         f"scheme.blur_sigma={blur_sigma if blur_sigma is not None else 4.0 * args.image_size / 256}",
         f"seed={seed}",
+        *floor,
         *extra,
         "callbacks.progress_bar=null",
         "callbacks.model_summary=null",
@@ -147,12 +152,25 @@ def rd_overrides(scheme: str, ratio: float, seed: int, args: argparse.Namespace,
     ]
 
 
+def floor_suffix(args: argparse.Namespace) -> str:
+    """Run-folder suffix of a non-default ``scheme.min_channels``."""
+    min_channels = getattr(args, "min_channels", None)
+    return "" if min_channels in (None, DEFAULT_MIN_CHANNELS) else f"-min{min_channels}"
+
+
+def floor_key(args: argparse.Namespace) -> dict:
+    """The results-key part of the width floor: absent for the default (older records have none)."""
+    min_channels = getattr(args, "min_channels", None)
+    return {} if min_channels in (None, DEFAULT_MIN_CHANNELS) else {"min_channels": min_channels}
+
+
 def run_rd(scheme: str, ratio: float, seed: int, args: argparse.Namespace, extra: tuple[str, ...] = (),
            name_suffix: str = "") -> dict:
     """Train and test one RD run through ``kd-train``'s code path; ``extra``: more overrides."""
     from kd_experiments import config as kd_config
     from kd_experiments.train import train
 
+    name_suffix = floor_suffix(args) + name_suffix
     run_dir = ROOT / "logs" / "benchmarks" / f"{experiment_of(scheme)}-cr{ratio:g}-s{seed}-{args.image_size}px{name_suffix}"
     tag = f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
     cfg = compose(rd_overrides(scheme, ratio, seed, args, tag, "benchmark", extra), run_dir)
@@ -172,10 +190,12 @@ def run_rd(scheme: str, ratio: float, seed: int, args: argparse.Namespace, extra
         "deployed_macs": int(summary["deployed_macs"]),
         "measured_compression_ratio": summary["compression_ratio"],
         "width_multiplier": summary["width_multiplier"],
+        "min_channels": int(summary["min_channels"]),
         "train_images_per_s": logged.get("train/images_per_s"),
         "infer_images_per_s": metrics.get("test/images_per_s"),
         "final_train_loss": logged.get("train/loss"),
         "final_val_loss": logged.get("val/loss"),
+        "final_val_pixel_loss": logged.get("val/pixel_loss"),
         "mlflow_run_id": logged.get("run_id"),
         "blur_sigma": float(cfg.scheme.blur_sigma),
         "wall_s": wall,
@@ -313,7 +333,8 @@ def markdown_table(path: Path) -> str:
     runs = json.loads(path.read_text())["runs"]
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        key = (run["scheme"], run.get("compression_ratio"), run.get("image_size"), run.get("epochs"))
+        key = (run["scheme"], run.get("compression_ratio"), run.get("image_size"), run.get("epochs"),
+               run.get("min_channels", DEFAULT_MIN_CHANNELS if run["scheme"] != "knn" else None))
         groups.setdefault(key, []).append(run)
 
     def cell(values: list[float], digits: int = 4) -> str:
@@ -322,19 +343,20 @@ def markdown_table(path: Path) -> str:
         return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
 
     lines = [
-        ("| scheme | ratio (measured) | px | epochs | seeds | image AUROC | pixel AUROC | AUPRO | student params "
-         "| deployed params | deployed MMACs | train img/s | infer img/s | memory bank |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ("| scheme | ratio (measured) | px | epochs | min channels | seeds | image AUROC | pixel AUROC | AUPRO "
+         "| student params | deployed params | deployed MMACs | train img/s | infer img/s | memory bank |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {"knn": 0, "rd": 1, "rd_expert": 2}
-    for key in sorted(groups, key=lambda k: (order.get(k[0], 9), k[1] or 0, k[2] or 0)):
+    for key in sorted(groups, key=lambda k: (order.get(k[0], 9), k[1] or 0, k[2] or 0, k[3] or 0, k[4] or 0)):
         rows = groups[key]
-        scheme, ratio, size, epochs = key
+        scheme, ratio, size, epochs, floor = key
         measured = rows[0].get("measured_compression_ratio")
         ratio_text = "-" if ratio is None else f"{ratio:g} ({measured:.1f})" if measured else f"{ratio:g}"
         bank = rows[0].get("memory_bank_bytes")
         lines.append(
-            f"| {scheme} | {ratio_text} | {size} | {epochs or '-'} | {','.join(str(r['seed']) for r in rows)} "
+            f"| {scheme} | {ratio_text} | {size} | {epochs or '-'} | {floor or '-'} "
+            f"| {','.join(str(r['seed']) for r in rows)} "
             f"| {cell([r['image_auroc'] for r in rows])} | {cell([r['pixel_auroc'] for r in rows])} "
             f"| {cell([r['aupro'] for r in rows])} | {rows[0]['student_params']:,} | {rows[0]['deployed_params']:,} "
             f"| {rows[0].get('deployed_macs', 0) / 1e6:.0f} "
@@ -355,6 +377,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--blur-sigma", type=float, default=None,
                         help="map smoothing; default: the paper's 4 at 256 px, scaled to the image size")
+    parser.add_argument("--min-channels", type=int, default=None,
+                        help=f"scheme.min_channels, the floor of every student width (default: the config's "
+                             f"{DEFAULT_MIN_CHANNELS})")
     parser.add_argument("--knn-coreset", type=float, default=1.0, help="coreset fraction of the knn bank (1 = all)")
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only these plan entries, as scheme:ratio:seed (e.g. rd:16:0 knn::0)")
@@ -379,6 +404,7 @@ def main() -> None:
         key = {"scheme": scheme, "compression_ratio": ratio, "seed": seed, "image_size": args.image_size}
         if scheme != "knn":
             key["epochs"] = args.epochs
+            key.update(floor_key(args))
         if results.has(key):
             print(f"[rd_bottle] skip {key} (done)", flush=True)
             continue

@@ -34,9 +34,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from rd_bottle import DEFAULT_DATA, RESULTS, ResultFile, compose, experiment_of, rd_overrides
+from rd_bottle import (
+    DEFAULT_DATA,
+    DEFAULT_MIN_CHANNELS,
+    RESULTS,
+    ResultFile,
+    compose,
+    experiment_of,
+    floor_key,
+    floor_suffix,
+    rd_overrides,
+)
 
-METRICS = ("val/synthetic_pixel_auroc", "val/synthetic_image_auroc", "val/loss", "train/loss")
+METRICS = ("val/synthetic_pixel_auroc", "val/synthetic_image_auroc", "val/loss", "train/loss", "val/pixel_loss",
+           "val/pixel_loss_level0", "val/pixel_loss_level1", "val/pixel_loss_level2")
 
 
 def history(tag_value: str, experiment_name: str) -> dict[int, dict[str, float]]:
@@ -65,7 +76,7 @@ def history(tag_value: str, experiment_name: str) -> dict[int, dict[str, float]]
 def run_one(scheme: str, ratio: float, seed: int, args: argparse.Namespace) -> dict[int, dict[str, float]]:
     from kd_experiments.train import train
 
-    run_dir = ROOT / "logs" / "benchmarks" / f"budget-{experiment_of(scheme)}-cr{ratio:g}-s{seed}"
+    run_dir = ROOT / "logs" / "benchmarks" / f"budget-{experiment_of(scheme)}-cr{ratio:g}-s{seed}{floor_suffix(args)}"
     tag = f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
     extra = ("++scheme.val_synthetic_anomalies=true", "test=false", "trainer.num_sanity_val_steps=0")
     train(compose(rd_overrides(scheme, ratio, seed, args, tag, "budget", extra), run_dir))
@@ -76,10 +87,13 @@ def table(path: Path) -> str:
     runs = json.loads(path.read_text())["runs"]
     groups: dict[tuple, dict[int, list[dict]]] = {}
     for run in runs:
-        groups.setdefault((run["scheme"], run["compression_ratio"]), {}).setdefault(run["epoch"], []).append(run)
-    lines = ["| scheme | ratio | epoch | seeds | val synthetic pixel AUROC | val synthetic image AUROC | val loss |",
-             "|---|---|---|---|---|---|---|"]
-    for (scheme, ratio), by_epoch in sorted(groups.items()):
+        group = (run["scheme"], run["compression_ratio"], run.get("min_channels", DEFAULT_MIN_CHANNELS),
+                 run["max_epochs"])
+        groups.setdefault(group, {}).setdefault(run["epoch"], []).append(run)
+    lines = ["| scheme | ratio | min channels | epoch | seeds | val synthetic pixel AUROC | val synthetic image AUROC "
+             "| val loss | val pixel loss (levels 0 / 1 / 2) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (scheme, ratio, floor, _), by_epoch in sorted(groups.items()):
         for epoch in sorted(by_epoch):
             if epoch not in (1, 5, 10, 15, 20, 25, 30, 35, 40) and epoch != max(by_epoch):
                 continue
@@ -89,9 +103,11 @@ def table(path: Path) -> str:
                 values = [r[key] for r in rows if r.get(key) is not None]
                 return f"{statistics.mean(values):.4f}" if values else "-"
 
-            lines.append(f"| {scheme} | {ratio:g} | {epoch} | {','.join(str(r['seed']) for r in rows)} "
+            levels = " / ".join(mean(f"val_pixel_loss_level{level}") for level in range(3))
+            pixel = "-" if mean("val_pixel_loss") == "-" else f"{mean('val_pixel_loss')} ({levels})"
+            lines.append(f"| {scheme} | {ratio:g} | {floor} | {epoch} | {','.join(str(r['seed']) for r in rows)} "
                          f"| {mean('val_synthetic_pixel_auroc')} | {mean('val_synthetic_image_auroc')} "
-                         f"| {mean('val_loss')} |")
+                         f"| {mean('val_loss')} | {pixel} |")
     return "\n".join(lines)
 
 
@@ -105,6 +121,8 @@ def main() -> None:
                         help="scheme:ratio:seed entries")
     parser.add_argument("--output", type=Path, default=RESULTS / "rd_bottle_budget.json")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--min-channels", type=int, default=None,
+                        help=f"scheme.min_channels (default: the config's {DEFAULT_MIN_CHANNELS})")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     if args.table:
@@ -117,7 +135,7 @@ def main() -> None:
         scheme, ratio_text, seed_text = entry.split(":")
         ratio, seed = float(ratio_text), int(seed_text)
         key = {"scheme": scheme, "compression_ratio": ratio, "seed": seed, "image_size": args.image_size,
-               "max_epochs": args.epochs}
+               "max_epochs": args.epochs, **floor_key(args)}
         if results.has(key):
             print(f"[rd_bottle_budget] skip {key} (done)", flush=True)
             continue

@@ -96,6 +96,9 @@ class ReverseDistillationScheme(AnomalyScheme):
             convolutions; default) or ``bottleneck`` (1x1, 3x3, 1x1: RD4AD's form for
             ResNet-50 encoders); ``block_base_width``: torchvision's ``width_per_group``
             of the bottleneck blocks (64 ResNet-50, 128 Wide ResNet-50-2).
+        min_channels: the floor of every student width (2 by default; see
+            :mod:`.torch_model`): a compressed student keeps at least this many channels
+            per level, and the width multiplier found for a ratio shrinks the rest.
         decoder_upsampling: ``bilinear`` (default) or ``transposed`` (RD4AD's 2x2
             stride-2 transposed convolutions; see :class:`DecoderStage`).
         decoder_expansion: decoder width / encoder channels at full width (2 by
@@ -139,6 +142,7 @@ class ReverseDistillationScheme(AnomalyScheme):
         init: str = "torch",
         block: str = "basic",
         block_base_width: int = 64,
+        min_channels: int = 2,
         student_lr: float = 0.005,
         teacher_lr: float = 1e-4,
         betas: Sequence[float] = (0.5, 0.999),
@@ -182,7 +186,7 @@ class ReverseDistillationScheme(AnomalyScheme):
         def build_student(width: float) -> ReverseStudent:
             return ReverseStudent(
                 encoder_channels, width, bottleneck_blocks, decoder_blocks, skip_fusion, guided_injection,
-                decoder_upsampling, decoder_expansion, decoder_projection, init, block, block_base_width,
+                decoder_upsampling, decoder_expansion, decoder_projection, init, block, block_base_width, min_channels,
             )
 
         if width_multiplier is None:
@@ -234,6 +238,7 @@ class ReverseDistillationScheme(AnomalyScheme):
                 "deployed_params": teacher_params + student_params,
                 "deployed_macs": teacher_macs + student_macs,
                 "width_multiplier": self.width_multiplier,
+                "min_channels": self.student.min_channels,
                 "expert_params": count_parameters(self.expert) if self.expert is not None else 0,
             }
         return dict(self._summary)
@@ -340,6 +345,13 @@ class ReverseDistillationScheme(AnomalyScheme):
         student = self.student(teacher)
         self.log("val/loss", rd_loss.distillation_loss(student, teacher), on_epoch=True, prog_bar=True,
                  sync_dist=True, batch_size=images.shape[0])
+        # per-pixel 1 - cos on held-out normal images: the unsmoothed anomaly map's mean, per level
+        # and summed (what a student that reproduces normal features badly raises everywhere)
+        for level, (student_level, teacher_level) in enumerate(zip(student, teacher, strict=True)):
+            self.log(f"val/pixel_loss_level{level}", rd_loss.pixel_cosine_loss([student_level], [teacher_level]),
+                     on_epoch=True, sync_dist=True, batch_size=images.shape[0])
+        self.log("val/pixel_loss", rd_loss.pixel_cosine_loss(student, teacher), on_epoch=True, sync_dist=True,
+                 batch_size=images.shape[0])
         if self.val_anomalies is None:
             return
         anomalous, masks = self.val_anomalies(images)

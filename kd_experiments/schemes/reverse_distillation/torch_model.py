@@ -62,7 +62,12 @@ embedding ``2 * C_last``, decoder stage ``i``: ``e * C_i`` with ``decoder_expans
 the transposed decoder and two blocks per stage is the architecture of anomalib's
 ``de_resnet18`` behind RD4AD's OCBE), skip-fusion hidden ``C_i``); the projections back
 to ``C_i`` are present at every width. ``w = 1`` is the full-width student the
-compression ratio refers to.
+compression ratio refers to. ``min_channels`` (2 by default) is the floor: a larger
+floor keeps the shallow levels of a strongly compressed student from collapsing to a
+few channels (at ratio 64 and floor 2 the stride-4 decoder stage is 4 channels wide, so
+its output spans a 4-dimensional subspace of the encoder's 24), paid for by a smaller
+multiplier on the wide parts; it does not change the full-width student whenever it is
+below every full-width base.
 """
 
 from __future__ import annotations
@@ -455,9 +460,12 @@ class ReverseStudent(nn.Module):
         init: str = "torch",
         block: str = "basic",
         block_base_width: int = 64,
+        min_channels: int = 2,
     ) -> None:
         super().__init__()
         _check_block(block, block_base_width)
+        if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
+            raise ConfigError(f"scheme.min_channels must be an integer >= 1, got {min_channels!r}")
         if guided_injection and not skip_fusion:
             raise ConfigError("scheme.guided_injection=true needs scheme.skip_fusion=true (it gates the skip features)")
         if not width_multiplier > 0:
@@ -469,7 +477,10 @@ class ReverseStudent(nn.Module):
         self.width_multiplier = float(width_multiplier)
         if not decoder_expansion > 0:
             raise ConfigError(f"scheme.decoder_expansion must be > 0, got {decoder_expansion}")
-        self.widths = StudentWidths.from_multiplier(channels, width_multiplier, decoder_expansion=decoder_expansion)
+        self.min_channels = min_channels
+        self.widths = StudentWidths.from_multiplier(
+            channels, width_multiplier, min_channels=min_channels, decoder_expansion=decoder_expansion
+        )
         self.skip_fusion = skip_fusion
         levels = len(channels)
         stage_blocks = _per_level(decoder_blocks, levels)
