@@ -194,6 +194,31 @@ def test_width_search_reaches_the_ratio(ratio: int) -> None:
     assert width < 1
 
 
+def test_min_channels_floors_every_width_and_leaves_full_width_alone() -> None:
+    full, full_floored = ReverseStudent(LITE0_CHANNELS, 1.0), ReverseStudent(LITE0_CHANNELS, 1.0, min_channels=8)
+    assert full.widths == full_floored.widths  # every full-width base is above 8
+    assert count_on_meta(lambda: ReverseStudent(LITE0_CHANNELS, 1.0)) == count_on_meta(
+        lambda: ReverseStudent(LITE0_CHANNELS, 1.0, min_channels=8))
+
+    def build(floor: int):
+        return lambda width: ReverseStudent(LITE0_CHANNELS, width, skip_fusion=True, min_channels=floor)
+
+    plain, floored = width_for_ratio(64, build(2)), width_for_ratio(64, build(8))
+    plain_widths, floored_widths = build(2)(plain).widths, build(8)(floored).widths
+    assert min(plain_widths.decoder + plain_widths.skip) < 8
+    assert min(floored_widths.decoder + floored_widths.skip + (floored_widths.fusion, floored_widths.embedding)) >= 8
+    assert floored < plain  # the floor is paid for by the wide parts
+    measured = count_on_meta(lambda: build(8)(1.0)) / count_on_meta(lambda: build(8)(floored))
+    assert 64 / 1.25 <= measured <= 64 * 1.25
+    student = build(8)(floored)
+    outputs = student(_features())
+    assert [tuple(o.shape) for o in outputs] == [tuple(f.shape) for f in _features()]
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigError, match="min_channels"):
+            ReverseStudent(LITE0_CHANNELS, 0.5, min_channels=bad)
+    assert _scheme(compression_ratio=64, min_channels=8).compression_summary()["min_channels"] == 8
+
+
 @pytest.mark.parametrize(("ratio", "message"), [(0.5, ">= 1"), (1e7, "cannot be reached"), (float("nan"), ">= 1")])
 def test_bad_ratios_raise_one_config_error(ratio: float, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as raised:
@@ -342,6 +367,9 @@ def test_validation_scores_fixed_synthetic_anomalies_without_test_data() -> None
     assert runs[0][1] == runs[1][1]  # same weights, same anomalies: same figures
     for key in ("val/loss", "val/synthetic_pixel_auroc", "val/synthetic_image_auroc"):
         assert 0.0 <= logged[key] <= 1.0 or key == "val/loss", key
+    levels = [logged[f"val/pixel_loss_level{level}"] for level in range(3)]
+    assert all(0.0 < value <= 2.0 for value in levels)
+    assert logged["val/pixel_loss"] == pytest.approx(sum(levels), rel=1e-5)
     # a student that copies the teacher everywhere leaves no signal: chance level
     model.student.forward = lambda features: [f.clone() for f in features]
     model.on_validation_epoch_start()
@@ -349,6 +377,7 @@ def test_validation_scores_fixed_synthetic_anomalies_without_test_data() -> None
         model.validation_step({"image": images}, 0)
     model.on_validation_epoch_end()
     assert logged["val/synthetic_pixel_auroc"] == pytest.approx(0.5, abs=0.05)
+    assert logged["val/pixel_loss"] == pytest.approx(0.0, abs=1e-5)
     assert not _scheme(width_multiplier=0.1, val_synthetic_anomalies=False).val_anomalies
 
 
