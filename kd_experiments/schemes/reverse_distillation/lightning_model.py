@@ -96,9 +96,10 @@ class ReverseDistillationScheme(AnomalyScheme):
             convolutions; default) or ``bottleneck`` (1x1, 3x3, 1x1: RD4AD's form for
             ResNet-50 encoders); ``block_base_width``: torchvision's ``width_per_group``
             of the bottleneck blocks (64 ResNet-50, 128 Wide ResNet-50-2).
-        min_channels: the floor of every student width (2 by default; see
-            :mod:`.torch_model`): a compressed student keeps at least this many channels
-            per level, and the width multiplier found for a ratio shrinks the rest.
+        min_channels: the floor of every student width (12 by default, chosen on
+            validation images; see :mod:`.torch_model`): a compressed student keeps at
+            least this many channels per level, and the width multiplier found for a
+            ratio shrinks the rest.
         decoder_upsampling: ``bilinear`` (default) or ``transposed`` (RD4AD's 2x2
             stride-2 transposed convolutions; see :class:`DecoderStage`).
         decoder_expansion: decoder width / encoder channels at full width (2 by
@@ -142,7 +143,7 @@ class ReverseDistillationScheme(AnomalyScheme):
         init: str = "torch",
         block: str = "basic",
         block_base_width: int = 64,
-        min_channels: int = 2,
+        min_channels: int = 12,
         student_lr: float = 0.005,
         teacher_lr: float = 1e-4,
         betas: Sequence[float] = (0.5, 0.999),

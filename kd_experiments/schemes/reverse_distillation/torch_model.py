@@ -62,12 +62,14 @@ embedding ``2 * C_last``, decoder stage ``i``: ``e * C_i`` with ``decoder_expans
 the transposed decoder and two blocks per stage is the architecture of anomalib's
 ``de_resnet18`` behind RD4AD's OCBE), skip-fusion hidden ``C_i``); the projections back
 to ``C_i`` are present at every width. ``w = 1`` is the full-width student the
-compression ratio refers to. ``min_channels`` (2 by default) is the floor: a larger
-floor keeps the shallow levels of a strongly compressed student from collapsing to a
-few channels (at ratio 64 and floor 2 the stride-4 decoder stage is 4 channels wide, so
-its output spans a 4-dimensional subspace of the encoder's 24), paid for by a smaller
-multiplier on the wide parts; it does not change the full-width student whenever it is
-below every full-width base.
+compression ratio refers to. ``min_channels`` (12 by default) is the floor: it keeps
+the shallow levels of a strongly compressed student from collapsing to a few channels
+(with EfficientNet-Lite0 at ratio 64 and a floor of 2, the stride-4 decoder stage is 4
+channels wide, so its output spans a 4-dimensional subspace of the encoder's 24), paid
+for by a smaller multiplier on the wide parts. It does not change the full-width student
+while it is below every full-width base (24 for Lite0). The value 12 was chosen on
+validation images only (``benchmarks/rd_bottle_budget.py``: per-pixel ``1 - cos`` on
+held-out normal images, RD at ratio 64, floors 2, 8 and 12).
 """
 
 from __future__ import annotations
@@ -460,7 +462,7 @@ class ReverseStudent(nn.Module):
         init: str = "torch",
         block: str = "basic",
         block_base_width: int = 64,
-        min_channels: int = 2,
+        min_channels: int = 12,
     ) -> None:
         super().__init__()
         _check_block(block, block_base_width)
