@@ -90,10 +90,10 @@ def table(path: Path) -> str:
         group = (run["scheme"], run["compression_ratio"], run.get("min_channels", LEGACY_MIN_CHANNELS),
                  run["max_epochs"])
         groups.setdefault(group, {}).setdefault(run["epoch"], []).append(run)
-    lines = ["| scheme | ratio | min channels | epoch | seeds | val synthetic pixel AUROC | val synthetic image AUROC "
-             "| val loss | val pixel loss (levels 0 / 1 / 2) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for (scheme, ratio, floor, _), by_epoch in sorted(groups.items()):
+    lines = ["| scheme | ratio | min channels | run of | epoch | seeds | val synthetic pixel AUROC "
+             "| val synthetic image AUROC | val loss | val pixel loss (levels 0 / 1 / 2) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (scheme, ratio, floor, max_epochs), by_epoch in sorted(groups.items()):
         for epoch in sorted(by_epoch):
             if epoch not in (1, 5, 10, 15, 20, 25, 30, 35, 40) and epoch != max(by_epoch):
                 continue
@@ -105,7 +105,7 @@ def table(path: Path) -> str:
 
             levels = " / ".join(mean(f"val_pixel_loss_level{level}") for level in range(3))
             pixel = "-" if mean("val_pixel_loss") == "-" else f"{mean('val_pixel_loss')} ({levels})"
-            lines.append(f"| {scheme} | {ratio:g} | {floor} | {epoch} | {','.join(str(r['seed']) for r in rows)} "
+            lines.append(f"| {scheme} | {ratio:g} | {floor} | {max_epochs} | {epoch} | {','.join(str(r['seed']) for r in rows)} "
                          f"| {mean('val_synthetic_pixel_auroc')} | {mean('val_synthetic_image_auroc')} "
                          f"| {mean('val_loss')} | {pixel} |")
     return "\n".join(lines)
