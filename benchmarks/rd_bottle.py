@@ -11,7 +11,9 @@ Runs, most important first (``--plan``): the knn probe, RD and RD with Expert at
 width (seed 0), both at ratio 16, then ratios 4 and 64, then seeds 1 and 2 at full
 width. RD runs go through ``kd_experiments.train.train`` (the ``kd-train`` code path,
 logged to MLflow) with a fixed epoch budget; the final weights are tested, nothing is
-selected on the test split.
+selected on the test split. The student width floor is ``--min-channels`` (12, chosen on
+validation images by ``rd_bottle_budget.py``); records without a ``min_channels`` field
+were made at floor 2, before the floor was a setting, and are kept apart in the table.
 
 ``knn`` is a training-free nearest-neighbour probe (PatchCore-style, Roth et al.,
 CVPR 2022, without its coreset re-weighting) on the *same* encoder and levels: the
