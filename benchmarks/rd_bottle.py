@@ -40,11 +40,11 @@ from common import machine
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kd_experiments.schemes.reverse_distillation.torch_model import DEFAULT_MIN_CHANNELS  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 #: ``scheme.min_channels`` of the records without the field (sessions 1-7, before the floor was a setting).
 LEGACY_MIN_CHANNELS = 2
-#: The floor these benchmarks pass (the config's default; chosen on validation images, see the README).
-DEFAULT_MIN_CHANNELS = 12
 DEFAULT_DATA = Path(os.environ.get("KD_DATA_DIR", ROOT.parent / "shared" / "data")) / "mvtec_ad"
 
 
@@ -156,16 +156,22 @@ def rd_overrides(scheme: str, ratio: float, seed: int, args: argparse.Namespace,
     ]
 
 
+def _new_floor(args: argparse.Namespace) -> int | None:
+    """``--min-channels`` unless it is the legacy floor (whose records carry no field)."""
+    min_channels = getattr(args, "min_channels", None)
+    return None if min_channels in (None, LEGACY_MIN_CHANNELS) else min_channels
+
+
 def floor_suffix(args: argparse.Namespace) -> str:
     """Run-folder suffix of a floor other than the legacy one (``-min12``)."""
-    min_channels = getattr(args, "min_channels", None)
-    return "" if min_channels in (None, LEGACY_MIN_CHANNELS) else f"-min{min_channels}"
+    floor = _new_floor(args)
+    return "" if floor is None else f"-min{floor}"
 
 
 def floor_key(args: argparse.Namespace) -> dict:
     """The results-key part of the width floor: absent for the legacy floor (older records have none)."""
-    min_channels = getattr(args, "min_channels", None)
-    return {} if min_channels in (None, LEGACY_MIN_CHANNELS) else {"min_channels": min_channels}
+    floor = _new_floor(args)
+    return {} if floor is None else {"min_channels": floor}
 
 
 def run_rd(scheme: str, ratio: float, seed: int, args: argparse.Namespace, extra: tuple[str, ...] = (),

@@ -67,6 +67,7 @@ from kd_experiments.schemes.reverse_distillation import loss as rd_loss
 from kd_experiments.schemes.reverse_distillation.anomaly_map import MODES, anomaly_map, image_scores
 from kd_experiments.schemes.reverse_distillation.synthetic_anomalies import SyntheticAnomalies
 from kd_experiments.schemes.reverse_distillation.torch_model import (
+    DEFAULT_MIN_CHANNELS,
     UPSAMPLING,
     FeatureEncoder,
     ReverseStudent,
@@ -143,7 +144,7 @@ class ReverseDistillationScheme(AnomalyScheme):
         init: str = "torch",
         block: str = "basic",
         block_base_width: int = 64,
-        min_channels: int = 12,
+        min_channels: int = DEFAULT_MIN_CHANNELS,
         student_lr: float = 0.005,
         teacher_lr: float = 1e-4,
         betas: Sequence[float] = (0.5, 0.999),
@@ -348,10 +349,10 @@ class ReverseDistillationScheme(AnomalyScheme):
                  sync_dist=True, batch_size=images.shape[0])
         # per-pixel 1 - cos on held-out normal images: the unsmoothed anomaly map's mean, per level
         # and summed (what a student that reproduces normal features badly raises everywhere)
-        for level, (student_level, teacher_level) in enumerate(zip(student, teacher, strict=True)):
-            self.log(f"val/pixel_loss_level{level}", rd_loss.pixel_cosine_loss([student_level], [teacher_level]),
-                     on_epoch=True, sync_dist=True, batch_size=images.shape[0])
-        self.log("val/pixel_loss", rd_loss.pixel_cosine_loss(student, teacher), on_epoch=True, sync_dist=True,
+        levels = [rd_loss.pixel_cosine_loss([s], [t]) for s, t in zip(student, teacher, strict=True)]
+        for level, value in enumerate(levels):
+            self.log(f"val/pixel_loss_level{level}", value, on_epoch=True, sync_dist=True, batch_size=images.shape[0])
+        self.log("val/pixel_loss", torch.stack(levels).sum(), on_epoch=True, sync_dist=True,
                  batch_size=images.shape[0])
         if self.val_anomalies is None:
             return

@@ -85,6 +85,9 @@ from torch import nn
 from kd_experiments.backbones import FeatureExtractor
 from kd_experiments.errors import ConfigError
 
+#: The floor of every student width (``scheme.min_channels``; see the module docstring).
+DEFAULT_MIN_CHANNELS = 12
+
 #: ImageNet statistics (the datamodules' ``normalization="imagenet"``).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -263,7 +266,8 @@ class StudentWidths:
 
     @classmethod
     def from_multiplier(
-        cls, encoder_channels: Sequence[int], width_multiplier: float, min_channels: int = 2, decoder_expansion: float = 2.0
+        cls, encoder_channels: Sequence[int], width_multiplier: float, min_channels: int = DEFAULT_MIN_CHANNELS,
+        decoder_expansion: float = 2.0,
     ) -> StudentWidths:
         def scaled(base: int) -> int:
             return max(min_channels, round(width_multiplier * base))
@@ -462,7 +466,7 @@ class ReverseStudent(nn.Module):
         init: str = "torch",
         block: str = "basic",
         block_base_width: int = 64,
-        min_channels: int = 12,
+        min_channels: int = DEFAULT_MIN_CHANNELS,
     ) -> None:
         super().__init__()
         _check_block(block, block_base_width)
