@@ -5,7 +5,9 @@ Resolvers (registered on import):
 - ``${kd.project_root:}``: the folder that holds ``configs/`` (the repository root of
   an editable install), so data and log paths do not depend on the working directory;
 - ``${kd.uid:}``: a short random id, fixed for one config object, that keeps run
-  folders of jobs started in the same second apart.
+  folders of jobs started in the same second apart;
+- ``${kd.scaled:4.0,${data.image_size}}``: a value set for 256 px images scaled to the
+  configured image size (the anomaly-map blur sigma: 4 at 256 px, 2 at 128 px).
 """
 
 from __future__ import annotations
@@ -24,6 +26,36 @@ if not OmegaConf.has_resolver("kd.project_root"):
     OmegaConf.register_new_resolver("kd.project_root", lambda: str(PROJECT_ROOT))
 if not OmegaConf.has_resolver("kd.uid"):
     OmegaConf.register_new_resolver("kd.uid", lambda: uuid.uuid4().hex[:6], use_cache=True)
+
+
+def image_side(image_size: Any) -> int | None:
+    """The side of a square image size, the shorter side of ``[height, width]``, or ``None``."""
+    try:
+        if image_size is None:
+            return None
+        if isinstance(image_size, int | float | str):
+            return int(image_size)
+        sides = [int(side) for side in image_size]
+    except (TypeError, ValueError):
+        return None  # the datamodule reports the bad value in one line
+    return min(sides) if sides else None
+
+
+def scaled_to_image(value: float, image_size: Any, reference: float = 256) -> float:
+    """``value`` set for ``reference``-pixel images, scaled to ``image_size`` (its shorter side).
+
+    ``${kd.scaled:4.0,${data.image_size}}`` is the papers' map blur sigma 4 at 256 px,
+    2 at 128 px: the blur covers the same share of the image at any size.
+    """
+    side = image_side(image_size)
+    return float(value) if side is None else float(value) * side / float(reference)
+
+
+if not OmegaConf.has_resolver("kd.scaled"):
+    OmegaConf.register_new_resolver("kd.scaled", scaled_to_image)
+
+#: image side of the papers' MVTec AD protocol (resize to 256, maps and metrics at 256)
+PAPER_IMAGE_SIDE = 256
 
 
 def dataset_name(data_cfg: DictConfig | dict[str, Any]) -> str:
@@ -52,13 +84,30 @@ def scheme_name(scheme_cfg: DictConfig | dict[str, Any]) -> str:
     return parts[-1].removesuffix("Scheme").lower()
 
 
+def data_tags(data_cfg: DictConfig | dict[str, Any]) -> dict[str, str]:
+    """Tags of the data protocol: ``category`` (MVTec-style sets), ``image_size`` (its side) and
+    ``protocol``: ``paper-256`` at the papers' 256 px, ``fast-<side>`` at any other size, so a
+    report never mixes image sizes in one row."""
+    data = dict(data_cfg)
+    tags: dict[str, str] = {}
+    side = image_side(data.get("image_size"))
+    if side is not None:
+        tags["image_size"] = str(side)
+    if "category" in data:
+        tags["category"] = str(data["category"])
+        if side is not None:
+            tags["protocol"] = f"paper-{side}" if side == PAPER_IMAGE_SIDE else f"fast-{side}"
+    return tags
+
+
 def experiment_label(cfg: DictConfig) -> dict[str, str]:
-    """Tags that name what a run is: scheme, dataset, seed."""
+    """Tags that name what a run is: scheme, dataset, seed, and the data protocol (:func:`data_tags`)."""
     scheme_target = str(cfg.scheme.get("_target_", "scheme"))
     return {
         "scheme_class": scheme_target.rsplit(".", 1)[-1],
         "dataset": dataset_name(cfg.data),
         "seed": str(cfg.get("seed", 0)),
+        **data_tags(cfg.data),
     }
 
 
