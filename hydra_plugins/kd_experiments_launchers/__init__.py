@@ -1,0 +1,1 @@
+"""Hydra launcher plugins of kd-experiments (``configs/hydra/launcher/``); see docs/distributed.md."""
