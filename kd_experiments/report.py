@@ -20,7 +20,15 @@ sizes, key metrics, status) and a summary by compression ratio, and writes into
   ``*latency_ms`` metric that is not the teacher's), else the run's wall-clock
   ``duration_s`` (training + test): the axis label says which;
 - ``spread_by_ratio.png``: per compression ratio, the spread of the quality metric over
-  seeds (box plot with every seed as a point).
+  seeds (box plot with every seed as a point);
+- ``quality_by_category.png`` (runs tagged with a ``category``, e.g. a sweep over
+  ``data.category``): the quality metric against the compression ratio, one line per
+  category and one for the mean over categories, a panel per scheme and image size.
+
+Runs tagged with a ``category`` also get per-category tables (one per scheme, data family,
+image size and compression ratio: a row per category, mean +- std over seeds of every
+metric, and the mean over categories), as the papers' per-category tables. Runs at
+different image sizes (tag ``image_size``) are never summarised together.
 
 The files are logged as artifacts (under ``report/``) of the sweep's parent run (the run
 tagged ``kd.sweep_parent=true`` with the sweep's ``sweep_id``); when the report covers
@@ -65,6 +73,9 @@ REPORT_FILES = (
     "spread_by_ratio.png",
 )
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+#: written (and logged) besides REPORT_FILES when the runs are tagged with a category
+CATEGORY_CHART = "quality_by_category.png"
+MEAN_ROW = "mean over categories"
 
 
 @dataclass
@@ -88,6 +99,15 @@ class RunRecord:
     #: the ratio the config asked for (``scheme.compression_ratio``); NaN if absent
     target_compression_ratio: float = math.nan
     parent_run_id: str = ""
+    #: the data category (tag ``category``, e.g. an MVTec AD category); "" if none
+    category: str = ""
+    #: the image side in pixels (tag ``image_size``); "" if the data has none
+    image_size: str = ""
+
+    @property
+    def data_label(self) -> str:
+        """The dataset, with its image size when it has one: ``mvtec-screw @256px``."""
+        return f"{self.dataset} @{self.image_size}px" if self.image_size else self.dataset
 
 
 @dataclass
@@ -105,10 +125,15 @@ class RatioSummary:
     seeds: list[str]
     on_compression_front: bool = False
     on_latency_front: bool = False
+    image_size: str = ""
+
+    @property
+    def data_label(self) -> str:
+        return f"{self.dataset} @{self.image_size}px" if self.image_size else self.dataset
 
     @property
     def label(self) -> str:
-        return f"{self.scheme} / {self.dataset}"
+        return f"{self.scheme} / {self.data_label}"
 
     @property
     def quality_mean(self) -> float:
@@ -155,6 +180,12 @@ def _mean(values: Sequence[float]) -> float:
 def _std(values: Sequence[float]) -> float:
     finite = _finite(values)
     return statistics.stdev(finite) if len(finite) > 1 else 0.0 if finite else math.nan
+
+
+def _side(image_size: str) -> float:
+    """An ``image_size`` tag as a number for sorting (NaN-free: absent sorts first)."""
+    value = _float(image_size)
+    return value if math.isfinite(value) else -1.0
 
 
 # -- reading MLflow -------------------------------------------------------------------------
@@ -233,9 +264,11 @@ def load_runs(
                 metrics=dict(run.data.metrics),
                 target_compression_ratio=_float(params.get("scheme.compression_ratio")),
                 parent_run_id=tags.get("mlflow.parentRunId", ""),
+                category=tags.get("category", params.get("data.category", "")),
+                image_size=tags.get("image_size", ""),
             )
         )
-    records.sort(key=lambda r: (r.scheme, r.dataset, r.compression_ratio, r.seed, r.run_name))
+    records.sort(key=lambda r: (r.scheme, r.dataset, _side(r.image_size), r.compression_ratio, r.seed, r.run_name))
     return chosen.name, records
 
 
@@ -305,22 +338,24 @@ def pareto_front(
     return sorted(front, key=lambda i: points[i][0])
 
 
+def _ratio_key(record: RunRecord) -> float:
+    """The ratio a run is grouped under: the one asked for, else the measured one (1 decimal)."""
+    if math.isfinite(record.target_compression_ratio):
+        return record.target_compression_ratio
+    return round(record.compression_ratio, 1)
+
+
 def summarize_by_ratio(
     records: Sequence[RunRecord], quality: str, latency: LatencySource
 ) -> list[RatioSummary]:
     """One :class:`RatioSummary` per scheme, dataset and compression ratio (FINISHED runs only),
     with both Pareto fronts marked (quality vs compression ratio, quality vs latency)."""
     teacher_quality = quality.replace("test/", "test/teacher_", 1) if quality.startswith("test/") else ""
-    groups: dict[tuple[str, str, float], list[RunRecord]] = {}
+    groups: dict[tuple[str, str, str, float], list[RunRecord]] = {}
     for record in records:
         if record.status != "FINISHED":
             continue
-        ratio_key = (
-            record.target_compression_ratio
-            if math.isfinite(record.target_compression_ratio)
-            else round(record.compression_ratio, 1)
-        )
-        groups.setdefault((record.scheme, record.dataset, ratio_key), []).append(record)
+        groups.setdefault((record.scheme, record.dataset, record.image_size, _ratio_key(record)), []).append(record)
     summaries = [
         RatioSummary(
             scheme=scheme,
@@ -332,14 +367,87 @@ def summarize_by_ratio(
             teacher_quality=[r.metrics.get(teacher_quality, math.nan) for r in members],
             latency=[r.metrics.get(latency.metric, math.nan) for r in members],
             seeds=[str(r.seed) for r in members],
+            image_size=image_size,
         )
-        for (scheme, dataset, ratio_key), members in groups.items()
+        for (scheme, dataset, image_size, ratio_key), members in groups.items()
     ]
-    summaries.sort(key=lambda s: (s.scheme, s.dataset, s.compression_ratio))
+    summaries.sort(key=lambda s: (s.scheme, s.dataset, _side(s.image_size), s.compression_ratio))
     for index in pareto_front([(s.compression_ratio, s.quality_mean) for s in summaries]):
         summaries[index].on_compression_front = True
     for index in pareto_front([(s.latency_mean, s.quality_mean) for s in summaries], maximize_x=False):
         summaries[index].on_latency_front = True
+    return summaries
+
+
+@dataclass
+class CategorySummary:
+    """The runs of one scheme, data family, image size and ratio: a row per category.
+
+    ``values[category][metric]`` holds the metric of every seed of that category;
+    :meth:`mean_over_categories` is the mean over categories of their means over seeds
+    (the papers' "mean" row), over the categories that have the metric.
+    """
+
+    scheme: str
+    family: str
+    image_size: str
+    target_compression_ratio: float
+    values: dict[str, dict[str, list[float]]]
+    seeds: dict[str, list[str]]
+
+    @property
+    def categories(self) -> list[str]:
+        return sorted(self.values)
+
+    @property
+    def title(self) -> str:
+        size = f" @{self.image_size}px" if self.image_size else ""
+        return f"{self.scheme} / {self.family}{size} / ratio {_fmt(self.target_compression_ratio, 1)}"
+
+    @property
+    def panel(self) -> str:
+        """The chart panel of this summary: scheme, data family and image size (ratios share one)."""
+        size = f" @{self.image_size}px" if self.image_size else ""
+        return f"{self.scheme} / {self.family}{size}"
+
+    def category_mean(self, category: str, metric: str) -> float:
+        return _mean(self.values[category].get(metric, []))
+
+    def category_std(self, category: str, metric: str) -> float:
+        return _std(self.values[category].get(metric, []))
+
+    def categories_with(self, metric: str) -> list[str]:
+        return [c for c in self.categories if math.isfinite(self.category_mean(c, metric))]
+
+    def mean_over_categories(self, metric: str) -> float:
+        return _mean([self.category_mean(c, metric) for c in self.categories_with(metric)])
+
+
+def _family(record: RunRecord) -> str:
+    """The data set without its category: ``mvtec-screw`` -> ``mvtec``."""
+    suffix = f"-{record.category}"
+    return record.dataset[: -len(suffix)] if record.dataset.endswith(suffix) else record.dataset
+
+
+def summarize_by_category(records: Sequence[RunRecord], metrics: Sequence[str]) -> list[CategorySummary]:
+    """One :class:`CategorySummary` per scheme, data family, image size and compression ratio,
+    from the FINISHED runs tagged with a category (none when no run has one)."""
+    groups: dict[tuple[str, str, str, float], list[RunRecord]] = {}
+    for record in records:
+        if record.status == "FINISHED" and record.category:
+            key = (record.scheme, _family(record), record.image_size, _ratio_key(record))
+            groups.setdefault(key, []).append(record)
+    summaries = []
+    for (scheme, family, image_size, ratio), members in groups.items():
+        values: dict[str, dict[str, list[float]]] = {}
+        seeds: dict[str, list[str]] = {}
+        for record in members:
+            per_metric = values.setdefault(record.category, {})
+            for metric in metrics:
+                per_metric.setdefault(metric, []).append(record.metrics.get(metric, math.nan))
+            seeds.setdefault(record.category, []).append(str(record.seed))
+        summaries.append(CategorySummary(scheme, family, image_size, ratio, values, seeds))
+    summaries.sort(key=lambda c: (c.scheme, c.family, _side(c.image_size), c.target_compression_ratio))
     return summaries
 
 
@@ -364,7 +472,7 @@ def _run_row(record: RunRecord, columns: Sequence[str]) -> list[str]:
         record.run_name,
         record.status,
         record.scheme,
-        record.dataset,
+        record.data_label,
         str(record.seed),
         _fmt(record.compression_ratio, 1),
         _fmt(record.mac_compression_ratio, 1),
@@ -395,7 +503,7 @@ def _summary_rows(summaries: Sequence[RatioSummary], latency: LatencySource) -> 
     return [
         [
             s.scheme,
-            s.dataset,
+            s.data_label,
             _fmt(s.target_compression_ratio, 1),
             _fmt(s.compression_ratio, 1),
             _fmt(s.student_params, 0),
@@ -439,6 +547,42 @@ def render_summary_table(summaries: Sequence[RatioSummary], quality: str, latenc
     return table
 
 
+def _category_headers(metrics: Sequence[str]) -> list[str]:
+    return ["category", "seeds", *[f"{m.removeprefix('test/')} (mean ± std)" for m in metrics]]
+
+
+def _category_rows(summary: CategorySummary, metrics: Sequence[str]) -> list[list[str]]:
+    """A row per category (mean ± std over seeds), then the mean over categories."""
+    rows = [
+        [category, str(len(summary.seeds[category])),
+         *[_fmt_spread(summary.category_mean(category, m), summary.category_std(category, m)) for m in metrics]]
+        for category in summary.categories
+    ]
+    mean_cells = []
+    for metric in metrics:
+        mean = summary.mean_over_categories(metric)
+        counted = len(summary.categories_with(metric))
+        partial = f" ({counted} of {len(summary.categories)})" if 0 < counted < len(summary.categories) else ""
+        mean_cells.append("-" if math.isnan(mean) else f"{mean:.4f}{partial}")
+    rows.append([f"**{MEAN_ROW}**", str(len(summary.categories)), *mean_cells])
+    return rows
+
+
+def render_category_tables(summaries: Sequence[CategorySummary], metrics: Sequence[str]) -> list:
+    """Rich tables of :func:`summarize_by_category`: per-category rows and their mean."""
+    from rich.table import Table
+
+    tables = []
+    for summary in summaries:
+        table = Table(title=f"By category: {summary.title} (FINISHED runs, mean ± std over seeds)")
+        for index, header in enumerate(_category_headers(metrics)):
+            table.add_column(header, justify="left" if index == 0 else "right")
+        for row in _category_rows(summary, metrics):
+            table.add_row(*[cell.replace("**", "") for cell in row])
+        tables.append(table)
+    return tables
+
+
 def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|")
@@ -451,6 +595,25 @@ def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> st
     return "\n".join(lines)
 
 
+def _markdown_categories(categories: Sequence[CategorySummary], columns: Sequence[str]) -> list[str]:
+    """The "By category" section: one table per scheme, data family, image size and ratio."""
+    if not categories:
+        return []
+    lines = [
+        "## By category",
+        "",
+        ("One table per scheme, data family, image size and compression ratio (image sizes are never "
+         "mixed): a row per category with the mean ± standard deviation over its seeds, then the mean "
+         "over categories of those means (the number of categories that have the metric is given when "
+         "not all do)."),
+        "",
+    ]
+    for summary in categories:
+        lines += [f"### {summary.title}", "", _markdown_table(_category_headers(columns), _category_rows(summary, columns)), ""]
+    lines += [f"![quality by category]({CATEGORY_CHART})", ""]
+    return lines
+
+
 def markdown_report(
     experiment: str,
     records: Sequence[RunRecord],
@@ -461,8 +624,10 @@ def markdown_report(
     sweep_id: str | None = None,
     tracking_uri: str = "",
     parent_run_id: str | None = None,
+    categories: Sequence[CategorySummary] = (),
 ) -> str:
-    """The Markdown report: context, the summary by ratio, the runs, the charts."""
+    """The Markdown report: context, the per-category tables (runs tagged with a category),
+    the summary by ratio, the runs, the charts."""
     finished = sum(r.status == "FINISHED" for r in records)
     statuses = ", ".join(
         f"{sum(r.status == s for r in records)} {s}" for s in sorted({r.status for r in records})
@@ -477,6 +642,7 @@ def markdown_report(
         f"- latency: {latency.label}",
         f"- generated: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         "",
+        *_markdown_categories(categories, columns),
         "## By compression ratio",
         "",
         (f"Mean ± standard deviation over seeds of the {finished} FINISHED runs. *Pareto (ratio)*: no "
@@ -538,7 +704,7 @@ def plot_quality_vs_compression(
         seeds = [
             (r.compression_ratio, r.metrics[quality])
             for r in records
-            if r.status == "FINISHED" and f"{r.scheme} / {r.dataset}" == label and quality in r.metrics
+            if r.status == "FINISHED" and f"{r.scheme} / {r.data_label}" == label and quality in r.metrics
         ]
         if seeds:
             axis.scatter(*zip(*seeds, strict=True), color=color, alpha=0.35, s=18, label=f"{label}: each seed")
@@ -644,6 +810,81 @@ def plot_spread_by_ratio(summaries: Sequence[RatioSummary], quality: str, title:
     return figure
 
 
+def _plot_metrics_by_category(axis, summary: CategorySummary, metrics: Sequence[str], colors: dict) -> bool:
+    """One ratio: every metric on the x axis, a line per category and one for their mean."""
+    shown = [m for m in metrics if summary.categories_with(m)]
+    positions = list(range(len(shown)))
+    for name in summary.categories:
+        points = [(x, summary.category_mean(name, m), summary.category_std(name, m))
+                  for x, m in zip(positions, shown, strict=True) if math.isfinite(summary.category_mean(name, m))]
+        if points:
+            x, y, err = zip(*points, strict=True)
+            axis.errorbar(x, y, yerr=err, color=colors[name], marker="o", linewidth=1, capsize=3,
+                          label=f"{name} (mean ± std over seeds)")
+    if shown:
+        axis.plot(positions, [summary.mean_over_categories(m) for m in shown], color="black", linestyle="--",
+                  linewidth=2, marker="D", label=MEAN_ROW)
+    axis.set_xticks(positions, [m.removeprefix("test/") for m in shown])
+    axis.set_xlabel(f"metric (one compression ratio: {_fmt(summary.target_compression_ratio, 1)})")
+    axis.set_ylabel("metric value (higher is better)")
+    return bool(shown)
+
+
+def plot_quality_by_category(
+    categories: Sequence[CategorySummary], quality: str, title: str, metrics: Sequence[str] = ()
+):
+    """Per scheme, data family and image size, the quality against the compression ratio:
+    one line per category (mean ± std over seeds) and one for the mean over categories.
+    A panel with a single compression ratio shows every metric of ``metrics`` on its x axis
+    instead (still a line per category and their mean)."""
+    plt = _pyplot()
+    panels = sorted({c.panel for c in categories}, key=lambda p: next(
+        (c.scheme, c.family, _side(c.image_size)) for c in categories if c.panel == p)) or ["-"]
+    figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    names = sorted({name for c in categories for name in c.categories})
+    cycle = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    colors = {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
+    for axis, panel in zip(axes[0], panels, strict=True):
+        group = sorted((c for c in categories if c.panel == panel), key=lambda c: c.target_compression_ratio)
+        ratios = [c.target_compression_ratio for c in group]
+        if len(group) == 1 and len(metrics) > 1:
+            if _plot_metrics_by_category(axis, group[0], metrics, colors):
+                axis.legend(fontsize=7, loc="best")
+            else:
+                _no_data(axis, "no FINISHED run with a category has any of the metrics")
+            axis.set_title(panel, fontsize=9)
+            axis.grid(True, alpha=0.3)
+            continue
+        plotted = False
+        for name in names:
+            points = [(c.target_compression_ratio, c.category_mean(name, quality), c.category_std(name, quality))
+                      for c in group if name in c.values and math.isfinite(c.category_mean(name, quality))]
+            if points:
+                x, y, err = zip(*points, strict=True)
+                axis.errorbar(x, y, yerr=err, color=colors[name], marker="o", linewidth=1, capsize=3,
+                              label=f"{name} (mean ± std over seeds)")
+                plotted = True
+        means = [(c.target_compression_ratio, c.mean_over_categories(quality)) for c in group]
+        means = [(x, y) for x, y in means if math.isfinite(y)]
+        if means:
+            axis.plot(*zip(*means, strict=True), color="black", linestyle="--", linewidth=2, marker="D",
+                      label=MEAN_ROW)
+        if not plotted:
+            _no_data(axis, f"no FINISHED run with a category has {quality}")
+        finite = [r for r in ratios if math.isfinite(r) and r > 0]
+        if finite and max(finite) / min(finite) > 8:
+            axis.set_xscale("log", base=2)
+        axis.set_xlabel("compression ratio asked for (teacher params / student params)")
+        axis.set_ylabel(f"{quality} (higher is better)")
+        axis.set_title(panel, fontsize=9)
+        axis.grid(True, alpha=0.3)
+        if plotted:
+            axis.legend(fontsize=7, loc="best")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
 # -- the report -----------------------------------------------------------------------------------
 @dataclass
 class Report:
@@ -659,6 +900,7 @@ class Report:
     files: list[Path]
     parent_run_id: str | None = None
     logged_to_parent: bool = False
+    categories: list[CategorySummary] = field(default_factory=list)
 
 
 def default_output_dir(experiment: str, sweep_id: str | None) -> Path:
@@ -707,6 +949,7 @@ def make_report(
     latency = choose_latency(records)
     summaries = summarize_by_ratio(records, quality_metric, latency)
     columns = metric_columns(records, metrics)
+    categories = summarize_by_category(records, list(dict.fromkeys([*columns, quality_metric])))
 
     client = make_client(uri)
     parent = None
@@ -730,6 +973,11 @@ def make_report(
             summaries, quality_metric, f"spread of {quality_metric} over seeds\n{title}"
         ),
     }
+    if categories:
+        figures[CATEGORY_CHART] = plot_quality_by_category(
+            categories, quality_metric, f"per category and the mean over categories\n{title}",
+            metrics=[c for c in columns if "teacher" not in c] or [quality_metric],
+        )
     files = []
     for name, figure in figures.items():
         path = out / name
@@ -739,6 +987,7 @@ def make_report(
     markdown = markdown_report(
         experiment_name, records, summaries, quality_metric, latency, columns,
         sweep_id=resolved_sweep, tracking_uri=uri, parent_run_id=parent.info.run_id if parent else None,
+        categories=categories,
     )
     (out / "report.md").write_text(markdown, encoding="utf-8")
     files.insert(0, out / "report.md")
@@ -753,6 +1002,7 @@ def make_report(
         experiment=experiment_name, sweep_id=resolved_sweep, records=records, summaries=summaries,
         quality=quality_metric, latency=latency, output_dir=out, files=files,
         parent_run_id=parent.info.run_id if parent else None, logged_to_parent=logged,
+        categories=categories,
     )
 
 
@@ -800,6 +1050,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kd-report: error: {error}", file=sys.stderr)
         return 1
     console.print(render_table(report.experiment, report.records, metric_columns(report.records, args.metrics)))
+    for table in render_category_tables(report.categories, metric_columns(report.records, args.metrics)):
+        console.print(table)
     console.print(render_summary_table(report.summaries, report.quality, report.latency))
     console.print(f"[kd-report] wrote {', '.join(p.name for p in report.files)} to {report.output_dir}")
     if report.logged_to_parent:

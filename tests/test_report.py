@@ -179,3 +179,95 @@ def test_default_output_folder_is_under_kd_log_dir(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("KD_LOG_DIR", str(tmp_path))
     assert report.default_output_dir("quick start", "s/1") == tmp_path / "reports" / "quick_start" / "s_1"
     assert report.default_output_dir("q", None) == tmp_path / "reports" / "q" / "all-runs"
+
+
+# -- per-category tables ------------------------------------------------------------------------
+def _log_category_sweep(client: MlflowClient, experiment_id: str, sweep_id: str, rows: list[dict]) -> str:
+    """A sweep over ``data.category`` as kd-train tags it: category, image_size, dataset mvtec-<category>."""
+    parent = client.create_run(experiment_id, run_name=f"sweep-{sweep_id}",
+                               tags={PARENT_TAG: "true", "sweep_id": sweep_id})
+    now = int(time.time() * 1000)
+    for row in rows:
+        child = client.create_run(
+            experiment_id,
+            run_name=f"rd-{row['category']}-{row['size']}-cr{row['ratio']}-s{row['seed']}",
+            tags={"sweep_id": sweep_id, "seed": str(row["seed"]), "dataset": f"mvtec-{row['category']}",
+                  "category": row["category"], "image_size": str(row["size"]),
+                  "mlflow.parentRunId": parent.info.run_id},
+        )
+        params = {"scheme": "reverse_distillation", "scheme.compression_ratio": str(row["ratio"]),
+                  "compression_ratio": str(row["ratio"]), "teacher_params": "1000",
+                  "student_params": str(4000 // row["ratio"])}
+        metrics = {"test/image_auroc": row["image"], "test/pixel_auroc": row["pixel"], "duration_s": 5.0}
+        client.log_batch(child.info.run_id, params=[Param(k, v) for k, v in params.items()],
+                         metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+        client.set_terminated(child.info.run_id, status=row.get("status", "FINISHED"))
+    return parent.info.run_id
+
+
+def _category_rows(markdown: str, title: str) -> dict[str, list[str]]:
+    """The rows of the Markdown table under ``### <title>``, keyed by their first cell."""
+    lines = markdown.splitlines()
+    start = lines.index(f"### {title}")
+    rows: dict[str, list[str]] = {}
+    for line in lines[start + 4:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_report_groups_runs_by_category_and_keeps_image_sizes_apart(store, tmp_path: Path) -> None:
+    client, experiment_id = store
+    rows = [
+        # 256 px, ratio 1: bottle 0.99/0.97 (seeds 0, 1 -> mean 0.98), screw 0.90, transistor 0.80
+        {"category": "bottle", "size": 256, "ratio": 1, "seed": 0, "image": 0.99, "pixel": 0.98},
+        {"category": "bottle", "size": 256, "ratio": 1, "seed": 1, "image": 0.97, "pixel": 0.96},
+        {"category": "screw", "size": 256, "ratio": 1, "seed": 0, "image": 0.90, "pixel": 0.95},
+        {"category": "transistor", "size": 256, "ratio": 1, "seed": 0, "image": 0.80, "pixel": 0.91},
+        {"category": "transistor", "size": 256, "ratio": 1, "seed": 1, "image": 0.10, "pixel": 0.10,
+         "status": "FAILED"},
+        # 256 px, ratio 16: two categories
+        {"category": "bottle", "size": 256, "ratio": 16, "seed": 0, "image": 0.95, "pixel": 0.94},
+        {"category": "screw", "size": 256, "ratio": 16, "seed": 0, "image": 0.85, "pixel": 0.92},
+        # the fast setting at 128 px: never averaged with the 256 px rows
+        {"category": "bottle", "size": 128, "ratio": 1, "seed": 0, "image": 0.50, "pixel": 0.50},
+    ]
+    parent_id = _log_category_sweep(client, experiment_id, "categories", rows)
+    output = tmp_path / "out"
+    built = report.make_report(experiment="sweeps", sweep_id="latest", output_dir=output)
+
+    assert [(c.image_size, c.target_compression_ratio, c.categories) for c in built.categories] == [
+        ("128", 1.0, ["bottle"]),
+        ("256", 1.0, ["bottle", "screw", "transistor"]),
+        ("256", 16.0, ["bottle", "screw"]),
+    ]
+    markdown = (output / "report.md").read_text()
+    full = _category_rows(markdown, "reverse_distillation / mvtec @256px / ratio 1")
+    assert full["bottle"] == ["2", "0.9800 ± 0.0141", "0.9700 ± 0.0141"]
+    assert full["transistor"] == ["1", "0.8000 ± 0.0000", "0.9100 ± 0.0000"]  # the FAILED seed left out
+    # the mean over categories of the per-category means: (0.98 + 0.90 + 0.80) / 3, (0.97 + 0.95 + 0.91) / 3
+    assert full[f"**{report.MEAN_ROW}**"] == ["3", "0.8933", "0.9433"]
+    small = _category_rows(markdown, "reverse_distillation / mvtec @256px / ratio 16")
+    assert small[f"**{report.MEAN_ROW}**"] == ["2", "0.9000", "0.9300"]
+    fast = _category_rows(markdown, "reverse_distillation / mvtec @128px / ratio 1")
+    assert set(fast) == {"bottle", f"**{report.MEAN_ROW}**"} and fast["bottle"][1] == "0.5000 ± 0.0000"
+    # the summary by ratio keeps the image sizes apart too
+    assert {(s.dataset, s.image_size) for s in built.summaries if s.dataset == "mvtec-bottle"} == {
+        ("mvtec-bottle", "128"), ("mvtec-bottle", "256")}
+    assert "| reverse_distillation | mvtec-bottle @128px | 1 |" in markdown
+
+    with Image.open(output / report.CATEGORY_CHART) as image:
+        assert image.format == "PNG" and image.width > 600  # one panel per image size
+    logged = {a.path for a in client.list_artifacts(parent_id, report.REPORT_ARTIFACT_DIR)}
+    assert f"{report.REPORT_ARTIFACT_DIR}/{report.CATEGORY_CHART}" in logged
+
+
+def test_runs_without_a_category_get_no_category_section(store, tmp_path: Path) -> None:
+    client, experiment_id = store
+    _log_sweep(client, experiment_id, "plain", MAIN_SWEEP[:2])
+    built = report.make_report(experiment="sweeps", sweep_id="latest", output_dir=tmp_path)
+    assert built.categories == []
+    assert "## By category" not in (tmp_path / "report.md").read_text()
+    assert not (tmp_path / report.CATEGORY_CHART).exists()
