@@ -17,6 +17,7 @@ downloaded here. Textures are
 
 chosen per image (``mixed``: half each). Everything runs on tensors on the
 images' device, with an explicit ``torch.Generator`` (deterministic given the seed).
+Shared by every scheme that trains on synthetic anomalies (RD with Expert, map regression).
 Unlike URD we do not restrict masks to a foreground estimate (its
 ``get_forehead_mask``): for bottle the object fills the frame.
 """
