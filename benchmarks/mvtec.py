@@ -1,0 +1,417 @@
+"""MVTec AD at the papers' protocol: PatchCore, RD and RD with Expert on bottle, screw and transistor.
+
+Writes ``benchmarks/results/mvtec.json`` (``runs``: one flat record per finished run, each with
+its own provenance, :mod:`benchmarks.harness`) and, for the epoch budget,
+``benchmarks/results/mvtec_budget.json`` (one record per studied epoch, validation figures only).
+
+Protocol (every record): images resized to 256x256, anomaly maps and metrics at 256x256, map
+blur sigma 4 (``experiment=rd_mvtec`` / ``rd_expert_mvtec`` / ``patchcore_bottle`` with
+``data.category``), EfficientNet-Lite0 encoder with the offline package weights, batch 8, one
+torch thread, the final weights of a fixed epoch budget tested; nothing is ever selected on
+the test split.
+
+The plan (``--plan`` lists it with what is done), most useful first:
+
+1. PatchCore-style (Roth et al., CVPR 2022; ``scheme=patchcore``), training-free: the full
+   memory bank and a 10 % coreset per category, seed 0, with bank bytes and images/s.
+2. RD (Deng & Li, CVPR 2022) and RD with Expert (Liu et al., AAAI 2025) at full width
+   (compression ratio 1), seed 0, per category.
+3. RD at ratios 16 and 64, RD with Expert at ratio 16, seed 0, per category.
+4. Seeds 1 and 2 of RD and RD with Expert at ratio 1, per category.
+
+Entries are named ``scheme/category/r<ratio>/s<seed>`` (PatchCore: ``patchcore/category/
+c<coreset fraction>/s0``); ``--only`` takes shell patterns of them (``--only 'patchcore/*'``,
+``--only 'rd/screw/r1/s0'``). Resumable: an entry already in the results file is skipped, so
+the plan runs in pieces, in the background, several processes into one file::
+
+    nohup .venv/bin/python -m benchmarks.mvtec --only 'patchcore/*' > logs/benchmarks/mvtec_patchcore.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.mvtec --budget > logs/benchmarks/mvtec_budget.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.mvtec > logs/benchmarks/mvtec.log 2>&1 &
+    .venv/bin/python -m benchmarks.mvtec --table
+
+Epoch budget: the rule, fixed in this file before any RD or RD-with-Expert test figure at
+256 px exists (:func:`choose_budget`; ``--budget`` runs the study, ``--budget-table`` shows
+it and the budgets it gives):
+
+- Study, validation data only (``test=false``): per category, RD and RD with Expert at ratio 1,
+  seed 0, trained for ``BUDGET_STUDY_EPOCHS`` (50) epochs; after every epoch the scheme scores
+  the validation images (10 % of ``train/good``, held out, all normal) and the same images with
+  fixed synthetic anomalies pasted in (Perlin masks, procedural and in-set textures) and logs
+  ``val/synthetic_image_auroc`` and ``val/synthetic_pixel_auroc``.
+- Reference of each studied configuration and metric: the mean of its last 5 studied epochs
+  (46-50), so one noisy epoch does not decide.
+- The budget of a category is the smallest candidate in ``BUDGET_CANDIDATES`` (10, 15, ..., 50)
+  at which, for both studied configurations and both metrics, the value is at least the
+  reference minus ``BUDGET_TOLERANCE`` (0.01); 50 when none qualifies earlier.
+- That budget is used for every scheme, ratio and seed of the category. PatchCore needs none
+  (one pass builds its bank).
+- The rule picks only a budget, never a scheme, a setting or a checkpoint, and the study never
+  scores a test image. ``--epochs N`` overrides it for trial runs; such records carry
+  ``budget_rule: "fixed"`` and are kept apart from the validation-chosen ones
+  (``budget_rule: "validation"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import RESULTS, ROOT, ResultsFile, base_parser, compose, now_utc
+
+CATEGORIES = ("bottle", "screw", "transistor")
+IMAGE_SIZE = 256
+BATCH_SIZE = 8
+#: experiment of each scheme (every one at 256 px, blur sigma 4 scaled to the image size)
+EXPERIMENTS = {"patchcore": "patchcore_bottle", "rd": "rd_mvtec", "rd_expert": "rd_expert_mvtec"}
+PATCHCORE_CORESETS = (1.0, 0.1)
+RD_RATIOS = (1, 16, 64)
+RD_EXPERT_RATIOS = (1, 16)
+EXTRA_SEEDS = (1, 2)
+
+# -- the epoch-budget rule (fixed before any test run; see the module docstring) ------------------
+BUDGET_STUDY_EPOCHS = 50
+BUDGET_CANDIDATES = (10, 15, 20, 25, 30, 35, 40, 45, 50)
+BUDGET_TOLERANCE = 0.01
+BUDGET_REFERENCE_EPOCHS = 5
+BUDGET_METRICS = ("val_synthetic_image_auroc", "val_synthetic_pixel_auroc")
+BUDGET_CONFIGS = (("rd", 1.0, 0), ("rd_expert", 1.0, 0))  # scheme, compression ratio, seed
+#: every metric of a studied epoch kept in mvtec_budget.json
+STUDY_METRICS = ("val/synthetic_image_auroc", "val/synthetic_pixel_auroc", "val/loss", "val/pixel_loss",
+                 "train/loss")
+
+QUIET = ("callbacks.progress_bar=null", "callbacks.model_summary=null", "trainer.enable_model_summary=false")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One run of the plan."""
+
+    scheme: str
+    category: str
+    compression_ratio: float
+    seed: int
+    coreset_fraction: float | None = None
+
+    @property
+    def name(self) -> str:
+        if self.scheme == "patchcore":
+            return f"patchcore/{self.category}/c{self.coreset_fraction:g}/s{self.seed}"
+        return f"{self.scheme}/{self.category}/r{self.compression_ratio:g}/s{self.seed}"
+
+    def key(self, image_size: int, device: str, budget_rule: str | None = None) -> dict[str, Any]:
+        """The fields that identify the entry's record in the results file (``budget_rule``:
+        ``validation`` or ``fixed`` for RD and RD with Expert, ``None`` for PatchCore)."""
+        return {"scheme": self.scheme, "category": self.category, "image_size": image_size,
+                "compression_ratio": self.compression_ratio, "seed": self.seed,
+                "coreset_fraction": self.coreset_fraction, "device": device, "budget_rule": budget_rule}
+
+
+def plan(categories: tuple[str, ...] = CATEGORIES) -> list[Entry]:
+    """The whole plan, most useful first (the module docstring's order)."""
+    entries = [Entry("patchcore", c, 1.0, 0, fraction) for fraction in PATCHCORE_CORESETS for c in categories]
+    entries += [Entry(scheme, c, 1.0, 0) for scheme in ("rd", "rd_expert") for c in categories]
+    entries += [Entry("rd", c, 16.0, 0) for c in categories] + [Entry("rd_expert", c, 16.0, 0) for c in categories]
+    entries += [Entry("rd", c, 64.0, 0) for c in categories]
+    entries += [Entry(scheme, c, 1.0, seed) for seed in EXTRA_SEEDS for scheme in ("rd", "rd_expert")
+                for c in categories]
+    return entries
+
+
+def select(entries: list[Entry], patterns: list[str] | None) -> list[Entry]:
+    """The entries whose name matches one of the shell patterns (all when ``patterns`` is ``None``)."""
+    if patterns is None:
+        return entries
+    chosen = [e for e in entries if any(fnmatch.fnmatchcase(e.name, p) for p in patterns)]
+    if not chosen:
+        raise SystemExit(f"--only {' '.join(patterns)} matches no plan entry; see --plan")
+    return chosen
+
+
+# -- the epoch budget ------------------------------------------------------------------------------
+def choose_budget(records: list[dict[str, Any]], category: str, image_size: int = IMAGE_SIZE) -> int | None:
+    """The epoch budget of ``category`` by the rule of the module docstring, from the study's
+    per-epoch records; ``None`` while a studied configuration lacks epochs."""
+    studied: dict[tuple[str, float, int], dict[int, dict[str, Any]]] = {}
+    for record in records:
+        if record.get("category") == category and record.get("image_size") == image_size:
+            config = (record["scheme"], float(record["compression_ratio"]), int(record["seed"]))
+            studied.setdefault(config, {})[int(record["epoch"])] = record
+    curves = []
+    for config in BUDGET_CONFIGS:
+        by_epoch = studied.get(config, {})
+        if any(epoch not in by_epoch for epoch in range(1, BUDGET_STUDY_EPOCHS + 1)):
+            return None
+        for metric in BUDGET_METRICS:
+            curve = {epoch: float(values[metric]) for epoch, values in by_epoch.items()}
+            last = range(BUDGET_STUDY_EPOCHS - BUDGET_REFERENCE_EPOCHS + 1, BUDGET_STUDY_EPOCHS + 1)
+            curves.append((curve, statistics.fmean(curve[epoch] for epoch in last)))
+    for candidate in BUDGET_CANDIDATES:
+        if all(curve[candidate] >= reference - BUDGET_TOLERANCE for curve, reference in curves):
+            return candidate
+    return BUDGET_STUDY_EPOCHS
+
+
+def budget_path(output: Path) -> Path:
+    """The study's file beside the results file (``mvtec.json`` -> ``mvtec_budget.json``)."""
+    return output.with_name(f"{output.stem}_budget{output.suffix}")
+
+
+# -- running ---------------------------------------------------------------------------------------
+def use_project_mlflow_store() -> None:
+    """Log benchmark runs to the project's store (``./mlruns/mlflow.db``) unless ``MLFLOW_TRACKING_URI`` is set."""
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}")
+    (ROOT / "mlruns").mkdir(exist_ok=True)
+
+
+def mlflow_run(tag: str, experiment: str):
+    """The MLflow run tagged ``benchmark_run=tag``."""
+    from kd_experiments.tracking import make_client, resolve_tracking_uri
+
+    client = make_client(resolve_tracking_uri(None, ROOT))
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.benchmark_run = '{tag}'") if found else []
+    if not runs:
+        raise RuntimeError(f"no MLflow run tagged benchmark_run={tag} in experiment {experiment}")
+    return client, runs[0]
+
+
+def overrides(entry: Entry, args: argparse.Namespace, epochs: int | None, tag: str, purpose: str) -> list[str]:
+    """The ``kd-train`` overrides of one run."""
+    chosen = [
+        f"experiment={EXPERIMENTS[entry.scheme]}",
+        f"data.root={args.data_root / 'mvtec_ad'}",
+        f"data.category={entry.category}",
+        f"data.image_size={args.image_size}",
+        f"data.batch_size={BATCH_SIZE}",
+        f"seed={entry.seed}",
+        f"trainer={args.trainer}",
+        *QUIET,
+        f"+tags.purpose={purpose}",
+        f"+tags.benchmark_run={tag}",
+    ]
+    if entry.scheme == "patchcore":
+        chosen += [f"scheme.coreset_fraction={entry.coreset_fraction}", "trainer.max_epochs=1"]
+    else:
+        chosen += [f"scheme.compression_ratio={entry.compression_ratio:g}", f"trainer.max_epochs={epochs}"]
+    return chosen
+
+
+def _number(value: Any) -> float | int | None:
+    if value is None:
+        return None
+    number = float(value)
+    return int(number) if number.is_integer() and abs(number) < 2**53 else number
+
+
+def run_entry(entry: Entry, args: argparse.Namespace, epochs: int | None) -> dict[str, Any]:
+    """Train (or build) and test one entry through ``kd-train``'s code path; its record's fields."""
+    from kd_experiments.train import train
+
+    run_dir = ROOT / "logs" / "benchmarks" / "mvtec" / entry.name.replace("/", "-")
+    tag = f"mvtec-{entry.name.replace('/', '-')}-{os.getpid()}-{time.time_ns()}"
+    cfg = compose(overrides(entry, args, epochs, tag, "benchmark"), output_dir=run_dir)
+    metrics = train(cfg)
+    _, run = mlflow_run(tag, str(cfg.experiment_name))
+    logged, params = run.data.metrics, run.data.params
+    record = {
+        "image_auroc": metrics["test/image_auroc"],
+        "pixel_auroc": metrics.get("test/pixel_auroc"),
+        "aupro": metrics.get("test/aupro"),
+        # PatchCore has no student: its deployed model is the frozen encoder plus the bank
+        "student_params": None if entry.scheme == "patchcore" else _number(params.get("student_params")),
+        "deployed_params": _number(params.get("deployed_params")),
+        "deployed_macs": _number(params.get("deployed_macs")),
+        "measured_compression_ratio": _number(params.get("compression_ratio")),
+        "train_images_per_s": logged.get("train/images_per_s"),
+        "infer_images_per_s": metrics.get("test/images_per_s", logged.get("test/images_per_s")),
+        "memory_bank_bytes": _number(logged.get("memory_bank_bytes")) if entry.scheme == "patchcore" else None,
+        "epochs": int(cfg.trainer.max_epochs),
+        "blur_sigma": float(cfg.scheme.blur_sigma),
+        "backbone": str(cfg.scheme.backbone),
+        "batch_size": int(cfg.data.batch_size),
+        "mlflow_run_id": run.info.run_id,
+    }
+    if entry.scheme != "patchcore":
+        record["min_channels"] = int(cfg.scheme.min_channels)
+    return record
+
+
+def study_budget(entry: Entry, args: argparse.Namespace) -> dict[int, dict[str, float]]:
+    """Train one studied configuration for the study's epochs on validation data only; per-epoch values."""
+    from kd_experiments.train import train
+
+    run_dir = ROOT / "logs" / "benchmarks" / "mvtec" / f"budget-{entry.name.replace('/', '-')}"
+    tag = f"mvtec-budget-{entry.name.replace('/', '-')}-{os.getpid()}-{time.time_ns()}"
+    chosen = overrides(entry, args, BUDGET_STUDY_EPOCHS, tag, "budget")
+    chosen += ["test=false", "++scheme.val_synthetic_anomalies=true", "trainer.num_sanity_val_steps=0"]
+    cfg = compose(chosen, output_dir=run_dir)
+    train(cfg)
+    client, run = mlflow_run(tag, str(cfg.experiment_name))
+    steps = {point.step: int(point.value) for point in client.get_metric_history(run.info.run_id, "epoch")}
+    epochs: dict[int, dict[str, float]] = {}
+    for name in STUDY_METRICS:
+        for point in client.get_metric_history(run.info.run_id, name):
+            if point.step in steps:
+                epochs.setdefault(steps[point.step] + 1, {})[name.replace("/", "_")] = point.value
+    return epochs
+
+
+# -- tables ----------------------------------------------------------------------------------------
+def _cell(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} (n={len(values)})"
+
+
+def results_table(path: Path) -> str:
+    """Per scheme, ratio (or coreset) and category: image AUROC, pixel AUROC, AUPRO (mean ± std over
+    seeds), then the mean over the categories; sizes and speeds beside them."""
+    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for run in runs:
+        group = (run["scheme"], run["image_size"], run["compression_ratio"], run.get("coreset_fraction"),
+                 run.get("budget_rule", "-"), run.get("device", "cpu"))
+        groups.setdefault(group, {}).setdefault(run["category"], []).append(run)
+    lines = ["| scheme | px | ratio / coreset | budget | category | seeds | image AUROC | pixel AUROC | AUPRO "
+             "| deployed params | deployed MACs | bank bytes | train img/s | infer img/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (scheme, size, ratio, coreset, rule, device), by_category in sorted(
+            groups.items(), key=lambda item: tuple(str(part) for part in item[0])):
+        setting = f"coreset {coreset:g}" if coreset is not None else f"{ratio:g}"
+        means = {metric: [] for metric in ("image_auroc", "pixel_auroc", "aupro")}
+        for category in sorted(by_category):
+            rows = by_category[category]
+            epochs = sorted({r.get("epochs") for r in rows if r.get("epochs") is not None})
+            cells = {metric: [r.get(metric) for r in rows] for metric in means}
+            for metric, values in cells.items():
+                finite = [v for v in values if v is not None]
+                if finite:
+                    means[metric].append(statistics.fmean(finite))
+            first = rows[0]
+            lines.append(
+                f"| {scheme} | {size} | {setting} | {rule} {'/'.join(str(e) for e in epochs)} | {category} "
+                f"| {','.join(str(r['seed']) for r in rows)} | {_cell(cells['image_auroc'])} "
+                f"| {_cell(cells['pixel_auroc'])} | {_cell(cells['aupro'])} | {first.get('deployed_params') or '-'} "
+                f"| {first.get('deployed_macs') or '-'} | {first.get('memory_bank_bytes') or '-'} "
+                f"| {_cell([r.get('train_images_per_s') for r in rows])} "
+                f"| {_cell([r.get('infer_images_per_s') for r in rows])} |")
+        if len(by_category) > 1:
+            mean_cells = " | ".join(
+                f"{statistics.fmean(v):.4f}" + (f" ({len(v)} categories)" if len(v) != len(by_category) else "")
+                if v else "-" for v in means.values())
+            lines.append(f"| {scheme} | {size} | {setting} | {rule} | **mean over {len(by_category)} categories** "
+                         f"| | {mean_cells} | | | | | |")
+    return "\n".join(lines)
+
+
+def budget_table(path: Path, image_size: int = IMAGE_SIZE) -> str:
+    """The study's values at the candidate budgets and the budget the rule gives per category."""
+    records = json.loads(path.read_text())["runs"] if path.exists() else []
+    lines = ["| category | scheme | ratio | seed | epoch | val synthetic image AUROC | val synthetic pixel AUROC "
+             "| val loss |", "|---|---|---|---|---|---|---|---|"]
+    for record in sorted(records, key=lambda r: (r["category"], r["scheme"], r["compression_ratio"], r["seed"],
+                                                  r["epoch"])):
+        if record["epoch"] in BUDGET_CANDIDATES and record.get("image_size") == image_size:
+            lines.append(f"| {record['category']} | {record['scheme']} | {record['compression_ratio']:g} "
+                         f"| {record['seed']} | {record['epoch']} | {record.get('val_synthetic_image_auroc', '-')} "
+                         f"| {record.get('val_synthetic_pixel_auroc', '-')} | {record.get('val_loss', '-')} |")
+    lines.append("")
+    for category in sorted({r["category"] for r in records}):
+        budget = choose_budget(records, category, image_size)
+        lines.append(f"- {category}: {'study incomplete' if budget is None else f'{budget} epochs'}")
+    return "\n".join(lines)
+
+
+# -- main ------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = base_parser(__doc__, output="mvtec.json")
+    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                        help="image side (default 256, the papers' protocol; other sizes are recorded apart)")
+    parser.add_argument("--trainer", default="cpu", help="trainer config group (cpu | gpu)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
+                        help="run only the plan entries matching these shell patterns (see --plan)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="a fixed epoch budget for trial runs (recorded as budget_rule=fixed)")
+    parser.add_argument("--budget", action="store_true", help="run the epoch-budget study (validation data only)")
+    parser.add_argument("--plan", action="store_true", help="list the plan entries and which are done")
+    parser.add_argument("--table", action="store_true", help="print the results as Markdown")
+    parser.add_argument("--budget-table", action="store_true", help="print the study and the budgets it gives")
+    args = parser.parse_args()
+    categories = tuple(args.categories)
+    device = "cpu" if args.trainer == "cpu" else args.trainer
+    if args.table:
+        print(results_table(args.output))
+        return
+    if args.budget_table:
+        print(budget_table(budget_path(args.output), args.image_size))
+        return
+
+    results = ResultsFile(args.output)
+    budgets = ResultsFile(budget_path(args.output))
+    entries = select(plan(categories), args.only)
+    if args.plan:
+        for entry in entries:
+            rule = None if entry.scheme == "patchcore" else "fixed" if args.epochs is not None else "validation"
+            done = results.has(entry.key(args.image_size, device, rule))
+            print(f"{'done ' if done else 'to do'}  {entry.name}")
+        return
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    use_project_mlflow_store()
+    if args.budget:
+        for category in categories:
+            for scheme, ratio, seed in BUDGET_CONFIGS:
+                entry = Entry(scheme, category, ratio, seed)
+                key = {**entry.key(args.image_size, device), "max_epochs": BUDGET_STUDY_EPOCHS}
+                if budgets.has({**key, "epoch": BUDGET_STUDY_EPOCHS}):
+                    print(f"[mvtec] budget study {entry.name}: done", flush=True)
+                    continue
+                print(f"[mvtec] budget study {entry.name}: {BUDGET_STUDY_EPOCHS} epochs", flush=True)
+                started_at, started = now_utc(), time.perf_counter()
+                epochs = study_budget(entry, args)
+                wall = time.perf_counter() - started
+                for epoch, values in sorted(epochs.items()):
+                    budgets.append({**key, "epoch": epoch, **values, "run_wall_s": wall}, started_at=started_at,
+                                   wall_s=wall)
+            print(f"[mvtec] {category}: budget {choose_budget(budgets.reload()['runs'], category, args.image_size)}",
+                  flush=True)
+        return
+
+    for entry in entries:
+        epochs, rule = None, None
+        if entry.scheme != "patchcore":
+            rule = "fixed" if args.epochs is not None else "validation"
+        key = entry.key(args.image_size, device, rule)
+        if results.has(key):
+            print(f"[mvtec] {entry.name}: done", flush=True)
+            continue
+        if rule == "fixed":
+            epochs = args.epochs
+        elif rule == "validation":
+            epochs = choose_budget(budgets.reload()["runs"], entry.category, args.image_size)
+            if epochs is None:
+                print(f"[mvtec] {entry.name}: skipped, the budget study of {entry.category} is not complete "
+                      "(run --budget first, or pass --epochs for a trial run)", flush=True)
+                continue
+        print(f"[mvtec] {entry.name}: running" + (f" ({epochs} epochs, {rule})" if epochs else ""), flush=True)
+        with results.record(key) as record:
+            record.update(run_entry(entry, args, epochs))
+        print(f"[mvtec] {entry.name}: image/pixel AUROC, AUPRO {record['image_auroc']:.4f} / "
+              f"{record['pixel_auroc'] or float('nan'):.4f} / {record['aupro'] or float('nan'):.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
