@@ -210,6 +210,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.test(model=model, datamodule=datamodule, ckpt_path=test_ckpt, verbose=False)
         for key, value in trainer.callback_metrics.items():
             metrics[key] = float(value.item() if isinstance(value, torch.Tensor) else value)
+        deploy_cfg = cfg.get("deploy") or {}
+        if deploy_cfg.get("measure", True) and is_global_zero():
+            from kd_experiments.deployable import measure_scheme_deployment
+
+            deployment = measure_scheme_deployment(model, deploy_cfg)  # speed and size of what ships
+            tracker.log_metrics(deployment)
+            metrics.update(deployment)
         duration = time.perf_counter() - started
         tracker.log_metrics({"duration_s": duration})
         if is_global_zero():

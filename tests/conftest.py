@@ -66,5 +66,7 @@ def fast_overrides(*extra: str) -> list[str]:
         "trainer.enable_model_summary=false",
         "callbacks.progress_bar=null",
         "callbacks.model_summary=null",
+        "deploy.latency_calls=2",  # deploy/* figures are logged, not timed seriously, in tests
+        "deploy.throughput_calls=1",
         *extra,
     ]

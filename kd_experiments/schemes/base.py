@@ -5,7 +5,18 @@
 - ``score_batch(batch)``: the deployed model's anomaly scores for a batch (``score``,
   shape ``(B,)``; higher means more anomalous), and where it has them the teacher's
   scores (``teacher_score``) and pixel maps (``map``, ``teacher_map``, ``(B, H, W)``);
-- ``compression_summary()``: teacher and student sizes (params, MACs) and their ratios.
+- ``compression_summary()``: teacher and student sizes (params, MACs) and their ratios;
+- ``deployable_model()``: the :class:`~kd_experiments.deployable.DeployableModel` a run
+  ships (raw images in, preprocessing inside, scores and maps out, student only), and
+  ``teacher_deployable_model()``: the teacher (or reference detector) in the same form,
+  for speed and size comparisons.
+
+Preprocessing: the datamodules hand normalised tensors to the scheme. At ``setup`` the
+base class reads the datamodule's preprocessing (:meth:`Preprocessing.from_datamodule`:
+size, channels, mean and std), keeps it in checkpoints (``checkpoint["preprocessing"]``)
+and builds it into the deployable model; a scheme's ``score_batch`` scores through
+``self.deployable_model()(self.raw_images(images))``, so the test step runs the model
+that ships.
 
 The base class turns those into test metrics that are exact under DDP: every rank
 keeps its samples' scores with their dataset ``index``; at the end of the test epoch
@@ -34,6 +45,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 
 from kd_experiments import metrics as kd_metrics
+from kd_experiments.deployable import DeployableModel, Preprocessing
 from kd_experiments.errors import TrainingDivergedError
 from kd_experiments.tracking import is_global_zero, log_figure_from_module
 
@@ -86,6 +98,8 @@ class AnomalyScheme(L.LightningModule):
         self._val_records: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.test_results: dict[str, torch.Tensor] = {}
         self.test_metrics: dict[str, float] = {}
+        #: the datamodule's preprocessing (set at ``setup`` or from a checkpoint; see the module docstring)
+        self.preprocessing: Preprocessing | None = None
 
     # -- what a scheme implements --------------------------------------------------------
     def score_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -98,6 +112,46 @@ class AnomalyScheme(L.LightningModule):
 
     def plot_test_results(self, results: dict[str, torch.Tensor]) -> None:
         """Scheme-specific artifacts (maps, reconstructions); rank 0 only. Default: none."""
+
+    def deployable_model(self) -> DeployableModel:
+        """The model a run ships: raw images in, scores (``(scores, maps)``) out; student only.
+
+        It shares the scheme's (student) modules, so it always scores with the current
+        weights; it is built on the scheme's device and never registered as a submodule.
+        """
+        raise NotImplementedError
+
+    def teacher_deployable_model(self) -> DeployableModel | None:
+        """The reference detector in deployable form (for speed and size figures), or ``None``."""
+        return None
+
+    # -- preprocessing -----------------------------------------------------------------------
+    def default_preprocessing(self) -> Preprocessing:
+        """The preprocessing assumed before a datamodule says otherwise: [0, 1] data of
+        ``self.input_shape`` (schemes whose data has a known normalisation override it)."""
+        return Preprocessing.identity(self.input_shape)
+
+    def deployment_preprocessing(self) -> Preprocessing:
+        """The datamodule's preprocessing when known, else :meth:`default_preprocessing`."""
+        return self.preprocessing if self.preprocessing is not None else self.default_preprocessing()
+
+    def raw_images(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch of the datamodule's normalised images back in [0, 1] (the deployable model's input)."""
+        return self.deployment_preprocessing().to_raw(images)
+
+    def setup(self, stage: str) -> None:
+        if self.preprocessing is None and self._trainer is not None:
+            datamodule = getattr(self._trainer, "datamodule", None)
+            if datamodule is not None:
+                self.preprocessing = Preprocessing.from_datamodule(datamodule)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.preprocessing is not None:
+            checkpoint["preprocessing"] = self.preprocessing.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("preprocessing"):
+            self.preprocessing = Preprocessing.from_dict(checkpoint["preprocessing"])
 
     # -- NaN guard -------------------------------------------------------------------------
     def on_before_backward(self, loss: torch.Tensor) -> None:

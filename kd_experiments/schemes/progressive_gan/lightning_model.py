@@ -52,8 +52,10 @@ import torch.distributed as dist
 
 from kd_experiments.checkpoints import load_checkpoint
 from kd_experiments.compression import count_macs, count_parameters, size_summary
+from kd_experiments.deployable import DeployableModel, deployed_sizes
 from kd_experiments.errors import CheckpointError, ConfigError
 from kd_experiments.schemes.base import AnomalyScheme
+from kd_experiments.schemes.progressive_gan.deploy import LatentDistanceDeployable
 from kd_experiments.schemes.progressive_gan.loss import (
     GANOutputs,
     discriminator_loss,
@@ -238,11 +240,29 @@ class ProgressiveGANScheme(AnomalyScheme):
         deployed = self.deployed_generator()
         student_params = count_parameters(deployed)
         student_macs = count_macs(deployed, example)
+        sizes = deployed_sizes(self.deployable_model(), self.teacher_deployable_model())
         return {
             **size_summary(teacher_params, student_params, teacher_macs, student_macs),
+            "deployed_params": sizes["deployed_params"],
+            "deployed_macs": sizes["deployed_macs"],
+            "deployed_compression_ratio": sizes["deployed_compression_ratio"],
             "student_spec": (self.student_spec or self.teacher_spec).describe(),
             "role": self.role,
         }
+
+    # -- deployment -----------------------------------------------------------------------
+    def deployable_model(self) -> DeployableModel:
+        """The deployed generator (the student's for student roles) behind the datamodule's
+        preprocessing: raw images -> latent distance ``(N,)``."""
+        return LatentDistanceDeployable(
+            self.deployment_preprocessing(), self.deployed_generator(), (self.input_low, self.input_high)
+        ).to(self.device)
+
+    def teacher_deployable_model(self) -> DeployableModel:
+        """The teacher generator in the same form."""
+        return LatentDistanceDeployable(
+            self.deployment_preprocessing(), self.teacher_generator, (self.input_low, self.input_high)
+        ).to(self.device)
 
     # -- scores ---------------------------------------------------------------------------
     def to_gan_range(self, images: torch.Tensor) -> torch.Tensor:
@@ -254,16 +274,12 @@ class ProgressiveGANScheme(AnomalyScheme):
         return GANOutputs(*generator(images))
 
     def score_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        images = self.to_gan_range(batch["image"])
-        teacher = self._run(self.teacher_generator, images) if (
-            self.student_generator is None or self.hparams.score_teacher_at_test
-        ) else None
+        score = self.deployable_model()(self.raw_images(batch["image"]))  # what ships
         if self.student_generator is None:
-            score = latent_distance(teacher.latent, teacher.latent_of_reconstruction)
             return {"score": score, "teacher_score": score} if self.teacher_scores else {"score": score}
-        student = self._run(self.student_generator, images)
-        outputs = {"score": latent_distance(student.latent, student.latent_of_reconstruction)}
-        if teacher is not None:
+        outputs = {"score": score}
+        if self.hparams.score_teacher_at_test:
+            teacher = self._run(self.teacher_generator, self.to_gan_range(batch["image"]))
             outputs["teacher_score"] = latent_distance(teacher.latent, teacher.latent_of_reconstruction)
         return outputs
 
@@ -298,6 +314,7 @@ class ProgressiveGANScheme(AnomalyScheme):
         four networks (e.g. the student's are idle while the teacher trains), which plain
         ``strategy=ddp`` refuses. Same effect as ``trainer.strategy=ddp_find_unused_parameters_true``;
         this runs before Lightning wraps the model."""
+        super().setup(stage)  # the datamodule's preprocessing (deployable model)
         strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
         ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
         if stage == "fit" and isinstance(ddp_kwargs, dict) and not ddp_kwargs.get("find_unused_parameters"):

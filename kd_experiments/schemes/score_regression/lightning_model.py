@@ -30,6 +30,11 @@ Any trained model as teacher (:mod:`.teachers`): ``teacher_model`` (a callable o
 scheme checkpoint through :func:`.teachers.load_scheme_teacher`) replaces the
 autoencoder; it is frozen and every batch trains the student only.
 
+Deployment: :meth:`ScoreRegressionScheme.deployable_model` is the student alone behind the
+datamodule's preprocessing (:mod:`.deploy`); the test step scores through it. The teacher
+in the same form (:meth:`~ScoreRegressionScheme.teacher_deployable_model`) is the reference
+of ``deployed_compression_ratio``.
+
 Test metrics: the base class's (AUROC, TPR at FPR 1e-2/1e-3/1e-4 of student and
 teacher, Wasserstein distance between their scores on anomalies) plus
 ``image_auroc_retention`` (student / teacher) and TPR at FPR 1e-5 (the event-data
@@ -46,8 +51,14 @@ from torch import nn
 
 from kd_experiments import metrics as kd_metrics
 from kd_experiments.compression import count_macs, count_parameters, size_summary
+from kd_experiments.deployable import DeployableModel, deployed_sizes
 from kd_experiments.errors import ConfigError
 from kd_experiments.schemes.base import AnomalyScheme
+from kd_experiments.schemes.score_regression.deploy import (
+    ExternalTeacherDeployable,
+    ReconstructionScoreDeployable,
+    ScoreRegressionDeployable,
+)
 from kd_experiments.schemes.score_regression.teachers import ScoreTeacher
 from kd_experiments.schemes.score_regression.techniques import (
     OUTLIER_PARTNER,
@@ -190,12 +201,28 @@ class ScoreRegressionScheme(AnomalyScheme):
         student_params = count_parameters(self.student)
         teacher_macs = _macs_or_nan(self.teacher, example)
         student_macs = count_macs(self.student, example)
+        deployed = deployed_sizes(self.deployable_model(), self.teacher_deployable_model(), teacher_params)
         return {
             **size_summary(teacher_params, student_params, teacher_macs, student_macs),
+            "deployed_params": deployed["deployed_params"],
+            "deployed_macs": deployed["deployed_macs"],
+            "deployed_compression_ratio": deployed["deployed_compression_ratio"],
             "student_spec": self.student_spec.describe(),
             "teacher_kind": self.teacher_kind,
             "technique": self.technique_name(),
         }
+
+    # -- deployment -----------------------------------------------------------------------
+    def deployable_model(self) -> DeployableModel:
+        """The student behind the datamodule's preprocessing: raw images -> scores ``(N,)``."""
+        return ScoreRegressionDeployable(self.deployment_preprocessing(), self.student).to(self.device)
+
+    def teacher_deployable_model(self) -> DeployableModel:
+        """The teacher in the same form (its ``log(1 + MSE)``, or the external teacher's score)."""
+        preprocessing = self.deployment_preprocessing()
+        if self.external_teacher:
+            return ExternalTeacherDeployable(preprocessing, self.teacher).to(self.device)
+        return ReconstructionScoreDeployable(preprocessing, self.teacher).to(self.device)
 
     # -- scores -------------------------------------------------------------------------
     def teacher_score(self, images: torch.Tensor) -> torch.Tensor:
@@ -206,7 +233,8 @@ class ScoreRegressionScheme(AnomalyScheme):
 
     def score_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = batch["image"]
-        return {"score": self.student(images), "teacher_score": self.teacher_score(images)}
+        student_score = self.deployable_model()(self.raw_images(images))  # what ships
+        return {"score": student_score, "teacher_score": self.teacher_score(images)}
 
     def compute_test_metrics(self, results: dict[str, torch.Tensor]) -> dict[str, float]:
         computed = super().compute_test_metrics(results)

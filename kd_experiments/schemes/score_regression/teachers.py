@@ -108,6 +108,8 @@ def load_scheme_teacher(scheme_target: str, checkpoint: str | Path) -> ScoreTeac
     try:
         scheme = scheme_class(**hyper_parameters)
         scheme.load_state_dict(state["state_dict"], strict=True)
+        if hasattr(scheme, "on_load_checkpoint"):  # the datamodule's preprocessing, kept in the checkpoint
+            scheme.on_load_checkpoint(state)
     except (TypeError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0][:200]
         raise CheckpointError(f"checkpoint {checkpoint} does not build {scheme_target}: {first_line}") from None
