@@ -32,6 +32,7 @@ import platform
 import subprocess
 import time
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORE_DIR = "mlruns"
 PARENT_TAG = "kd.sweep_parent"
+#: the MLflow UI's experiment kind (MLflow 3): model training, so it opens on the runs table
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 REQUIRED_PARAMS = (
     "scheme",
     "teacher_params",
@@ -193,14 +197,22 @@ def make_client(tracking_uri: str):
 
 
 def get_or_create_experiment(client, experiment_name: str, tracking_uri: str) -> str:
-    """Experiment id for ``experiment_name``, created if needed (safe under parallel jobs)."""
+    """Experiment id for ``experiment_name``, created if needed (safe under parallel jobs).
+
+    Experiments are model-training experiments (tag :data:`EXPERIMENT_KIND_TAG`), so the
+    MLflow UI opens them on the runs table rather than the GenAI overview; an existing
+    experiment without the tag gets it.
+    """
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     try:
         return client.create_experiment(
             experiment_name,
             artifact_location=default_artifact_location(tracking_uri, experiment_name),
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
         )
     except Exception:  # another job created it in between
         experiment = client.get_experiment_by_name(experiment_name)
@@ -560,3 +572,65 @@ class CloseSweepParentCallback(_HydraCallback):
             close_sweep_parent(mlflow_cfg.get("tracking_uri"), config.hydra.sweep.dir)
         except Exception as error:  # noqa: BLE001 - never fail a finished sweep over its parent row
             log.warning("could not close the sweep's parent run: %s", error)
+
+
+# -- datasets as run inputs (the UI's "Dataset" column) ----------------------------------------
+def split_dataset(datamodule: Any, split: str, name: str):
+    """One split of a datamodule as an MLflow dataset (``mlflow.data`` pandas dataset).
+
+    Its table lists the samples (``path`` relative to the data root, or ``#<index>`` for
+    sets held in memory) with their ``label``; ``source`` is the data root (or the set's
+    name), ``name`` is ``<name>-<split>``, and the digest is a SHA-256 of the file list
+    and labels (of the pixels for in-memory sets), so two runs on the same files share it.
+    """
+    import mlflow.data
+    import pandas as pd
+
+    dataset = getattr(datamodule, f"{split}_dataset")
+    root = getattr(datamodule, "category_dir", None) or getattr(datamodule, "root", None)
+    samples = getattr(dataset, "samples", None)
+    digest = hashlib.sha256()
+    if samples is not None:
+        base = Path(str(root)) if root else None
+        paths = []
+        for sample in samples:
+            path = Path(str(sample.image_path))
+            paths.append(str(path.relative_to(base)) if base and path.is_relative_to(base) else str(path))
+        labels = [int(sample.label) for sample in samples]
+        for path, label in zip(paths, labels, strict=True):
+            digest.update(f"{path}\t{label}\n".encode())
+    else:
+        labels = [int(v) for v in getattr(dataset, "labels", [])]
+        file_paths = getattr(dataset, "paths", None)
+        paths = [str(p) for p in file_paths] if file_paths is not None else [f"#{i}" for i in range(len(labels))]
+        images = getattr(dataset, "images", None)
+        if file_paths is None and images is not None:
+            digest.update(images.detach().cpu().contiguous().numpy().tobytes())
+        for path, label in zip(paths, labels, strict=True):
+            digest.update(f"{path}\t{label}\n".encode())
+    frame = pd.DataFrame({"path": paths, "label": labels})
+    category = getattr(datamodule, "category", None)
+    if category is None and getattr(datamodule, "normal_class", None) is not None:
+        category = f"normal_class={datamodule.normal_class}"
+    if category is not None:
+        frame["category"] = str(category)
+    source = str(root) if root else str(getattr(datamodule, "dataset", name))
+    # MLflow's hints (integer columns, a local path that several source types accept) concern
+    # model schemas and remote sources, not this description of a split
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.data.from_pandas(frame, source=source, targets="label", name=f"{name}-{split}",
+                                       digest=digest.hexdigest()[:16])
+
+
+def log_dataset_inputs(client, run_id: str, datamodule: Any, name: str, splits: Sequence[str]) -> None:
+    """Log splits of ``datamodule`` as the run's dataset inputs (context tag = the split's role)."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    contexts = {"train": "training", "val": "validation", "test": "test"}
+    inputs = []
+    for split in splits:
+        dataset = split_dataset(datamodule, split, name)
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(),
+                                   tags=[InputTag("mlflow.data.context", contexts.get(split, split))]))
+    client.log_inputs(run_id, datasets=inputs)

@@ -217,6 +217,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             deployment = measure_scheme_deployment(model, deploy_cfg)  # speed and size of what ships
             tracker.log_metrics(deployment)
             metrics.update(deployment)
+        if tracker.active:  # data sets as run inputs; the student as an MLflow Model with its threshold
+            from kd_experiments.deploy import log_run_outputs
+
+            log_run_outputs(tracker, model, datamodule, dataset, tested=bool(cfg.get("test", True)),
+                            log_model=bool((cfg.get("deploy") or {}).get("log_model", True)))
         duration = time.perf_counter() - started
         tracker.log_metrics({"duration_s": duration})
         if is_global_zero():

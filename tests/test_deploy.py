@@ -1,0 +1,144 @@
+"""The student a run ships: an MLflow Model at ``student/`` that scores like the run's test step,
+holds no teacher, carries a validation threshold, and serves a folder of images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from kd_experiments import config as kd_config
+from kd_experiments import deploy
+from kd_experiments.errors import ConfigError
+from kd_experiments.train import train
+from tests.conftest import fast_overrides
+
+QUICK = ("deploy.measure=false",)
+SMOKE_RUNS = {
+    "quickstart": ["experiment=quickstart"],
+    "pkd_smoke": ["experiment=pkd_smoke"],
+    "rd_smoke": ["experiment=rd_smoke", "data.n_train=16", "data.n_test_good=4", "data.n_test_defect_per_type=2"],
+}
+
+
+# -- threshold ---------------------------------------------------------------------------------
+def test_threshold_is_f1_optimal_with_validation_anomalies() -> None:
+    scores = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.8, 0.9])
+    labels = np.array([0, 0, 0, 1, 0, 1, 1])
+    threshold = deploy.choose_threshold(scores, labels)
+    assert threshold.rule == deploy.RULE_F1
+    # brute force over every observed score: the best F1 of score >= t, lowest t on ties
+    best = max(
+        ((2 * ((scores >= t) & (labels == 1)).sum() / ((scores >= t).sum() + labels.sum())), -t) for t in scores
+    )
+    assert threshold.value == pytest.approx(-best[1])
+    assert threshold.f1 == pytest.approx(best[0])
+    assert threshold.value == pytest.approx(0.35)  # 3 of 4 called anomalous are, F1 = 6 / 7
+
+
+def test_threshold_without_anomalies_is_the_99th_percentile_of_normal_scores() -> None:
+    scores = np.arange(1000, dtype=float)
+    threshold = deploy.choose_threshold(scores, np.zeros(1000, dtype=int))
+    assert threshold.rule == deploy.RULE_PERCENTILE
+    assert threshold.value == pytest.approx(np.percentile(scores, 99))
+    with pytest.raises(ConfigError, match="NaN"):
+        deploy.choose_threshold([0.1, float("nan")], [0, 0])
+
+
+# -- a run's Model -------------------------------------------------------------------------------
+def _train_run(compose_cfg, mlflow_uri: str, name: str) -> tuple[object, object]:
+    cfg = compose_cfg(*SMOKE_RUNS[name], *fast_overrides(*QUICK))
+    train(cfg)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    experiment = client.get_experiment_by_name(str(cfg.experiment_name))
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    return cfg, run
+
+
+def _test_inputs(cfg, tmp_path: Path) -> tuple[list[str], pd.DataFrame]:
+    """The run's test images as the user would hand them over: the files of a file-based set,
+    ``.npy`` arrays of the raw (unnormalised) images of an in-memory set."""
+    datamodule = kd_config.instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    images, labels, paths = deploy.split_arrays(datamodule, "test")
+    if all(paths):
+        return list(paths), pd.DataFrame({"label": labels})
+    folder = tmp_path / "test_images"
+    folder.mkdir()
+    files = []
+    for index, image in enumerate(images):
+        files.append(str(folder / f"{index:05d}.npy"))
+        np.save(files[-1], image.numpy())
+    return files, pd.DataFrame({"label": labels})
+
+
+def _predict_in_fresh_process(model_uri: str, paths: list[str], tmp_path: Path, mlflow_uri: str) -> pd.DataFrame:
+    """``mlflow.pyfunc.load_model(uri).predict(...)`` in a new interpreter (no training code imported)."""
+    request, answer = tmp_path / "request.json", tmp_path / "answer.csv"
+    request.write_text(json.dumps(paths))
+    code = (
+        "import json, sys, mlflow, pandas as pd\n"
+        f"mlflow.set_tracking_uri({mlflow_uri!r})\n"
+        f"model = mlflow.pyfunc.load_model({model_uri!r})\n"
+        f"out = model.predict(pd.DataFrame({{'path': json.load(open({str(request)!r}))}}))\n"
+        f"out.to_csv({str(answer)!r}, index=False, float_format='%.9g')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return pd.read_csv(answer, keep_default_na=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SMOKE_RUNS))
+def test_logged_student_scores_like_the_run_in_a_fresh_process_and_holds_no_teacher(
+    compose_cfg, mlflow_uri: str, tmp_path: Path, name: str
+) -> None:
+    cfg, run = _train_run(compose_cfg, mlflow_uri, name)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    run_id = run.info.run_id
+    logged = pd.read_csv(client.download_artifacts(run_id, deploy.TEST_SCORES_ARTIFACT, str(tmp_path)))
+    paths, expected = _test_inputs(cfg, tmp_path)
+    assert len(paths) == len(logged) and (expected["label"].to_numpy() == logged["label"].to_numpy()).all()
+
+    answer = _predict_in_fresh_process(f"runs:/{run_id}/student", paths, tmp_path, mlflow_uri)
+    assert (answer["error"] == "").all(), answer["error"].tolist()
+    np.testing.assert_allclose(answer["score"].to_numpy(), logged["score"].to_numpy(), atol=1e-5, rtol=0)
+
+    # the threshold: chosen on validation data, its rule in the metadata, the labels it gives
+    info = _model_metadata(client, run_id, tmp_path)
+    assert info["threshold_rule"] in (deploy.RULE_F1, deploy.RULE_PERCENTILE)
+    assert float(run.data.metrics["deploy/threshold"]) == pytest.approx(info["threshold"])
+    assert (answer["is_anomaly"].astype(str) == (answer["score"] >= info["threshold"]).astype(str)).all()
+    assert float(run.data.params["student_params"]) == info["size.student_params"]
+
+    # no teacher inside: the parameters are the student's (plus RD's frozen encoder)
+    folder = Path(client.download_artifacts(run_id, "student", str(tmp_path / "model")))
+    module = torch.load(next(folder.rglob(deploy.MODULE_FILE)), weights_only=False)
+    params = sum(p.numel() for p in module.parameters())
+    assert params == info["deployed_params"]
+    student_params = int(float(run.data.params["student_params"]))
+    if name == "rd_smoke":
+        encoder_params = sum(p.numel() for p in module.encoder.parameters())
+        assert params == student_params + encoder_params == int(float(run.data.params["deployed_params"]))
+    else:
+        assert params == student_params < int(float(run.data.params["teacher_params"]))
+
+
+def _model_metadata(client: MlflowClient, run_id: str, tmp_path: Path) -> dict:
+    import yaml
+
+    local = Path(client.download_artifacts(run_id, "student/MLmodel", str(tmp_path / "mlmodel")))
+    model = yaml.safe_load(local.read_text())
+    assert model["signature"]["inputs"] and model["signature"]["outputs"]
+    assert "saved_input_example_info" in model
+    return model["metadata"]
