@@ -321,10 +321,17 @@ def measure_deployment(
 
 def measure_scheme_deployment(scheme: Any, options: Mapping[str, Any] | None = None) -> dict[str, float]:
     """:func:`measure_deployment` of a scheme's deployable student and teacher, with the
-    run config's ``deploy`` options (``latency_calls``, ``throughput_calls``, ``onnx``)."""
+    run config's ``deploy`` options (``latency_calls``, ``throughput_calls``, ``onnx``);
+    a scheme without a deployable model is warned about and gives no figures."""
     options = dict(options or {})
+    try:
+        student = scheme.deployable_model()
+    except NotImplementedError:
+        warnings.warn(f"deploy: {type(scheme).__name__} has no deployable_model(); deploy/* figures skipped",
+                      stacklevel=2)
+        return {}
     return measure_deployment(
-        scheme.deployable_model(),
+        student,
         scheme.teacher_deployable_model(),
         latency_calls=int(options.get("latency_calls", 50)),
         throughput_calls=int(options.get("throughput_calls", 5)),
