@@ -11,9 +11,14 @@ What every run carries (the contract users and ``kd-report`` rely on):
 - **artifacts**: ``config/config.yaml`` (the resolved config), plots under ``plots/``;
 - **metrics**: per-epoch ``train/*`` and ``val/*``, final ``test/*``.
 
-Runs of one Hydra multirun are children (``mlflow.parentRunId``) of one parent run
-created, under a file lock, by the first job of the sweep, so the MLflow UI shows a
-sweep as one expandable row. Run names are ``<scheme>-<dataset>-cr<ratio>-s<seed>-<id>``:
+Runs of one Hydra multirun are children (``mlflow.parentRunId``) of one parent run, so
+the MLflow UI shows a sweep as one expandable row. The launching process creates the
+parent when the multirun starts (:class:`CloseSweepParentCallback`) and hands its id to
+every job, on every machine and node, in ``KD_SWEEP_PARENT_RUN_ID``; a job without it
+(a compose-API run) finds or creates the parent under a file lock in the sweep folder.
+Each job run carries its overrides (tag ``kd.job_overrides``): re-running a sweep into
+the same sweep folder (same ``sweep_id``) skips the jobs already FINISHED, and a re-run
+job marks its earlier unfinished attempts ``kd.superseded_by``. Run names are ``<scheme>-<dataset>-cr<ratio>-s<seed>-<id>``:
 readable, and unique across seeds and repeats.
 
 The default store is ``sqlite:///<cwd>/mlruns/mlflow.db`` with artifacts in
@@ -33,7 +38,7 @@ import subprocess
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -50,6 +55,9 @@ PARENT_TAG = "kd.sweep_parent"
 #: the MLflow UI's experiment kind (MLflow 3): model training, so it opens on the runs table
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+JOB_TAG = "kd.job_overrides"
+SUPERSEDED_TAG = "kd.superseded_by"
+PARENT_RUN_ENV = "KD_SWEEP_PARENT_RUN_ID"
 REQUIRED_PARAMS = (
     "scheme",
     "teacher_params",
@@ -269,7 +277,7 @@ def git_commit(cwd: str | Path | None = None) -> str:
 
 
 def environment_tags() -> dict[str, str]:
-    """Versions a result depends on: torch, CUDA, Python, host."""
+    """Versions a result depends on (torch, CUDA, Python) and where it ran (host, process id)."""
     import torch
 
     return {
@@ -278,6 +286,7 @@ def environment_tags() -> dict[str, str]:
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "python_version": platform.python_version(),
         "host": platform.node(),
+        "pid": str(os.getpid()),
     }
 
 
@@ -285,6 +294,63 @@ def sweep_id_from_dir(sweep_dir: str | Path) -> str:
     """A short stable id for a Hydra multirun, derived from its sweep folder."""
     resolved = str(Path(sweep_dir).resolve())
     return Path(resolved).name.replace(os.sep, "_") + "-" + hashlib.sha1(resolved.encode()).hexdigest()[:6]
+
+
+def job_key(overrides: Sequence[str]) -> str:
+    """The identity of one job of a sweep: its task overrides, sorted (``hydra.*`` ones left out)."""
+    return " ".join(sorted(str(o) for o in overrides if not str(o).startswith("hydra.")))
+
+
+def _env_parent(client, experiment_id: str):
+    """The parent run handed down by the launching process (``KD_SWEEP_PARENT_RUN_ID``), if usable.
+
+    Usable: it exists, is a sweep parent of this experiment and is RUNNING (a stale value
+    left in an environment is ignored).
+    """
+    run_id = os.environ.get(PARENT_RUN_ENV)
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - a stale or foreign id: fall back to the sweep folder
+        return None
+    if (
+        run.info.experiment_id != experiment_id
+        or run.data.tags.get(PARENT_TAG) != "true"
+        or run.info.status != "RUNNING"
+    ):
+        return None
+    return run
+
+
+def _find_parent(client, experiment_id: str, sweep_id: str):
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.sweep_id = '{sweep_id}' and tags.`{PARENT_TAG}` = 'true'",
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def open_sweep_parent(client, experiment_id: str, sweep_id: str, sweep_dir: str | Path, tags: Mapping[str, str]) -> str:
+    """The parent run of sweep ``sweep_id``: created if absent, set RUNNING again if a re-run."""
+    existing = _find_parent(client, experiment_id, sweep_id)
+    if existing is not None:
+        if existing.info.status != "RUNNING":
+            client.update_run(existing.info.run_id, status="RUNNING")
+        return existing.info.run_id
+    parent_tags = {PARENT_TAG: "true", "sweep_id": sweep_id, "sweep_dir": str(Path(sweep_dir).resolve()), **tags}
+    return client.create_run(experiment_id, run_name=f"sweep-{sweep_id}", tags=parent_tags).info.run_id
+
+
+def job_runs(client, experiment_id: str, parent_run_id: str, key: str, status: str | None = None) -> list:
+    """The child runs of a sweep parent made by the job with overrides ``key`` (newest first)."""
+    filter_string = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    if status:
+        filter_string += f" and attributes.status = '{status}'"
+    runs = client.search_runs([experiment_id], filter_string=filter_string, max_results=5000,
+                              order_by=["attributes.start_time DESC"])
+    return [run for run in runs if run.data.tags.get(JOB_TAG) == key]
 
 
 def format_ratio(ratio: float) -> str:
@@ -344,6 +410,7 @@ class RunTracker:
         run_id: str | None = None,
         log_model_checkpoints: bool = False,
         enabled: bool = True,
+        job_overrides: Sequence[str] | None = None,
     ) -> None:
         self.experiment_name = experiment_name
         self.run_name = run_name
@@ -353,6 +420,7 @@ class RunTracker:
         self.resume_run_id = run_id
         self.log_model_checkpoints = log_model_checkpoints
         self.enabled = enabled
+        self.job_key = job_key(job_overrides) if (job_overrides is not None and self.sweep_dir) else None
         self.active = enabled and is_global_zero()
         self.client = None
         self.experiment_id: str | None = None
@@ -401,13 +469,42 @@ class RunTracker:
             return self.run_id
         tags = dict(self.tags)
         if self.sweep_dir is not None:
-            sweep_id = sweep_id_from_dir(self.sweep_dir)
+            parent = _env_parent(self.client, self.experiment_id)
+            if parent is not None:  # created by the launching process: same parent on every machine
+                sweep_id = parent.data.tags.get("sweep_id") or sweep_id_from_dir(self.sweep_dir)
+                self.parent_run_id = parent.info.run_id
+            else:
+                sweep_id = sweep_id_from_dir(self.sweep_dir)
+                self.parent_run_id = self._get_or_create_parent(sweep_id)
             tags["sweep_id"] = sweep_id
-            self.parent_run_id = self._get_or_create_parent(sweep_id)
             tags["mlflow.parentRunId"] = self.parent_run_id
+            if self.job_key is not None:
+                tags[JOB_TAG] = self.job_key
         run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
         self.run_id = run.info.run_id
+        if self.job_key is not None:
+            for earlier in job_runs(self.client, self.experiment_id, self.parent_run_id, self.job_key):
+                if earlier.info.run_id != self.run_id and earlier.info.status != "FINISHED":
+                    self.client.set_tag(earlier.info.run_id, SUPERSEDED_TAG, self.run_id)
         return self.run_id
+
+    def finished_job_run(self):
+        """The FINISHED run of this same job in this sweep, when the sweep is a re-run; else ``None``.
+
+        Only in a Hydra multirun whose launching process handed down the parent
+        (``KD_SWEEP_PARENT_RUN_ID``). Read-only, so every DDP rank asks and all of them
+        take the same decision (skip, or train together).
+        """
+        if not self.enabled or self.job_key is None or self.resume_run_id or not os.environ.get(PARENT_RUN_ENV):
+            return None
+        with storage_errors(self.tracking_uri):
+            client = make_client(self.tracking_uri)
+            experiment = client.get_experiment_by_name(self.experiment_name)
+            parent = _env_parent(client, experiment.experiment_id) if experiment is not None else None
+            if parent is None:
+                return None
+            done = job_runs(client, experiment.experiment_id, parent.info.run_id, self.job_key, status="FINISHED")
+        return done[0] if done else None
 
     def end(self, status: str, error: str | None = None) -> None:
         """Close the run with ``status`` (FINISHED, FAILED, KILLED), keeping what was logged."""
@@ -428,23 +525,11 @@ class RunTracker:
         with open(lock_path, "w") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
             try:
-                existing = self.client.search_runs(
-                    [self.experiment_id],
-                    filter_string=f"tags.sweep_id = '{sweep_id}' and tags.`{PARENT_TAG}` = 'true'",
-                    max_results=1,
-                )
-                if existing:
-                    return existing[0].info.run_id
-                parent_tags = {
-                    PARENT_TAG: "true",
-                    "sweep_id": sweep_id,
-                    "sweep_dir": str(self.sweep_dir.resolve()),
-                    **{k: v for k, v in self.tags.items() if k in ("scheme", "dataset", "git_commit")},
-                }
-                parent = self.client.create_run(
-                    self.experiment_id, run_name=f"sweep-{sweep_id}", tags=parent_tags
-                )
-                return parent.info.run_id
+                existing = _find_parent(self.client, self.experiment_id, sweep_id)
+                if existing is not None:
+                    return existing.info.run_id
+                tags = {k: v for k, v in self.tags.items() if k in ("scheme", "dataset", "git_commit")}
+                return open_sweep_parent(self.client, self.experiment_id, sweep_id, self.sweep_dir, tags)
             finally:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
 
@@ -547,7 +632,7 @@ def close_sweep_parent(tracking_uri: str | None, sweep_dir: str | Path) -> str |
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    statuses = {child.info.status for child in children}
+    statuses = {child.info.status for child in children if not child.data.tags.get(SUPERSEDED_TAG)}
     if "RUNNING" in statuses:
         return None
     status = "FAILED" if statuses & {"FAILED", "KILLED"} else "FINISHED"
@@ -561,8 +646,66 @@ except ImportError:  # pragma: no cover - hydra is a dependency
     _HydraCallback = object
 
 
+def fail_unfinished_job_run(job_config, overrides: Sequence[str], error: str) -> str | None:
+    """Close FAILED, with ``error``, the run a sweep job left RUNNING (its process was killed).
+
+    Called by the launching process (``hydra_plugins.kd_experiments_launchers``) with the
+    job's config. Returns the run id closed, or ``None`` when the job had no RUNNING run.
+    """
+    mlflow_cfg = (job_config.get("logger") or {}).get("mlflow") if job_config.get("logger") else None
+    if mlflow_cfg is None:
+        return None
+    uri = resolve_tracking_uri(mlflow_cfg.get("tracking_uri"))
+    client = make_client(uri)
+    experiment = client.get_experiment_by_name(str(job_config.get("experiment_name") or "kd-experiments"))
+    if experiment is None:
+        return None
+    parent = _env_parent(client, experiment.experiment_id) or _find_parent(
+        client, experiment.experiment_id, sweep_id_from_dir(job_config.hydra.sweep.dir)
+    )
+    if parent is None:
+        return None
+    running = job_runs(client, experiment.experiment_id, parent.info.run_id, job_key(overrides), status="RUNNING")
+    if not running:
+        return None
+    run_id = running[0].info.run_id
+    client.set_tag(run_id, "error", error[:5000])
+    client.set_terminated(run_id, status="FAILED")
+    return run_id
+
+
 class CloseSweepParentCallback(_HydraCallback):
-    """Hydra callback (``hydra.callbacks``) ending the sweep's parent run after a multirun."""
+    """Hydra callback (``hydra.callbacks``) owning a multirun's MLflow parent run.
+
+    ``on_multirun_start`` (in the launching process, global rank 0 only) creates the
+    parent, or sets it RUNNING again when the sweep is re-run into the same folder, and
+    exports ``KD_SWEEP_PARENT_RUN_ID`` and the resolved ``MLFLOW_TRACKING_URI`` so that
+    every job, wherever a launcher runs it, logs under it; ``on_multirun_end`` ends it.
+    """
+
+    def on_multirun_start(self, config, **kwargs: Any) -> None:
+        mlflow_cfg = (config.get("logger") or {}).get("mlflow") if config.get("logger") else None
+        if mlflow_cfg is None or not is_global_zero():
+            return
+        tags = {"git_commit": git_commit()}
+        try:
+            from kd_experiments.config import dataset_name
+
+            tags["dataset"] = dataset_name(config.data)
+        except Exception:  # noqa: BLE001 - a label only; the jobs validate the data config
+            pass
+        try:
+            uri = resolve_tracking_uri(mlflow_cfg.get("tracking_uri"))
+            client = make_client(uri)
+            experiment_id = get_or_create_experiment(client, str(config.get("experiment_name") or "kd-experiments"), uri)
+            sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+            with _local_store_lock(uri):
+                parent_id = open_sweep_parent(client, experiment_id, sweep_id_from_dir(sweep_dir), sweep_dir, tags)
+        except Exception as error:  # noqa: BLE001 - the jobs report an unusable store themselves
+            log.warning("could not open the sweep's parent run: %s", error)
+            return
+        os.environ[PARENT_RUN_ENV] = parent_id
+        os.environ["MLFLOW_TRACKING_URI"] = uri
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         mlflow_cfg = (config.get("logger") or {}).get("mlflow") if config.get("logger") else None
@@ -572,6 +715,7 @@ class CloseSweepParentCallback(_HydraCallback):
             close_sweep_parent(mlflow_cfg.get("tracking_uri"), config.hydra.sweep.dir)
         except Exception as error:  # noqa: BLE001 - never fail a finished sweep over its parent row
             log.warning("could not close the sweep's parent run: %s", error)
+        os.environ.pop(PARENT_RUN_ENV, None)
 
 
 # -- datasets as run inputs (the UI's "Dataset" column) ----------------------------------------

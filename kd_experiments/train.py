@@ -58,6 +58,15 @@ def _hydra_sweep_dir() -> Path | None:
     return Path(hydra_cfg.sweep.dir)
 
 
+def _hydra_job_overrides() -> list[str] | None:
+    """This job's overrides inside a Hydra multirun (what identifies it in its sweep), else ``None``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if _hydra_sweep_dir() is None:
+        return None
+    return [str(o) for o in HydraConfig.get().overrides.task]
+
+
 def _instantiate_callbacks(callbacks_cfg: DictConfig | None) -> list[Any]:
     if not callbacks_cfg:
         return []
@@ -151,7 +160,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         run_id=resume_run_id,
         log_model_checkpoints=bool((mlflow_cfg or {}).get("log_model_checkpoints", False)),
         enabled=mlflow_cfg is not None,
+        job_overrides=_hydra_job_overrides(),
     )
+    done = tracker.finished_job_run()  # a re-run sweep skips the jobs that FINISHED before
+    if done is not None:
+        if is_global_zero():
+            print(f"[kd-train] {done.info.run_name}: FINISHED before in this sweep (run {done.info.run_id}), "
+                  "skipped", flush=True)
+        return {key: float(value) for key, value in done.data.metrics.items()}
     with tracker, storage_errors(tracker.tracking_uri):
         tracker.log_params(flatten_config(OmegaConf.to_container(cfg, resolve=True)))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
@@ -272,6 +288,7 @@ def _quiet_third_party() -> None:
         r".*smaller than the logging interval.*",
         r".*does not have many workers.*",
         r".*Consider setting `persistent_workers=True`.*",
+        r"(?s).*is validated against ConfigStore schema with the same name.*",  # configs/hydra/launcher/*.yaml
     ):
         warnings.filterwarnings("ignore", message=pattern)
 

@@ -16,19 +16,36 @@ Ray's own task retries are off in ``configs/hydra/launcher/ray.yaml`` (``max_ret
 a job that died is re-run by re-running the sweep, which skips the jobs already FINISHED.
 """
 
-from __future__ import annotations
+# No "from __future__ import annotations": Hydra execs plugin modules outside sys.modules,
+# where dataclasses cannot resolve string annotations.
 
 import logging
 import signal
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
+import hydra_plugins.hydra_ray_launcher._config as stock_config  # registers the stock "ray" first
+from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from hydra_plugins.hydra_ray_launcher.ray_launcher import RayLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class KDRayLauncherConf:
+    """The schema of ``hydra/launcher=ray`` (``configs/hydra/launcher/ray.yaml`` fills it in)."""
+
+    _target_: str = "hydra_plugins.kd_experiments_launchers.ray_launcher.KDRayLauncher"
+    timeout_min: Optional[float] = None
+    ray: stock_config.RayConf = field(default_factory=stock_config.RayConf)
+
+
+# Replaces the stock entry of the same name: Hydra validates configs/hydra/launcher/ray.yaml against it.
+ConfigStore.instance().store(group="hydra/launcher", name="ray", node=KDRayLauncherConf, provider="kd_experiments")
 
 
 class JobTimeoutError(TimeoutError):
@@ -63,7 +80,6 @@ class KDRayLauncher(RayLauncher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import ray
-        from hydra_plugins.hydra_ray_launcher._launcher_util import start_ray
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
@@ -71,8 +87,8 @@ class KDRayLauncher(RayLauncher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info(f"Ray launcher: {len(job_overrides)} jobs, sweep folder {sweep_dir}")
-        self.ray_cfg.init.setdefault("object_store_memory", 78643200)  # as the stock launcher: small in CI
-        start_ray(self.ray_cfg.init)
+        if not ray.is_initialized():
+            ray.init(**self._init_arguments())
         remote_options = OmegaConf.to_container(self.ray_cfg.remote, resolve=True) if self.ray_cfg.remote else {}
         run_remote = ray.remote(**remote_options)(_run_job_with_timeout) if remote_options else ray.remote(
             _run_job_with_timeout
@@ -104,6 +120,16 @@ class KDRayLauncher(RayLauncher):
                 results.append(self._failed(overrides, sweep_config, error))
         return results
 
+    def _init_arguments(self) -> dict[str, Any]:
+        """``ray.init`` arguments; environment variables as strings, empty ones left out."""
+        init = OmegaConf.to_container(self.ray_cfg.init, resolve=True) if self.ray_cfg.init else {}
+        env_vars = (init.get("runtime_env") or {}).get("env_vars")
+        if env_vars is not None:
+            init["runtime_env"]["env_vars"] = {k: str(v) for k, v in env_vars.items() if v not in (None, "")}
+        if not init.get("address"):  # a private local instance: keep its object store small
+            init.setdefault("object_store_memory", 78643200)
+        return init
+
     def _failed(self, overrides: list[str], sweep_config: DictConfig, error: BaseException) -> JobReturn:
         """A JobReturn for a job Ray lost, after closing its MLflow run FAILED with the error."""
         from kd_experiments.tracking import fail_unfinished_job_run
@@ -115,14 +141,4 @@ class KDRayLauncher(RayLauncher):
             fail_unfinished_job_run(sweep_config, overrides, message)
         except Exception as tracking_error:  # noqa: BLE001 - the Ray error is the one to report
             log.warning(f"could not mark the job's MLflow run FAILED: {tracking_error}")
-        with open_dict(sweep_config):
-            task_cfg = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
-        return JobReturn(
-            overrides=overrides,
-            cfg=task_cfg,
-            hydra_cfg=sweep_config,
-            working_dir=str(Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.job.num)),
-            task_name=str(sweep_config.hydra.job.name),
-            status=JobStatus.FAILED,
-            _return_value=error,
-        )
+        return JobReturn(overrides=overrides, hydra_cfg=sweep_config, status=JobStatus.FAILED, _return_value=error)
