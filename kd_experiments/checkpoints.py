@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kd_experiments.errors import CheckpointError
+from kd_experiments.errors import CheckpointError, ConfigError
 
 RUN_ID_KEY = "kd_mlflow_run_id"
 SCHEME_KEY = "kd_scheme"
@@ -65,3 +65,30 @@ def check_resume_checkpoint(path: str | Path, model: torch.nn.Module) -> None:
                 f"checkpoint {path} is of another width: '{key}' has shape {tuple(state[key].shape)}, "
                 f"the configured model expects {tuple(tensor.shape)}"
             )
+
+
+def load_scheme(scheme_target: str, checkpoint: str | Path, key: str = "scheme.teacher_model") -> Any:
+    """A trained scheme (a LightningModule of ``kd_experiments.schemes``) rebuilt from its checkpoint.
+
+    The class ``scheme_target`` (e.g. ``kd_experiments.schemes.reverse_distillation.ReverseDistillationScheme``)
+    is built from the checkpoint's saved hyper-parameters and loaded strictly; the datamodule's
+    preprocessing kept in the checkpoint is restored, so the scheme's deployable model takes raw
+    images. Returned in eval mode. ``key`` names the config entry in error messages.
+    """
+    from hydra.utils import get_class
+
+    try:
+        scheme_class = get_class(scheme_target)
+    except Exception as error:  # noqa: BLE001 - hydra raises several types
+        raise ConfigError(f"{key}.scheme_target={scheme_target!r} is not a class: {error}") from None
+    state = load_checkpoint(checkpoint)
+    hyper_parameters = dict(state.get("hyper_parameters") or {})
+    try:
+        scheme = scheme_class(**hyper_parameters)
+        scheme.load_state_dict(state["state_dict"], strict=True)
+        if hasattr(scheme, "on_load_checkpoint"):
+            scheme.on_load_checkpoint(state)
+    except (TypeError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0][:200]
+        raise CheckpointError(f"checkpoint {checkpoint} does not build {scheme_target}: {first_line}") from None
+    return scheme.eval()

@@ -1,0 +1,407 @@
+"""Map regression: distil a whole map-producing detector into an encoder-free pixel student.
+
+Pol et al. ("Knowledge Distillation for Anomaly Detection", arXiv 2310.06047) compress an
+unsupervised detector into a small *supervised* student that regresses the detector's
+anomaly score. This scheme applies the idea to anomaly *maps*: the teacher is any trained
+map-producing run of this framework (reverse distillation, RD with Expert, PatchCore;
+:mod:`.teachers`), frozen; the student (:class:`~.torch_model.MapStudent`) is a small
+fully convolutional network with no pretrained encoder, of the size class of EfficientAD's
+patch description network (Batzner et al., WACV 2024), that writes the map at stride 4.
+
+What it learns from (computed once per run, cached on disk by teacher and data,
+:class:`kd_experiments.cache.TensorCache`):
+
+- the teacher's maps on the normal training images, and
+- on ``synthetic_per_image`` synthetic anomalies made from each of them (Perlin-noise
+  masks with procedural or in-set textures, the DRAEM recipe the RD-with-Expert scheme
+  also uses: :mod:`kd_experiments.synthetic_anomalies`), so that the high teacher scores
+  a defect causes are seen in training.
+
+Maps are compared at stride 4 (the teacher's final, smoothed map average-pooled) in units
+of the teacher's normal-image scale (its ``map_scale_quantile`` quantile over the normal
+training maps), with the loss of :mod:`.loss` (L1 by default, anomalous pixels weighted
+``1 + anomaly_weight``). Validation uses held-out normal training images and fixed
+synthetic anomalies made from them (``val/synthetic_pixel_auroc``,
+``val/synthetic_image_auroc``, ``val/loss``; the teacher's own figures on the same images
+are logged once as ``val/teacher_synthetic_*``): never the test split.
+
+Size: ``scheme.deployed_mac_ratio`` asks for a student whose *deployed* model (the whole
+thing that ships: preprocessing, network, smoothing, scoring) has that many times fewer
+multiply-accumulates than the teacher's deployed model (encoder included); the width is
+found by search (``scheme.width`` sets it directly). ``compression_ratio`` is the
+teacher's deployed parameters over the student's, and every run logs ``deployed_params``,
+``deployed_macs`` and ``deployed_compression_ratio`` beside it.
+
+Evaluation scores through :meth:`deployable_model` (raw images in, ``(scores, maps)``
+out), so what is tested is what ships; the teacher is scored on the same test images
+(``test/teacher_*``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_experiments import metrics as kd_metrics
+from kd_experiments.cache import TensorCache, digest, module_digest, tensor_digest
+from kd_experiments.compression import count_macs, count_parameters, size_summary
+from kd_experiments.deployable import DeployableModel, Preprocessing, deployed_sizes
+from kd_experiments.errors import ConfigError
+from kd_experiments.schemes.base import AnomalyScheme
+from kd_experiments.schemes.map_regression.loss import LOSSES, downsample_mask, map_loss
+from kd_experiments.schemes.map_regression.teachers import MapTeacher
+from kd_experiments.schemes.map_regression.torch_model import (
+    MAP_STRIDE,
+    MapStudent,
+    MapStudentDeployable,
+    smooth_student_map,
+    width_for_mac_ratio,
+)
+from kd_experiments.synthetic_anomalies import TEXTURE_SOURCES, SyntheticAnomalies
+
+
+class MapRegressionScheme(AnomalyScheme):
+    """Teacher (any map-producing detector, frozen) -> encoder-free map student.
+
+    Args:
+        input_shape: ``(C, H, W)`` of the datamodule's images.
+        teacher: the frozen map teacher (a :class:`~.teachers.MapTeacher`, or any
+            map-producing deployable model); needed to fit and to choose the width by
+            ratio, not to rebuild a trained student from its checkpoint.
+        deployed_mac_ratio: teacher's deployed MACs / the student's deployed MACs.
+        width: the student's width directly (wins over the ratio).
+        depth: 3x3 convolutions of the student's context path at stride 16.
+        context_multiplier: context-path width / ``width``.
+        loss: ``l1`` | ``mse`` on the normalised maps.
+        anomaly_weight: extra weight of anomalous pixels (0: plain mean).
+        synthetic_per_image: synthetic anomalies made from each training image.
+        texture_source, anomaly_beta_max: the synthetic anomalies' textures and opacity.
+        synthetic_seed: seed of the (cached) synthetic anomalies.
+        learning_rate, weight_decay: AdamW.
+        blur_sigma: the teacher's map smoothing in input pixels (the student smooths at
+            stride 4 with ``blur_sigma / 4``).
+        map_scale_quantile: quantile of the teacher's normal training maps that is the
+            unit of the regressed maps.
+        teacher_batch_size: images per teacher call when the targets are computed.
+        cache_dir: folder of the teacher-map cache (``null``: no cache, always computed).
+        measure_teacher: also score the test split with the teacher (``test/teacher_*``).
+    """
+
+    scheme_name = "map_regression"
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        teacher: nn.Module | None = None,
+        deployed_mac_ratio: float = 30.0,
+        width: int | None = None,
+        depth: int = 2,
+        context_multiplier: int = 2,
+        loss: str = "l1",
+        anomaly_weight: float = 4.0,
+        synthetic_per_image: int = 2,
+        texture_source: str = "mixed",
+        anomaly_beta_max: float = 0.8,
+        synthetic_seed: int = 0,
+        learning_rate: float = 2e-3,
+        weight_decay: float = 1e-5,
+        blur_sigma: float = 4.0,
+        map_scale_quantile: float = 0.99,
+        teacher_batch_size: int = 8,
+        cache_dir: str | None = None,
+        measure_teacher: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["teacher"])
+        self.input_shape = tuple(int(v) for v in input_shape)
+        if len(self.input_shape) != 3:
+            raise ConfigError(f"map_regression needs images (C, H, W), got input shape {self.input_shape}")
+        if loss not in LOSSES:
+            raise ConfigError(f"scheme.loss must be one of {LOSSES}, got {loss!r}")
+        if texture_source not in TEXTURE_SOURCES:
+            raise ConfigError(f"scheme.texture_source must be one of {TEXTURE_SOURCES}, got {texture_source!r}")
+        if not isinstance(synthetic_per_image, int) or synthetic_per_image < 1:
+            raise ConfigError(f"scheme.synthetic_per_image must be an integer >= 1, got {synthetic_per_image!r}")
+        if not 0.5 <= float(map_scale_quantile) < 1.0:
+            raise ConfigError(f"scheme.map_scale_quantile must be in [0.5, 1), got {map_scale_quantile}")
+        if anomaly_weight < 0:
+            raise ConfigError(f"scheme.anomaly_weight must be >= 0, got {anomaly_weight}")
+        height, width_pixels = self.input_shape[1:]
+        if height % (4 * MAP_STRIDE) or width_pixels % (4 * MAP_STRIDE):
+            raise ConfigError(
+                f"map_regression needs image sides divisible by {4 * MAP_STRIDE}, got {height}x{width_pixels} "
+                "(data.image_size)"
+            )
+        if teacher is not None and not isinstance(teacher, MapTeacher):
+            teacher = MapTeacher(teacher)
+        # held, not registered: the teacher is neither trained, checkpointed nor shipped with the student
+        self.__dict__["teacher"] = teacher
+        self.register_buffer("map_scale", torch.tensor(1.0))
+        if width is None:
+            if teacher is None:
+                raise ConfigError("scheme.width is needed when there is no scheme.teacher to take a ratio of")
+            width = width_for_mac_ratio(deployed_mac_ratio, self.teacher_deployed_macs(),
+                                        lambda candidate: self._deployed_macs_of(int(candidate)))
+            self.hparams["width"] = int(width)  # a checkpoint rebuilds the same student without the teacher
+        self.student = MapStudent(self.input_shape[0], int(width), depth, context_multiplier)
+        self._targets: dict[str, torch.Tensor] = {}
+        self._generator = torch.Generator().manual_seed(int(synthetic_seed))
+        self._val: dict[str, list[torch.Tensor]] = {}
+        self._summary: dict[str, Any] | None = None
+        self.cache_status: str = "none"
+
+    # -- sizes -----------------------------------------------------------------------------
+    def _deployed_macs_of(self, width: int) -> int:
+        deployable = MapStudentDeployable(
+            Preprocessing.identity(self.input_shape),
+            MapStudent(self.input_shape[0], width, self.hparams.depth, self.hparams.context_multiplier),
+            self.hparams.blur_sigma, torch.tensor(1.0),
+        )
+        return count_macs(deployable, deployable.example_input(1))
+
+    def teacher_deployed_macs(self) -> int:
+        assert self.teacher is not None
+        example = torch.rand(1, self.teacher.input_channels, *self.teacher.input_size)
+        return count_macs(self.teacher.model, example.to(self._teacher_device()))
+
+    def _teacher_device(self) -> torch.device:
+        assert self.teacher is not None
+        tensors = [*self.teacher.model.parameters(), *self.teacher.model.buffers()]
+        return tensors[0].device if tensors else torch.device("cpu")
+
+    def _teacher_to_device(self) -> None:
+        if self.teacher is not None and self._teacher_device() != self.device:
+            self.teacher.to(self.device)
+
+    def compression_summary(self) -> dict[str, Any]:
+        if self._summary is None:
+            student = self.deployable_model()
+            example = student.example_input(1)
+            student_params, student_macs = count_parameters(self.student), count_macs(self.student,
+                                                                                       student.preprocess(example))
+            if self.teacher is not None:
+                teacher_params = count_parameters(self.teacher.model)
+                teacher_macs = self.teacher_deployed_macs()
+            else:
+                teacher_params, teacher_macs = student_params, float("nan")
+            summary = size_summary(teacher_params, student_params, teacher_macs, student_macs)
+            summary.update(deployed_sizes(student, self.teacher.model if self.teacher is not None else None))
+            summary.update({"student_width": self.student.width, "student_depth": self.student.depth})
+            self._summary = summary
+        return dict(self._summary)
+
+    # -- the deployed model ---------------------------------------------------------------
+    def deployable_model(self) -> DeployableModel:
+        return MapStudentDeployable(self.deployment_preprocessing(), self.student, self.hparams.blur_sigma,
+                                    self.map_scale).to(self.map_scale.device)
+
+    def teacher_deployable_model(self) -> DeployableModel | None:
+        return self.teacher.model if self.teacher is not None else None
+
+    def default_preprocessing(self) -> Preprocessing:
+        from kd_experiments.backbones import input_statistics
+
+        mean, std = input_statistics("imagenet", self.input_shape[0])
+        return Preprocessing(self.input_shape[1:], self.input_shape[0], tuple(mean), tuple(std))
+
+    # -- targets -----------------------------------------------------------------------------
+    @staticmethod
+    def _stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        images, indices = [], []
+        for position in range(len(dataset)):
+            item = dataset[position]
+            images.append(item["image"])
+            indices.append(int(item.get("index", position)))
+        order = torch.as_tensor(indices)
+        stacked = torch.zeros(int(order.max()) + 1, *images[0].shape)
+        stacked[order] = torch.stack(images).float()
+        return stacked, order
+
+    def _synthetic(self, images: torch.Tensor, copies: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        preprocessing = self.deployment_preprocessing()
+        maker = SyntheticAnomalies(preprocessing.mean, preprocessing.std, self.hparams.texture_source,
+                                   self.hparams.anomaly_beta_max, seed=seed)
+        anomalous, masks = [], []
+        for _ in range(copies):
+            parts = [maker(images[start:start + 16]) for start in range(0, len(images), 16)]
+            anomalous.append(torch.cat([part[0] for part in parts]))
+            masks.append(torch.cat([part[1] for part in parts]))
+        return torch.stack(anomalous), torch.stack(masks)
+
+    @torch.no_grad()
+    def _teacher_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's final maps ``(N, 1, H, W)`` at the data's size, on the CPU."""
+        assert self.teacher is not None
+        device = self._teacher_device()
+        maps = []
+        for start in range(0, len(images), self.hparams.teacher_batch_size):
+            raw = self.raw_images(images[start:start + self.hparams.teacher_batch_size]).clamp(0.0, 1.0)
+            _, batch_maps = self.teacher(raw.to(device))
+            if tuple(batch_maps.shape[-2:]) != tuple(images.shape[-2:]):
+                batch_maps = F.interpolate(batch_maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            maps.append(batch_maps.float().cpu())
+        return torch.cat(maps)
+
+    def _prepare_targets(self) -> None:
+        """Images, synthetic anomalies and the teacher's pooled maps for training and validation."""
+        if self.teacher is None:
+            raise ConfigError("map_regression needs scheme.teacher to fit (a map-producing detector)")
+        datamodule = self.trainer.datamodule
+        train, train_index = self._stack(datamodule.train_dataset)
+        val, val_index = self._stack(datamodule.val_dataset)
+        copies = self.hparams.synthetic_per_image
+        train_synthetic, train_masks = self._synthetic(train, copies, self.hparams.synthetic_seed)
+        val_synthetic, val_masks = self._synthetic(val, 1, self.hparams.synthetic_seed + 104729)
+        key = digest({
+            "teacher": module_digest(self.teacher.model),
+            "train": tensor_digest(train), "val": tensor_digest(val),
+            "synthetic": [copies, self.hparams.texture_source, self.hparams.anomaly_beta_max,
+                          self.hparams.synthetic_seed],
+            "stride": MAP_STRIDE, "torch": torch.__version__,
+        })
+        cache = TensorCache(self.hparams.cache_dir) if self.hparams.cache_dir else None
+        entry = None
+        if cache is not None:
+            if self.trainer.is_global_zero:
+                entry = cache.load(key)
+                if entry is None:
+                    entry = self._compute_targets(train, train_synthetic, val, val_synthetic, val_masks)
+                    cache.save(key, entry)
+            self.trainer.strategy.barrier("map_regression_targets")
+            if entry is None:  # other ranks read what rank 0 wrote
+                entry = cache.load(key)
+            self.cache_status = "hit" if cache.last == "hit" else "miss"
+        if entry is None:
+            entry = self._compute_targets(train, train_synthetic, val, val_synthetic, val_masks)
+        self.map_scale.fill_(float(entry["map_scale"]))
+        scale = self.map_scale.cpu()
+        size = (self.input_shape[1] // MAP_STRIDE, self.input_shape[2] // MAP_STRIDE)
+        self._targets = {
+            "train_images": train, "train_synthetic": train_synthetic,
+            "train_masks": torch.stack([downsample_mask(m, size) for m in train_masks]),
+            "train_targets": entry["train_targets"] / scale,
+            "val_synthetic": val_synthetic[0], "val_masks": val_masks[0],
+            "val_targets": entry["val_targets"] / scale,
+        }
+        self._teacher_val = {k: float(entry[k]) for k in ("teacher_synthetic_pixel_auroc",
+                                                          "teacher_synthetic_image_auroc")}
+
+    def _compute_targets(self, train, train_synthetic, val, val_synthetic, val_masks) -> dict[str, torch.Tensor]:
+        pool = MAP_STRIDE
+        normal = F.avg_pool2d(self._teacher_maps(train), pool)
+        synthetic = torch.stack([F.avg_pool2d(self._teacher_maps(copy), pool) for copy in train_synthetic])
+        val_normal_full = self._teacher_maps(val)
+        val_synthetic_full = self._teacher_maps(val_synthetic[0])
+        scale = torch.quantile(normal.flatten().double(), float(self.hparams.map_scale_quantile)).float()
+        scale = scale if scale > 0 else torch.tensor(1.0)
+        masks = torch.cat([torch.zeros_like(val_masks[0]), val_masks[0]]).squeeze(1) > 0.5
+        maps = torch.cat([val_normal_full, val_synthetic_full]).squeeze(1)
+        labels = masks.flatten(1).any(1).long()
+        return {
+            "train_targets": torch.cat([normal.unsqueeze(0), synthetic]),
+            "val_targets": torch.stack([F.avg_pool2d(val_normal_full, pool), F.avg_pool2d(val_synthetic_full, pool)]),
+            "map_scale": scale,
+            "teacher_synthetic_pixel_auroc": torch.tensor(kd_metrics.pixel_auroc(maps, masks)),
+            "teacher_synthetic_image_auroc": torch.tensor(
+                kd_metrics.image_auroc(maps.flatten(1).amax(1), labels) if 0 < int(labels.sum()) < len(labels)
+                else float("nan")),
+        }
+
+    def on_fit_start(self) -> None:
+        self._teacher_to_device()
+        self._prepare_targets()
+        if self.logger is not None and self.trainer.is_global_zero:
+            self.logger.log_hyperparams({"teacher_map_cache": self.cache_status,
+                                         "teacher_scheme": getattr(self.teacher, "scheme_name", "external")})
+            self.logger.log_metrics({"map_scale": float(self.map_scale),
+                                     **{f"val/{k}": v for k, v in self._teacher_val.items()}}, step=0)
+
+    # -- training -----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.student.parameters(), lr=self.hparams.learning_rate,
+                                 weight_decay=self.hparams.weight_decay)
+
+    def _student_maps(self, images: torch.Tensor) -> torch.Tensor:
+        return smooth_student_map(self.student(images), self.hparams.blur_sigma)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        index = batch["index"].long().cpu()
+        targets = self._targets
+        copies = targets["train_synthetic"].shape[0]
+        pick = torch.randint(copies, (len(index),), generator=self._generator)
+        normal = batch["image"]
+        synthetic = targets["train_synthetic"][pick, index].to(normal.device)
+        target = torch.cat([targets["train_targets"][0, index], targets["train_targets"][1 + pick, index]])
+        masks = torch.cat([torch.zeros_like(targets["train_masks"][pick, index]), targets["train_masks"][pick, index]])
+        predicted = self._student_maps(torch.cat([normal, synthetic]))
+        loss = map_loss(predicted, target.to(predicted.device), masks.to(predicted.device),
+                        self.hparams.loss, self.hparams.anomaly_weight)
+        self.check_finite("train/loss", loss)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(index))
+        return loss
+
+    # -- validation ---------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._val = {"maps": [], "masks": [], "scores": [], "labels": []}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if not self._targets or "index" not in batch:
+            return
+        index = batch["index"].long().cpu()
+        normal = batch["image"]
+        synthetic = self._targets["val_synthetic"][index].to(normal.device)
+        images = torch.cat([normal, synthetic])
+        target = torch.cat([self._targets["val_targets"][0, index], self._targets["val_targets"][1, index]])
+        predicted = self._student_maps(images)
+        self.log("val/loss", map_loss(predicted, target.to(predicted.device), None, self.hparams.loss, 0.0),
+                 on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(index))
+        scores, maps = self.deployable_model()(self.raw_images(images))
+        masks = torch.cat([torch.zeros_like(self._targets["val_masks"][index]), self._targets["val_masks"][index]])
+        masks = masks.squeeze(1) > 0.5
+        self._val["maps"].append(maps.squeeze(1).float().cpu())
+        self._val["masks"].append(masks)
+        self._val["scores"].append(scores.float().cpu())
+        self._val["labels"].append(masks.flatten(1).any(1).long())
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if not self._val.get("maps"):
+            return
+        masks, labels = torch.cat(self._val["masks"]), torch.cat(self._val["labels"])
+        if masks.any():
+            self.log("val/synthetic_pixel_auroc", kd_metrics.pixel_auroc(torch.cat(self._val["maps"]), masks),
+                     sync_dist=True, batch_size=1)
+        if 0 < int(labels.sum()) < len(labels):
+            self.log("val/synthetic_image_auroc", kd_metrics.image_auroc(torch.cat(self._val["scores"]), labels),
+                     sync_dist=True, batch_size=1)
+        self._val = {}
+
+    # -- test --------------------------------------------------------------------------------
+    def on_test_start(self) -> None:
+        self._teacher_to_device()
+
+    def score_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        raw = self.raw_images(batch["image"])
+        with torch.no_grad():
+            scores, maps = self.deployable_model()(raw)  # what ships
+            outputs = {"score": scores, "map": maps.squeeze(1)}
+            if self.teacher is not None and self.hparams.measure_teacher:
+                teacher_scores, teacher_maps = self.teacher(raw.clamp(0.0, 1.0))
+                if tuple(teacher_maps.shape[-2:]) != tuple(maps.shape[-2:]):
+                    teacher_maps = F.interpolate(teacher_maps, size=maps.shape[-2:], mode="bilinear",
+                                                 align_corners=False)
+                    teacher_scores = teacher_maps.flatten(1).amax(1)
+                outputs.update({"teacher_score": teacher_scores, "teacher_map": teacher_maps.squeeze(1)})
+        return outputs
+
+    @property
+    def teacher_scores(self) -> bool:  # type: ignore[override]
+        return self.teacher is not None and bool(self.hparams.measure_teacher)
+
+
+__all__ = ["MapRegressionScheme"]

@@ -1,0 +1,149 @@
+"""An encoder-free pixel student that regresses a map-producing detector's anomaly map.
+
+The idea is Pol et al.'s unsupervised-to-supervised compression ("Knowledge Distillation
+for Anomaly Detection", arXiv 2310.06047): a small supervised network learns to reproduce
+a trained detector's output, here the *anomaly map* rather than the image score. The
+network is of the size class of the patch description network (PDN) of EfficientAD
+(Batzner, Heckler, König, "EfficientAD: Accurate Visual Anomaly Detection at
+Millisecond-Level Latencies", WACV 2024): a few strided convolutions and no pretrained
+encoder at inference.
+
+:class:`MapStudent` (plain PyTorch):
+
+- a stem of two 4x4 stride-2 convolutions brings the image to the map resolution
+  (stride 4: 64 x 64 for 256 px, the resolution of the teachers' shallowest level);
+- a context path of stride-2 3x3 convolutions (strides 8 and 16) followed by ``depth``
+  3x3 convolutions at stride 16 gives the receptive field a defect needs (a scratch is
+  judged against the object around it); it is up-sampled back and added to the stem's
+  features;
+- a head (3x3 then 1x1 convolution) writes one channel: the anomaly map at stride 4,
+  in units of the teacher's normal-image map scale (see :class:`MapStudentDeployable`).
+
+:class:`MapStudentDeployable` is what ships: raw images in, preprocessing inside, the
+map smoothed at its own resolution (Gaussian of ``sigma / stride``: a blur of the
+up-sampled map at sigma 4 costs more than the whole small student, and the two agree up
+to the bilinear interpolation), up-sampled to the input size, multiplied back to the
+teacher's units, and the image score is the map maximum (the teachers' rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_experiments.anomaly_maps import gaussian_blur, image_scores, upsample
+from kd_experiments.compression import check_ratio, closest_to_ratio
+from kd_experiments.deployable import DeployableModel, Preprocessing
+from kd_experiments.errors import ConfigError
+
+#: the map's stride: the student's map is 1/4 of the input size
+MAP_STRIDE = 4
+
+
+def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=(kernel_size - 1) // 2 if
+                  kernel_size % 2 else kernel_size // 2 - 1),
+        nn.ReLU(inplace=True),
+    )
+
+
+class MapStudent(nn.Module):
+    """Encoder-free fully convolutional map regressor (see the module docstring).
+
+    Args:
+        in_channels: image channels (3 for RGB).
+        width: channels of the stem; the map-resolution features have ``2 * width``,
+            the context path ``context_multiplier * width``.
+        depth: 3x3 convolutions at stride 16 in the context path (receptive field).
+        context_multiplier: width of the context path relative to ``width``.
+    """
+
+    def __init__(self, in_channels: int = 3, width: int = 16, depth: int = 2, context_multiplier: int = 2) -> None:
+        super().__init__()
+        if int(width) < 1 or int(depth) < 0 or int(context_multiplier) < 1:
+            raise ConfigError(
+                f"map student needs width >= 1, depth >= 0, context_multiplier >= 1; got width={width}, "
+                f"depth={depth}, context_multiplier={context_multiplier}"
+            )
+        self.width, self.depth = int(width), int(depth)
+        features, context = 2 * self.width, int(context_multiplier) * self.width
+        self.stem = nn.Sequential(_conv(in_channels, self.width, 4, 2), _conv(self.width, features, 4, 2))
+        self.context = nn.Sequential(
+            _conv(features, context, 3, 2),
+            _conv(context, context, 3, 2),
+            *[_conv(context, context, 3) for _ in range(self.depth)],
+        )
+        self.lateral = nn.Conv2d(context, features, 1)
+        self.head = nn.Sequential(_conv(features, self.width, 3), nn.Conv2d(self.width, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images ``(B, C, H, W)`` -> raw maps ``(B, 1, H / 4, W / 4)`` (normal-image units)."""
+        local = self.stem(images)
+        context = self.lateral(self.context(local))
+        context = F.interpolate(context, size=local.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(F.relu(local + context))
+
+
+def smooth_student_map(raw: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The student's map smoothed at its own resolution (sigma in input pixels / the stride)."""
+    return gaussian_blur(raw, sigma / MAP_STRIDE) if sigma > 0 else raw
+
+
+class MapStudentDeployable(DeployableModel):
+    """The deployed map student: raw images -> ``(scores (N,), maps (N, 1, H, W))``.
+
+    ``map_scale`` (a buffer) is the teacher's normal-image map scale the student was
+    trained in units of, so maps and scores come out in the teacher's units (its
+    threshold keeps its meaning).
+    """
+
+    produces_map = True
+
+    def __init__(self, preprocessing: Preprocessing, student: MapStudent, sigma: float, map_scale: torch.Tensor) -> None:
+        super().__init__(preprocessing)
+        self.student = student
+        self.sigma = float(sigma)
+        self.register_buffer("map_scale", map_scale.detach().clone().reshape(()).float())
+
+    def score(self, normalised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = smooth_student_map(self.student(normalised), self.sigma)
+        maps = upsample(raw, normalised.shape[-2:]) * self.map_scale
+        return image_scores(maps), maps
+
+
+def width_for_mac_ratio(
+    ratio: float, reference_macs: float, macs_of: Callable[[int], int], max_width: int = 256,
+    tolerance: float = 0.25,
+) -> int:
+    """The integer width whose deployed student has ``reference_macs / ratio`` MACs (closest in log space).
+
+    ``macs_of(width)`` counts the deployed student of that width. MACs grow monotonically
+    with the width, so ``1..max_width`` is searched by bisection; the closer end of the
+    final bracket is checked against ``tolerance`` by
+    :func:`kd_experiments.compression.closest_to_ratio` (one line naming
+    ``scheme.deployed_mac_ratio`` and the reachable span when no width fits).
+    """
+    ratio = check_ratio(ratio, "deployed_mac_ratio")
+    target = reference_macs / ratio
+    low, high = 1, max_width
+    while high - low > 1:
+        middle = (low + high) // 2
+        if macs_of(middle) > target:
+            high = middle
+        else:
+            low = middle
+    candidates = [(width, reference_macs / macs_of(width)) for width in (low, high)]
+    return closest_to_ratio(
+        ratio, candidates, tolerance=tolerance, name="deployed_mac_ratio",
+        reachable=lambda: (reference_macs / macs_of(max_width), reference_macs / macs_of(1)),
+    )
+
+
+def describe(student: MapStudent) -> dict[str, Any]:
+    """The student's architecture as loggable values."""
+    return {"student_width": student.width, "student_depth": student.depth}

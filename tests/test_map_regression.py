@@ -1,0 +1,213 @@
+"""Map regression: the teacher-map cache, the student family's MAC ratios, learning, runs, DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
+
+from kd_experiments.anomaly_maps import gaussian_blur
+from kd_experiments.cache import TensorCache, digest, module_digest, tensor_digest
+from kd_experiments.compression import count_macs
+from kd_experiments.deployable import DeployableModel, Preprocessing
+from kd_experiments.errors import ConfigError
+from kd_experiments.schemes.map_regression.loss import map_loss
+from kd_experiments.schemes.map_regression.teachers import MapTeacher
+from kd_experiments.schemes.map_regression.torch_model import (
+    MapStudent,
+    MapStudentDeployable,
+    smooth_student_map,
+    width_for_mac_ratio,
+)
+
+SIZE = 64
+
+
+class BrightnessTeacher(DeployableModel):
+    """A stand-in map teacher: the smoothed squared deviation of each pixel from mid-grey
+    (a convolution, so it has a state to digest)."""
+
+    produces_map = True
+
+    def __init__(self, size: int = SIZE) -> None:
+        super().__init__(Preprocessing.identity((3, size, size)))
+        self.mix = torch.nn.Conv2d(3, 1, 1, bias=False)
+        torch.nn.init.constant_(self.mix.weight, 1.0 / 3.0)
+
+    def score(self, normalised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = gaussian_blur((self.mix(normalised) - 0.5) ** 2, 1.0)
+        return maps.flatten(1).amax(1), maps
+
+
+def grey_images(count: int, seed: int, size: int = SIZE) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (0.5 + 0.05 * torch.randn(count, 3, size, size, generator=generator)).clamp(0, 1)
+
+
+# -- the cache -------------------------------------------------------------------------------
+def test_cache_hit_miss_and_new_key_when_the_teacher_changes(tmp_path: Path) -> None:
+    cache = TensorCache(tmp_path / "cache")
+    teacher = BrightnessTeacher()
+    images = grey_images(4, 0)
+    key = digest({"teacher": module_digest(teacher), "images": tensor_digest(images)})
+    assert cache.load(key) is None and cache.last == "miss"
+    maps = teacher(images)[1]
+    cache.save(key, {"maps": maps})
+    entry = cache.load(key)
+    assert cache.last == "hit" and torch.equal(entry["maps"], maps)
+    # another teacher (changed weights) or other images: another key, so a miss
+    with torch.no_grad():
+        teacher.mix.weight.mul_(1.01)
+    changed = digest({"teacher": module_digest(teacher), "images": tensor_digest(images)})
+    assert changed != key and cache.load(changed) is None and cache.last == "miss"
+    other_images = digest({"teacher": module_digest(BrightnessTeacher()), "images": tensor_digest(grey_images(4, 1))})
+    assert other_images != key
+    # a corrupt entry is a miss, not a crash
+    cache.path(key).write_bytes(b"not a tensor file")
+    assert cache.load(key) is None and cache.last == "miss"
+
+
+# -- the student family ------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [10, 30, 100, 300])
+def test_width_search_reaches_each_deployed_mac_ratio(ratio: int) -> None:
+    """Against a 256 px reference of 1.3 GMACs (the order of RD's deployed model at 256 px)."""
+    reference = 1.3e9
+    preprocessing = Preprocessing.identity((3, 256, 256))
+
+    def macs_of(width: int) -> int:
+        model = MapStudentDeployable(preprocessing, MapStudent(3, width, 2), 4.0, torch.tensor(1.0))
+        return count_macs(model, model.example_input(1))
+
+    width = width_for_mac_ratio(ratio, reference, macs_of)
+    achieved = reference / macs_of(width)
+    assert abs(torch.log(torch.tensor(achieved / ratio))) <= torch.log(torch.tensor(1.25))
+    assert macs_of(width) < macs_of(width + 1)  # the family is ordered by width
+
+
+def test_an_unreachable_ratio_is_one_config_error() -> None:
+    with pytest.raises(ConfigError, match="deployed_mac_ratio"):
+        width_for_mac_ratio(1e6, 1e6, lambda width: 1000 * width, max_width=8)
+
+
+def test_deployable_student_takes_raw_images_and_returns_scores_and_maps() -> None:
+    model = MapStudentDeployable(Preprocessing.identity((3, SIZE, SIZE)), MapStudent(3, 4, 1), 4.0,
+                                 torch.tensor(2.0)).eval()
+    raw = (torch.rand(2, 3, SIZE, SIZE) * 255).to(torch.uint8)
+    scores, maps = model(raw)
+    assert scores.shape == (2,) and maps.shape == (2, 1, SIZE, SIZE)
+    assert torch.allclose(scores, maps.flatten(1).amax(1))
+    assert model.produces_map and model.input_size == (SIZE, SIZE)
+
+
+def test_map_teacher_refuses_a_score_only_model() -> None:
+    class ScoreOnly(torch.nn.Module):
+        produces_map = False
+
+    with pytest.raises(ConfigError, match="map-producing"):
+        MapTeacher(ScoreOnly())
+
+
+# -- learning ------------------------------------------------------------------------------------
+def test_the_loss_learns_and_a_planted_anomaly_scores_above_normal_pixels() -> None:
+    """On grey images with a brighter square, the student learns the teacher's map: the loss
+    falls, and a square at a place never seen in training scores above the normal pixels."""
+    torch.manual_seed(0)
+    teacher = MapTeacher(BrightnessTeacher())
+    normal = grey_images(16, 0)
+    anomalous = normal.clone()
+    anomalous[:, :, 20:36, 20:36] += 0.12  # a brighter square in every image
+    images = torch.cat([normal, anomalous])
+    with torch.no_grad():
+        target = F.avg_pool2d(teacher(images)[1], 4)
+    scale = torch.quantile(target[:16].flatten(), 0.99)
+    target = target / scale
+    preprocessing = Preprocessing((SIZE, SIZE), 3, (0.5,) * 3, (0.05,) * 3)  # the data's normalisation
+    normalised = (images - 0.5) / 0.05
+    student = MapStudent(3, 8, 1)
+    optimiser = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss = map_loss(smooth_student_map(student(normalised), 4.0), target, None, "l1", 4.0)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    test_image = grey_images(1, 7)
+    test_image[:, :, 36:52, 8:24] += 0.12  # a square elsewhere than in training
+    deployable = MapStudentDeployable(preprocessing, student.eval(), 4.0, scale)
+    with torch.no_grad():
+        _, maps = deployable(test_image)
+    inside = maps[0, 0, 36:52, 8:24].mean()
+    outside = torch.cat([maps[0, 0, :28].flatten(), maps[0, 0, :, 32:].flatten()]).mean()
+    assert inside > 3 * outside.clamp(min=0) and inside > 0
+
+
+# -- whole runs ------------------------------------------------------------------------------------
+SMOKE = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "data.n_train=16",
+         "data.n_test_good=4", "data.n_test_defect_per_type=2", "deploy.latency_calls=2",
+         "deploy.throughput_calls=1", "deploy.onnx=false"]
+
+
+def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "kd_experiments.train", *args], capture_output=True, text=True,
+                            timeout=400, env=env, cwd=cwd, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def patchcore_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A patchcore_smoke run (training-free) as the teacher checkpoint, with its environment."""
+    root = tmp_path_factory.mktemp("map_regression")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'm.db'}", "OMP_NUM_THREADS": "1",
+           "KD_CACHE_DIR": str(root / "cache")}
+    _run(["experiment=patchcore_smoke", *SMOKE, f"hydra.run.dir={root / 'teacher'}"], env, root)
+    return root / "teacher" / "checkpoints" / "last.ckpt", env
+
+
+@pytest.mark.slow
+def test_a_run_logs_quality_sizes_and_reuses_the_teacher_maps(patchcore_teacher) -> None:
+    checkpoint, env = patchcore_teacher
+    root = checkpoint.parents[2]
+    common = ["experiment=map_regression_smoke", *SMOKE, "trainer.max_epochs=1",
+              f"scheme.teacher.checkpoint={checkpoint}"]
+    _run([*common, f"hydra.run.dir={root / 'first'}"], env, root)
+    _run([*common, "seed=1", f"hydra.run.dir={root / 'second'}"], env, root)
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("map_regression_smoke").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    assert [run.info.status for run in runs] == ["FINISHED", "FINISHED"]
+    first, second = runs
+    assert first.data.params["teacher_map_cache"] == "miss" and second.data.params["teacher_map_cache"] == "hit"
+    for key in ("test/image_auroc", "test/pixel_auroc", "test/aupro", "test/teacher_pixel_auroc",
+                "val/synthetic_pixel_auroc", "val/teacher_synthetic_pixel_auroc"):
+        assert key in first.data.metrics, key
+    params = first.data.params
+    assert float(params["deployed_mac_compression_ratio"]) == pytest.approx(10, rel=0.25)  # the smoke ratio
+    assert float(params["deployed_compression_ratio"]) > 1
+    assert int(params["deployed_params"]) == int(params["student_params"])  # no encoder ships
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(patchcore_teacher) -> None:
+    checkpoint, env = patchcore_teacher
+    root = checkpoint.parents[2]
+    common = ["experiment=map_regression_smoke", *SMOKE, "trainer.max_epochs=1",
+              f"scheme.teacher.checkpoint={checkpoint}", "experiment_name=map_regression_ddp"]
+    _run([*common, "trainer=ddp_cpu", f"hydra.run.dir={root / 'ddp'}"], env, root)
+    _run([*common, "train=false", f"ckpt_path={root / 'ddp' / 'checkpoints' / 'last.ckpt'}",
+          f"hydra.run.dir={root / 'single'}"], env, root)
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("map_regression_ddp").experiment_id])
+    assert len(runs) == 2, "only rank 0 may create a run"
+    by_mode = {("single" if r.data.params.get("ckpt_path", "None") not in ("None", "") else "ddp"): r for r in runs}
+    assert by_mode["ddp"].data.params.get("trainer.devices") == "2"
+    for key in ("test/image_auroc", "test/pixel_auroc", "test/aupro"):
+        assert by_mode["ddp"].data.metrics[key] == pytest.approx(by_mode["single"].data.metrics[key], abs=1e-5), key
