@@ -218,6 +218,13 @@ def _qconfig_mapping(backend: str, qat: bool, float_modules: Sequence[str]):
     return mapping
 
 
+def _leaves(names: Sequence[str]):
+    """FX prepare config that keeps the named submodules whole (not traced into)."""
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+
+    return PrepareCustomConfig().set_non_traceable_module_names(list(names))
+
+
 def _check_backend(function: str, backend: str) -> None:
     if backend not in torch.backends.quantized.supported_engines:
         raise ConfigError(
@@ -248,6 +255,7 @@ def quantize_int8_static(
     calibration_batches: Iterable[ExampleInput],
     backend: str = "x86",
     float_modules: Sequence[str] = (),
+    non_traceable: Sequence[str] = (),
 ) -> nn.Module:
     """Static post-training int8 quantisation (FX graph mode) for CPU inference.
 
@@ -277,6 +285,9 @@ def quantize_int8_static(
             CPUs, ``"qnnpack"`` on ARM.
         float_modules: Names of submodules left in float (for instance a
             one-output head, so that the score is not rounded to 256 levels).
+        non_traceable: Names of submodules ``torch.fx`` does not trace into: kept
+            whole (leaves of the graph) and in float, e.g. a frozen encoder with TF
+            "SAME" padding or a preprocessing step with Python control flow.
 
     Returns:
         The quantised model (a ``torch.fx.GraphModule``) in eval mode, on the CPU;
@@ -289,6 +300,7 @@ def quantize_int8_static(
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     _check_backend("quantize_int8_static", backend)
+    float_modules = (*float_modules, *non_traceable)
     _check_float_modules("quantize_int8_static", module, float_modules)
     batches = iter(calibration_batches)
     first = next(batches, None)
@@ -300,7 +312,8 @@ def quantize_int8_static(
     with _quantized_engine(backend):
         mapping = _qconfig_mapping(backend, qat=False, float_modules=float_modules)
         prepared = _prepare("quantize_int8_static", module,
-                            lambda: prepare_fx(model, mapping, example_inputs=first_args))
+                            lambda: prepare_fx(model, mapping, example_inputs=first_args,
+                                               prepare_custom_config=_leaves(non_traceable)))
         with torch.no_grad():
             prepared(*first_args)
             for batch in batches:
@@ -316,6 +329,7 @@ def quantize_int8_qat(
     lr: float = 1e-4,
     backend: str = "x86",
     float_modules: Sequence[str] = (),
+    non_traceable: Sequence[str] = (),
     freeze_observers_after: int | None = None,
     seed: int = 0,
     return_float: bool = False,
@@ -343,6 +357,8 @@ def quantize_int8_qat(
         backend: The quantised engine (``"x86"``, ``"fbgemm"``, ``"qnnpack"``).
         float_modules: Names of submodules left in float (e.g. a one-output head,
             so the score is not rounded to 256 levels).
+        non_traceable: Names of submodules not traced by ``torch.fx``, kept whole and
+            in float (see :func:`quantize_int8_static`).
         freeze_observers_after: Epochs after which observers stop updating
             (default: never, they update in every epoch).
         seed: Seed of the batch order.
@@ -362,6 +378,7 @@ def quantize_int8_qat(
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 
     _check_backend("quantize_int8_qat", backend)
+    float_modules = (*float_modules, *non_traceable)
     _check_float_modules("quantize_int8_qat", module, float_modules)
     if not train_batches:
         raise ConfigError("quantize_int8_qat: train_batches is empty")
@@ -375,7 +392,8 @@ def quantize_int8_qat(
     with _quantized_engine(backend):
         mapping = _qconfig_mapping(backend, qat=True, float_modules=float_modules)
         prepared = _prepare("quantize_int8_qat", module,
-                            lambda: prepare_qat_fx(model, mapping, example_inputs=first_args))
+                            lambda: prepare_qat_fx(model, mapping, example_inputs=first_args,
+                                                   prepare_custom_config=_leaves(non_traceable)))
         optimizer = torch.optim.Adam(prepared.parameters(), lr=lr)
         for epoch in range(epochs):
             if epoch == freeze_observers_after:

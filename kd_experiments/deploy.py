@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
@@ -227,7 +228,8 @@ def decode_image(data: bytes, channels: int, size: tuple[int, int], name: str = 
             image.load()
             converted = image.convert("L" if channels == 1 else "RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"unreadable or truncated image {name}: {error}") from None
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "it", str(error))
+        raise DataError(f"unreadable or truncated image {name}: {reason}") from None
     if converted.size != (width, height):
         converted = converted.resize((width, height), Image.Resampling.BILINEAR)
     return pil_to_uint8_tensor(converted).to(torch.float32) / 255.0
@@ -255,10 +257,6 @@ def deployment_info(module: nn.Module) -> dict[str, Any]:
         "input_size": list(size),
         "produces_map": bool(getattr(module, "produces_map", False)),
     }
-
-
-# MLflow asks for type hints on ``predict`` to infer a signature; this model declares its signature.
-warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method.*")
 
 
 class StudentModel(mlflow.pyfunc.PythonModel):
@@ -311,7 +309,7 @@ class StudentModel(mlflow.pyfunc.PythonModel):
                 entries.append((f"row {row_number}", None, "the row has neither a 'path' nor an 'image'"))
         return entries
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         entries = self.images_of(model_input)
         readable = [i for i, (_, image, _) in enumerate(entries) if image is not None]
         scores = np.full(len(entries), np.nan)
@@ -423,31 +421,42 @@ def log_student(
         torch.save(module, module_path)
         deploy_path = Path(folder) / DEPLOY_FILE
         deploy_path.write_text(json.dumps(info, indent=2))
+        code_file = Path(folder) / "student_model.py"  # MLflow's models-from-code: no pickled class
+        code_file.write_text(
+            "import mlflow.models\n\nfrom kd_experiments.deploy import StudentModel\n\n"
+            "mlflow.models.set_model(StudentModel())\n"
+        )
         mlflow.set_tracking_uri(tracking_uri)
         # the Model entity belongs to the run's experiment (MLflow takes it from the environment)
         experiment_id = mlflow.MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
         previous_experiment = os.environ.get("MLFLOW_EXPERIMENT_ID")
+        previous_bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
         os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
         try:
-            Model.log(
-                artifact_path=None,
-                name=artifact_path,
-                flavor=mlflow.pyfunc,
-                run_id=run_id,
-                python_model=StudentModel(),
-                artifacts={"module": str(module_path), "deploy": str(deploy_path)},
-                code_paths=[str(Path(kd_experiments.__file__).parent)],
-                signature=model_signature(),
-                input_example=pd.DataFrame({"image": [png_bytes(example_image)]}),
-                pip_requirements=runtime_requirements(),
-                metadata=info,
-            )
+            with warnings.catch_warnings():  # MLflow's schema hints concern inferred signatures
+                warnings.simplefilter("ignore", UserWarning)
+                Model.log(
+                    artifact_path=None,
+                    name=artifact_path,
+                    flavor=mlflow.pyfunc,
+                    run_id=run_id,
+                    python_model=str(code_file),
+                    artifacts={"module": str(module_path), "deploy": str(deploy_path)},
+                    code_paths=[str(Path(kd_experiments.__file__).parent)],
+                    signature=model_signature(),
+                    input_example=pd.DataFrame({"image": [png_bytes(example_image)]}),
+                    pip_requirements=runtime_requirements(),
+                    metadata=info,
+                )
         finally:
             mlflow.set_tracking_uri(previous_uri)
-            if previous_experiment is None:
-                os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-            else:
-                os.environ["MLFLOW_EXPERIMENT_ID"] = previous_experiment
+            for name, value in (("MLFLOW_EXPERIMENT_ID", previous_experiment),
+                                ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", previous_bar)):
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
     return f"runs:/{run_id}/{artifact_path}"
 
 
