@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -13,6 +16,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from kd_experiments import report
+from kd_experiments.config import SWEEP_DIR
+from kd_experiments.data.synthetic import generate_mvtec_like
 from kd_experiments.tracking import PARENT_TAG
 
 TEACHER_PARAMS = 20_000
@@ -271,3 +276,45 @@ def test_runs_without_a_category_get_no_category_section(store, tmp_path: Path) 
     assert built.categories == []
     assert "## By category" not in (tmp_path / "report.md").read_text()
     assert not (tmp_path / report.CATEGORY_CHART).exists()
+
+
+@pytest.mark.slow
+def test_category_sweep_on_generated_mvtec_data_reports_each_category_and_the_mean(tmp_path: Path) -> None:
+    """sweeps/mvtec_categories.yaml over three generated MVTec-style categories (tiny RD runs),
+    then kd-report: a row per category, their mean, the category chart on the sweep's parent."""
+    categories = ("alpha", "beta", "gamma")
+    for category in categories:
+        generate_mvtec_like(tmp_path / "data", category=category, n_train=12, n_test_good=4,
+                            n_test_defect_per_type=2, image_size=32)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "KD_LOG_DIR": str(tmp_path / "logs"),
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "kd_experiments.train", "--config-dir", str(SWEEP_DIR),
+         "--config-name", "mvtec_categories", f"data.root={tmp_path / 'data'}",
+         f"data.category={','.join(categories)}", "data.image_size=32", "data.batch_size=4",
+         "trainer.max_epochs=1", "scheme.compression_ratio=16", "callbacks.progress_bar=null",
+         "callbacks.model_summary=null", "trainer.enable_model_summary=false"],
+        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("rd_mvtec")
+    runs = client.search_runs([experiment.experiment_id])
+    children = [r for r in runs if r.data.tags.get(PARENT_TAG) != "true"]
+    assert sorted(r.data.tags["category"] for r in children) == list(categories)
+    assert {r.data.tags["protocol"] for r in children} == {"fast-32"}
+    assert {r.data.params["scheme.blur_sigma"] for r in children} == {"0.5"}  # sigma 4 at 256 px, scaled
+
+    built = report.make_report(tracking_uri=uri, experiment="rd_mvtec", sweep_id="latest",
+                               output_dir=tmp_path / "report")
+    assert len(built.categories) == 1 and built.categories[0].categories == list(categories)
+    summary = built.categories[0]
+    for metric in ("test/image_auroc", "test/pixel_auroc", "test/aupro"):
+        per_category = [r.data.metrics[metric] for r in sorted(children, key=lambda r: r.data.tags["category"])]
+        assert summary.mean_over_categories(metric) == pytest.approx(sum(per_category) / 3)
+    rows = _category_rows((tmp_path / "report" / "report.md").read_text(),
+                          "reverse_distillation / mvtec @32px / ratio 16")
+    assert set(rows) == {*categories, f"**{report.MEAN_ROW}**"}
+    logged = {a.path for a in client.list_artifacts(built.parent_run_id, report.REPORT_ARTIFACT_DIR)}
+    assert f"{report.REPORT_ARTIFACT_DIR}/{report.CATEGORY_CHART}" in logged
