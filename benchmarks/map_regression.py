@@ -1,0 +1,290 @@
+"""Map regression on MVTec AD at 256 px: encoder-free pixel students of a map-producing teacher.
+
+Writes ``benchmarks/results/map_regression.json`` (``runs``: one flat record per student run, with
+its teacher's test figures and both latencies from the same run, and the per-record provenance of
+:mod:`benchmarks.harness`) and ``benchmarks/results/map_regression_budget.json`` (the validation
+study: one record per studied epoch).
+
+Protocol (every record): images resized to 256x256, maps and metrics at 256x256, blur sigma 4,
+one torch thread; the student (``scheme=map_regression``, ``experiment=map_regression_bottle``
+with ``data.category``) regresses the teacher's maps on the normal training images and two
+synthetic anomalies made from each (Perlin masks, procedural and in-set textures); the final
+weights of a fixed epoch budget are tested; latency is ONNX Runtime, batch 1, one thread, the
+student and the teacher measured side by side in the student's run (``deploy/onnx_latency_ms_b1``,
+``deploy/teacher_onnx_latency_ms_b1``). Nothing is selected on the test split.
+
+Teachers (built once per category, seed 0, checkpoints under ``logs/benchmarks/map_regression``):
+``patchcore`` (``experiment=patchcore_bottle``, 10 % coreset) and ``rd`` (``experiment=rd_mvtec``,
+full width, the epoch budget :func:`benchmarks.mvtec.choose_budget` gives the category; run the
+MVTec budget study first, or pass ``--teacher-epochs N``, recorded as ``teacher_budget_rule:
+fixed``).
+
+The rule, fixed in this file before any map-regression test figure exists:
+
+1. **Teacher** (bottle): the teacher whose maps score the validation images better, by the mean
+   of ``val/teacher_synthetic_pixel_auroc`` and ``val/teacher_synthetic_image_auroc`` (held-out
+   normal training images and the same images with fixed synthetic anomalies, logged by the
+   study runs of step 2). The other categories use a teacher of the same kind.
+2. **Budget** (bottle, the chosen teacher, deployed MAC ratio 30, seed 0, ``test=false``): trained
+   ``STUDY_EPOCHS`` (60) epochs; reference = the mean of the last 5 epochs of
+   ``val/synthetic_pixel_auroc`` and ``val/synthetic_image_auroc``; the budget is the smallest of
+   ``BUDGET_CANDIDATES`` at which both are at least the reference minus ``BUDGET_TOLERANCE``
+   (0.01). It is used for every ratio, seed and category.
+3. **Plan**: bottle at deployed MAC ratios 10, 30, 100 and 300 (seed 0) and seeds 1 and 2 at
+   ratio 30; every other category at ratio 30, seed 0, with its own teacher.
+
+Entries are named ``<category>/<teacher>/m<ratio>/s<seed>``; ``--only`` takes shell patterns.
+Resumable: a record already in the file is skipped::
+
+    nohup .venv/bin/python -m benchmarks.map_regression --budget > logs/benchmarks/map_regression_budget.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.map_regression > logs/benchmarks/map_regression.log 2>&1 &
+    .venv/bin/python -m benchmarks.map_regression --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import ROOT, ResultsFile, base_parser, compose, now_utc
+from benchmarks.mvtec import budget_path, choose_budget, mlflow_run, use_project_mlflow_store
+
+CATEGORIES = ("bottle", "screw", "transistor")
+TEACHERS = ("patchcore", "rd")
+TEACHER_EXPERIMENTS = {"patchcore": "patchcore_bottle", "rd": "rd_mvtec"}
+TEACHER_TARGETS = {"patchcore": "kd_experiments.schemes.patchcore.PatchCoreScheme",
+                   "rd": "kd_experiments.schemes.reverse_distillation.ReverseDistillationScheme"}
+IMAGE_SIZE = 256
+BOTTLE_RATIOS = (10, 30, 100, 300)
+SEED_RATIO = 30
+EXTRA_SEEDS = (1, 2)
+# -- the rule (fixed before any test run; see the module docstring) ------------------------------
+STUDY_EPOCHS = 60
+BUDGET_CANDIDATES = (10, 15, 20, 25, 30, 40, 50, 60)
+BUDGET_TOLERANCE = 0.01
+REFERENCE_EPOCHS = 5
+BUDGET_METRICS = ("val_synthetic_pixel_auroc", "val_synthetic_image_auroc")
+TEACHER_METRICS = ("val/teacher_synthetic_pixel_auroc", "val/teacher_synthetic_image_auroc")
+QUIET = ("callbacks.progress_bar=null", "callbacks.model_summary=null", "trainer.enable_model_summary=false")
+
+
+@dataclass(frozen=True)
+class Entry:
+    category: str
+    teacher: str
+    ratio: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.category}/{self.teacher}/m{self.ratio:g}/s{self.seed}"
+
+    def key(self) -> dict[str, Any]:
+        return {"category": self.category, "teacher_scheme": self.teacher, "requested_mac_ratio": self.ratio,
+                "seed": self.seed, "image_size": IMAGE_SIZE}
+
+
+def plan(teacher: str, categories: tuple[str, ...] = CATEGORIES) -> list[Entry]:
+    entries = [Entry("bottle", teacher, ratio, 0) for ratio in BOTTLE_RATIOS]
+    entries += [Entry("bottle", teacher, SEED_RATIO, seed) for seed in EXTRA_SEEDS]
+    entries += [Entry(category, teacher, SEED_RATIO, 0) for category in categories if category != "bottle"]
+    return entries
+
+
+# -- teachers ----------------------------------------------------------------------------------------
+def teacher_checkpoint(teacher: str, category: str) -> Path:
+    return ROOT / "logs" / "benchmarks" / "map_regression" / f"teacher-{teacher}-{category}" / "checkpoints" / "last.ckpt"
+
+
+def build_teacher(teacher: str, category: str, args: argparse.Namespace) -> Path:
+    """Train (RD) or build (PatchCore) the teacher of a category once; its checkpoint."""
+    checkpoint = teacher_checkpoint(teacher, category)
+    if checkpoint.is_file():
+        return checkpoint
+    from kd_experiments.train import train
+
+    chosen = [f"experiment={TEACHER_EXPERIMENTS[teacher]}", f"data.root={args.data_root / 'mvtec_ad'}",
+              f"data.category={category}", f"data.image_size={IMAGE_SIZE}", "seed=0", *QUIET,
+              "+tags.purpose=map_regression_teacher", "deploy.measure=false"]
+    if teacher == "patchcore":
+        chosen += ["scheme.coreset_fraction=0.1"]
+    else:
+        epochs = args.teacher_epochs
+        if epochs is None:
+            epochs = choose_budget(ResultsFile(budget_path(ROOT / "benchmarks" / "results" / "mvtec.json")).runs,
+                                   category, IMAGE_SIZE)
+        if epochs is None:
+            raise SystemExit(f"the RD teacher of {category} needs the MVTec epoch budget: run "
+                             "`python -m benchmarks.mvtec --budget` first, or pass --teacher-epochs N")
+        chosen += ["scheme.compression_ratio=1", f"trainer.max_epochs={epochs}"]
+    print(f"[map_regression] teacher {teacher}/{category}: building", flush=True)
+    train(compose(chosen, output_dir=checkpoint.parents[1]))
+    return checkpoint
+
+
+# -- students ----------------------------------------------------------------------------------------
+def student_overrides(entry: Entry, checkpoint: Path, args: argparse.Namespace, epochs: int, tag: str,
+                      purpose: str) -> list[str]:
+    return [
+        "experiment=map_regression_bottle", f"data.root={args.data_root / 'mvtec_ad'}",
+        f"data.category={entry.category}", f"data.image_size={IMAGE_SIZE}", f"seed={entry.seed}",
+        f"scheme.teacher.scheme_target={TEACHER_TARGETS[entry.teacher]}", f"scheme.teacher.checkpoint={checkpoint}",
+        f"scheme.deployed_mac_ratio={entry.ratio:g}", f"trainer.max_epochs={epochs}", *QUIET,
+        f"+tags.purpose={purpose}", f"+tags.benchmark_run={tag}",
+    ]
+
+
+def run_student(entry: Entry, args: argparse.Namespace, epochs: int) -> dict[str, Any]:
+    from kd_experiments.train import train
+
+    checkpoint = build_teacher(entry.teacher, entry.category, args)
+    tag = f"map-regression-{entry.name.replace('/', '-')}-{os.getpid()}-{time.time_ns()}"
+    run_dir = ROOT / "logs" / "benchmarks" / "map_regression" / entry.name.replace("/", "-")
+    cfg = compose(student_overrides(entry, checkpoint, args, epochs, tag, "benchmark"), output_dir=run_dir)
+    metrics = train(cfg)
+    _, run = mlflow_run(tag, str(cfg.experiment_name))
+    logged, params = run.data.metrics, run.data.params
+
+    def number(name: str) -> float | None:
+        value = params.get(name)
+        return None if value is None else float(value)
+
+    return {
+        "deployed_mac_ratio": number("deployed_mac_compression_ratio"),
+        "deployed_param_ratio": number("deployed_compression_ratio"),
+        "image_auroc": metrics["test/image_auroc"], "pixel_auroc": metrics.get("test/pixel_auroc"),
+        "aupro": metrics.get("test/aupro"),
+        "teacher_image_auroc": metrics.get("test/teacher_image_auroc"),
+        "teacher_pixel_auroc": metrics.get("test/teacher_pixel_auroc"),
+        "teacher_aupro": metrics.get("test/teacher_aupro"),
+        "student_latency_ms_b1": logged.get("deploy/onnx_latency_ms_b1"),
+        "teacher_latency_ms_b1": logged.get("deploy/teacher_onnx_latency_ms_b1"),
+        "student_torch_latency_ms_b1": logged.get("deploy/latency_ms_b1"),
+        "teacher_torch_latency_ms_b1": logged.get("deploy/teacher_latency_ms_b1"),
+        "deployed_params": number("deployed_params"), "deployed_macs": number("deployed_macs"),
+        "student_width": number("student_width"), "epochs": int(cfg.trainer.max_epochs),
+        "mlflow_run_id": run.info.run_id,
+    }
+
+
+def study(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+    """The budget study of one teacher: per-epoch validation figures and the teacher's own."""
+    from kd_experiments.train import train
+
+    checkpoint = build_teacher(entry.teacher, entry.category, args)
+    tag = f"map-regression-budget-{entry.name.replace('/', '-')}-{os.getpid()}-{time.time_ns()}"
+    run_dir = ROOT / "logs" / "benchmarks" / "map_regression" / f"budget-{entry.name.replace('/', '-')}"
+    chosen = [*student_overrides(entry, checkpoint, args, STUDY_EPOCHS, tag, "budget"), "test=false",
+              "trainer.num_sanity_val_steps=0", "deploy.measure=false", "deploy.log_model=false"]
+    train(compose(chosen, output_dir=run_dir))
+    client, run = mlflow_run(tag, "map_regression_bottle")
+    steps = {point.step: int(point.value) for point in client.get_metric_history(run.info.run_id, "epoch")}
+    epochs: dict[int, dict[str, float]] = {}
+    for name in ("val/synthetic_pixel_auroc", "val/synthetic_image_auroc", "val/loss", "train/loss"):
+        for point in client.get_metric_history(run.info.run_id, name):
+            if point.step in steps:
+                epochs.setdefault(steps[point.step] + 1, {})[name.replace("/", "_")] = point.value
+    teacher = {name.replace("/", "_"): run.data.metrics[name] for name in TEACHER_METRICS if name in run.data.metrics}
+    return epochs, teacher
+
+
+def choose_teacher(records: list[dict[str, Any]]) -> str | None:
+    """Rule 1: the teacher with the higher mean validation synthetic AUROC (``None`` until both are studied)."""
+    scores = {}
+    for teacher in TEACHERS:
+        rows = [r for r in records if r.get("teacher_scheme") == teacher and r.get("epoch") == STUDY_EPOCHS]
+        if not rows:
+            return None
+        scores[teacher] = statistics.fmean(rows[0][name.replace("/", "_")] for name in TEACHER_METRICS)
+    return max(TEACHERS, key=lambda teacher: scores[teacher])
+
+
+def choose_epochs(records: list[dict[str, Any]], teacher: str) -> int | None:
+    """Rule 2: the smallest candidate epoch within the tolerance of the last epochs' mean."""
+    rows = {r["epoch"]: r for r in records if r.get("teacher_scheme") == teacher}
+    if STUDY_EPOCHS not in rows:
+        return None
+    last = range(STUDY_EPOCHS - REFERENCE_EPOCHS + 1, STUDY_EPOCHS + 1)
+    reference = {metric: statistics.fmean(rows[e][metric] for e in last) for metric in BUDGET_METRICS}
+    for candidate in BUDGET_CANDIDATES:
+        if all(rows[candidate][metric] >= reference[metric] - BUDGET_TOLERANCE for metric in BUDGET_METRICS):
+            return candidate
+    return STUDY_EPOCHS
+
+
+# -- tables --------------------------------------------------------------------------------------------
+def results_table(path: Path) -> str:
+    runs = ResultsFile(path).runs if path.exists() else []
+    lines = ["| category | teacher | MAC ratio | param ratio | seed | image AUROC | pixel AUROC | AUPRO "
+             "| teacher image / pixel / AUPRO | pixel retention | latency student / teacher (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run in sorted(runs, key=lambda r: (r["category"], r["teacher_scheme"], r["requested_mac_ratio"], r["seed"])):
+        retention = run["pixel_auroc"] / run["teacher_pixel_auroc"] if run.get("teacher_pixel_auroc") else None
+        lines.append(
+            f"| {run['category']} | {run['teacher_scheme']} | {run['deployed_mac_ratio']:.1f} "
+            f"| {run['deployed_param_ratio']:.1f} | {run['seed']} | {run['image_auroc']:.4f} | {run['pixel_auroc']:.4f} "
+            f"| {run['aupro']:.4f} | {run['teacher_image_auroc']:.4f} / {run['teacher_pixel_auroc']:.4f} / "
+            f"{run['teacher_aupro']:.4f} | {retention:.4f} | {run['student_latency_ms_b1']:.2f} / "
+            f"{run['teacher_latency_ms_b1']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = base_parser(__doc__, output="map_regression.json")
+    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    parser.add_argument("--budget", action="store_true", help="run the teacher choice and budget study (rule 1, 2)")
+    parser.add_argument("--teacher-epochs", type=int, default=None, help="fixed RD teacher budget (trial runs)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PATTERN", help="plan entries to run")
+    parser.add_argument("--plan", action="store_true", help="list the plan and what is done")
+    parser.add_argument("--table", action="store_true", help="print the results as Markdown")
+    args = parser.parse_args()
+    if args.table:
+        print(results_table(args.output))
+        return
+    results, budgets = ResultsFile(args.output), ResultsFile(budget_path(args.output))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    use_project_mlflow_store()
+    if args.budget:
+        for teacher in TEACHERS:
+            entry = Entry("bottle", teacher, SEED_RATIO, 0)
+            key = {**entry.key(), "max_epochs": STUDY_EPOCHS}
+            if budgets.has({**key, "epoch": STUDY_EPOCHS}):
+                continue
+            started_at, started = now_utc(), time.perf_counter()
+            epochs, teacher_figures = study(entry, args)
+            wall = time.perf_counter() - started
+            for epoch, values in sorted(epochs.items()):
+                budgets.append({**key, "epoch": epoch, **values, **teacher_figures}, started_at=started_at,
+                               wall_s=wall)
+    records = budgets.reload()["runs"]
+    teacher = choose_teacher(records)
+    epochs = choose_epochs(records, teacher) if teacher else None
+    print(f"[map_regression] teacher: {teacher or 'study incomplete'}, budget: {epochs or '-'}", flush=True)
+    if args.budget or teacher is None or epochs is None:
+        return
+    entries = plan(teacher, tuple(args.categories))
+    if args.only:
+        entries = [e for e in entries if any(fnmatch.fnmatch(e.name, pattern) for pattern in args.only)]
+    for entry in entries:
+        done = results.has(entry.key())
+        if args.plan:
+            print(f"{'done ' if done else 'to do'}  {entry.name}")
+            continue
+        if done:
+            continue
+        print(f"[map_regression] {entry.name}: running ({epochs} epochs)", flush=True)
+        with results.record(entry.key()) as record:
+            record.update(run_student(entry, args, epochs))
+            record["budget_rule"] = "validation"
+
+
+if __name__ == "__main__":
+    main()
