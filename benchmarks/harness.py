@@ -269,8 +269,9 @@ def compose(overrides: Sequence[str], output_dir: str | Path | None = None):
 def base_parser(doc: str | None, output: str | None = None, threads: bool = True) -> argparse.ArgumentParser:
     """The arguments every benchmark shares: ``--data-root``, ``--output`` (when it writes one file,
     default ``benchmarks/results/<output>``) and ``--threads`` (torch threads, default 1)."""
-    parser = argparse.ArgumentParser(description=(doc or "").strip().split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    parser = argparse.ArgumentParser(prog=f"python -m {spec.name}" if spec is not None and spec.name else None,
+                                     description=(doc or "").strip().split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, default=data_root(),
                         help="the shared data folder (default: $KD_DATA_DIR or ../shared/data beside the checkout)")
     if output is not None:

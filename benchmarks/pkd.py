@@ -26,7 +26,7 @@ its students learn from the cached teacher of the protocol named by ``--teacher-
 whose teacher and GANomaly rows the summary then shows beside them (records carry
 ``settings`` and ``teacher_experiment``)::
 
-    .venv/bin/python benchmarks/pkd.py --datasets mnist --classes 0-9 --train-samples 0 --teacher-epochs 8 \\
+    .venv/bin/python -m benchmarks.pkd --datasets mnist --classes 0-9 --train-samples 0 --teacher-epochs 8 \\
         --student-epochs 10 --batch-size 64 --select-on-validation --experiment val_selected_student_lr \\
         --teacher-experiment val_selected --roles student_pkd student_one_step student_alone \\
         --set scheme.student_learning_rate=1e-3
@@ -34,27 +34,24 @@ whose teacher and GANomaly rows the summary then shows beside them (records carr
 Resumable: every finished run is appended to ``benchmarks/results/pkd_<dataset>.json`` at once,
 and runs already there are skipped; teachers are cached under ``benchmarks/results/.cache/``.
 
-    nohup .venv/bin/python benchmarks/pkd.py --datasets mnist fashion_mnist --classes 0-9 \\
+    nohup .venv/bin/python -m benchmarks.pkd --datasets mnist fashion_mnist --classes 0-9 \\
         > /tmp/pkd.log 2>&1 &
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import commit, machine
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(os.environ.get("KD_BENCH_RESULTS", ROOT / "benchmarks" / "results"))
+from benchmarks.harness import RESULTS, ResultsFile, base_parser, now_utc
+from benchmarks.harness import compose as compose_train
+
 CACHE = RESULTS / ".cache" / "pkd"
 FILE_NAMES = {"mnist": "pkd_mnist.json", "fashion_mnist": "pkd_fmnist.json"}
 EXPERIMENTS = {"mnist": "pkd_mnist", "fashion_mnist": "pkd_fmnist"}
@@ -66,17 +63,6 @@ def load_results(path: Path) -> dict[str, Any]:
     if path.is_file():
         return json.loads(path.read_text())
     return {"runs": []}
-
-
-def append_record(path: Path, record: dict[str, Any], command: str) -> None:
-    results = load_results(path)
-    results["runs"].append(record)
-    results["command"] = command
-    results["commit"] = commit()
-    results["machine"] = machine()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(path)
 
 
 def validation_auroc(module, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -107,31 +93,15 @@ def record_key(record: dict[str, Any]) -> tuple:
 
 # Settings the recorded protocols ran with, pinned here so that a later change of the
 # experiment configs' defaults (e.g. configs/experiment/pkd_mnist.yaml's student learning
-# rate, session 6) does not change what a protocol's command runs; ``--set`` overrides them.
+# rate) does not change what a protocol's command runs; ``--set`` overrides them.
 PROTOCOL_PINS = {"scheme.student_learning_rate": "null"}
 
 
 def compose(dataset: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from kd_experiments.config import CONFIG_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        given = {override.split("=", 1)[0] for override in overrides}
-        pins = [f"{key}={value}" for key, value in PROTOCOL_PINS.items() if key not in given]
-        cfg = hydra_compose(config_name="train", overrides=[f"experiment={EXPERIMENTS[dataset]}", *pins, *overrides],
-                            return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(CACHE / "run")
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    """The ``kd-train`` config of ``experiment=pkd_<dataset>`` with the protocol pins and ``overrides``."""
+    given = {override.split("=", 1)[0] for override in overrides}
+    pins = [f"{key}={value}" for key, value in PROTOCOL_PINS.items() if key not in given]
+    return compose_train([f"experiment={EXPERIMENTS[dataset]}", *pins, *overrides], output_dir=CACHE / "run")
 
 
 def run_one(cfg, datamodule, epochs: int, save_teacher: Path | None = None,
@@ -316,7 +286,7 @@ def parse_classes(text: str) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = base_parser(__doc__)
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"], choices=list(FILE_NAMES))
     parser.add_argument("--classes", default="0-9", help="e.g. 0-9 or 0,3,5")
     parser.add_argument("--seed", type=int, default=0)
@@ -339,7 +309,6 @@ def main() -> None:
     parser.add_argument("--batch-comparison-classes", default="", help="MNIST classes for batch 1 vs --batch-size")
     parser.add_argument("--batch-comparison-images", type=int, default=1000, help="images seen by each teacher")
     parser.add_argument("--batch-comparison-first", action="store_true", help="run the comparison before the tables")
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--summary", action="store_true", help="print the Markdown tables of the results and exit")
     args = parser.parse_args()
     if args.summary:
@@ -355,13 +324,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    sys.path.insert(0, str(ROOT))
     from kd_experiments import config as kd_config
 
-    script = Path(sys.argv[0]).resolve()
-    command = "python " + " ".join([script.relative_to(ROOT).as_posix() if script.is_relative_to(ROOT)
-                                    else sys.argv[0], *sys.argv[1:]])
-    data_dir = Path(os.environ.get("KD_DATA_DIR", ROOT.parent / "shared" / "data"))
+    data_dir = args.data_root
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     def done_keys(dataset: str) -> set[tuple]:
@@ -422,6 +387,7 @@ def main() -> None:
                         extra += [f"scheme.teacher_checkpoint={teacher_file}", "scheme.score_teacher_at_test=false"]
                     cfg = compose(dataset, [*overrides, *extra])
                     log(f"{dataset} c{normal_class} {role}: {epochs} epochs of {len(datamodule.train_dataset)} images")
+                    started_at, started = now_utc(), time.perf_counter()
                     figures = run_one(cfg, datamodule, epochs,
                                       save_teacher=teacher_file if role == "teacher" else None, validation=validation)
                     if record_key(base) in done:
@@ -431,7 +397,7 @@ def main() -> None:
                         record["settings"] = settings
                     if args.teacher_experiment:
                         record["teacher_experiment"] = args.teacher_experiment
-                    append_record(path, record, command)
+                    ResultsFile(path).append(record, started_at=started_at, wall_s=time.perf_counter() - started)
                     log(f"  auroc={record['auroc']:.4f} macs={record['macs']} "
                         f"mac_ratio={record['mac_compression_ratio']:.1f} ({record['train_seconds']} s train)")
 
@@ -452,9 +418,10 @@ def main() -> None:
                 cfg = compose(dataset, [*overrides, "scheme.role=teacher", "data.eval_batch_size=500"])
                 datamodule = datamodule_for(dataset, normal_class, cfg)
                 log(f"batch comparison {dataset} c{normal_class} batch {batch_size}: {epochs} epochs")
+                started_at, started = now_utc(), time.perf_counter()
                 figures = run_one(cfg, datamodule, epochs)
-                append_record(path, {**base, **figures, "epochs": epochs, "train_samples": args.train_samples},
-                              command)
+                ResultsFile(path).append({**base, **figures, "epochs": epochs, "train_samples": args.train_samples},
+                                         started_at=started_at, wall_s=time.perf_counter() - started)
                 log(f"  auroc={figures['auroc']:.4f} ({figures['train_seconds']} s train)")
 
     if args.batch_comparison_first:

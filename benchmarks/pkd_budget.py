@@ -1,6 +1,6 @@
 """Study: how many epochs do the EDE-GAN teacher and the P-KDGAN students need? (validation only)
 
-``benchmarks/pkd.py`` runs fixed schedules; this script chooses them without looking at any
+``benchmarks.pkd`` runs fixed schedules; this script chooses them without looking at any
 test image. Per epoch it measures the AUROC of a role's score on a *validation* set built
 from the training split only:
 
@@ -18,43 +18,36 @@ Resumable: one record per (dataset, class, role, seed, epoch, ...), appended at 
 ``benchmarks/results/pkd_budget.json``; a (role, class) whose last epoch is recorded is
 skipped::
 
-    .venv/bin/python benchmarks/pkd_budget.py --dataset mnist --classes 3 8 --roles teacher --epochs 12
-    .venv/bin/python benchmarks/pkd_budget.py --dataset mnist --classes 3 --roles student_one_step \\
+    .venv/bin/python -m benchmarks.pkd_budget --dataset mnist --classes 3 8 --roles teacher --epochs 12
+    .venv/bin/python -m benchmarks.pkd_budget --dataset mnist --classes 3 --roles student_one_step \\
         --epochs 20 --teacher-epochs-for-students 8
 
 Student settings (``--set scheme.KEY=VALUE``, recorded as ``variant``) are compared the same
-way, from the teacher ``benchmarks/pkd.py --select-on-validation`` selected and cached
+way, from the teacher ``benchmarks.pkd --select-on-validation`` selected and cached
 (``--teacher selected``), so a student recipe is chosen on validation data too::
 
-    .venv/bin/python benchmarks/pkd_budget.py --dataset mnist --classes 0 1 2 3 4 5 6 7 8 9 \\
+    .venv/bin/python -m benchmarks.pkd_budget --dataset mnist --classes 0 1 2 3 4 5 6 7 8 9 \\
         --roles student_pkd --epochs 10 --teacher selected --set scheme.distillation_latent_weight=50
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from pkd import CACHE, ROOT, STUDENT_ROLES, compose, scheme_settings, validation_auroc  # noqa: E402
-from score_regression import Results  # noqa: E402
+from benchmarks.harness import ResultsFile, base_parser, now_utc
+from benchmarks.pkd import CACHE, FILE_NAMES, RESULTS, STUDENT_ROLES, compose, scheme_settings, validation_auroc
 
 
 def settings_summary(path: Path) -> str:
     """Markdown: each student setting studied from the selected teachers (``--teacher selected``),
     best validation AUROC per class over its epochs, beside the same role's validation AUROC in
-    ``benchmarks/pkd.py``'s ``val_selected`` records (default settings) and the teacher's."""
+    ``benchmarks.pkd``'s ``val_selected`` records (default settings) and the teacher's."""
     import json
-
-    from pkd import FILE_NAMES, RESULTS
 
     runs = json.loads(path.read_text())["runs"] if path.exists() else []
     lines: list[str] = []
@@ -73,7 +66,7 @@ def settings_summary(path: Path) -> str:
                 continue
             lines += [f"**{dataset}, {role}, `{variant}`** (best validation AUROC over "
                       f"{max(len(e) for e in per_class.values())} epochs; no test image):", "",
-                      "| normal class | teacher | " + role + " (pkd.py val_selected, defaults) | this setting |",
+                      "| normal class | teacher | " + role + " (benchmarks.pkd val_selected, defaults) | this setting |",
                       "|---|---|---|---|"]
             for c, value in best.items():
                 lines.append(f"| {c} | {reference[(c, 'teacher')]:.4f} | {reference[(c, role)]:.4f} | {value:.4f} |")
@@ -87,7 +80,7 @@ def settings_summary(path: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = base_parser(__doc__, output="pkd_budget.json", threads=False)
     parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"])
     parser.add_argument("--classes", type=int, nargs="+", default=[3, 8])
     parser.add_argument("--roles", nargs="+", default=["teacher"],
@@ -100,12 +93,11 @@ def main() -> None:
     parser.add_argument("--teacher", choices=["budget", "selected"], default="budget",
                         help="students learn from this script's teacher checkpoint of epoch "
                              "--teacher-epochs-for-students (budget) or from the validation-selected "
-                             "teacher benchmarks/pkd.py cached (selected: 8 epochs, all images, batch 64)")
+                             "teacher benchmarks.pkd cached (selected: 8 epochs, all images, batch 64)")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="scheme.KEY=VALUE",
                         help="student settings to compare (recorded as the record's variant)")
     parser.add_argument("--mac-compression-ratio", type=float, default=100.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "pkd_budget.json")
     parser.add_argument("--summary", action="store_true",
                         help="print the student-settings comparison (validation only) and exit")
     args = parser.parse_args()
@@ -116,16 +108,15 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    sys.path.insert(0, str(ROOT))
     import lightning as L
 
     from kd_experiments import config as kd_config
 
-    data_dir = Path(os.environ.get("KD_DATA_DIR", ROOT.parent / "shared" / "data"))
+    data_dir = args.data_root
     variant = scheme_settings(args.overrides)
     if args.teacher == "selected" and (args.batch_size != 64 or args.train_samples):
         raise SystemExit("--teacher selected: the cached teachers were trained on all images at batch 64")
-    results = Results(args.output, ("dataset", "normal_class", "role", "seed", "epoch", "batch_size", "train_samples",
+    results = ResultsFile(args.output, ("dataset", "normal_class", "role", "seed", "epoch", "batch_size", "train_samples",
                                     "teacher_epochs", "teacher", "variant"))
 
     for normal_class in args.classes:
@@ -148,7 +139,7 @@ def main() -> None:
             if selected:
                 teacher_file = CACHE / f"{args.dataset}_c{normal_class}_b64_n0_e8_s{args.seed}_val.ckpt"
                 if not teacher_file.is_file():
-                    raise SystemExit(f"{teacher_file} is missing: run benchmarks/pkd.py --select-on-validation "
+                    raise SystemExit(f"{teacher_file} is missing: run benchmarks.pkd --select-on-validation "
                                      "--train-samples 0 --teacher-epochs 8 --roles teacher for this class")
                 extra += [f"scheme.teacher_checkpoint={teacher_file}", "scheme.score_teacher_at_test=false"]
             elif student:
@@ -163,7 +154,7 @@ def main() -> None:
             val_images, labels = datamodule.val_dataset.images, datamodule.val_dataset.labels
             L.seed_everything(int(cfg.seed), workers=True)
             model = kd_config.instantiate(cfg.scheme, input_shape=tuple(datamodule.input_shape))
-            started = time.perf_counter()
+            started_at, started = now_utc(), time.perf_counter()
 
             class Measure(L.Callback):
                 def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -173,8 +164,7 @@ def main() -> None:
                               "val_images": int(labels.numel()),
                               "seconds": round(time.perf_counter() - started, 1),
                               "discriminator_resets": dict(pl_module.discriminator_resets)}
-                    if not results.has(**record):
-                        results.append(record)
+                    results.append(record, started_at=started_at, wall_s=record["seconds"], skip_if_present=True)
                     if role == "teacher":
                         state = {k: v for k, v in pl_module.state_dict().items() if k.startswith("teacher_")}
                         teacher_dir.mkdir(parents=True, exist_ok=True)

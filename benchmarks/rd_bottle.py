@@ -1,18 +1,18 @@
 """RD, RD with Expert and a nearest-neighbour probe on MVTec AD bottle (CPU, package weights).
 
-Writes ``benchmarks/results/rd_bottle.json``: ``runs`` (one flat record per finished
-run), ``command``, ``commit``, ``machine``. Resumable: every finished record is
+Writes ``benchmarks/results/rd_bottle.json``: ``runs``, one flat record per finished
+run with its own provenance (:mod:`benchmarks.harness`). Resumable: every finished record is
 appended at once, and records already in the file (same scheme, ratio, seed, image
 size, epochs) are skipped, so the script can run in pieces, in the background::
 
-    nohup .venv/bin/python benchmarks/rd_bottle.py > benchmarks/results/rd_bottle.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.rd_bottle > benchmarks/results/rd_bottle.log 2>&1 &
 
 Runs, most important first (``--plan``): the knn probe, RD and RD with Expert at full
 width (seed 0), both at ratio 16, then ratios 4 and 64, then seeds 1 and 2 at full
 width. RD runs go through ``kd_experiments.train.train`` (the ``kd-train`` code path,
 logged to MLflow) with a fixed epoch budget; the final weights are tested, nothing is
 selected on the test split. The student width floor is ``--min-channels`` (12, chosen on
-validation images by ``rd_bottle_budget.py``); records without a ``min_channels`` field
+validation images by ``benchmarks.rd_bottle_budget``); records without a ``min_channels`` field
 were made at floor 2, before the floor was a setting, and are kept apart in the table.
 
 ``knn`` is a training-free nearest-neighbour probe (PatchCore-style, Roth et al.,
@@ -29,86 +29,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
-from common import commit as git_commit
-from common import machine
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.harness import RESULTS, ROOT, ResultsFile, base_parser, compose
+from kd_experiments.schemes.reverse_distillation.torch_model import DEFAULT_MIN_CHANNELS
 
-from kd_experiments.schemes.reverse_distillation.torch_model import DEFAULT_MIN_CHANNELS  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
-#: ``scheme.min_channels`` of the records without the field (sessions 1-7, before the floor was a setting).
+#: ``scheme.min_channels`` of the records without the field (made before the floor was a setting).
 LEGACY_MIN_CHANNELS = 2
-DEFAULT_DATA = Path(os.environ.get("KD_DATA_DIR", ROOT.parent / "shared" / "data")) / "mvtec_ad"
 
 
-class ResultFile:
-    """A JSON results file that records are appended to one at a time."""
+def mvtec_root(args: argparse.Namespace) -> Path:
+    """The folder holding ``bottle/``: ``--data``, else ``<data root>/mvtec_ad``."""
+    return args.data if getattr(args, "data", None) is not None else args.data_root / "mvtec_ad"
 
-    def __init__(self, path: Path, command: str) -> None:
-        self.path = path
-        if path.exists():
-            self.data = json.loads(path.read_text())
-        else:
-            self.data = {"runs": []}
-        self.data.update({"command": command, "commit": git_commit(), "machine": machine()})
-        self.save()
 
-    def has(self, key: dict) -> bool:
-        self.reload()
-        return any(all(run.get(k) == v for k, v in key.items()) for run in self.data["runs"])
-
-    def reload(self) -> None:
-        """Pick up records other processes appended (several may run pieces of the plan)."""
-        if self.path.exists():
-            self.data["runs"] = json.loads(self.path.read_text())["runs"]
-
-    def append(self, record: dict) -> None:
-        import fcntl
-
-        lock = self.path.with_suffix(".lock")
-        with open(lock, "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            self.reload()
-            self.data["runs"].append(record)
-            self.save()
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self.data, indent=2))
-        temporary.replace(self.path)
+def add_mvtec_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=None,
+                        help="folder holding bottle/ (default: <data root>/mvtec_ad)")
 
 
 # ----------------------------------------------------------------------------- RD runs
-
-
-def compose(overrides: list[str], run_dir: Path):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from kd_experiments.config import CONFIG_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 def logged_metrics(tag_value: str, experiment_name: str) -> dict:
@@ -139,7 +82,7 @@ def rd_overrides(scheme: str, ratio: float, seed: int, args: argparse.Namespace,
     floor = (f"scheme.min_channels={min_channels}",) if min_channels is not None else ()
     return [
         f"experiment={experiment_of(scheme)}",
-        f"data.root={args.data}",
+        f"data.root={mvtec_root(args)}",
         f"data.image_size={args.image_size}",
         f"data.batch_size={args.batch_size}",
         f"trainer.max_epochs={args.epochs}",
@@ -183,10 +126,10 @@ def run_rd(scheme: str, ratio: float, seed: int, args: argparse.Namespace, extra
     name_suffix = floor_suffix(args) + name_suffix
     run_dir = ROOT / "logs" / "benchmarks" / f"{experiment_of(scheme)}-cr{ratio:g}-s{seed}-{args.image_size}px{name_suffix}"
     tag = f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
-    cfg = compose(rd_overrides(scheme, ratio, seed, args, tag, "benchmark", extra), run_dir)
+    cfg = compose(rd_overrides(scheme, ratio, seed, args, tag, "benchmark", extra), output_dir=run_dir)
     started = time.perf_counter()
     metrics = train(cfg)
-    wall = time.perf_counter() - started
+    train_test_s = time.perf_counter() - started
     logged = logged_metrics(cfg.tags.benchmark_run, str(cfg.experiment_name))
     scheme_module = kd_config.instantiate(cfg.scheme, input_shape=(3, args.image_size, args.image_size))
     summary = scheme_module.compression_summary()
@@ -208,7 +151,7 @@ def run_rd(scheme: str, ratio: float, seed: int, args: argparse.Namespace, extra
         "final_val_pixel_loss": logged.get("val/pixel_loss"),
         "mlflow_run_id": logged.get("run_id"),
         "blur_sigma": float(cfg.scheme.blur_sigma),
-        "wall_s": wall,
+        "train_test_s": train_test_s,
     }
 
 
@@ -237,12 +180,8 @@ def run_knn(args: argparse.Namespace) -> dict:
 
     from kd_experiments import metrics as kd_metrics
     from kd_experiments.data.mvtec import MVTecDataModule
-    from kd_experiments.schemes.reverse_distillation.anomaly_map import gaussian_blur
-    from kd_experiments.schemes.reverse_distillation.torch_model import (
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        FeatureEncoder,
-    )
+    from kd_experiments.anomaly_maps import gaussian_blur
+    from kd_experiments.backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureEncoder
 
     datamodule = MVTecDataModule(args.data, "bottle", image_size=args.image_size, batch_size=args.batch_size,
                                  seed=0, cache_images=True)
@@ -330,8 +269,8 @@ PLAN: list[tuple[str, float | None, int]] = [
     ("rd_expert", 64, 0),
     ("rd_expert", 1, 1),
     ("rd_expert", 1, 2),
-    # seeds 1 and 2 at the other ratios too (added in session 3: one seed left the
-    # ratio-64 comparison inside seed noise), so every group is a 3-seed mean.
+    # seeds 1 and 2 at the other ratios too (one seed left the ratio-64 comparison inside
+    # seed noise), so every group is a 3-seed mean.
     *[(scheme, ratio, seed) for ratio in (64, 16, 4) for scheme in ("rd", "rd_expert") for seed in (1, 2)],
 ]
 
@@ -377,35 +316,37 @@ def markdown_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def use_project_mlflow_store() -> None:
+    """Log benchmark runs to the project's store (``./mlruns/mlflow.db``) unless ``MLFLOW_TRACKING_URI`` says otherwise."""
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}")
+    (ROOT / "mlruns").mkdir(exist_ok=True)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding bottle/")
+    parser = base_parser(__doc__, output="rd_bottle.json")
+    add_mvtec_arguments(parser)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=35,
-                        help="fixed budget (35: chosen on validation by benchmarks/rd_bottle_budget.py; "
-                             "session 1's records used 10)")
+                        help="fixed budget (35: chosen on validation by benchmarks.rd_bottle_budget; "
+                             "the earliest records used 10)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--blur-sigma", type=float, default=None,
                         help="map smoothing; default: the paper's 4 at 256 px, scaled to the image size")
     parser.add_argument("--min-channels", type=int, default=DEFAULT_MIN_CHANNELS,
                         help=f"scheme.min_channels, the floor of every student width (default {DEFAULT_MIN_CHANNELS}; "
                              f"records without the field used {LEGACY_MIN_CHANNELS})")
-    parser.add_argument("--knn-coreset", type=float, default=1.0, help="coreset fraction of the knn bank (1 = all)")
+    parser.add_argument("--knn-coreset", type=float, default=1.0,
+                        help="coreset fraction of the nearest-neighbour memory bank (1 = all)")
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only these plan entries, as scheme:ratio:seed (e.g. rd:16:0 knn::0)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "rd_bottle.json")
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table", action="store_true", help="print the results as Markdown and exit")
     args = parser.parse_args()
     if args.table:
         print(markdown_table(args.output))
         return
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}")
-    (ROOT / "mlruns").mkdir(exist_ok=True)
-    command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
-                                    else sys.argv[0], *sys.argv[1:]])
-    results = ResultFile(args.output, command)
+    use_project_mlflow_store()
+    results = ResultsFile(args.output)
     plan = PLAN
     if args.only is not None:
         wanted = set(args.only)
@@ -419,10 +360,10 @@ def main() -> None:
             print(f"[rd_bottle] skip {key} (done)", flush=True)
             continue
         print(f"[rd_bottle] run {key}", flush=True)
-        record = run_knn(args) if scheme == "knn" else run_rd(scheme, float(ratio), seed, args)
-        record = {**key, **record, "device": "cpu", "torch_threads": torch.get_num_threads(),
-                  "batch_size": args.batch_size, "backbone": "tf_efficientnet_lite0", "weights": "package"}
-        results.append(record)
+        with results.record(key) as record:
+            record.update(run_knn(args) if scheme == "knn" else run_rd(scheme, float(ratio), seed, args))
+            record.update({"device": "cpu", "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
+                           "backbone": "tf_efficientnet_lite0", "weights": "package"})
         print(f"[rd_bottle] done {json.dumps(record)}", flush=True)
 
 

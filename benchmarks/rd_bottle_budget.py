@@ -1,8 +1,8 @@
 """Epoch budget of RD and RD with Expert on MVTec AD bottle, chosen on validation data only.
 
 Writes ``benchmarks/results/rd_bottle_budget.json``: one record per (scheme, ratio, seed,
-epoch) with the validation figures of that epoch, plus ``command``, ``commit``,
-``machine``. The validation split is the 10 % of *training* images that
+epoch) with the validation figures of that epoch and its provenance
+(:mod:`benchmarks.harness`). The validation split is the 10 % of *training* images that
 ``MVTecDataModule`` holds out (all normal); the scheme pastes the same synthetic
 anomalies (Perlin masks, procedural and in-set textures, see
 ``kd_experiments.schemes.reverse_distillation.synthetic_anomalies``) into them every
@@ -10,12 +10,12 @@ epoch and logs ``val/synthetic_pixel_auroc`` and ``val/synthetic_image_auroc``. 
 test split is never scored (``test=false``), so the budget chosen from this file is
 not selected on test data.
 
-Same setting as ``benchmarks/rd_bottle.py`` (128 px, batch 8, sigma 2, lite0 with
+Same setting as ``benchmarks.rd_bottle`` (128 px, batch 8, sigma 2, lite0 with
 package weights, one thread), longer runs (``--epochs``, 40 by default); resumable
 (one (scheme, ratio, seed) run at a time; runs already in the file are skipped)::
 
-    nohup .venv/bin/python benchmarks/rd_bottle_budget.py > logs/benchmarks/rd_bottle_budget.log 2>&1 &
-    .venv/bin/python benchmarks/rd_bottle_budget.py --table
+    nohup .venv/bin/python -m benchmarks.rd_bottle_budget > logs/benchmarks/rd_bottle_budget.log 2>&1 &
+    .venv/bin/python -m benchmarks.rd_bottle_budget --table
 """
 
 from __future__ import annotations
@@ -24,26 +24,20 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from rd_bottle import (
-    DEFAULT_DATA,
+from benchmarks.harness import ROOT, ResultsFile, base_parser, compose, now_utc
+from benchmarks.rd_bottle import (
     LEGACY_MIN_CHANNELS,
-    RESULTS,
-    ResultFile,
-    compose,
+    add_mvtec_arguments,
     experiment_of,
     floor_key,
     floor_suffix,
     rd_overrides,
+    use_project_mlflow_store,
 )
 
 METRICS = ("val/synthetic_pixel_auroc", "val/synthetic_image_auroc", "val/loss", "train/loss", "val/pixel_loss",
@@ -79,7 +73,7 @@ def run_one(scheme: str, ratio: float, seed: int, args: argparse.Namespace) -> d
     run_dir = ROOT / "logs" / "benchmarks" / f"budget-{experiment_of(scheme)}-cr{ratio:g}-s{seed}{floor_suffix(args)}"
     tag = f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
     extra = ("++scheme.val_synthetic_anomalies=true", "test=false", "trainer.num_sanity_val_steps=0")
-    train(compose(rd_overrides(scheme, ratio, seed, args, tag, "budget", extra), run_dir))
+    train(compose(rd_overrides(scheme, ratio, seed, args, tag, "budget", extra), output_dir=run_dir))
     return history(tag, experiment_of(scheme))
 
 
@@ -112,26 +106,24 @@ def table(path: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser = base_parser(__doc__, output="rd_bottle_budget.json")
+    add_mvtec_arguments(parser)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--runs", nargs="+", default=["rd:1:0", "rd:64:0", "rd_expert:1:0", "rd_expert:64:0"],
                         help="scheme:ratio:seed entries")
-    parser.add_argument("--output", type=Path, default=RESULTS / "rd_bottle_budget.json")
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-channels", type=int, default=LEGACY_MIN_CHANNELS,
-                        help=f"scheme.min_channels (default {LEGACY_MIN_CHANNELS}, the floor of the session-3 study; "
-                             "the floor study passed 2, 8 and 12)")
+                        help=f"scheme.min_channels (default {LEGACY_MIN_CHANNELS}, the floor of the epoch-budget "
+                             "study; the floor study passed 2, 8 and 12)")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     if args.table:
         print(table(args.output))
         return
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}")
-    results = ResultFile(args.output, "python benchmarks/rd_bottle_budget.py " + " ".join(sys.argv[1:]))
+    use_project_mlflow_store()
+    results = ResultsFile(args.output)
     for entry in args.runs:
         scheme, ratio_text, seed_text = entry.split(":")
         ratio, seed = float(ratio_text), int(seed_text)
@@ -141,12 +133,13 @@ def main() -> None:
             print(f"[rd_bottle_budget] skip {key} (done)", flush=True)
             continue
         print(f"[rd_bottle_budget] run {key}", flush=True)
-        started = time.perf_counter()
+        started_at, started = now_utc(), time.perf_counter()
         epochs = run_one(scheme, ratio, seed, args)
         wall = time.perf_counter() - started
         for epoch, values in sorted(epochs.items()):
             results.append({**key, "epoch": epoch, **{k.replace("/", "_"): v for k, v in values.items()},
-                            "run_wall_s": wall, "device": "cpu", "torch_threads": torch.get_num_threads()})
+                            "run_wall_s": wall, "device": "cpu", "torch_threads": torch.get_num_threads()},
+                           started_at=started_at, wall_s=wall)
         print(f"[rd_bottle_budget] done {key}: {len(epochs)} epochs in {wall:.0f} s", flush=True)
 
 

@@ -1,10 +1,10 @@
 """RD and RD with Expert on MVTec AD bottle on one GPU, in the papers' setting (256 px, batch 16).
 
 Writes ``benchmarks/results/rd_bottle_gpu.json``: ``runs`` (one flat record per run,
-with quality, training and inference images/s and peak GPU memory), ``command``,
-``commit``, ``machine``. Each run goes through ``kd-train``'s code path with
+with quality, training and inference images/s, peak GPU memory and its provenance,
+:mod:`benchmarks.harness`). Each run goes through ``kd-train``'s code path with
 ``trainer=gpu`` (:func:`rd_bottle.run_rd`, logged to MLflow), one run at a time, so the
-throughput and the memory figures are the run's own. Resumable like ``rd_bottle.py``.
+throughput and the memory figures are the run's own. Resumable like ``benchmarks.rd_bottle``.
 
 The plan (``--only`` picks entries as ``scheme:backbone``):
 
@@ -27,23 +27,23 @@ function, and fills the records in.
 
 Usage::
 
-    python benchmarks/rd_bottle_gpu.py            # needs a CUDA device
-    python benchmarks/rd_bottle_gpu.py --defer-aupro $OUT   # on a GPU machine without anomalib
-    python benchmarks/rd_bottle_gpu.py --finish-aupro DIR   # where anomalib is
-    python benchmarks/rd_bottle_gpu.py --table
+    python -m benchmarks.rd_bottle_gpu            # needs a CUDA device
+    python -m benchmarks.rd_bottle_gpu --defer-aupro $OUT   # on a GPU machine without anomalib
+    python -m benchmarks.rd_bottle_gpu --finish-aupro DIR   # where anomalib is
+    python -m benchmarks.rd_bottle_gpu --table
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from rd_bottle import DEFAULT_DATA, RESULTS, ROOT, ResultFile, run_rd
+
+from benchmarks.harness import ResultsFile, base_parser
+from benchmarks.rd_bottle import add_mvtec_arguments, mvtec_root, run_rd, use_project_mlflow_store
 
 #: (scheme, backbone)
 PLAN: list[tuple[str, str]] = [
@@ -96,26 +96,31 @@ class DeferredAupro:
 
 
 def finish_aupro(output: Path, directory: Path) -> None:
-    """Compute the deferred AUPROs from the saved maps (anomalib's metric) into the records."""
+    """Compute the deferred AUPROs from the saved maps (anomalib's metric) into the records
+    (each change is logged in the record's ``updates``)."""
     from kd_experiments import metrics as kd_metrics
 
-    data = json.loads(output.read_text())
-    for run in data["runs"]:
+    results = ResultsFile(output)
+    for run in list(results.runs):
         files = run.get("aupro_deferred_files")
         if not files or run.get("aupro") == run.get("aupro"):  # none saved, or already a number
             continue
         first, second = (np.load(directory / name) for name in files)
         maps = np.concatenate([first["maps"], second["maps"]])
         masks = np.unpackbits(first["masks"])[: int(np.prod(first["shape"]))].reshape(first["shape"])
-        run["aupro"] = kd_metrics.aupro(maps, masks, float(first["fpr_limit"]))
-        run["aupro_computed_on"] = "CPU with anomalib, from this GPU run's saved float32 test maps"
-        print(f"{run['scheme']} {run['backbone']}: AUPRO {run['aupro']:.4f}")
-    output.write_text(json.dumps(data, indent=2))
+        aupro = kd_metrics.aupro(maps, masks, float(first["fpr_limit"]))
+        key = {field: run.get(field) for field in KEY_FIELDS}
+        results.update(key, {"aupro": aupro,
+                             "aupro_computed_on": "CPU with anomalib, from this GPU run's saved float32 test maps"})
+        print(f"{run['scheme']} {run['backbone']}: AUPRO {aupro:.4f}")
+
+
+KEY_FIELDS = ("scheme", "backbone", "weights", "image_size", "batch_size", "epochs", "precision", "seed", "decoder")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding bottle/")
+    parser = base_parser(__doc__, output="rd_bottle_gpu.json", threads=False)
+    add_mvtec_arguments(parser)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=35, help="budget of the package-weights runs")
@@ -127,7 +132,6 @@ def main() -> None:
                              "width 128, OCBE 3 blocks, decoder 6/4/3 transposed, expansion 1, no projection, ResNet init)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", default=None, help="plan entries as scheme:backbone")
-    parser.add_argument("--output", type=Path, default=RESULTS / "rd_bottle_gpu.json")
     parser.add_argument("--table", action="store_true", help="print the results as Markdown and exit")
     parser.add_argument("--defer-aupro", type=Path, default=None,
                         help="anomalib missing here: save the test maps to this folder, AUPRO left NaN")
@@ -142,11 +146,11 @@ def main() -> None:
         return
     deferred = DeferredAupro(args.defer_aupro) if args.defer_aupro is not None else None
     if not torch.cuda.is_available():
-        raise SystemExit("rd_bottle_gpu.py needs a CUDA device (trainer=gpu); the CPU benchmark is rd_bottle.py")
+        raise SystemExit("benchmarks.rd_bottle_gpu needs a CUDA device (trainer=gpu); the CPU benchmark is "
+                         "benchmarks.rd_bottle")
     args.blur_sigma = None
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}")
-    (ROOT / "mlruns").mkdir(exist_ok=True)
-    results = ResultFile(args.output, "python " + " ".join(["benchmarks/rd_bottle_gpu.py", *sys.argv[1:]]))
+    use_project_mlflow_store()
+    results = ResultsFile(args.output)
     plan = [e for e in PLAN if args.only is None or f"{e[0]}:{e[1]}" in set(args.only)]
     for scheme, backbone in plan:
         wrn = backbone == "wide_resnet50_2"
@@ -159,7 +163,7 @@ def main() -> None:
             print(f"[rd_bottle_gpu] skip {key} (done)", flush=True)
             continue
         print(f"[rd_bottle_gpu] run {key}", flush=True)
-        run_args = argparse.Namespace(data=args.data, image_size=args.image_size, batch_size=args.batch_size,
+        run_args = argparse.Namespace(data=mvtec_root(args), image_size=args.image_size, batch_size=args.batch_size,
                                       epochs=epochs, blur_sigma=None)
         extra = ("trainer=gpu", f"trainer.precision={args.precision}", f"scheme.backbone={backbone}",
                  f"scheme.weights={weights}")
@@ -171,17 +175,17 @@ def main() -> None:
             deferred.name = f"{scheme}_{backbone}_{args.image_size}px_s{args.seed}" if weights != "none" else None
             deferred.saved = []
         torch.cuda.reset_peak_memory_stats()
-        record = run_rd(scheme, 1.0, args.seed, run_args, extra, name_suffix=f"-{backbone}-gpu")
-        record = {
-            **key, "compression_ratio": 1.0, **record,
-            "peak_gpu_memory_bytes": int(torch.cuda.max_memory_allocated()),
-            "peak_gpu_memory_reserved_bytes": int(torch.cuda.max_memory_reserved()),
-            "gpu": torch.cuda.get_device_name(0), "device": "cuda",
-            "quality_meaningful": weights != "none",
-        }
-        if deferred is not None:
-            record["aupro_deferred_files"] = deferred.saved
-        results.append(record)
+        with results.record(key) as record:
+            record.update({"compression_ratio": 1.0,
+                           **run_rd(scheme, 1.0, args.seed, run_args, extra, name_suffix=f"-{backbone}-gpu")})
+            record.update({
+                "peak_gpu_memory_bytes": int(torch.cuda.max_memory_allocated()),
+                "peak_gpu_memory_reserved_bytes": int(torch.cuda.max_memory_reserved()),
+                "gpu": torch.cuda.get_device_name(0), "device": "cuda",
+                "quality_meaningful": weights != "none",
+            })
+            if deferred is not None:
+                record["aupro_deferred_files"] = deferred.saved
         print(f"[rd_bottle_gpu] done {json.dumps(record)}", flush=True)
 
 

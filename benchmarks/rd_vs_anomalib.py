@@ -1,14 +1,15 @@
 """Our reverse distillation against anomalib 2.7's ``ReverseDistillation``, side by side.
 
 Writes ``benchmarks/results/rd_vs_anomalib.json`` (``runs`` with ``implementation`` =
-``kd_experiments`` or ``anomalib``, ``command``, ``commit``, ``machine``); resumable like
-``benchmarks/rd_bottle.py``. Both implementations are trained in *this* process, one
+``kd_experiments`` or ``anomalib``, each with its provenance); resumable like
+``benchmarks.rd_bottle``. Both implementations are trained in *this* process, one
 after the other, by the same loop: same data (MVTec AD bottle, same split, same
 shuffling seed), same image size, batch size, epochs, thread count and the same
 frozen encoder *weights*; each uses its own bottleneck, decoder, loss, optimiser
 settings and inference path (anomalib: ``ReverseDistillationModel``,
 ``ReverseDistillationLoss``, Adam lr 0.005 betas (0.5, 0.99) on decoder + bottleneck as
-its ``configure_optimizers``; ours: :class:`ReverseStudent` at width 0.5 and 1.0, with the bilinear decoder
+its ``configure_optimizers``; ours: the scheme itself (``experiment=rd_bottle`` composed with
+this study's overrides: its encoder, student, maps and scores), student width 0.5 and 1.0, with the bilinear decoder
 (our default) or with ``--decoder-upsampling transposed --decoder-blocks 2``, RD4AD's
 decoder layout, which at width 0.5 is the architecture of anomalib's ``de_resnet18``,
 :func:`distillation_loss`, Adam lr 0.005 betas (0.5, 0.999)). Throughput counts forward,
@@ -26,7 +27,7 @@ so the encoder is a random-init network: absolute quality is far below the pretr
 setting; the comparison of the two implementations is like for like.
 The map smoothing is the paper's sigma 4 at 256 px scaled to the image size, for both.
 
-    nohup .venv/bin/python benchmarks/rd_vs_anomalib.py > logs/benchmarks/rd_vs_anomalib.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.rd_vs_anomalib > logs/benchmarks/rd_vs_anomalib.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -34,17 +35,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from rd_bottle import DEFAULT_DATA, RESULTS, ResultFile
+from benchmarks.harness import ResultsFile, base_parser, compose, now_utc
+from benchmarks.rd_bottle import add_mvtec_arguments, mvtec_root
 
 
 def copy_by_position(source: torch.nn.Module, target: torch.nn.Module) -> int:
@@ -59,60 +56,49 @@ def copy_by_position(source: torch.nn.Module, target: torch.nn.Module) -> int:
     return len(copied)
 
 
-class Ours(torch.nn.Module):
-    """Our deployed RD model (encoder + full-width student) with anomalib's calling convention."""
+def our_scheme(args: argparse.Namespace, width: float):
+    """Our RD scheme as ``kd-train experiment=rd_bottle`` builds it, with this study's encoder and student.
 
-    def __init__(self, encoder, student, sigma: float) -> None:
-        super().__init__()
-        self.encoder, self.student, self.sigma = encoder, student, sigma
+    The encoder is ``--backbone`` with random weights (``scheme.weights=none``); the student is
+    the width and decoder options of the command line; everything else is the scheme's own
+    (its :class:`~kd_experiments.schemes.reverse_distillation.ReverseDistillationScheme`:
+    features, maps, blur, image scores)."""
+    from kd_experiments import config as kd_config
 
-    def features(self, images):
-        with torch.no_grad():
-            teacher = [f.detach() for f in self.encoder(images)]
-        return teacher, self.student(teacher)
-
-    def score(self, images):
-        from kd_experiments.schemes.reverse_distillation.anomaly_map import (
-            anomaly_map,
-            image_scores,
-        )
-
-        teacher, student = self.features(images)
-        maps = anomaly_map(student, teacher, images.shape[-2:], self.sigma)
-        return image_scores(maps), maps
+    cfg = compose([
+        "experiment=rd_bottle", f"data.root={mvtec_root(args)}", f"data.image_size={args.image_size}",
+        f"scheme.backbone={args.backbone}", "scheme.weights=none", f"scheme.width_multiplier={width}",
+        f"scheme.decoder_blocks={args.decoder_blocks}", f"scheme.decoder_upsampling={args.decoder_upsampling}",
+        f"scheme.decoder_expansion={args.decoder_expansion}", f"scheme.decoder_projection={str(not args.no_projection).lower()}",
+        f"scheme.init={args.init}", f"scheme.blur_sigma={4.0 * args.image_size / 256}",
+        "scheme.val_synthetic_anomalies=false",
+    ])
+    return kd_config.instantiate(cfg.scheme, input_shape=(3, args.image_size, args.image_size))
 
 
 def build(implementation: str, args: argparse.Namespace, seed: int, width: float = 1.0):
     from kd_experiments.schemes.reverse_distillation import loss as rd_loss
-    from kd_experiments.schemes.reverse_distillation.torch_model import (
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        FeatureEncoder,
-        ReverseStudent,
-    )
 
     torch.manual_seed(seed)
-    encoder = FeatureEncoder(args.backbone, (1, 2, 3), "none", None, True, IMAGENET_MEAN, IMAGENET_STD)
-    encoder.eval()
-    sigma = 4.0 * args.image_size / 256
-    torch.manual_seed(seed + 1)
+    scheme = our_scheme(args, width)
+    scheme.eval()
+    encoder = scheme.encoder
+    sigma = float(scheme.hparams.blur_sigma)
     if implementation == "kd_experiments":
-        student = ReverseStudent(encoder.out_channels, width, decoder_blocks=args.decoder_blocks,
-                                 decoder_upsampling=args.decoder_upsampling,
-                                 decoder_expansion=args.decoder_expansion,
-                                 decoder_projection=not args.no_projection, init=args.init)
-        model = Ours(encoder, student, sigma)
+        student = scheme.student
         optimizer = torch.optim.Adam(student.parameters(), lr=0.005, betas=(0.5, 0.999))
 
         def train_step(images):
-            teacher, outputs = model.features(images)
-            return rd_loss.distillation_loss(outputs, teacher)
+            teacher = scheme.teacher_features(images)
+            return rd_loss.distillation_loss(student(teacher), teacher)
 
         def score(images):
-            return model.score(images)
+            with torch.no_grad():
+                scored = scheme.score_batch({"image": images})
+            return scored["score"], scored["map"]
 
         trainable = student
-        deployed = model
+        deployed = scheme
     else:
         from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
         from anomalib.models.image.reverse_distillation.torch_model import ReverseDistillationModel
@@ -154,7 +140,7 @@ def run(implementation: str, seed: int, args: argparse.Namespace, width: float =
     from kd_experiments import metrics as kd_metrics
     from kd_experiments.data.mvtec import MVTecDataModule
 
-    datamodule = MVTecDataModule(args.data, "bottle", image_size=args.image_size, batch_size=args.batch_size,
+    datamodule = MVTecDataModule(mvtec_root(args), "bottle", image_size=args.image_size, batch_size=args.batch_size,
                                  seed=seed, cache_images=True)
     datamodule.setup("fit")
     datamodule.setup("test")
@@ -216,7 +202,7 @@ def paired_speed(args: argparse.Namespace, rounds: int, steps: int) -> dict:
 
     from kd_experiments.data.mvtec import MVTecDataModule
 
-    datamodule = MVTecDataModule(args.data, "bottle", image_size=args.image_size, batch_size=args.batch_size,
+    datamodule = MVTecDataModule(mvtec_root(args), "bottle", image_size=args.image_size, batch_size=args.batch_size,
                                  seed=0, cache_images=True)
     datamodule.setup("fit")
     images = next(iter(datamodule.train_dataloader()))["image"]
@@ -303,8 +289,8 @@ def markdown_table(path: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser = base_parser(__doc__, output="rd_vs_anomalib.json")
+    add_mvtec_arguments(parser)
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=5)
@@ -323,8 +309,6 @@ def main() -> None:
                         help="compare the decoder blocks' outputs directly (RD4AD; needs widths = encoder channels)")
     parser.add_argument("--init", default="torch", choices=("torch", "resnet"), help="student initialisation")
     parser.add_argument("--skip-anomalib", action="store_true", help="run only our student(s)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "rd_vs_anomalib.json")
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table", action="store_true", help="print the results as Markdown and exit")
     parser.add_argument("--paired-speed", type=int, default=0, metavar="ROUNDS",
                         help="instead of training runs, measure both implementations' speed interleaved, "
@@ -336,17 +320,14 @@ def main() -> None:
         return
     if args.paired_speed:
         torch.set_num_threads(args.threads)
-        results = ResultFile(args.output, "python benchmarks/rd_vs_anomalib.py " + " ".join(sys.argv[1:]))
+        results = ResultsFile(args.output)
+        started_at, started = now_utc(), time.perf_counter()
         measured = paired_speed(args, args.paired_speed, args.paired_steps)
-        measured["command"] = "python benchmarks/rd_vs_anomalib.py " + " ".join(sys.argv[1:])
-        results.reload()
-        results.data["paired_speed"] = measured
-        results.save()
+        results.set_section("paired_speed", measured, started_at=started_at, wall_s=time.perf_counter() - started)
         print(json.dumps({k: v for k, v in measured.items() if not k.endswith("_rounds")}, indent=1))
         return
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/rd_vs_anomalib.py " + " ".join(sys.argv[1:])
-    results = ResultFile(args.output, command.strip())
+    results = ResultsFile(args.output)
     jobs = [] if args.skip_anomalib else [("anomalib", None)]
     jobs += [("kd_experiments", width) for width in args.widths]
     for seed in args.seeds:
@@ -361,9 +342,10 @@ def main() -> None:
                 print(f"[rd_vs_anomalib] skip {key} (done)", flush=True)
                 continue
             print(f"[rd_vs_anomalib] run {key}", flush=True)
-            record = {**key, **run(implementation, seed, args, width or 1.0), "device": "cpu", "weights": "none (random, shared)",
-                      "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(), "compression_ratio": 1}
-            results.append(record)
+            with results.record(key) as record:
+                record.update({**run(implementation, seed, args, width or 1.0), "device": "cpu",
+                               "weights": "none (random, shared)", "batch_size": args.batch_size,
+                               "torch_threads": torch.get_num_threads(), "compression_ratio": 1})
             print(f"[rd_vs_anomalib] done {json.dumps(record)}", flush=True)
 
 

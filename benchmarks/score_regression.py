@@ -18,25 +18,20 @@ present (same dataset, class, technique, student, seed) are skipped; inside a cl
 training loops checkpoint every 10 epochs under ``.cache/score_regression/``, so a run
 killed mid-class continues from its last checkpoint (to the same weights)::
 
-    nohup .venv/bin/python benchmarks/score_regression.py --dataset mnist &
-    .venv/bin/python benchmarks/score_regression.py --dataset fashion_mnist --classes 0 1 2
+    nohup .venv/bin/python -m benchmarks.score_regression --dataset mnist &
+    .venv/bin/python -m benchmarks.score_regression --dataset fashion_mnist --classes 0 1 2
 """
 
 from __future__ import annotations
 
-import argparse
-import fcntl
 import functools
 import hashlib
-import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
-from common import SHORT_NAMES, commit, machine
 
+from benchmarks.harness import RESULTS, ROOT, SHORT_NAMES, ResultsFile, base_parser, now_utc
 from kd_experiments import metrics as kd_metrics
 from kd_experiments.compression import count_parameters
 from kd_experiments.data.one_class import OneClassDataModule
@@ -59,8 +54,6 @@ from kd_experiments.schemes.score_regression.torch_model import (
     build_student,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("KD_DATA_DIR", ROOT.parent / "shared" / "data"))
 CHECKPOINTS = ROOT / ".cache" / "score_regression"
 
 #: technique -> (group, student-side techniques, outlier exposure)
@@ -72,39 +65,6 @@ TECHNIQUES: dict[str, tuple[str, Techniques, bool]] = {
     "co_learning": ("co_learning", Techniques(), False),
     "co_learning+outlier_exposure": ("co_learning", Techniques(), True),
 }
-
-
-class Results:
-    """The JSON file: ``runs`` (flat records), ``command``, ``commit``, ``machine``."""
-
-    def __init__(self, path: Path, key_fields: tuple[str, ...]) -> None:
-        self.path = path
-        self.key_fields = key_fields
-        if path.exists():
-            self.data = json.loads(path.read_text())
-        else:
-            self.data = {"runs": []}
-        self.data.update(command=" ".join([Path(sys.executable).name, *sys.argv]), commit=commit(), machine=machine())
-
-    def key(self, record: dict) -> tuple:
-        return tuple(record.get(field) for field in self.key_fields)
-
-    def has(self, **fields) -> bool:
-        wanted = self.key(fields)
-        return any(self.key(run) == wanted for run in self.data["runs"])
-
-    def append(self, record: dict) -> None:
-        """Append under an exclusive lock, merging what other processes wrote meanwhile
-        (several classes or budgets may run in parallel into one file)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.path.exists():
-                self.data["runs"] = json.loads(self.path.read_text())["runs"]
-            self.data["runs"].append(record)
-            temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
-            temporary.write_text(json.dumps(self.data, indent=1))
-            temporary.replace(self.path)
 
 
 def evaluate(teacher_scores: torch.Tensor, student_scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -124,7 +84,7 @@ def evaluate(teacher_scores: torch.Tensor, student_scores: torch.Tensor, labels:
     return record
 
 
-def run_class(args, results: Results, normal_class: int, outlier_images: torch.Tensor | None) -> None:
+def run_class(args, results: ResultsFile, normal_class: int, outlier_images: torch.Tensor | None) -> None:
     techniques = [t for t in args.techniques if not all(
         results.has(dataset=args.dataset, normal_class=normal_class, technique=t, student=s, seed=args.seed,
                     teacher_epochs=args.teacher_epochs, lr_schedule=args.lr_schedule)
@@ -135,7 +95,7 @@ def run_class(args, results: Results, normal_class: int, outlier_images: torch.T
         return
     torch.manual_seed(args.seed)
     data = OneClassDataModule(
-        dataset=args.dataset, root=DATA / args.dataset, normal_class=normal_class, protocol="balanced",
+        dataset=args.dataset, root=args.data_root / args.dataset, normal_class=normal_class, protocol="balanced",
         val_fraction=0.1, batch_size=args.batch_size, normalization="none", seed=args.seed,
     )
     data.setup("fit")
@@ -149,7 +109,7 @@ def run_class(args, results: Results, normal_class: int, outlier_images: torch.T
     # One teacher per class: it trains with the co-learning students (if any), then the
     # baseline-schedule students learn from it, frozen (family.py explains why this is
     # the same teacher the baseline schedule would train alone).
-    started = time.perf_counter()
+    started_at, started = now_utc(), time.perf_counter()
     torch.manual_seed(args.seed)
     teacher = ConvAutoencoder().to(device, memory_format=memory_format)
     groups: dict[str, list[StudentTrack]] = {"co_learning": [], "frozen": []}
@@ -190,11 +150,10 @@ def run_class(args, results: Results, normal_class: int, outlier_images: torch.T
                 "resumed": resumed[group],
                 "device": device_name,
             }
-            if not results.has(**record):
-                results.append(record)
+            results.append(record, started_at=started_at, wall_s=round(seconds, 1), skip_if_present=True)
 
     # Resumable within a class: the loops checkpoint every 10 epochs into .cache/ (a file per
-    # class, group and setting), so a run killed mid-class (a session's end) goes on from there.
+    # class, group and setting), so a run killed mid-class (a time-limited job) goes on from there.
     def checkpoint(group: str) -> Path:
         tracks = "+".join(f"{t.technique}:{t.student}" for t in groups[group])
         digest = hashlib.sha1(f"{tracks}|{sorted(common.items())}|{args.channels_last}".encode()).hexdigest()[:10]
@@ -214,7 +173,7 @@ def run_class(args, results: Results, normal_class: int, outlier_images: torch.T
         checkpoint("frozen").unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     teacher_scores = predict(autoencoder_scorer(teacher), test_images)
-    smallest = {r["technique"]: round(r["student_auroc"], 4) for r in results.data["runs"]
+    smallest = {r["technique"]: round(r["student_auroc"], 4) for r in results.reload()["runs"]
                 if r["dataset"] == args.dataset and r["normal_class"] == normal_class and r["student"] == args.students[-1]
                 and r["teacher_epochs"] == args.teacher_epochs and r.get("lr_schedule") == args.lr_schedule}
     print(f"[{args.dataset} class {normal_class}] {len(groups['co_learning']) + len(groups['frozen'])} students "
@@ -223,7 +182,7 @@ def run_class(args, results: Results, normal_class: int, outlier_images: torch.T
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = base_parser(__doc__, threads=False)
     parser.add_argument("--dataset", choices=sorted(OUTLIER_PARTNER), default="mnist")
     parser.add_argument("--classes", type=int, nargs="+", default=list(range(10)))
     parser.add_argument("--techniques", nargs="+", choices=list(TECHNIQUES), default=list(TECHNIQUES))
@@ -238,19 +197,20 @@ def main() -> None:
                         help="pseudo outliers appended to each student batch (about the authors' 0.37 ratio)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--outlier-images", type=int, default=20000, help="seeded subset of the other set's train split")
-    parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--output", type=Path, default=None,
+                        help="results file (default: benchmarks/results/score_regression_<mnist|fmnist>.json)")
     parser.add_argument("--channels-last", action="store_true",
                         help="NHWC tensors and teacher weights (about 20%% faster teacher steps on CPU; same maths)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: the loops run where the data is")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.backends.cudnn.benchmark = True
-    output = args.output or ROOT / "benchmarks" / "results" / f"score_regression_{SHORT_NAMES[args.dataset]}.json"
-    results = Results(output, ("dataset", "normal_class", "technique", "student", "seed", "teacher_epochs", "lr_schedule"))
+    output = args.output or RESULTS / f"score_regression_{SHORT_NAMES[args.dataset]}.json"
+    results = ResultsFile(output, ("dataset", "normal_class", "technique", "student", "seed", "teacher_epochs", "lr_schedule"))
     outlier_images = None
     if any(TECHNIQUES[t][2] for t in args.techniques):
         partner = OUTLIER_PARTNER[args.dataset]
-        outlier_images = load_outlier_images(partner, DATA / partner, args.outlier_images, seed=args.seed)
+        outlier_images = load_outlier_images(partner, args.data_root / partner, args.outlier_images, seed=args.seed)
     for normal_class in args.classes:
         run_class(args, results, normal_class, outlier_images)
 

@@ -9,7 +9,7 @@ distillation (Deng & Li, CVPR 2022) trained on MVTec AD bottle, loaded through
 End to end, resumably:
 
 1. **Teacher.** RD trained through ``kd_experiments.train.train`` (the ``kd-train`` path)
-   exactly as ``benchmarks/rd_bottle.py`` runs ``scheme=rd``: ``experiment=rd_bottle``,
+   exactly as ``benchmarks.rd_bottle`` runs ``scheme=rd``: ``experiment=rd_bottle``,
    full width (compression ratio 1), seed 0, 128x128, 10 epochs, package
    ``tf_efficientnet_lite0`` weights, blur sigma 4 * 128 / 256. Its run folder (Hydra
    output dir, so ``checkpoints/last.ckpt``) is under ``.cache/cross_scheme/`` (git-ignored);
@@ -23,7 +23,7 @@ End to end, resumably:
    RD saw. Normal training images: all of ``train/good`` (RD's training split and its
    held-out validation split, both normal training images). Pseudo outliers: synthetic
    anomalies of those training images
-   (:class:`~kd_experiments.schemes.reverse_distillation.synthetic_anomalies.SyntheticAnomalies`,
+   (:class:`~kd_experiments.synthetic_anomalies.SyntheticAnomalies`,
    Perlin masks blended with procedural or in-set textures, seeded),
    ``--synthetic-per-image`` variants per image. No test image is used for training or
    for any choice. The teacher scores every training and synthetic image once (cached in
@@ -43,13 +43,12 @@ End to end, resumably:
    test split; parameters, MACs (one 128x128 image, whole scoring path) and CPU
    throughput at batch 32 (one thread) of both.
 
-Writes ``benchmarks/results/score_regression_cross_scheme.json`` (``runs``, ``command``,
-``commit``, ``machine``: ``rd_bottle.ResultFile``, which takes the last two from
-``common``); records already present (same key) are skipped::
+Writes ``benchmarks/results/score_regression_cross_scheme.json`` (``runs``, each record with
+its provenance, :mod:`benchmarks.harness`); records already present (same key) are skipped::
 
-    nohup .venv/bin/python benchmarks/score_regression_cross_scheme.py \\
+    nohup .venv/bin/python -m benchmarks.score_regression_cross_scheme \\
         > logs/benchmarks/cross_scheme.log 2>&1 &
-    .venv/bin/python benchmarks/score_regression_cross_scheme.py --table
+    .venv/bin/python -m benchmarks.score_regression_cross_scheme --table
 """
 
 from __future__ import annotations
@@ -58,25 +57,23 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rd_bottle import DEFAULT_DATA, ResultFile, compose
 from scipy.stats import spearmanr
 from torch import nn
 
+from benchmarks.harness import ROOT, ResultsFile, base_parser, compose, now_utc
+from benchmarks.rd_bottle import add_mvtec_arguments, mvtec_root
 from kd_experiments import metrics as kd_metrics
 from kd_experiments.compression import count_macs, count_parameters, measure_latency
-from kd_experiments.schemes.reverse_distillation.synthetic_anomalies import SyntheticAnomalies
+from kd_experiments.synthetic_anomalies import SyntheticAnomalies
 from kd_experiments.schemes.score_regression.family import predict
 from kd_experiments.schemes.score_regression.teachers import load_scheme_teacher
 from kd_experiments.schemes.score_regression.torch_model import PAPER_STUDENTS, build_student
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / ".cache" / "cross_scheme"
 RD_SCHEME = "kd_experiments.schemes.reverse_distillation.ReverseDistillationScheme"
 TECHNIQUES = ("baseline", "synthetic_outlier_exposure")
@@ -88,10 +85,10 @@ KEY_FIELDS = ("dataset", "teacher", "student", "technique", "seed", "epochs", "i
 
 
 def teacher_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
-    """``benchmarks/rd_bottle.py``'s overrides for ``scheme=rd``, full width."""
+    """``benchmarks.rd_bottle``'s overrides for ``scheme=rd``, full width."""
     return [
         "experiment=rd_bottle",
-        f"data.root={args.data}",
+        f"data.root={mvtec_root(args)}",
         f"data.image_size={args.image_size}",
         "data.batch_size=8",
         f"trainer.max_epochs={args.teacher_epochs}",
@@ -125,7 +122,7 @@ def train_teacher(args: argparse.Namespace) -> tuple[Path, dict]:
         print(f"[cross_scheme] removing checkpoint of an unfinished run: {stale}", flush=True)
         stale.unlink()
     print(f"[cross_scheme] training the RD teacher into {run_dir}", flush=True)
-    cfg = compose(teacher_overrides(args, run_dir), run_dir)
+    cfg = compose(teacher_overrides(args, run_dir), output_dir=run_dir)
     started = time.perf_counter()
     metrics = train(cfg)
     summary = {
@@ -171,7 +168,7 @@ def load_data(args: argparse.Namespace, teacher: nn.Module, checkpoint: Path) ->
     from kd_experiments import config as kd_config
 
     run_dir = teacher_run_dir(args)
-    cfg = compose(teacher_overrides(args, run_dir), run_dir)  # the teacher run's data config
+    cfg = compose(teacher_overrides(args, run_dir), output_dir=run_dir)  # the teacher run's data config
     datamodule = kd_config.instantiate(cfg.data)
     datamodule.setup("fit")
     datamodule.setup("test")
@@ -295,8 +292,8 @@ def markdown_table(path: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding bottle/")
+    parser = base_parser(__doc__, output="score_regression_cross_scheme.json", threads=False)
+    add_mvtec_arguments(parser)
     parser.add_argument("--image-size", type=int, default=128, help="RD's input size")
     parser.add_argument("--teacher-epochs", type=int, default=10)
     parser.add_argument("--student-input-size", type=int, default=64, help="the student's average-pooled input")
@@ -308,7 +305,6 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=CACHE, help="teacher run folder, MLflow store, score cache")
-    parser.add_argument("--output", type=Path, default=RESULTS / "score_regression_cross_scheme.json")
     parser.add_argument("--table", action="store_true", help="print the results as Markdown and exit")
     args = parser.parse_args()
     if args.table:
@@ -320,9 +316,7 @@ def main() -> None:
     args.cache = args.cache.resolve()
     args.cache.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{args.cache / 'mlflow.db'}")
-    script = Path(sys.argv[0])
-    command = "python " + " ".join([str(script.resolve().relative_to(ROOT)), *sys.argv[1:]])
-    results = ResultFile(args.output, command)
+    results = ResultsFile(args.output)
 
     def key(student: str, technique: str) -> dict:
         return {
@@ -355,6 +349,7 @@ def main() -> None:
     for student_name, technique in todo:
         spec = PAPER_STUDENTS[student_name]
         print(f"[cross_scheme] run {key(student_name, technique)}", flush=True)
+        started_at, run_started = now_utc(), time.perf_counter()
         if technique == "baseline":
             inputs, targets = pooled["train"], data["train_scores"]
         else:
@@ -395,7 +390,7 @@ def main() -> None:
             "inference_batch_size": len(test_batch), "device": "cpu", "torch_threads": torch.get_num_threads(),
             "backbone": "tf_efficientnet_lite0", "weights": "package",
         }
-        results.append(record)
+        results.append(record, started_at=started_at, wall_s=time.perf_counter() - run_started)
         print(f"[cross_scheme] done {student_name} {technique}: teacher AUROC {record['teacher_auroc']:.4f} "
               f"student AUROC {record['student_auroc']:.4f} retention {record['retention']:.3f} "
               f"spearman {record['spearman']:.3f} ({train_seconds:.0f} s)", flush=True)

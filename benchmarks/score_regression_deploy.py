@@ -26,15 +26,12 @@ and cached; then, per model:
 
 Resumable: one record per model, appended at once; present records are skipped::
 
-    .venv/bin/python benchmarks/score_regression_deploy.py
+    .venv/bin/python -m benchmarks.score_regression_deploy
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,10 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from score_regression import DATA, ROOT, Results
-
+from benchmarks.harness import ROOT, ResultsFile, base_parser, now_utc
 from kd_experiments import metrics as kd_metrics
 from kd_experiments.compression import (
     count_macs,
@@ -140,7 +134,7 @@ def onnx_runner(path: Path):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = base_parser(__doc__, output="score_regression_deploy.json", threads=False)
     parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"])
     parser.add_argument("--normal-class", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=5)
@@ -154,13 +148,12 @@ def main() -> None:
     parser.add_argument("--large-batch", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=200, help="timed batch-1 calls (median)")
     parser.add_argument("--large-repeats", type=int, default=5, help="timed large-batch calls (median)")
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "score_regression_deploy.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.backends.quantized.engine = "x86"
-    results = Results(args.output, ("dataset", "normal_class", "model", "seed", "epochs", "lr_schedule", "technique"))
+    results = ResultsFile(args.output, ("dataset", "normal_class", "model", "seed", "epochs", "lr_schedule", "technique"))
 
-    data = OneClassDataModule(dataset=args.dataset, root=DATA / args.dataset, normal_class=args.normal_class,
+    data = OneClassDataModule(dataset=args.dataset, root=args.data_root / args.dataset, normal_class=args.normal_class,
                               protocol="balanced", normalization="none", seed=args.seed)
     data.setup("fit")
     train_images = data.train_dataset.images
@@ -168,13 +161,13 @@ def main() -> None:
     partner = OUTLIER_PARTNER[args.dataset]
     sampler = None
     if args.technique == "co_learning+outlier_exposure":
-        pool = load_outlier_images(partner, DATA / partner, max_images=args.outlier_images, seed=args.seed)
+        pool = load_outlier_images(partner, args.data_root / partner, max_images=args.outlier_images, seed=args.seed)
         sampler = OutlierSampler(pool, args.outlier_batch_size, seed=args.seed)
     models = trained_models(args, train_images, sampler)
     # Calibration: normal training images and pseudo outliers (the other set's training
     # split, as outlier exposure): the activation ranges must cover the high scores of
     # anomalies, or the int8 output clips them and ties them. No test image is used.
-    outliers = load_outlier_images(partner, DATA / partner, max_images=500, seed=args.seed)
+    outliers = load_outlier_images(partner, args.data_root / partner, max_images=500, seed=args.seed)
     calibration = [train_images[i : i + 100] for i in range(0, min(500, len(train_images)), 100)]
     calibration += [outliers[i : i + 100] for i in range(0, len(outliers), 100)]
     one, many = test_images[:1].contiguous(), test_images[: args.large_batch].contiguous()
@@ -195,16 +188,16 @@ def main() -> None:
     for name, model in models.items():
         key = {"dataset": args.dataset, "normal_class": args.normal_class, "model": name, "seed": args.seed, "epochs": args.epochs,
                    "lr_schedule": args.lr_schedule, "technique": args.technique}
-        if results.has(**key):
-            done = next(run for run in results.data["runs"] if results.key(run) == results.key(key))
+        done = results.find(key)
+        if done is not None:
             if name != "teacher" and "qat_int8_auroc" not in done:
-                done.update(qat_record(model, qat_batches, test_images, labels, args.seed))
-                results.path.write_text(json.dumps(results.data, indent=1))
+                done = results.update(key, qat_record(model, qat_batches, test_images, labels, args.seed))
                 print(f"{name}: QAT int8 {done['qat_int8_auroc']:.4f} vs float twin {done['qat_float_auroc']:.4f}",
                       flush=True)
             else:
                 print(f"{name}: done, skipped", flush=True)
             continue
+        started_at, started = now_utc(), time.perf_counter()
         record: dict[str, object] = {**key, "lr": args.lr, "params": count_parameters(model), "macs": count_macs(model, one)}
         fp32_scores = predict(model, test_images)
         record["fp32_auroc"] = kd_metrics.image_auroc(fp32_scores, labels)
@@ -229,19 +222,21 @@ def main() -> None:
                 record[f"{runtime}_latency_batch1_ms"] = latency * 1e3
                 record[f"{runtime}_throughput_per_s"] = args.large_batch / batch_seconds
         record["large_batch"] = args.large_batch
-        results.append(record)
+        results.append(record, started_at=started_at, wall_s=time.perf_counter() - started)
         print(f"{name}: params {record['params']}, AUROC fp32 {record['fp32_auroc']:.4f} int8 {record['int8_auroc']:.4f}, "
               f"ONNX diff {record['onnx_max_abs_difference']:.2e}, "
               f"throughput torch {record['torch_fp32_throughput_per_s']:.0f}/s "
               f"ORT {record['onnxruntime_fp32_throughput_per_s']:.0f}/s", flush=True)
     budget = (args.epochs, args.lr_schedule, args.technique)
-    runs = [r for r in results.data["runs"] if (r["epochs"], r["lr_schedule"], r["technique"]) == budget]
+    runs = [r for r in results.reload()["runs"] if (r["epochs"], r["lr_schedule"], r["technique"]) == budget
+            and (r["dataset"], r["normal_class"], r["seed"]) == (args.dataset, args.normal_class, args.seed)]
     teacher = next(r for r in runs if r["model"] == "teacher")
     for record in runs:
-        for runtime in ("torch_fp32", "onnxruntime_fp32"):
-            record[f"{runtime}_throughput_vs_teacher"] = (
-                record[f"{runtime}_throughput_per_s"] / teacher[f"{runtime}_throughput_per_s"])
-    results.path.write_text(json.dumps(results.data, indent=1))
+        ratios = {f"{runtime}_throughput_vs_teacher":
+                  record[f"{runtime}_throughput_per_s"] / teacher[f"{runtime}_throughput_per_s"]
+                  for runtime in ("torch_fp32", "onnxruntime_fp32")}
+        if any(record.get(name) != value for name, value in ratios.items()):
+            results.update(record, ratios)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,17 @@
 """Markdown tables from the score-regression benchmark JSONs (mean and std over classes).
 
-    .venv/bin/python benchmarks/score_regression_report.py            # print them
-    .venv/bin/python benchmarks/score_regression_report.py --readme   # rewrite them in benchmarks/README.md
+    .venv/bin/python -m benchmarks.score_regression_report      # print them
+    .venv/bin/python -m benchmarks.report                       # docs/results/score_regression.md (with them)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from common import SHORT_NAMES
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.harness import RESULTS, SHORT_NAMES, base_parser
 STUDENTS = "ABCDEFG"
 
 
@@ -207,10 +204,6 @@ def targets_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-BEGIN = "<!-- score_regression_report.py: begin (generated; do not edit by hand) -->"
-END = "<!-- score_regression_report.py: end -->"
-
-
 def report() -> str:
     parts = [training_tables(dataset) for dataset in ("mnist", "fashion_mnist")]
     parts += [teacher_budget_table(), deploy_table(),
@@ -223,21 +216,8 @@ def report() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--readme", type=Path, nargs="?", const=RESULTS.parent / "README.md", default=None,
-                        help="rewrite the part of this README between the report's markers (default: benchmarks/README.md)")
-    args = parser.parse_args()
-    text = report()
-    if args.readme is None:
-        print(text)
-        return
-    readme = args.readme.read_text()
-    if readme.count(BEGIN) != 1 or readme.count(END) != 1:
-        raise SystemExit(f"{args.readme}: expected one pair of markers {BEGIN!r} ... {END!r}")
-    head, rest = readme.split(BEGIN)
-    _, tail = rest.split(END)
-    args.readme.write_text(f"{head}{BEGIN}\n\n{text}\n{END}{tail}")
-    print(f"rewrote the generated part of {args.readme}")
+    base_parser(__doc__, threads=False).parse_args()
+    print(report())
 
 
 if __name__ == "__main__":
