@@ -16,8 +16,9 @@ sizes, key metrics, status) and a summary by compression ratio, and writes into
   a marker with its standard deviation, the Pareto front (higher quality and higher
   compression are both better) drawn and circled, the teacher's quality as a line;
 - ``quality_vs_latency.png``: the quality metric against latency. The latency is the
-  runs' inference-latency metric when they logged one (``test/latency_ms`` or another
-  ``*latency_ms`` metric that is not the teacher's), else the run's wall-clock
+  runs' inference-latency metric when they logged one (``deploy/latency_ms_b1``, the
+  deployable student at batch 1 on one CPU thread, which every run logs; or
+  ``test/latency_ms`` or another ``*latency_ms`` metric that is not the teacher's), else the run's wall-clock
   ``duration_s`` (training + test): the axis label says which;
 - ``spread_by_ratio.png``: per compression ratio, the spread of the quality metric over
   seeds (box plot with every seed as a point);
@@ -63,7 +64,7 @@ DEFAULT_METRICS = (
 )
 DEFAULT_QUALITY = "test/image_auroc"
 #: inference-latency metrics, in order of preference (the first one the runs have wins)
-LATENCY_METRICS = ("test/latency_ms", "test/student_latency_ms", "latency_ms")
+LATENCY_METRICS = ("deploy/latency_ms_b1", "test/latency_ms", "test/student_latency_ms", "latency_ms")
 DURATION_METRIC = "duration_s"
 REPORT_ARTIFACT_DIR = "report"
 REPORT_FILES = (
