@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd_experiments.errors import CheckpointError, ConfigError
+from kd_experiments.errors import ConfigError
 
 
 class ScoreTeacher(nn.Module):
@@ -95,22 +95,7 @@ def load_scheme_teacher(scheme_target: str, checkpoint: str | Path) -> ScoreTeac
     ``kd_experiments.schemes.reverse_distillation.ReverseDistillationScheme``) is built
     from the checkpoint's saved hyper-parameters and loaded strictly.
     """
-    from hydra.utils import get_class
+    from kd_experiments.checkpoints import load_scheme
 
-    from kd_experiments.checkpoints import load_checkpoint
-
-    try:
-        scheme_class = get_class(scheme_target)
-    except Exception as error:  # noqa: BLE001 - hydra raises several types
-        raise ConfigError(f"scheme.teacher_model.scheme_target={scheme_target!r} is not a class: {error}") from None
-    state = load_checkpoint(checkpoint)
-    hyper_parameters = dict(state.get("hyper_parameters") or {})
-    try:
-        scheme = scheme_class(**hyper_parameters)
-        scheme.load_state_dict(state["state_dict"], strict=True)
-        if hasattr(scheme, "on_load_checkpoint"):  # the datamodule's preprocessing, kept in the checkpoint
-            scheme.on_load_checkpoint(state)
-    except (TypeError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0][:200]
-        raise CheckpointError(f"checkpoint {checkpoint} does not build {scheme_target}: {first_line}") from None
+    scheme = load_scheme(scheme_target, checkpoint, key="scheme.teacher_model")
     return ScoreTeacher(SchemeScorer(scheme))
