@@ -2,7 +2,11 @@
 
 Every scheme that needs a pretrained network (a frozen teacher, a student
 initialised from ImageNet, a feature extractor for a memory bank) builds it
-here, through :func:`load_pretrained_timm` or :class:`FeatureExtractor`. Both are
+here, through :func:`load_pretrained_timm`, :class:`FeatureExtractor` or
+:class:`FeatureEncoder` (a feature extractor fed with data-normalised images: it
+maps the data's normalisation, :func:`input_statistics`, to the one the weights
+expect; the datamodules normalise with the same :func:`input_statistics`, the one
+definition of the ImageNet statistics and of the rule for grey inputs). They are
 thin layers over `timm <https://github.com/huggingface/pytorch-image-models>`_
 (``timm.create_model``, ``features_only=True``, ``out_indices``, ``feature_info``;
 see https://huggingface.co/docs/timm/feature_extraction).
@@ -73,16 +77,46 @@ from torch import nn
 from kd_experiments.errors import ConfigError, WeightsError
 
 __all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "INPUT_NORMALIZATIONS",
     "PACKAGE_WEIGHTS",
     "WEIGHT_SOURCES",
+    "FeatureEncoder",
     "FeatureExtractor",
     "PackageWeights",
     "available_package_weights",
+    "input_statistics",
     "load_pretrained_timm",
 ]
 
 #: The accepted values of ``weights``.
 WEIGHT_SOURCES: tuple[str, ...] = ("package", "hub", "file", "none")
+
+#: ImageNet per-channel statistics of RGB pixels in [0, 1] (``normalization="imagenet"``).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: How images can be normalised before they reach a model: ImageNet statistics, or
+#: raw pixels in [0, 1].
+INPUT_NORMALIZATIONS: tuple[str, ...] = ("imagenet", "none")
+
+
+def input_statistics(normalization: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel ``(mean, std)`` of a normalisation, for images with ``channels`` channels.
+
+    ``imagenet``: :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD` for RGB; any other channel
+    count (grey images) gets the average of the three channels' values on every channel.
+    ``none``: mean 0, std 1 (pixels in [0, 1]). The datamodules normalise with it and the
+    :class:`FeatureEncoder` undoes it, so the two always agree.
+    """
+    if normalization == "imagenet":
+        if channels == 3:
+            return IMAGENET_MEAN, IMAGENET_STD
+        return (sum(IMAGENET_MEAN) / 3,) * channels, (sum(IMAGENET_STD) / 3,) * channels
+    if normalization == "none":
+        return (0.0,) * channels, (1.0,) * channels
+    raise ConfigError(f"scheme.input_normalization must be 'imagenet' or 'none', got {normalization!r}")
 
 
 @dataclass(frozen=True)
@@ -558,8 +592,8 @@ class FeatureExtractor(nn.Module):
         self.out_channels: list[int] = list(self.model.feature_info.channels())
         self.reductions: list[int] = list(self.model.feature_info.reduction())
         cfg = getattr(self.model, "pretrained_cfg", None) or {}
-        self.mean: tuple[float, ...] = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
-        self.std: tuple[float, ...] = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        self.mean: tuple[float, ...] = tuple(cfg.get("mean", IMAGENET_MEAN))
+        self.std: tuple[float, ...] = tuple(cfg.get("std", IMAGENET_STD))
         if frozen:
             self.model.requires_grad_(False)
             self.model.eval()
@@ -583,3 +617,66 @@ class FeatureExtractor(nn.Module):
             f"model_name={self.model_name!r}, layers={self.layers}, "
             f"out_channels={self.out_channels}, frozen={self.frozen}"
         )
+
+
+class FeatureEncoder(nn.Module):
+    """Multi-level features of a pretrained timm backbone, from data-normalised images.
+
+    A :class:`FeatureExtractor` plus a fixed affine map from the data's normalisation
+    (``input_mean``, ``input_std``; see :func:`input_statistics`) to the one the
+    pretrained weights expect (``FeatureExtractor.mean`` / ``.std``; EfficientNet-Lite:
+    mean = std = 0.5). A backbone statistic given for three channels is averaged for
+    grey (one-channel) inputs. It is the encoder of every feature-based scheme: reverse
+    distillation's frozen teacher, the trainable teacher and frozen expert of RD with
+    Expert, the patch-feature extractor of a memory bank.
+
+    Args:
+        backbone: timm model name (``tf_efficientnet_lite0``, ``wide_resnet50_2``...).
+        layers: timm ``out_indices``.
+        weights, weights_path: see :class:`FeatureExtractor`.
+        frozen: freeze the backbone (eval mode, no gradients).
+        input_mean, input_std: the normalisation of the incoming images.
+        in_channels: channels of the incoming images (timm adapts the first convolution).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        layers: Sequence[int],
+        weights: str,
+        weights_path: str | None,
+        frozen: bool,
+        input_mean: Sequence[float],
+        input_std: Sequence[float],
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        extra = {} if in_channels == 3 else {"in_chans": in_channels}
+        self.extractor = FeatureExtractor(
+            backbone, layers=tuple(layers), weights=weights, weights_path=weights_path, frozen=frozen, **extra
+        )
+        channels = len(input_mean)
+        backbone_mean = torch.tensor(self._per_channel(self.extractor.mean, channels))
+        backbone_std = torch.tensor(self._per_channel(self.extractor.std, channels))
+        mean, std = torch.tensor(tuple(input_mean)), torch.tensor(tuple(input_std))
+        # images * scale + shift == ((images * std + mean) - backbone_mean) / backbone_std
+        self.register_buffer("scale", (std / backbone_std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", ((mean - backbone_mean) / backbone_std).view(1, -1, 1, 1), persistent=False)
+
+    @staticmethod
+    def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
+        values = tuple(values)
+        if len(values) == channels:
+            return values
+        return (sum(values) / len(values),) * channels
+
+    @property
+    def out_channels(self) -> list[int]:
+        return list(self.extractor.out_channels)
+
+    @property
+    def frozen(self) -> bool:
+        return self.extractor.frozen
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.extractor(images * self.scale + self.shift)

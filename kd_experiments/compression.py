@@ -3,7 +3,10 @@
 One place for the numbers a compression sweep reports: parameters
 (:func:`count_parameters`), multiply-accumulates (:func:`count_macs`), the
 teacher/student ratio (:func:`compression_ratio`), bytes on disk
-(:func:`serialized_size_bytes`), int8 quantisation, post-training
+(:func:`serialized_size_bytes`), the search for a student of a requested ratio
+(:func:`check_ratio`, :func:`width_for_ratio`, :func:`closest_to_ratio`: every scheme
+checks a requested ratio and reports an unreachable one the same way), int8
+quantisation, post-training
 (:func:`quantize_int8_dynamic`, :func:`quantize_int8_static`) or quantisation-aware
 (:func:`quantize_int8_qat`), ONNX export and
 its numerical check (:func:`export_onnx`, :func:`onnx_parity`), and latency for
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import os
 import statistics
 import time
@@ -39,7 +43,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -48,8 +52,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from kd_experiments.errors import ConfigError
 
 __all__ = [
+    "check_ratio",
+    "closest_to_ratio",
     "compression_ratio",
     "count_macs",
+    "count_on_meta",
     "count_parameters",
     "export_onnx",
     "measure_latency",
@@ -58,6 +65,7 @@ __all__ = [
     "quantize_int8_qat",
     "quantize_int8_static",
     "serialized_size_bytes",
+    "width_for_ratio",
 ]
 
 ExampleInput = torch.Tensor | Sequence[torch.Tensor]
@@ -176,6 +184,101 @@ def size_summary(
         "student_macs": student_macs,
         "mac_compression_ratio": reference_macs / student_macs,
     }
+
+
+# ---------------------------------------------------------------- a student for a ratio
+
+Candidate = TypeVar("Candidate")
+
+
+def check_ratio(value: object, name: str = "compression_ratio") -> float:
+    """``value`` as a float if it is a finite number >= 1, else a :class:`ConfigError`
+    naming ``scheme.<name>``: the one check of a requested compression ratio."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 1):
+        raise ConfigError(f"scheme.{name} must be a number >= 1, got {value!r}")
+    return float(value)
+
+
+def closest_to_ratio(
+    target: float,
+    candidates: Sequence[tuple[Candidate, float]],
+    tolerance: float = 0.25,
+    reachable: Callable[[], tuple[float, float]] | None = None,
+    name: str = "compression_ratio",
+) -> Candidate:
+    """The candidate whose ratio is closest to ``target`` in log space (the first on a tie).
+
+    Args:
+        target: The requested ratio (checked with :func:`check_ratio`).
+        candidates: ``(candidate, the ratio it achieves)`` pairs, at least one.
+        tolerance: The largest accepted relative error, in log space
+            (``|log(ratio / target)| <= log(1 + tolerance)``).
+        reachable: ``(smallest, largest)`` ratio any candidate of the family reaches,
+            for the message (computed only on failure); by default the span of ``candidates``.
+        name: The config key, for the message.
+
+    Raises:
+        ConfigError: When no candidate is within ``tolerance`` of ``target``.
+    """
+    target = check_ratio(target, name)
+    best, achieved = min(candidates, key=lambda item: abs(math.log(item[1] / target)))
+    if abs(math.log(achieved / target)) > math.log1p(tolerance):
+        low, high = reachable() if reachable is not None else (
+            min(ratio for _, ratio in candidates), max(ratio for _, ratio in candidates)
+        )
+        raise ConfigError(
+            f"scheme.{name}={target:g} cannot be reached by any student width "
+            f"(closest {achieved:.1f}; the reachable ratios span {low:.1f} to {high:.1f})"
+        )
+    return best
+
+
+def count_on_meta(build: Callable[[], nn.Module]) -> int:
+    """Parameters of a module built on the meta device (no memory, no init cost, no RNG draw)."""
+    with torch.device("meta"):
+        module = build()
+    return sum(p.numel() for p in module.parameters())
+
+
+def width_for_ratio(
+    compression_ratio: float,
+    build_student: Callable[[float], nn.Module],
+    tolerance: float = 0.25,
+    min_width: float = 1e-3,
+) -> float:
+    """The width multiplier whose student is ``compression_ratio`` times smaller than at width 1.
+
+    For a student family with a continuous width multiplier (``build_student(width)``,
+    width 1 being the reference the ratio refers to). Student size grows monotonically
+    with the width, so the multiplier is found by bisection in log space over
+    ``[min_width, 1]`` (students counted on the meta device, :func:`count_on_meta`); of
+    the two ends of the final bracket the closer one is kept (:func:`closest_to_ratio`).
+
+    Raises:
+        ConfigError: For a ratio that is not a number >= 1, or one that no width reaches
+            within ``tolerance`` (relative).
+    """
+    compression_ratio = check_ratio(compression_ratio)
+    full = count_on_meta(lambda: build_student(1.0))
+    target = full / compression_ratio
+    if compression_ratio == 1:
+        return 1.0
+    low, high = math.log(min_width), 0.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        width = math.exp(middle)
+        if count_on_meta(lambda width=width: build_student(width)) > target:
+            high = middle
+        else:
+            low = middle
+    candidates = [math.exp(low), math.exp(high)]
+    ratios = [full / count_on_meta(lambda w=w: build_student(w)) for w in candidates]
+    return closest_to_ratio(
+        compression_ratio,
+        list(zip(candidates, ratios, strict=True)),
+        tolerance,
+        reachable=lambda: (1.0, full / count_on_meta(lambda: build_student(min_width))),
+    )
 
 
 def serialized_size_bytes(module: nn.Module) -> int:

@@ -18,7 +18,6 @@ one line, ``kd-train: error: ...``, ends the MLflow run FAILED with that message
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from kd_experiments import config as kd_config
+from kd_experiments.compression import check_ratio
 from kd_experiments.errors import ConfigError, KDError
 from kd_experiments.tracking import (
     REQUIRED_PARAMS,
@@ -110,8 +110,8 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"the config has no '{group}' group; pick one, e.g. {group}=<name>")
     for name in ("compression_ratio", "mac_compression_ratio"):
         ratio = cfg.scheme.get(name, None)
-        if ratio is not None and not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio >= 1):
-            raise ConfigError(f"scheme.{name} must be a number >= 1, got {ratio!r}")
+        if ratio is not None:
+            check_ratio(ratio, name)
     if not isinstance(cfg.get("seed", 0), int):
         raise ConfigError(f"seed must be an integer, got {cfg.get('seed')!r}")
     checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}

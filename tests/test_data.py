@@ -19,7 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from kd_experiments.data.common import IMAGENET_MEAN, IMAGENET_STD, split_indices
+from kd_experiments.backbones import IMAGENET_MEAN, IMAGENET_STD
+from kd_experiments.data.common import split_indices
 from kd_experiments.data.mvtec import MVTecDataModule, mvtec_test_summary
 from kd_experiments.data.one_class import OneClassDataModule, load_idx_split
 from kd_experiments.data.synthetic import (

@@ -11,25 +11,17 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from kd_experiments.anomaly_maps import anomaly_map, gaussian_blur, image_scores
+from kd_experiments.compression import count_on_meta, width_for_ratio
 from kd_experiments.errors import ConfigError
 from kd_experiments.schemes.reverse_distillation import ReverseDistillationScheme
 from kd_experiments.schemes.reverse_distillation import loss as rd_loss
-from kd_experiments.schemes.reverse_distillation.anomaly_map import (
-    anomaly_map,
-    gaussian_blur,
-    image_scores,
-)
 from kd_experiments.schemes.reverse_distillation.lightning_model import defect_type_of
-from kd_experiments.schemes.reverse_distillation.synthetic_anomalies import (
+from kd_experiments.synthetic_anomalies import (
     SyntheticAnomalies,
     perlin_noise,
 )
-from kd_experiments.schemes.reverse_distillation.torch_model import (
-    BottleneckBlock,
-    ReverseStudent,
-    count_on_meta,
-    width_for_ratio,
-)
+from kd_experiments.schemes.reverse_distillation.torch_model import BottleneckBlock, ReverseStudent
 from kd_experiments.train import train
 from tests.conftest import fast_overrides
 

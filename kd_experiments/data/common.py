@@ -1,4 +1,8 @@
-"""Pieces shared by every DataModule: safe image reading, normalisation, seeded splits.
+"""Pieces shared by every DataModule: safe image reading, normalisation, seeded splits,
+epoch-seeded loaders and the :class:`SplitDataModule` base.
+
+Normalisation statistics (ImageNet mean/std, the rule for grey inputs) live in
+:func:`kd_experiments.backbones.input_statistics`, next to the encoder that undoes them.
 
 Every helper here turns a user-caused problem (a missing folder, a corrupt or
 truncated image) into a one-line :class:`~kd_experiments.errors.DataError`
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch import LightningDataModule
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -20,13 +25,6 @@ from kd_experiments.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 """File suffixes (lower case) treated as images when listing a folder."""
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-IMAGENET_GRAY_MEAN: float = 0.449
-"""Mean of :data:`IMAGENET_MEAN`, used for single-channel input to ImageNet-normalised models."""
-IMAGENET_GRAY_STD: float = 0.226
-"""Mean of :data:`IMAGENET_STD`, used for single-channel input to ImageNet-normalised models."""
 
 # PIL reports broken files through several exception types: OSError (truncated
 # data, UnidentifiedImageError), SyntaxError (bad PNG chunk checksums in
@@ -160,14 +158,6 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (images - mean_tensor) / std_tensor
 
 
-def imagenet_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Return the ImageNet ``(mean, std)`` for RGB (3 channels) or grayscale (1 channel) input."""
-    if channels == 3:
-        return IMAGENET_MEAN, IMAGENET_STD
-    assert channels == 1, f"ImageNet statistics exist for 1 or 3 channels, not {channels}"
-    return (IMAGENET_GRAY_MEAN,), (IMAGENET_GRAY_STD,)
-
-
 def check_choice(key: str, value: object, allowed: Sequence[str]) -> str:
     """Return ``value`` if it is one of ``allowed``; otherwise raise a ConfigError listing them."""
     if value not in allowed:
@@ -272,3 +262,87 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )
+
+
+class SplitDataModule(LightningDataModule):
+    """Base of every DataModule: train / validation / test splits and their loaders.
+
+    A subclass sets ``batch_size``, ``eval_batch_size``, ``num_workers`` and ``seed`` and
+    implements :meth:`_load`, which builds ``self._train``, ``self._val`` and
+    ``self._test`` (the datasets ``stage`` needs, or all of them). :meth:`setup` calls
+    it; with ``load_on_access = True`` (sets held in memory) the split properties call
+    it too, so the data loads on first use, otherwise a split read before ``setup``
+    fails with the stage to set up. Loaders come from :func:`make_loader`: training
+    batches shuffled by an :class:`EpochSeededSampler` (so a resumed run sees the
+    batches an uninterrupted one would), evaluation batches in a fixed order.
+    """
+
+    #: whether the split properties load the data on first use (else ``setup`` must run first)
+    load_on_access: bool = True
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int
+    seed: int
+    #: stage -> (the attribute holding its dataset, what to call before reading it)
+    _SPLITS = {
+        "fit": ("_train", "setup('fit')"),
+        "validate": ("_val", "setup('fit') or setup('validate')"),
+        "test": ("_test", "setup('test')"),
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._train: Dataset | None = None
+        self._val: Dataset | None = None
+        self._test: Dataset | None = None
+
+    def _load(self, stage: str | None) -> None:
+        """Build the datasets of ``stage`` (``None``: every split)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build (and check) the splits ``stage`` needs; every split when ``stage`` is ``None``."""
+        self._load(stage)
+
+    def _split(self, stage: str) -> Dataset:
+        attribute, hint = self._SPLITS[stage]
+        if getattr(self, attribute) is None and self.load_on_access:
+            self._load(stage)
+        dataset = getattr(self, attribute)
+        assert dataset is not None, f"call {hint} first"
+        return dataset
+
+    @property
+    def train_dataset(self) -> Dataset:
+        """The training split (normal samples only)."""
+        return self._split("fit")
+
+    @property
+    def val_dataset(self) -> Dataset:
+        """The validation split, drawn from training data (never from the test split)."""
+        return self._split("validate")
+
+    @property
+    def test_dataset(self) -> Dataset:
+        """The test split."""
+        return self._split("test")
+
+    @property
+    def val_has_anomalies(self) -> bool:
+        """Whether the validation split holds labelled anomalies (schemes then log ``val/image_auroc``)."""
+        return False
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return make_loader(dataset, batch_size, shuffle, self.seed, self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches (an order per epoch, seeded by ``seed`` and the epoch)."""
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in a fixed order."""
+        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches in a fixed order."""
+        return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)

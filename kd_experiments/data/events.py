@@ -30,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from kd_experiments.data.common import check_choice, check_fraction, check_positive_int
+from kd_experiments.data.common import SplitDataModule, check_choice, check_fraction, check_positive_int
 from kd_experiments.errors import ConfigError, DataError
 
 PARTICLES_KEY = "Particles"
@@ -180,7 +179,7 @@ class EventDataset(Dataset):
         return {"image": self.images[index], "label": int(self.labels[index]), "index": index}
 
 
-class EventsDataModule(LightningDataModule):
+class EventsDataModule(SplitDataModule):
     """Background events normal, signal events anomalous (ADC2021 HDF5 files or generated ones).
 
     Args:
@@ -194,7 +193,8 @@ class EventsDataModule(LightningDataModule):
         max_background, max_signal: read at most this many events per file.
         val_fraction, test_fraction: shares of the background held out (seeded).
         pt_transform: ``log1p`` (default) or ``none`` before standardisation.
-        batch_size, eval_batch_size, num_workers, seed: loaders and splits.
+        batch_size, eval_batch_size, num_workers, seed: loaders and splits (training batches in
+            an order drawn from ``seed`` and the epoch, so a resumed run is exact).
     """
 
     def __init__(
@@ -242,9 +242,6 @@ class EventsDataModule(LightningDataModule):
         self.eval_batch_size = self.batch_size if eval_batch_size is None else check_positive_int("eval_batch_size", eval_batch_size)
         self.num_workers = check_positive_int("num_workers", num_workers, minimum=0)
         self.seed = int(seed)
-        self._train: EventDataset | None = None
-        self._val: EventDataset | None = None
-        self._test: EventDataset | None = None
         self.feature_mean: torch.Tensor | None = None
         self.feature_std: torch.Tensor | None = None
         self.test_signal_names: list[str] = []
@@ -304,40 +301,6 @@ class EventsDataModule(LightningDataModule):
     def input_shape(self) -> tuple[int]:
         return (NUM_FEATURES,)
 
-    @property
-    def train_dataset(self) -> EventDataset:
+    def _load(self, stage: str | None) -> None:
+        """Read, check, split and standardise every file (all splits at once, whatever ``stage``)."""
         self._ensure_loaded()
-        assert self._train is not None
-        return self._train
-
-    @property
-    def val_dataset(self) -> EventDataset:
-        self._ensure_loaded()
-        assert self._val is not None
-        return self._val
-
-    @property
-    def test_dataset(self) -> EventDataset:
-        self._ensure_loaded()
-        assert self._test is not None
-        return self._test
-
-    def setup(self, stage: str | None = None) -> None:
-        """Read, check, split and standardise every file (all splits at once)."""
-        self._ensure_loaded()
-
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)

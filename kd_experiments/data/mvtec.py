@@ -26,19 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningDataModule
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from kd_experiments.backbones import INPUT_NORMALIZATIONS, input_statistics
 from kd_experiments.data.common import (
+    SplitDataModule,
     check_choice,
     check_fraction,
     check_positive_int,
-    imagenet_stats,
     list_images,
     list_subdirs,
     load_image,
-    make_loader,
     normalize,
     parse_image_size,
     pil_to_uint8_tensor,
@@ -48,7 +47,7 @@ from kd_experiments.data.common import (
 )
 from kd_experiments.errors import DataError
 
-NORMALIZATIONS: tuple[str, ...] = ("imagenet", "none")
+NORMALIZATIONS: tuple[str, ...] = INPUT_NORMALIZATIONS
 """Allowed values of ``normalization``: ImageNet mean/std, or raw [0, 1] pixels."""
 
 GOOD: str = "good"
@@ -186,7 +185,7 @@ def mvtec_test_summary(root: str | Path, category: str) -> dict[str, int]:
     }
 
 
-class MVTecDataModule(LightningDataModule):
+class MVTecDataModule(SplitDataModule):
     """MVTec AD category as train (good), validation (held-out good) and test (all) splits.
 
     Args:
@@ -210,6 +209,8 @@ class MVTecDataModule(LightningDataModule):
         DataError: If ``root`` or ``root/category`` is missing (at construction)
             or any file problem (in :meth:`setup`).
     """
+
+    load_on_access = False  # the splits exist after setup(stage): files are checked there
 
     def __init__(
         self,
@@ -241,9 +242,6 @@ class MVTecDataModule(LightningDataModule):
         self.cache_images = cache_images
         self.category = category
         self.category_dir = _category_dir(root, category)
-        self._train: MVTecDataset | None = None
-        self._val: MVTecDataset | None = None
-        self._test: MVTecDataset | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -253,28 +251,7 @@ class MVTecDataModule(LightningDataModule):
     @property
     def normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel ``(mean, std)`` applied to pixels in [0, 1] (0 and 1 for ``"none"``)."""
-        channels = self.input_shape[0]
-        if self.normalization == "imagenet":
-            return imagenet_stats(channels)
-        return (0.0,) * channels, (1.0,) * channels
-
-    @property
-    def train_dataset(self) -> MVTecDataset:
-        """Training split (good images); available after ``setup("fit")``."""
-        assert self._train is not None, "call setup('fit') first"
-        return self._train
-
-    @property
-    def val_dataset(self) -> MVTecDataset:
-        """Validation split (held-out good images); available after ``setup("fit")``."""
-        assert self._val is not None, "call setup('fit') or setup('validate') first"
-        return self._val
-
-    @property
-    def test_dataset(self) -> MVTecDataset:
-        """Test split (every test image); available after ``setup("test")``."""
-        assert self._test is not None, "call setup('test') first"
-        return self._test
+        return input_statistics(self.normalization, self.input_shape[0])
 
     @property
     def test_summary(self) -> dict[str, int]:
@@ -283,8 +260,11 @@ class MVTecDataModule(LightningDataModule):
             sorted(Counter(sample.defect_type for sample in self.test_dataset.samples).items())
         )
 
-    def setup(self, stage: str | None = None) -> None:
+    def _load(self, stage: str | None) -> None:
         """Find and check the files of the splits ``stage`` needs (all when ``stage`` is ``None``).
+
+        The splits: training (good images), validation (held-out good images), both after
+        ``setup("fit")``; test (every test image) after ``setup("test")``.
 
         Raises:
             DataError: For an empty ``train/good``, no test images, a missing
@@ -335,18 +315,3 @@ class MVTecDataModule(LightningDataModule):
         if not samples:
             raise DataError(f"no images in MVTec AD test folder {test_dir}")
         return samples
-
-    def _loader(self, dataset: MVTecDataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return make_loader(dataset, batch_size, shuffle, self.seed, self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (seeded by ``seed``)."""
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches in a fixed order."""
-        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches in a fixed order (defect types sorted, then file names)."""
-        return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)

@@ -35,19 +35,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.nn.functional import interpolate
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from kd_experiments.data.common import (
+    SplitDataModule,
     check_choice,
     check_fraction,
     check_positive_int,
     list_images,
     list_subdirs,
     load_image,
-    make_loader,
     normalize,
     parse_image_size,
     pil_to_uint8_tensor,
@@ -229,7 +228,7 @@ def _digits_splits(seed: int) -> tuple[_RawSplit, _RawSplit]:
     )
 
 
-class OneClassDataModule(LightningDataModule):
+class OneClassDataModule(SplitDataModule):
     """One normal class of a labelled image set against the others.
 
     Args:
@@ -315,9 +314,6 @@ class OneClassDataModule(LightningDataModule):
             self.root = require_dir(root, f"{self.dataset} data folder")
         self._class_names = self._discover_class_names()
         self.normal_class = self._resolve_normal_class(normal_class)
-        self._train: OneClassDataset | None = None
-        self._val: OneClassDataset | None = None
-        self._test: OneClassDataset | None = None
         self._stats: tuple[float, float] | None = None
 
     @property
@@ -551,52 +547,19 @@ class OneClassDataModule(LightningDataModule):
         return (self._stats[0],), (self._stats[1],)
 
     @property
-    def train_dataset(self) -> OneClassDataset:
-        """Normal training images minus the validation hold-out (loads the data on first use)."""
-        self._ensure_loaded()
-        assert self._train is not None
-        return self._train
-
-    @property
-    def val_dataset(self) -> OneClassDataset:
-        """Held-out normal training images (label 0), plus other-class training images (label 1)
-        with ``val_anomalies="other_classes"`` (loads the data on first use)."""
-        self._ensure_loaded()
-        assert self._val is not None
-        return self._val
-
-    @property
-    def test_dataset(self) -> OneClassDataset:
-        """Test images chosen by the protocol (loads the data on first use)."""
-        self._ensure_loaded()
-        assert self._test is not None
-        return self._test
-
-    @property
     def val_has_anomalies(self) -> bool:
         """Whether the validation split holds labelled anomalies (schemes then log ``val/image_auroc``)."""
         return self.val_anomalies != "none"
 
-    def setup(self, stage: str | None = None) -> None:
+    def _load(self, stage: str | None) -> None:
         """Load, check, split and normalise the data (all splits at once, whatever ``stage``).
+
+        The splits: normal training images minus the validation hold-out; held-out normal
+        training images (label 0), plus other-class training images (label 1) with
+        ``val_anomalies="other_classes"``; the test images chosen by the protocol.
 
         Raises:
             DataError: For missing, corrupt or inconsistent files, or a split
                 with too few images of the normal class.
         """
         self._ensure_loaded()
-
-    def _loader(self, dataset: OneClassDataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return make_loader(dataset, batch_size, shuffle, self.seed, self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (seeded by ``seed``)."""
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches in a fixed order."""
-        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches in a fixed order."""
-        return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)

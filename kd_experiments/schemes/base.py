@@ -49,15 +49,6 @@ from kd_experiments.deployable import DeployableModel, Preprocessing
 from kd_experiments.errors import TrainingDivergedError
 from kd_experiments.tracking import is_global_zero, log_figure_from_module
 
-COMPRESSION_KEYS = (
-    "teacher_params",
-    "student_params",
-    "compression_ratio",
-    "teacher_macs",
-    "student_macs",
-    "mac_compression_ratio",
-)
-
 
 def gather_and_deduplicate(records: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Concatenate per-batch tensors, gather them from all ranks, keep one row per index.

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_experiments.compression import check_ratio, count_macs, count_parameters
 from kd_experiments.errors import ConfigError
 
 LATENT_CONSTRAINTS = ("sphere", "tanh", "none")
@@ -199,8 +200,6 @@ def _sizes(spec: GeneratorSpec, image_size: int, channels: int) -> tuple[int, in
     ``seed_everything`` would start from other weights whenever an earlier model in the same
     process had warmed the cache (found as a student whose figures depended on which run
     preceded it in a benchmark process)."""
-    from kd_experiments.compression import count_macs, count_parameters
-
     with torch.random.fork_rng(devices=[]):
         generator = EDEGenerator(spec, image_size, channels)
     example = torch.zeros(1, channels, image_size, image_size)
@@ -223,8 +222,8 @@ def student_spec_for_ratio(
     one the family cannot reach.
     """
     for name, value in (("compression_ratio", compression_ratio), ("mac_compression_ratio", mac_compression_ratio)):
-        if value is not None and not (math.isfinite(value) and value >= 1):
-            raise ConfigError(f"scheme.{name} must be a number >= 1, got {value}")
+        if value is not None:
+            check_ratio(value, name)
     teacher_params, teacher_macs = _sizes(teacher, image_size, channels)
     feasible: list[tuple[GeneratorSpec, int]] = []
     best_params_ratio = best_macs_ratio = 0.0

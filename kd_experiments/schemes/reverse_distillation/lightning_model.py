@@ -26,7 +26,7 @@ Switches (RD baseline = all off; RD with Expert = all on, ``configs/scheme/rd_ex
     the gate is a convex mix (URD uses the raw cosine).
 ``synthetic_anomalies``
     Every training batch gets an anomalous copy (Perlin masks, procedural or in-set
-    textures, :mod:`.synthetic_anomalies`); the student must reproduce the *normal*
+    textures, :mod:`kd_experiments.synthetic_anomalies`); the student must reproduce the *normal*
     teacher (and expert) features from it (URD's ``Student.loss``).
 
 Optimisation follows the authors' code: Adam with betas (0.5, 0.999), student lr
@@ -40,7 +40,7 @@ schedule is a fixed number of epochs; the validation loss (student distillation
 loss on held-out normal images) is logged for inspection, never used for selection.
 
 Evaluation: RD's anomaly map (sum over levels of ``1 - cos``, Gaussian sigma 4),
-image score = its maximum (:mod:`.anomaly_map`). The deployed model is the
+image score = its maximum (:mod:`kd_experiments.anomaly_maps`). The deployed model is the
 (trained) encoder plus the student; the expert is needed only for training.
 
 Compression: the student (bottleneck, decoder, skip fusion) has a width
@@ -60,20 +60,14 @@ import torch
 import torch.distributed as dist
 
 from kd_experiments import metrics as kd_metrics
-from kd_experiments.compression import count_macs, count_parameters, size_summary
+from kd_experiments.anomaly_maps import MODES, anomaly_map, image_scores
+from kd_experiments.backbones import FeatureEncoder, input_statistics
+from kd_experiments.compression import count_macs, count_parameters, size_summary, width_for_ratio
 from kd_experiments.errors import ConfigError
 from kd_experiments.schemes.base import AnomalyScheme
 from kd_experiments.schemes.reverse_distillation import loss as rd_loss
-from kd_experiments.schemes.reverse_distillation.anomaly_map import MODES, anomaly_map, image_scores
-from kd_experiments.schemes.reverse_distillation.synthetic_anomalies import SyntheticAnomalies
-from kd_experiments.schemes.reverse_distillation.torch_model import (
-    DEFAULT_MIN_CHANNELS,
-    UPSAMPLING,
-    FeatureEncoder,
-    ReverseStudent,
-    input_statistics,
-    width_for_ratio,
-)
+from kd_experiments.schemes.reverse_distillation.torch_model import DEFAULT_MIN_CHANNELS, UPSAMPLING, ReverseStudent
+from kd_experiments.synthetic_anomalies import SyntheticAnomalies
 from kd_experiments.tracking import log_figure_from_module
 
 #: Seed of the validation split's synthetic anomalies (fixed: comparable across epochs).

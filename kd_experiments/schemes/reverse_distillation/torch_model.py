@@ -7,13 +7,11 @@ Papers:
 - Liu, Wang, Leng, Zhang, "Unlocking the Potential of Reverse Distillation for
   Anomaly Detection", AAAI 2025 (arXiv 2412.07579); authors' code hito2448/URD.
 
-Modules:
+The encoder (RD's frozen teacher; in RD with Expert the trainable teacher, and a frozen
+copy of it is the expert) is the shared :class:`kd_experiments.backbones.FeatureEncoder`;
+the width search for a compression ratio is :func:`kd_experiments.compression.width_for_ratio`.
+Modules of the student:
 
-- :class:`FeatureEncoder`: the encoder (RD's frozen teacher; in RD with Expert the
-  trainable teacher, and a frozen copy of it is the expert). A
-  :class:`kd_experiments.backbones.FeatureExtractor` over any timm ``features_only``
-  model, plus a fixed affine map from the data's normalisation to the one the
-  pretrained weights expect (EfficientNet-Lite: mean = std = 0.5).
 - :class:`OneClassBottleneck`: RD's OCBE. Multi-scale feature fusion (MFF: every
   shallower level is brought to the deepest level's resolution by stride-2 3x3
   convolutions and concatenated with the deepest level, as in RD4AD's
@@ -74,88 +72,17 @@ held-out normal images, RD at ratio 64, floors 2, 8 and 12).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_experiments.backbones import FeatureExtractor
 from kd_experiments.errors import ConfigError
 
 #: The floor of every student width (``scheme.min_channels``; see the module docstring).
 DEFAULT_MIN_CHANNELS = 12
-
-#: ImageNet statistics (the datamodules' ``normalization="imagenet"``).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def input_statistics(normalization: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(mean, std)`` the data was normalised with: ``imagenet`` or ``none`` ([0, 1] pixels)."""
-    if normalization == "imagenet":
-        if channels == 3:
-            return IMAGENET_MEAN, IMAGENET_STD
-        return (sum(IMAGENET_MEAN) / 3,) * channels, (sum(IMAGENET_STD) / 3,) * channels
-    if normalization == "none":
-        return (0.0,) * channels, (1.0,) * channels
-    raise ConfigError(f"scheme.input_normalization must be 'imagenet' or 'none', got {normalization!r}")
-
-
-class FeatureEncoder(nn.Module):
-    """Multi-level features of a pretrained timm backbone, from data-normalised images.
-
-    Args:
-        backbone: timm model name (``tf_efficientnet_lite0``, ``wide_resnet50_2``...).
-        layers: timm ``out_indices`` (three levels in the papers).
-        weights, weights_path: see :class:`kd_experiments.backbones.FeatureExtractor`.
-        frozen: RD's teacher and the expert are frozen; URD's teacher is trained.
-        input_mean, input_std: the normalisation of the incoming images.
-    """
-
-    def __init__(
-        self,
-        backbone: str,
-        layers: Sequence[int],
-        weights: str,
-        weights_path: str | None,
-        frozen: bool,
-        input_mean: Sequence[float],
-        input_std: Sequence[float],
-        in_channels: int = 3,
-    ) -> None:
-        super().__init__()
-        extra = {} if in_channels == 3 else {"in_chans": in_channels}
-        self.extractor = FeatureExtractor(
-            backbone, layers=tuple(layers), weights=weights, weights_path=weights_path, frozen=frozen, **extra
-        )
-        channels = len(input_mean)
-        backbone_mean = torch.tensor(self._per_channel(self.extractor.mean, channels))
-        backbone_std = torch.tensor(self._per_channel(self.extractor.std, channels))
-        mean, std = torch.tensor(tuple(input_mean)), torch.tensor(tuple(input_std))
-        # images * scale + shift == ((images * std + mean) - backbone_mean) / backbone_std
-        self.register_buffer("scale", (std / backbone_std).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("shift", ((mean - backbone_mean) / backbone_std).view(1, -1, 1, 1), persistent=False)
-
-    @staticmethod
-    def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
-        values = tuple(values)
-        if len(values) == channels:
-            return values
-        return (sum(values) / len(values),) * channels
-
-    @property
-    def out_channels(self) -> list[int]:
-        return list(self.extractor.out_channels)
-
-    @property
-    def frozen(self) -> bool:
-        return self.extractor.frozen
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.extractor(images * self.scale + self.shift)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -537,49 +464,3 @@ def _per_level(blocks: int | Sequence[int], levels: int) -> list[int]:
             f"({levels}, shallowest first), got {blocks!r}"
         )
     return counts
-
-
-def count_on_meta(build: Callable[[], nn.Module]) -> int:
-    """Parameters of a module built on the meta device (no memory, no init cost)."""
-    with torch.device("meta"):
-        module = build()
-    return sum(p.numel() for p in module.parameters())
-
-
-def width_for_ratio(
-    compression_ratio: float,
-    build_student: Callable[[float], nn.Module],
-    tolerance: float = 0.25,
-    min_width: float = 1e-3,
-) -> float:
-    """The width multiplier whose student is ``compression_ratio`` times smaller than at width 1.
-
-    Student size grows monotonically with the width, so the multiplier is found by
-    bisection in log space. Raises :class:`ConfigError` for a ratio below 1 or one that
-    no width reaches within ``tolerance`` (relative).
-    """
-    if not (isinstance(compression_ratio, int | float) and math.isfinite(compression_ratio) and compression_ratio >= 1):
-        raise ConfigError(f"scheme.compression_ratio must be a number >= 1, got {compression_ratio!r}")
-    full = count_on_meta(lambda: build_student(1.0))
-    target = full / compression_ratio
-    if compression_ratio == 1:
-        return 1.0
-    low, high = math.log(min_width), 0.0
-    for _ in range(40):
-        middle = (low + high) / 2
-        width = math.exp(middle)
-        if count_on_meta(lambda width=width: build_student(width)) > target:
-            high = middle
-        else:
-            low = middle
-    candidates = [math.exp(low), math.exp(high)]
-    sizes = [count_on_meta(lambda w=w: build_student(w)) for w in candidates]
-    errors = [abs(math.log(size / target)) for size in sizes]
-    best = min(range(2), key=lambda i: errors[i])
-    if errors[best] > math.log1p(tolerance):
-        smallest = count_on_meta(lambda: build_student(min_width))
-        raise ConfigError(
-            f"scheme.compression_ratio={compression_ratio} cannot be reached by any student width "
-            f"(closest {full / sizes[best]:.1f}; the largest reachable is about {full / smallest:.1f})"
-        )
-    return candidates[best]

@@ -13,7 +13,7 @@ MHz", Sci. Data 9, 118 (2022)): 19 objects x (pT, eta, phi) = 57 input features.
   image teacher (:func:`~kd_experiments.schemes.score_regression.torch_model.reconstruction_score`
   works unchanged on ``(B, 57)`` tensors).
 - :class:`MLPScoreRegressor`: the student, a small MLP to one output;
-  :func:`mlp_student_family` lists the widths ``student=auto`` chooses from.
+  :data:`MLP_STUDENT_WIDTHS` lists the widths ``student=auto`` chooses from.
 
 Plain PyTorch: no Lightning, no files.
 """
@@ -75,11 +75,9 @@ class MLPScoreRegressor(nn.Module):
         return self.net(features).squeeze(1)
 
 
-def mlp_student_family():
-    """MLP students for ``student=auto`` on feature vectors: one hidden layer of 1 to 64
-    units, two hidden layers of (w, w/2)."""
-    from kd_experiments.schemes.score_regression.torch_model import StudentSpec
-
-    specs = [StudentSpec("mlp", (width,)) for width in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)]
-    specs += [StudentSpec("mlp", (width, max(1, width // 2))) for width in (8, 16, 32, 64)]
-    return specs
+#: Hidden widths of the MLP students ``student=auto`` chooses from on feature vectors: one
+#: hidden layer of 1 to 64 units, two hidden layers of ``(w, w / 2)``.
+MLP_STUDENT_WIDTHS: tuple[tuple[int, ...], ...] = (
+    *((width,) for width in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)),
+    *((width, max(1, width // 2)) for width in (8, 16, 32, 64)),
+)

@@ -23,13 +23,18 @@ Plain PyTorch: no Lightning, no files.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from kd_experiments.compression import check_ratio, closest_to_ratio
 from kd_experiments.errors import ConfigError
+from kd_experiments.schemes.score_regression.events_model import (
+    MLP_STUDENT_WIDTHS,
+    MLPAutoencoder,
+    MLPScoreRegressor,
+)
 
 NEGATIVE_SLOPE = 0.3
 
@@ -179,8 +184,6 @@ def build_student(spec: StudentSpec, input_shape: tuple[int, ...]) -> nn.Module:
     """The student network of ``spec``: a CNN for images, an MLP (``form="mlp"``) for
     feature vectors (collision events)."""
     if spec.form == "mlp":
-        from kd_experiments.schemes.score_regression.events_model import MLPScoreRegressor
-
         return MLPScoreRegressor(input_shape[0], spec.channels)
     if len(input_shape) != 3:
         raise ConfigError(f"a {spec.form} student takes (C, H, W) images, the data gives {input_shape}")
@@ -193,8 +196,6 @@ def build_teacher(kind: str, input_shape: tuple[int, ...], latent_dim: int) -> n
     if len(input_shape) == 1:
         if kind != "autoencoder":
             raise ConfigError(f"scheme.teacher={kind!r}: feature-vector data takes teacher=autoencoder")
-        from kd_experiments.schemes.score_regression.events_model import MLPAutoencoder
-
         return MLPAutoencoder(input_shape[0], latent_dim=latent_dim)
     if tuple(input_shape[1:]) != (ConvAutoencoder.image_size, ConvAutoencoder.image_size):
         raise ConfigError(
@@ -217,9 +218,7 @@ def student_family(input_shape: tuple[int, ...]) -> list[StudentSpec]:
     and narrowed deep students, and shallow students of every small width pair; for
     feature vectors, MLPs of one or two hidden layers."""
     if len(input_shape) == 1:
-        from kd_experiments.schemes.score_regression.events_model import mlp_student_family
-
-        return mlp_student_family()
+        return [StudentSpec("mlp", widths) for widths in MLP_STUDENT_WIDTHS]
     specs = list(PAPER_STUDENTS.values())
     for multiplier in (0.25, 0.5, 0.75, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0):
         channels = tuple(max(1, round(c * multiplier)) for c in (8, 16, 16, 16, 8))
@@ -248,17 +247,9 @@ def student_spec_for_ratio(
     Raises :class:`ConfigError` for a ratio below 1 or one no member reaches within
     ``tolerance`` (relative, in log space).
     """
-    if not compression_ratio >= 1:
-        raise ConfigError(f"scheme.compression_ratio must be >= 1, got {compression_ratio}")
+    check_ratio(compression_ratio)
     candidates = [(spec, teacher_params / _parameter_count(spec, input_shape)) for spec in student_family(input_shape)]
-    spec, ratio = min(candidates, key=lambda item: abs(math.log(item[1] / compression_ratio)))
-    if abs(math.log(ratio / compression_ratio)) > math.log1p(tolerance):
-        reachable = sorted(r for _, r in candidates)
-        raise ConfigError(
-            f"scheme.compression_ratio={compression_ratio} cannot be reached by any student width "
-            f"(closest {ratio:.1f}; the family spans {reachable[0]:.1f} to {reachable[-1]:.1f})"
-        )
-    return spec
+    return closest_to_ratio(compression_ratio, candidates, tolerance)
 
 
 def resolve_student_spec(
