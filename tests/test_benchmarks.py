@@ -1,0 +1,121 @@
+"""The benchmark harness: one locked, resumable writer with per-record provenance; the package layout."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import multiprocessing
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import harness
+from benchmarks.harness import ResultsFile, mark_file_level
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = sorted(path.stem for path in (ROOT / "benchmarks").glob("*.py") if path.stem != "__init__")
+
+
+def test_a_record_carries_its_own_provenance(tmp_path: Path) -> None:
+    results = ResultsFile(tmp_path / "x.json")
+    with results.record({"scheme": "rd", "seed": 0}) as record:
+        record["image_auroc"] = 0.9
+    run = json.loads((tmp_path / "x.json").read_text())["runs"][0]
+    assert run["scheme"] == "rd" and run["image_auroc"] == 0.9
+    for name in harness.PROVENANCE_FIELDS:
+        assert name in run, name
+    assert run["provenance"] == "record"
+    assert run["git_commit"] == harness.commit() and run["git_commit"] != ""
+    assert run["started_at"].endswith("+00:00") and run["wall_s"] >= 0
+    assert {"cpu", "cores", "torch", "torch_threads"} <= set(run["machine"])
+
+
+def test_a_failed_run_writes_nothing(tmp_path: Path) -> None:
+    results = ResultsFile(tmp_path / "x.json")
+    with pytest.raises(RuntimeError), results.record({"seed": 0}) as record:
+        record["partial"] = 1
+        raise RuntimeError("diverged")
+    assert not (tmp_path / "x.json").exists() or not results.reload()["runs"]
+
+
+def test_has_skips_done_records_by_key_fields(tmp_path: Path) -> None:
+    results = ResultsFile(tmp_path / "x.json", key_fields=("dataset", "seed"))
+    results.append({"dataset": "mnist", "seed": 0, "auroc": 0.5})
+    assert results.has(dataset="mnist", seed=0, auroc=0.9)  # only the key fields count
+    assert not results.has(dataset="mnist", seed=1)
+    assert results.append({"dataset": "mnist", "seed": 0, "auroc": 0.7}, skip_if_present=True)
+    assert len(results.reload()["runs"]) == 1
+
+
+def test_update_keeps_a_log_of_what_changed(tmp_path: Path) -> None:
+    results = ResultsFile(tmp_path / "x.json")
+    results.append({"scheme": "rd", "aupro": float("nan")})
+    run = results.update({"scheme": "rd"}, {"aupro": 0.93})
+    assert run["aupro"] == 0.93 and run["updates"][0]["fields"] == ["aupro"]
+    with pytest.raises(KeyError, match="no record"):
+        results.update({"scheme": "nope"}, {"aupro": 1.0})
+
+
+def test_old_records_are_marked_file_level_not_rewritten(tmp_path: Path) -> None:
+    path = tmp_path / "old.json"
+    old = {"runs": [{"scheme": "rd", "image_auroc": 0.99}], "command": "python old.py", "commit": "abc1234",
+           "machine": {"cpu": "x"}}
+    path.write_text(json.dumps(old, indent=2))
+    ResultsFile(path).append({"scheme": "rd_expert", "image_auroc": 0.98})
+    data = json.loads(path.read_text())
+    first, second = data["runs"]
+    assert first["image_auroc"] == 0.99 and first["provenance"] == "file-level"
+    assert first["file_command"] == "python old.py" and first["file_commit"] == "abc1234"
+    assert "git_commit" not in first and second["provenance"] == "record"
+    assert data["command"] == "python old.py"  # the file-level fields are left as they were
+    assert mark_file_level(data) == 0  # idempotent
+
+
+def _append_many(path: str, worker: int) -> None:
+    results = ResultsFile(path)
+    for index in range(15):
+        results.append({"worker": worker, "index": index})
+
+
+def test_concurrent_writers_lose_no_record(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared.json")
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append_many, args=(path, worker)) for worker in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    runs = json.loads(Path(path).read_text())["runs"]
+    assert sorted((r["worker"], r["index"]) for r in runs) == [(w, i) for w in range(3) for i in range(15)]
+
+
+def test_data_root_rule(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("KD_DATA_DIR", str(tmp_path))
+    assert harness.data_root() == tmp_path
+    assert harness.base_parser("Doc.", output="x.json").parse_args([]).data_root == tmp_path
+    monkeypatch.delenv("KD_DATA_DIR")
+    assert harness.data_root() == ROOT.parent / "shared" / "data"
+
+
+def test_compose_is_the_packages_kd_train_config(tmp_path: Path) -> None:
+    cfg = harness.compose(["experiment=quickstart", "seed=3"], output_dir=tmp_path)
+    assert int(cfg.seed) == 3 and "scheme" in cfg and "hydra" not in cfg
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_benchmark_is_a_module_of_the_package(module: str) -> None:
+    text = (ROOT / "benchmarks" / f"{module}.py").read_text()
+    assert "sys.path.insert" not in text
+    assert not re.search(r"\bsessions? \d", text, re.IGNORECASE), "name protocols by their settings"
+    importlib.import_module(f"benchmarks.{module}")
+
+
+def test_a_benchmark_runs_as_python_dash_m() -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.rd_bottle", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--data-root" in done.stdout and "--only" in done.stdout

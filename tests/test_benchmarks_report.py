@@ -1,0 +1,101 @@
+"""The results pages under docs/results/ are generated from the benchmark JSONs and match them."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+from benchmarks.harness import RESULTS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pages() -> list[report.Page]:
+    return report.build(RESULTS)
+
+
+def test_docs_results_match_the_json(pages: list[report.Page]) -> None:
+    problems = report.differences(pages, report.DOCS)
+    assert not problems, "\n".join(problems) + "\nrun `python -m benchmarks.report` and commit docs/results/"
+
+
+def test_regenerated_pages_equal_the_committed_ones(pages: list[report.Page], tmp_path: Path) -> None:
+    report.write(pages, tmp_path, render=False)
+    for page in pages:
+        assert (tmp_path / f"{page.name}.md").read_text() == (report.DOCS / f"{page.name}.md").read_text()
+        for chart in page.charts:
+            sidecar = Path(report.CHART_DIR) / f"{chart.name}.json"
+            assert (tmp_path / sidecar).read_text() == (report.DOCS / sidecar).read_text()
+
+
+def test_check_catches_an_edited_number_a_missing_chart_and_a_stale_page(pages, tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    shutil.copytree(report.DOCS, docs)
+    assert report.differences(pages, docs) == []
+    page = docs / "reverse_distillation.md"
+    page.write_text(re.sub(r"0\.99\d\d", "0.9999", page.read_text(), count=1))
+    (docs / report.CHART_DIR / "rd_aupro_vs_size.png").unlink()
+    (docs / "old_history.md").write_text("hand-kept\n")
+    problems = "\n".join(report.differences(pages, docs))
+    assert "differs from the JSON" in problems and "reverse_distillation.md" in problems
+    assert "missing" in problems and "rd_aupro_vs_size.png" in problems
+    assert "stale" in problems and "old_history.md" in problems
+    assert report.main(["--check", "--out", str(docs)]) == 1
+
+
+def test_pages_exist_per_scheme_and_name_no_work_period(pages: list[report.Page]) -> None:
+    names = {page.name for page in pages}
+    assert {"reverse_distillation", "score_regression", "progressive_gan", "index"} <= names
+    for page in pages:
+        assert not re.search(r"\bsessions? \d", page.markdown, re.IGNORECASE), page.name
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    assert not re.search(r"\bsessions? \d", readme, re.IGNORECASE)
+    assert len(readme.splitlines()) < 150
+
+
+def _write(folder: Path, name: str, runs: list[dict]) -> None:
+    (folder / name).write_text(json.dumps({"runs": runs}))
+
+
+def test_optional_pages_appear_with_their_json(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    common = {"provenance": "record", "git_commit": "abc", "command": "python -m benchmarks.x", "wall_s": 1.0}
+    _write(results, "deploy.json", [
+        {**common, "scheme": "reverse_distillation", "compression_ratio": r, "role": role, "runtime": rt,
+         "latency_ms_b1": lat, "images_per_s_b32": 100.0, "params": p, "macs": 10 * p, "model_bytes": 4 * p}
+        for r, role, rt, lat, p in [(16, "student", "torch", 5.0, 1000), (1, "teacher", "torch", 20.0, 9000),
+                                    (16, "student", "onnxruntime", 3.0, 1000)]])
+    _write(results, "mvtec.json", [
+        {**common, "scheme": "rd", "category": c, "image_size": 256, "compression_ratio": 1, "seed": s,
+         "image_auroc": 0.9 + 0.01 * s, "pixel_auroc": 0.95, "aupro": 0.9, "deployed_params": 100,
+         "deployed_macs": 1000, "infer_images_per_s": 5.0}
+        for c in ("bottle", "screw") for s in (0, 1)])
+    _write(results, "map_regression.json", [
+        {**common, "category": "bottle", "teacher_scheme": "reverse_distillation", "deployed_mac_ratio": r,
+         "deployed_param_ratio": r, "seed": 0, "image_auroc": 0.98, "pixel_auroc": px, "aupro": 0.9,
+         "teacher_image_auroc": 0.99, "teacher_pixel_auroc": 0.98, "teacher_aupro": 0.93,
+         "student_latency_ms_b1": 1.0, "teacher_latency_ms_b1": 30.0} for r, px in [(10, 0.975), (30, 0.972)]])
+    pages = {page.name: page for page in report.build(results)}
+    assert {"deploy", "mvtec", "map_regression", "index"} <= set(pages)
+    assert "reverse_distillation" not in pages  # its JSON is absent here
+    mvtec = pages["mvtec"].markdown
+    assert "| rd | 1 | 256 | bottle | 0,1 | 0.9050 +- 0.0071 |" in mvtec
+    assert "**mean of 2**" in mvtec
+    latency = next(c for c in pages["map_regression"].charts if "latency" in c.name)
+    assert latency.series[0].x == [1.0] and latency.series[0].y == [pytest.approx(0.9735)]
+    assert "python -m benchmarks.x" in pages["deploy"].markdown  # the records' own commands
+    deploy_chart = pages["deploy"].charts[0]
+    assert {s.label for s in deploy_chart.series} == {"reverse_distillation, student, torch",
+                                                     "reverse_distillation, teacher, torch",
+                                                     "reverse_distillation, student, onnxruntime"}
+    out = tmp_path / "docs"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    assert (out / "charts" / "map_regression_pixel_auroc_vs_latency.png").stat().st_size > 0
+    assert report.main(["--check", "--results", str(results), "--out", str(out)]) == 0
