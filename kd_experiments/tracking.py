@@ -709,7 +709,7 @@ class CloseSweepParentCallback(_HydraCallback):
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         mlflow_cfg = (config.get("logger") or {}).get("mlflow") if config.get("logger") else None
-        if mlflow_cfg is None:
+        if mlflow_cfg is None or not is_global_zero():
             return
         try:
             close_sweep_parent(mlflow_cfg.get("tracking_uri"), config.hydra.sweep.dir)
@@ -775,6 +775,8 @@ def log_dataset_inputs(client, run_id: str, datamodule: Any, name: str, splits: 
     inputs = []
     for split in splits:
         dataset = split_dataset(datamodule, split, name)
-        inputs.append(DatasetInput(dataset._to_mlflow_entity(),
-                                   tags=[InputTag("mlflow.data.context", contexts.get(split, split))]))
+        with warnings.catch_warnings():  # the schema is inferred here; see split_dataset
+            warnings.simplefilter("ignore", UserWarning)
+            entity = dataset._to_mlflow_entity()
+        inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", contexts.get(split, split))]))
     client.log_inputs(run_id, datasets=inputs)
