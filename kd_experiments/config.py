@@ -111,6 +111,78 @@ def experiment_label(cfg: DictConfig) -> dict[str, str]:
     }
 
 
+def _group_choice(group: str) -> str | None:
+    """The config-group option a Hydra run picked for ``group`` (``folder``), if known."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().runtime.choices.get(group)) if HydraConfig.initialized() else None
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
+def _accepted_keys(target: str) -> set[str] | None:
+    """The keyword arguments ``target`` (a class or function path) accepts; ``None`` when it
+    cannot be imported (instantiation reports that) or takes ``**kwargs``."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(target)
+        signature = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)
+    except Exception:  # noqa: BLE001 - an unimportable target is reported by instantiate, in one line
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return None
+    return {name for name in signature.parameters if name != "self"}
+
+
+def check_composition(cfg: DictConfig) -> None:
+    """Check that the config's groups fit together, before any data is read or model built.
+
+    - every key of ``data`` and ``scheme`` is a setting of its ``_target_`` (an experiment
+      written for one data group may set a key another group lacks, e.g. ``cache_images``,
+      a setting of the MVTec AD DataModule only);
+    - a scheme with a pretrained encoder (``scheme.input_normalization``) gets images
+      normalised as it can undo: ImageNet statistics or raw [0, 1] pixels.
+
+    Raises:
+        ConfigError: One line naming the conflicting key and how to resolve it.
+    """
+    from kd_experiments.errors import ConfigError
+
+    for group in ("data", "scheme"):
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        accepted = _accepted_keys(str(node._target_))
+        if accepted is None:
+            continue
+        unknown = [str(key) for key in node if not str(key).startswith("_") and key not in accepted]
+        if unknown:
+            choice = _group_choice(group)
+            picked = f"{group}={choice}" if choice else f"the {group} group"
+            key = unknown[0]
+            raise ConfigError(
+                f"{group}.{key} is not a setting of {picked} ({node._target_}); the experiment or an "
+                f"override sets it for another {group} group: drop it with ~{group}.{key} or pick a "
+                f"{group} group that has it"
+            )
+    scheme_normalization = cfg.scheme.get("input_normalization") if isinstance(cfg.get("scheme"), DictConfig) else None
+    if scheme_normalization is not None:
+        from kd_experiments.backbones import INPUT_NORMALIZATIONS
+
+        if scheme_normalization not in INPUT_NORMALIZATIONS:
+            data_normalization = cfg.data.get("normalization") if isinstance(cfg.get("data"), DictConfig) else None
+            key = "data.normalization" if data_normalization == scheme_normalization else "scheme.input_normalization"
+            raise ConfigError(
+                f"{key}={scheme_normalization} does not suit scheme={_group_choice('scheme') or scheme_name(cfg.scheme)}: "
+                "its pretrained encoder takes data.normalization=imagenet (ImageNet statistics) or none "
+                "(pixels in [0, 1])"
+            )
+
+
 def instantiate(node: DictConfig, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` that lets a user error through unwrapped.
 

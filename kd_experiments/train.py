@@ -122,6 +122,7 @@ def validate_config(cfg: DictConfig) -> None:
             "set data.val_anomalies=other_classes (one-class sets); for MVTec-style sets with "
             "scheme.val_synthetic_anomalies=true monitor val/synthetic_image_auroc instead"
         )
+    kd_config.check_composition(cfg)  # the groups fit together (any experiment with any data group)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
