@@ -195,6 +195,17 @@ class AnomalyScheme(L.LightningModule):
             metrics["val/teacher_image_auroc"] = kd_metrics.image_auroc(results["teacher_score"], labels)
         self.log_dict(metrics, sync_dist=False)  # the same value on every rank
 
+    def log_synthetic_validation(self, maps: torch.Tensor, masks: torch.Tensor, scores: torch.Tensor,
+                                 labels: torch.Tensor) -> None:
+        """``val/synthetic_pixel_auroc`` and ``val/synthetic_image_auroc`` of validation images
+        with synthetic anomalies pasted in (maps ``(N, H, W)``, boolean masks, image scores and
+        labels); a metric whose classes are not both present is skipped."""
+        if masks.any():
+            self.log("val/synthetic_pixel_auroc", kd_metrics.pixel_auroc(maps, masks), sync_dist=True, batch_size=1)
+        if 0 < int(labels.sum()) < len(labels):
+            self.log("val/synthetic_image_auroc", kd_metrics.image_auroc(scores, labels), sync_dist=True,
+                     batch_size=1)
+
     @staticmethod
     def normal_only(batch: dict[str, Any]) -> torch.Tensor:
         """The images of a validation batch with label 0 (all of them when unlabelled)."""

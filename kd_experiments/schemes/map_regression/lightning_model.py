@@ -372,13 +372,7 @@ class MapRegressionScheme(AnomalyScheme):
         super().on_validation_epoch_end()
         if not self._val.get("maps"):
             return
-        masks, labels = torch.cat(self._val["masks"]), torch.cat(self._val["labels"])
-        if masks.any():
-            self.log("val/synthetic_pixel_auroc", kd_metrics.pixel_auroc(torch.cat(self._val["maps"]), masks),
-                     sync_dist=True, batch_size=1)
-        if 0 < int(labels.sum()) < len(labels):
-            self.log("val/synthetic_image_auroc", kd_metrics.image_auroc(torch.cat(self._val["scores"]), labels),
-                     sync_dist=True, batch_size=1)
+        self.log_synthetic_validation(*(torch.cat(self._val[key]) for key in ("maps", "masks", "scores", "labels")))
         self._val = {}
 
     # -- test --------------------------------------------------------------------------------
