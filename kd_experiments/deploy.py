@@ -526,3 +526,94 @@ def log_run_outputs(tracker: Any, scheme: Any, datamodule: Any, dataset_name: st
     if not (tested and log_model):
         return None
     return log_run_student(tracker, scheme, datamodule)
+
+
+# -- the Model Registry: a sweep's champion -------------------------------------------------------
+CHAMPION_ALIAS = "champion"
+DEFAULT_SELECTION_METRIC = "val/image_auroc"
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The student a sweep registers, and why."""
+
+    run_id: str
+    run_name: str
+    student_params: float
+    quality: float
+    reference: float
+    reference_source: str
+    metric: str
+    within: float
+    version: str = ""
+
+    @property
+    def rule(self) -> str:
+        return (f"the smallest student (student_params) whose {self.metric} >= (1 - {self.within:g}) x "
+                f"the {self.reference_source}'s; validation data only, never the test split")
+
+
+def choose_champion(records: Sequence[Any], within: float, metric: str = DEFAULT_SELECTION_METRIC) -> Champion:
+    """The smallest student whose *validation* quality is within ``within`` (a fraction) of the teacher's.
+
+    ``records`` are :class:`kd_experiments.report.RunRecord`; only FINISHED runs count. The
+    teacher's quality is the run's ``val/teacher_*`` counterpart of ``metric`` (the teacher
+    trained in the same run); for schemes whose teacher does not score on its own (reverse
+    distillation: the ratio's reference is the full-width student), it is the mean
+    ``metric`` of the runs at the sweep's lowest compression ratio. Ties: the higher quality.
+
+    Raises:
+        ConfigError: ``within`` outside [0, 1), a metric no run logged, or no student within reach.
+    """
+    if not 0 <= within < 1:
+        raise ConfigError(f"--within must be a fraction in [0, 1), got {within}")
+    if not metric.startswith("val/"):
+        raise ConfigError(f"the champion is chosen on validation data: --register-metric must be a val/ metric, "
+                          f"got {metric!r}")
+    finished = [r for r in records if r.status == "FINISHED" and math.isfinite(r.metrics.get(metric, math.nan))]
+    if not finished:
+        logged = sorted({m for r in records for m in r.metrics if m.startswith("val/")})
+        raise ConfigError(f"no FINISHED run logged {metric}; validation metrics logged: {logged or 'none'}")
+    teacher_metric = metric.replace("val/", "val/teacher_", 1)
+    candidates = []
+    lowest = min(r.compression_ratio for r in finished)
+    reference_runs = [r for r in finished if math.isclose(r.compression_ratio, lowest, rel_tol=1e-6)]
+    fallback = float(np.mean([r.metrics[metric] for r in reference_runs]))
+    for record in finished:
+        teacher = record.metrics.get(teacher_metric, math.nan)
+        if math.isfinite(teacher):
+            reference, source = teacher, f"teacher ({teacher_metric}, same run)"
+        else:
+            reference, source = fallback, f"reference student at compression ratio {lowest:.3g} (mean {metric})"
+        if record.metrics[metric] >= (1 - within) * reference:
+            candidates.append((record, reference, source))
+    if not candidates:
+        raise ConfigError(f"no student's {metric} is within {within:g} of its reference; raise --within")
+    record, reference, source = min(candidates, key=lambda c: (c[0].student_params, -c[0].metrics[metric]))
+    return Champion(record.run_id, record.run_name, record.student_params, record.metrics[metric], reference,
+                    source, metric, within)
+
+
+def register_champion(tracking_uri: str, champion: Champion, name: str) -> Champion:
+    """Register ``runs:/<run>/student`` as a version of ``name`` with alias ``champion``."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from kd_experiments.errors import TrackingError
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        version = mlflow.register_model(f"runs:/{champion.run_id}/{MODEL_ARTIFACT_PATH}", name,
+                                         tags={"kd.selection_rule": champion.rule})
+    except Exception as error:  # noqa: BLE001 - MLflow's own exception types per store
+        raise TrackingError(f"cannot register run {champion.run_id}'s student as {name!r}: "
+                            f"{str(error).splitlines()[0][:300]}") from None
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
+    for key, value in {"kd.selection_metric": champion.metric, "kd.selection_quality": f"{champion.quality:.6g}",
+                       "kd.selection_reference": f"{champion.reference:.6g} ({champion.reference_source})",
+                       "kd.selection_within": f"{champion.within:g}",
+                       "kd.student_params": f"{champion.student_params:.0f}"}.items():
+        client.set_model_version_tag(name, version.version, key, value)
+    return Champion(**{**asdict(champion), "version": str(version.version)})

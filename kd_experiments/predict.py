@@ -81,7 +81,10 @@ def load_predictor(model: str, tracking_uri: str | None = None) -> Predictor:
         if path.suffix == ".onnx":
             import onnxruntime
 
-            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            try:
+                session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            except Exception as error:  # noqa: BLE001 - onnxruntime's own exception types
+                raise ConfigError(f"{path} is not a readable ONNX file: {str(error).splitlines()[0][:200]}") from None
             meta = session.get_modelmeta().custom_metadata_map.get(METADATA_FILE)
             if not meta:
                 raise ConfigError(f"{path} has no '{METADATA_FILE}' metadata: export it with kd-export")

@@ -1028,6 +1028,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-log", action="store_true", help="do not log the files as artifacts of the sweep's parent run"
     )
+    parser.add_argument(
+        "--register", metavar="NAME",
+        help="register the sweep's champion in the Model Registry as NAME (alias 'champion'): the smallest "
+             "student whose validation quality is within --within of the teacher's",
+    )
+    parser.add_argument("--within", type=float, default=0.02,
+                        help="--register: largest relative validation-quality loss accepted (default: %(default)s)")
+    parser.add_argument("--register-metric", default="val/image_auroc",
+                        help="--register: the validation metric compared (default: %(default)s)")
     return parser
 
 
@@ -1062,6 +1071,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     elif report.parent_run_id is None:
         console.print("[kd-report] no single sweep parent for these runs (use --sweep): files written to disk only")
+    if args.register:
+        from kd_experiments.deploy import choose_champion, register_champion
+
+        try:
+            champion = choose_champion(report.records, args.within, args.register_metric)
+            champion = register_champion(resolve_tracking_uri(args.tracking_uri), champion, args.register)
+        except KDError as error:
+            print(f"kd-report: error: {error}", file=sys.stderr)
+            return 1
+        console.print(f"[kd-report] registered {champion.run_name} (student_params={champion.student_params:.0f}, "
+                      f"{champion.metric}={champion.quality:.4f} vs {champion.reference:.4f}) as "
+                      f"models:/{args.register}@champion (version {champion.version}): {champion.rule}")
     return 0
 
 
