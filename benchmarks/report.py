@@ -775,7 +775,7 @@ loaded with `load_scheme_teacher(...ReverseDistillationScheme, last.ckpt)`; its 
 the blurred map. Training data: all 209 `train/good` images and 8 seeded synthetic anomalies of each
 (`SyntheticAnomalies`), scored once by the frozen teacher; no test image is used for training or any
 choice. Students: paper students D and A on the image average-pooled 128 -> 64
-(`PooledScoreStudent`), L1 on the standardised teacher score, Adam lr 1e-3 with cosine decay, batch 32,
+(`PooledScoreRegressor`), L1 on the standardised teacher score, Adam lr 1e-3 with cosine decay, batch 32,
 80 epochs, seed 0, final weights tested. Parameters and MACs are of the whole scoring path on one
 128x128 image; throughput at batch 32, one thread, CPU."""
 

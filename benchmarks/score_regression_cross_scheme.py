@@ -30,7 +30,8 @@ End to end, resumably:
    ``.cache/cross_scheme/``).
 4. **Students.** The package's ``ScoreRegressor`` family (paper students ``D``, a shallow
    [4, 8] of 801 parameters, and ``A``, the deep [8, 16, 16, 16, 8] of 8,545 parameters at
-   64x64), wrapped in :class:`PooledStudent`: average pooling 128 -> 64 as its first op, the
+   64x64), wrapped in :class:`~kd_experiments.schemes.score_regression.torch_model.PooledScoreRegressor`:
+   average pooling 128 -> 64 as its first op, the
    regressor, and an affine map back to teacher units. Targets are standardised with the
    mean and std of the technique's own training targets (training images only); the loss
    is L1 on the standardised score. Adam, lr 1e-3, cosine decay to 0, batch 32, a fixed
@@ -72,7 +73,7 @@ from kd_experiments.compression import count_macs, count_parameters, measure_lat
 from kd_experiments.synthetic_anomalies import SyntheticAnomalies
 from kd_experiments.schemes.score_regression.family import predict
 from kd_experiments.schemes.score_regression.teachers import load_scheme_teacher
-from kd_experiments.schemes.score_regression.torch_model import PAPER_STUDENTS, build_student
+from kd_experiments.schemes.score_regression.torch_model import PAPER_STUDENTS, PooledScoreRegressor, build_student
 
 CACHE = ROOT / ".cache" / "cross_scheme"
 RD_SCHEME = "kd_experiments.schemes.reverse_distillation.ReverseDistillationScheme"
@@ -205,21 +206,6 @@ def load_data(args: argparse.Namespace, teacher: nn.Module, checkpoint: Path) ->
 
 
 # ------------------------------------------------------------------------------ students
-
-
-class PooledStudent(nn.Module):
-    """The deployed student: average-pool the image to the student's input size, regress
-    the standardised teacher score, map it back to teacher units (buffers, not parameters)."""
-
-    def __init__(self, core: nn.Module, factor: int, target_mean: float, target_std: float) -> None:
-        super().__init__()
-        self.pool = nn.AvgPool2d(factor) if factor > 1 else nn.Identity()
-        self.core = core
-        self.register_buffer("target_mean", torch.tensor(float(target_mean)))
-        self.register_buffer("target_std", torch.tensor(float(target_std)))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.core(self.pool(images)) * self.target_std + self.target_mean
 
 
 def fit_student(core: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, args: argparse.Namespace) -> float:
@@ -361,7 +347,7 @@ def main() -> None:
         started = time.perf_counter()
         final_loss = fit_student(core, inputs, (targets - target_mean) / target_std, args)
         train_seconds = time.perf_counter() - started
-        student = PooledStudent(core, factor, target_mean, target_std).eval()
+        student = PooledScoreRegressor(core, factor, target_mean, target_std).eval()
         student_scores = score(student, data["test_images"])
         train_fit = spearmanr(score(core, inputs).numpy(), targets.numpy()).statistic
         student_params = count_parameters(student)

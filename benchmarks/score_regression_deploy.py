@@ -61,20 +61,9 @@ from kd_experiments.schemes.score_regression.techniques import (
 from kd_experiments.schemes.score_regression.torch_model import (
     PAPER_STUDENTS,
     ConvAutoencoder,
+    ReconstructionScorer,
     build_student,
-    reconstruction_score,
 )
-
-
-class TeacherScore(nn.Module):
-    """The teacher's deployed score as one module: image -> ``log(1 + MSE)``."""
-
-    def __init__(self, teacher: nn.Module) -> None:
-        super().__init__()
-        self.teacher = teacher
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return reconstruction_score(images, self.teacher(images))
 
 
 def trained_models(args, train_images: torch.Tensor, sampler: OutlierSampler | None) -> dict[str, nn.Module]:
@@ -100,7 +89,7 @@ def trained_models(args, train_images: torch.Tensor, sampler: OutlierSampler | N
         print(f"trained teacher + 7 students in {time.perf_counter() - started:.0f} s", flush=True)
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"teacher": teacher.state_dict(), **{n: s.state_dict() for n, s in students.items()}}, cache)
-    models: dict[str, nn.Module] = {"teacher": TeacherScore(teacher)}
+    models: dict[str, nn.Module] = {"teacher": ReconstructionScorer(teacher)}
     models.update(students)
     for model in models.values():
         model.eval()

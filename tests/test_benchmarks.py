@@ -119,3 +119,31 @@ def test_a_benchmark_runs_as_python_dash_m() -> None:
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--data-root" in done.stdout and "--only" in done.stdout
+
+
+def test_the_benchmarks_student_and_teacher_wrappers_live_in_the_scheme() -> None:
+    import torch
+
+    from kd_experiments.schemes.score_regression.family import autoencoder_scorer
+    from kd_experiments.schemes.score_regression.torch_model import (
+        PAPER_STUDENTS,
+        ConvAutoencoder,
+        PooledScoreRegressor,
+        ReconstructionScorer,
+        build_student,
+        reconstruction_score,
+    )
+
+    torch.manual_seed(0)
+    teacher = ConvAutoencoder().eval()
+    images = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        expected = reconstruction_score(images, teacher(images))
+        assert torch.equal(ReconstructionScorer(teacher)(images), expected)
+        assert torch.equal(autoencoder_scorer(teacher)(images), expected)
+    core = build_student(PAPER_STUDENTS["D"], (3, 32, 32))
+    student = PooledScoreRegressor(core, 2, target_mean=1.5, target_std=0.5).eval()
+    assert sum(p.numel() for p in student.parameters()) == sum(p.numel() for p in core.parameters())
+    big = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(student(big), core(torch.nn.functional.avg_pool2d(big, 2)) * 0.5 + 1.5)

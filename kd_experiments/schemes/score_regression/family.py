@@ -48,7 +48,7 @@ from kd_experiments.schemes.score_regression.techniques import (
     tail_weights,
     weighted_l1,
 )
-from kd_experiments.schemes.score_regression.torch_model import reconstruction_score
+from kd_experiments.schemes.score_regression.torch_model import ReconstructionScorer
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _batches(count: int, batch_size: int, generator: torch.Generator, device: to
 
 def autoencoder_scorer(teacher: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The teacher's anomaly score function (``log(1 + MSE)``), as in the scheme."""
-    return lambda images: reconstruction_score(images, teacher(images))
+    return ReconstructionScorer(teacher)
 
 
 def fit_teacher(

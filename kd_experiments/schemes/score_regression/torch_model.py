@@ -17,6 +17,11 @@ Pol, Govorkova, Ojalvo, Pierini, Chernyavskaya, Elmer, Harris, Gronroos,
   convolution, average pooling, linear head: students C to G, C with a third layer).
   :data:`PAPER_STUDENTS` names the paper's seven; :func:`student_spec_for_ratio`
   picks the member of the family closest to a requested compression ratio.
+- :class:`ReconstructionScorer`: an autoencoder teacher's score as one module
+  (images -> ``log(1 + MSE)``), what a benchmark times and exports for the teacher.
+- :class:`PooledScoreRegressor`: a student on a smaller input than the teacher's
+  (average pooling first) that predicts standardised teacher scores and maps them back
+  to teacher units (the cross-scheme students of an image-level teacher).
 
 Plain PyTorch: no Lightning, no files.
 """
@@ -108,6 +113,40 @@ def reconstruction_score(images: torch.Tensor, reconstructions: torch.Tensor) ->
     """The student's target: ``log(1 + per-sample mean squared error)``, shape ``(B,)``."""
     squared_error = (reconstructions - images).pow(2).flatten(1).mean(dim=1)
     return torch.log1p(squared_error)
+
+
+class ReconstructionScorer(nn.Module):
+    """An autoencoder teacher's score as one module: images -> ``log(1 + MSE)``, ``(B,)``."""
+
+    def __init__(self, autoencoder: nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return reconstruction_score(images, self.autoencoder(images))
+
+
+class PooledScoreRegressor(nn.Module):
+    """A score regressor on an average-pooled input, in teacher units.
+
+    ``core`` (e.g. a :class:`ScoreRegressor` built for the pooled size) predicts the teacher
+    score standardised with ``target_mean`` and ``target_std`` (the training targets'
+    statistics); the module pools the image by ``factor`` first and maps the prediction
+    back: ``core(pool(x)) * target_std + target_mean``. The statistics are buffers, so the
+    module's parameters are the student's alone.
+    """
+
+    def __init__(self, core: nn.Module, factor: int, target_mean: float, target_std: float) -> None:
+        super().__init__()
+        if not isinstance(factor, int) or factor < 1:
+            raise ConfigError(f"the pooling factor must be an integer >= 1, got {factor!r}")
+        self.pool = nn.AvgPool2d(factor) if factor > 1 else nn.Identity()
+        self.core = core
+        self.register_buffer("target_mean", torch.tensor(float(target_mean)))
+        self.register_buffer("target_std", torch.tensor(float(target_std)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.core(self.pool(images)) * self.target_std + self.target_mean
 
 
 @dataclass(frozen=True)
