@@ -1,27 +1,29 @@
-"""RD, RD with Expert and a nearest-neighbour probe on MVTec AD bottle (CPU, package weights).
+"""RD, RD with Expert and the PatchCore-style scheme on MVTec AD bottle (CPU, package weights).
 
 Writes ``benchmarks/results/rd_bottle.json``: ``runs``, one flat record per finished
 run with its own provenance (:mod:`benchmarks.harness`). Resumable: every finished record is
 appended at once, and records already in the file (same scheme, ratio, seed, image
-size, epochs) are skipped, so the script can run in pieces, in the background::
+size, epochs, width floor; coreset fraction for the memory bank) are skipped, so the
+script can run in pieces, in the background::
 
-    nohup .venv/bin/python -m benchmarks.rd_bottle > benchmarks/results/rd_bottle.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.rd_bottle > logs/benchmarks/rd_bottle.log 2>&1 &
 
-Runs, most important first (``--plan``): the knn probe, RD and RD with Expert at full
-width (seed 0), both at ratio 16, then ratios 4 and 64, then seeds 1 and 2 at full
-width. RD runs go through ``kd_experiments.train.train`` (the ``kd-train`` code path,
-logged to MLflow) with a fixed epoch budget; the final weights are tested, nothing is
-selected on the test split. The student width floor is ``--min-channels`` (12, chosen on
-validation images by ``benchmarks.rd_bottle_budget``); records without a ``min_channels`` field
-were made at floor 2, before the floor was a setting, and are kept apart in the table.
+Runs, most important first: the PatchCore-style scheme, RD and RD with Expert at full
+width (seed 0), both at ratio 16, then ratios 4 and 64, then seeds 1 and 2. Every run goes
+through ``kd_experiments.train.train`` (the ``kd-train`` code path, logged to MLflow) with
+a config composed from ``experiment=rd_bottle`` / ``rd_expert_bottle`` /
+``patchcore_bottle`` and this benchmark's settings; RD runs have a fixed epoch budget and
+their final weights are tested, nothing is selected on the test split. The student width
+floor is ``--min-channels`` (12, chosen on validation images by
+``benchmarks.rd_bottle_budget``); records without a ``min_channels`` field were made at
+floor 2, before the floor was a setting, and are kept apart in the table.
 
-``knn`` is a training-free nearest-neighbour probe (PatchCore-style, Roth et al.,
-CVPR 2022, without its coreset re-weighting) on the *same* encoder and levels: the
-three feature levels, 3x3 average-pooled, resized to the middle level and
-concatenated; the memory bank holds every training patch (or a greedy coreset of
-``--knn-coreset`` of them); a test patch scores its distance to the nearest bank
-patch; the map is up-sampled and smoothed like RD's (sigma 4), the image score is its
-maximum. anomalib's Patchcore is not used because it would need hub weights.
+``patchcore`` rows are ``scheme=patchcore`` (Roth et al., CVPR 2022: a memory bank of the
+same encoder's patch features, ``--knn-coreset`` of them kept by greedy coreset
+selection, nearest-neighbour distance maps smoothed like RD's). ``knn`` rows are the
+records of the same method as this benchmark ran it before the scheme existed (three
+levels 3x3 average-pooled, resized to the middle level, every training patch, no MLflow
+run); they stay in the file and the table.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ from kd_experiments.schemes.reverse_distillation.torch_model import DEFAULT_MIN_
 
 #: ``scheme.min_channels`` of the records without the field (made before the floor was a setting).
 LEGACY_MIN_CHANNELS = 2
+#: Memory-bank schemes: ``patchcore`` (the scheme) and ``knn`` (the records of the probe this
+#: benchmark ran before the scheme existed: same method, without its MLflow run).
+NEAREST_NEIGHBOUR = ("knn", "patchcore")
 
 
 def mvtec_root(args: argparse.Namespace) -> Path:
@@ -155,108 +160,58 @@ def run_rd(scheme: str, ratio: float, seed: int, args: argparse.Namespace, extra
     }
 
 
-# ------------------------------------------------------------------------------ knn probe
+# ---------------------------------------------------------------------- PatchCore-style scheme
 
 
-def greedy_coreset(features: torch.Tensor, count: int, seed: int = 0, projection_dim: int = 128) -> torch.Tensor:
-    """Indices of a greedy k-center coreset (PatchCore), on a random projection."""
-    generator = torch.Generator().manual_seed(seed)
-    if features.shape[1] > projection_dim:
-        projection = torch.randn(features.shape[1], projection_dim, generator=generator) / projection_dim**0.5
-        projected = features @ projection
-    else:
-        projected = features
-    chosen = [int(torch.randint(len(projected), (1,), generator=generator))]
-    distances = torch.cdist(projected, projected[chosen[0]][None]).squeeze(1)
-    for _ in range(count - 1):
-        index = int(torch.argmax(distances))
-        chosen.append(index)
-        distances = torch.minimum(distances, torch.cdist(projected, projected[index][None]).squeeze(1))
-    return torch.tensor(chosen)
+def run_patchcore(args: argparse.Namespace) -> dict:
+    """Build and test ``scheme=patchcore`` (``experiment=patchcore_bottle``) through ``kd-train``'s code path
+    at this benchmark's size and smoothing; ``--knn-coreset`` is its ``scheme.coreset_fraction``."""
+    from kd_experiments import config as kd_config
+    from kd_experiments.train import train
 
-
-def run_knn(args: argparse.Namespace) -> dict:
-    import torch.nn.functional as F
-
-    from kd_experiments import metrics as kd_metrics
-    from kd_experiments.data.mvtec import MVTecDataModule
-    from kd_experiments.anomaly_maps import gaussian_blur
-    from kd_experiments.backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureEncoder
-
-    datamodule = MVTecDataModule(args.data, "bottle", image_size=args.image_size, batch_size=args.batch_size,
-                                 seed=0, cache_images=True)
-    datamodule.setup("fit")
-    datamodule.setup("test")
-    encoder = FeatureEncoder("tf_efficientnet_lite0", (1, 2, 3), "package", None, True, IMAGENET_MEAN, IMAGENET_STD)
-    encoder.eval()
-
-    def embed(images: torch.Tensor) -> torch.Tensor:
-        features = encoder(images)
-        size = features[1].shape[-2:]
-        pooled = [F.interpolate(F.avg_pool2d(f, 3, 1, 1), size=size, mode="bilinear", align_corners=False)
-                  for f in features]
-        return torch.cat(pooled, dim=1)  # (B, D, h, w)
-
-    sigma = args.blur_sigma if args.blur_sigma is not None else 4.0 * args.image_size / 256
-    started = time.perf_counter()
-    bank = []
-    with torch.no_grad():
-        for batch in datamodule.train_dataloader():
-            patches = embed(batch["image"])
-            bank.append(patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1]))
-    bank_tensor = torch.cat(bank)
-    if args.knn_coreset < 1:
-        count = max(1, int(len(bank_tensor) * args.knn_coreset))
-        bank_tensor = bank_tensor[greedy_coreset(bank_tensor, count)]
-    fit_seconds = time.perf_counter() - started
-    train_images = len(datamodule.train_dataset)
-
-    scores, maps, masks, labels = [], [], [], []
-    infer_seconds, infer_images = 0.0, 0
-    with torch.no_grad():
-        for batch in datamodule.test_dataloader():
-            images = batch["image"]
-            started = time.perf_counter()
-            patches = embed(images)
-            batch_size, dims, height, width = patches.shape
-            queries = patches.permute(0, 2, 3, 1).reshape(-1, dims)
-            nearest = torch.cdist(queries, bank_tensor).amin(dim=1).view(batch_size, 1, height, width)
-            upsampled = F.interpolate(nearest, size=images.shape[-2:], mode="bilinear", align_corners=False)
-            smoothed = gaussian_blur(upsampled, sigma).squeeze(1)
-            infer_seconds += time.perf_counter() - started
-            infer_images += batch_size
-            maps.append(smoothed)
-            scores.append(smoothed.flatten(1).amax(dim=1))
-            masks.append(batch["mask"].squeeze(1) > 0.5)
-            labels.append(batch["label"])
-    score_tensor, label_tensor = torch.cat(scores), torch.cat(labels)
-    image = kd_metrics.evaluate_image_scores(score_tensor, label_tensor)
-    pixel = kd_metrics.evaluate_maps(torch.cat(maps), torch.cat(masks))
-    encoder_params = sum(p.numel() for p in encoder.parameters())
-    from kd_experiments.compression import count_macs
-
+    run_dir = ROOT / "logs" / "benchmarks" / f"patchcore_bottle-c{args.knn_coreset:g}-{args.image_size}px"
+    tag = f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
+    blur_sigma = args.blur_sigma if args.blur_sigma is not None else 4.0 * args.image_size / 256
+    cfg = compose([
+        "experiment=patchcore_bottle",
+        f"data.root={mvtec_root(args)}",
+        f"data.image_size={args.image_size}",
+        f"data.batch_size={args.batch_size}",
+        f"scheme.coreset_fraction={args.knn_coreset}",
+        f"scheme.blur_sigma={blur_sigma}",
+        "seed=0",
+        "callbacks.progress_bar=null",
+        "callbacks.model_summary=null",
+        "trainer.enable_model_summary=false",
+        "+tags.purpose=benchmark",
+        f"+tags.benchmark_run={tag}",
+    ], output_dir=run_dir)
+    metrics = train(cfg)
+    logged = logged_metrics(tag, str(cfg.experiment_name))
+    summary = kd_config.instantiate(cfg.scheme, input_shape=(3, args.image_size, args.image_size)).compression_summary()
+    bank_bytes = logged.get("memory_bank_bytes")
     return {
-        "image_auroc": image["image_auroc"],
-        "pixel_auroc": pixel["pixel_auroc"],
-        "aupro": pixel["aupro"],
+        "image_auroc": metrics["test/image_auroc"],
+        "pixel_auroc": metrics["test/pixel_auroc"],
+        "aupro": metrics["test/aupro"],
         "student_params": 0,
-        "deployed_params": encoder_params,
-        "deployed_macs": int(count_macs(encoder, torch.zeros(1, 3, args.image_size, args.image_size))),
-        "memory_bank_patches": int(bank_tensor.shape[0]),
-        "memory_bank_dims": int(bank_tensor.shape[1]),
-        "memory_bank_bytes": int(bank_tensor.numel() * bank_tensor.element_size()),
+        "deployed_params": int(summary["deployed_params"]),
+        "deployed_macs": int(summary["deployed_macs"]),
+        "memory_bank_patches": int(logged["memory_bank_patches"]) if "memory_bank_patches" in logged else None,
+        "memory_bank_dims": int(summary["embedding_dim"]),
+        "memory_bank_bytes": int(bank_bytes) if bank_bytes is not None else None,
         "coreset_fraction": args.knn_coreset,
-        "blur_sigma": sigma,
-        "train_images_per_s": train_images / fit_seconds,
-        "infer_images_per_s": infer_images / infer_seconds,
-        "wall_s": fit_seconds + infer_seconds,
+        "blur_sigma": float(cfg.scheme.blur_sigma),
+        "train_images_per_s": logged.get("train/images_per_s"),
+        "infer_images_per_s": metrics.get("test/images_per_s"),
+        "mlflow_run_id": logged.get("run_id"),
     }
 
 
 # ----------------------------------------------------------------------------------- plan
 
 PLAN: list[tuple[str, float | None, int]] = [
-    ("knn", None, 0),
+    ("patchcore", None, 0),
     ("rd", 1, 0),
     ("rd_expert", 1, 0),
     ("rd", 16, 0),
@@ -282,8 +237,10 @@ def markdown_table(path: Path) -> str:
     runs = json.loads(path.read_text())["runs"]
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
+        bank = run["scheme"] in NEAREST_NEIGHBOUR
         key = (run["scheme"], run.get("compression_ratio"), run.get("image_size"), run.get("epochs"),
-               run.get("min_channels", LEGACY_MIN_CHANNELS if run["scheme"] != "knn" else None))
+               None if bank else run.get("min_channels", LEGACY_MIN_CHANNELS),
+               run.get("coreset_fraction", 1.0) if bank else None)
         groups.setdefault(key, []).append(run)
 
     def cell(values: list[float], digits: int = 4) -> str:
@@ -296,12 +253,15 @@ def markdown_table(path: Path) -> str:
          "| student params | deployed params | deployed MMACs | train img/s | infer img/s | memory bank |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    order = {"knn": 0, "rd": 1, "rd_expert": 2}
-    for key in sorted(groups, key=lambda k: (order.get(k[0], 9), k[1] or 0, k[2] or 0, k[3] or 0, k[4] or 0)):
+    order = {"knn": 0, "patchcore": 1, "rd": 2, "rd_expert": 3}
+    for key in sorted(groups, key=lambda k: (order.get(k[0], 9), k[1] or 0, k[2] or 0, k[3] or 0, k[4] or 0,
+                                            -(k[5] or 0))):
         rows = groups[key]
-        scheme, ratio, size, epochs, floor = key
+        scheme, ratio, size, epochs, floor, coreset = key
         measured = rows[0].get("measured_compression_ratio")
         ratio_text = "-" if ratio is None else f"{ratio:g} ({measured:.1f})" if measured else f"{ratio:g}"
+        if coreset not in (None, 1.0):
+            ratio_text = f"coreset {coreset:g}"
         bank = rows[0].get("memory_bank_bytes")
         lines.append(
             f"| {scheme} | {ratio_text} | {size} | {epochs or '-'} | {floor or '-'} "
@@ -336,9 +296,10 @@ def main() -> None:
                         help=f"scheme.min_channels, the floor of every student width (default {DEFAULT_MIN_CHANNELS}; "
                              f"records without the field used {LEGACY_MIN_CHANNELS})")
     parser.add_argument("--knn-coreset", type=float, default=1.0,
-                        help="coreset fraction of the nearest-neighbour memory bank (1 = all)")
+                        help="scheme.coreset_fraction of the PatchCore-style memory bank (1 = all patches)")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="run only these plan entries, as scheme:ratio:seed (e.g. rd:16:0 knn::0)")
+                        help="run only these plan entries, as scheme:ratio:seed (e.g. rd:16:0 patchcore::0; "
+                             "knn::0 is patchcore::0)")
     parser.add_argument("--table", action="store_true", help="print the results as Markdown and exit")
     args = parser.parse_args()
     if args.table:
@@ -349,11 +310,13 @@ def main() -> None:
     results = ResultsFile(args.output)
     plan = PLAN
     if args.only is not None:
-        wanted = set(args.only)
+        wanted = {entry.replace("knn::", "patchcore::") for entry in args.only}
         plan = [entry for entry in PLAN if f"{entry[0]}:{'' if entry[1] is None else f'{entry[1]:g}'}:{entry[2]}" in wanted]
     for scheme, ratio, seed in plan:
         key = {"scheme": scheme, "compression_ratio": ratio, "seed": seed, "image_size": args.image_size}
-        if scheme != "knn":
+        if scheme in NEAREST_NEIGHBOUR:
+            key["coreset_fraction"] = args.knn_coreset
+        else:
             key["epochs"] = args.epochs
             key.update(floor_key(args))
         if results.has(key):
@@ -361,7 +324,7 @@ def main() -> None:
             continue
         print(f"[rd_bottle] run {key}", flush=True)
         with results.record(key) as record:
-            record.update(run_knn(args) if scheme == "knn" else run_rd(scheme, float(ratio), seed, args))
+            record.update(run_patchcore(args) if scheme in NEAREST_NEIGHBOUR else run_rd(scheme, float(ratio), seed, args))
             record.update({"device": "cpu", "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
                            "backbone": "tf_efficientnet_lite0", "weights": "package"})
         print(f"[rd_bottle] done {json.dumps(record)}", flush=True)
