@@ -26,8 +26,6 @@ from kd_experiments.config import PROJECT_ROOT
 from kd_experiments.tracking import JOB_TAG, PARENT_TAG, REQUIRED_PARAMS, SUPERSEDED_TAG
 from tests.test_mlflow_server import free_port, mlflow_server
 
-pytestmark = pytest.mark.slow
-
 KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]
 RAY = str(Path(sys.executable).with_name("ray"))
 SWEEP_FILE = ["--config-dir", str(PROJECT_ROOT / "sweeps"), "--config-name", "quickstart_compression"]
@@ -87,6 +85,15 @@ def ray_head(folder: Path, env: dict[str, str], num_cpus: int = 2, startup_timeo
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_server_job_runners() -> Iterator[None]:
+    """MLflow servers of this module run without their background job runners (unused here;
+    six extra processes on a 2-core machine)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+        yield
+
+
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """One SQLite-backed ``mlflow server`` (artifacts served) and one 2-CPU Ray head for the module."""
@@ -132,6 +139,7 @@ def _assert_complete_sweep(client: MlflowClient, experiment_name: str, grid: lis
     return parent, children
 
 
+@pytest.mark.slow
 def test_ray_launcher_runs_the_quickstart_sweep_under_one_parent(services: dict, tmp_path: Path) -> None:
     """The sweep file unchanged but for hydra/launcher=ray: 8 FINISHED children on the server."""
     env = {**services["ray_env"], "KD_LOG_DIR": str(tmp_path / "logs")}
@@ -146,6 +154,7 @@ def test_ray_launcher_runs_the_quickstart_sweep_under_one_parent(services: dict,
     assert all(JOB_TAG in c.data.tags for c in children)
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_the_quickstart_sweep(services: dict, tmp_path: Path) -> None:
     env = {**_base_env(tmp_path, services["url"])}
     result = _kd_train([*SWEEP_FILE, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
@@ -157,6 +166,7 @@ def test_submitit_local_launcher_runs_the_quickstart_sweep(services: dict, tmp_p
     assert len(list((tmp_path / "logs").rglob(".submitit/*/*_result.pkl"))) == 8  # submitit ran each job
 
 
+@pytest.mark.slow
 def test_killed_ray_worker_fails_its_run_and_the_rerun_finishes_only_the_rest(services: dict, tmp_path: Path) -> None:
     """SIGKILL one Ray worker mid-job: its run ends FAILED with Ray's error, the others FINISHED;
     the same command into the same sweep folder (same sweep_id) runs only the killed job."""
@@ -200,6 +210,23 @@ def test_killed_ray_worker_fails_its_run_and_the_rerun_finishes_only_the_rest(se
     assert len(retried) == 1 and retried[0].info.status == "FINISHED"
     assert client.get_run(victim.info.run_id).data.tags[SUPERSEDED_TAG] == retried[0].info.run_id
     assert parent.info.run_id == parents[0].info.run_id  # the same parent, re-opened
+
+
+def test_ray_job_past_timeout_min_raises_in_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hydra.launcher.timeout_min: an alarm inside the job raises JobTimeoutError (the run ends FAILED)."""
+    from hydra_plugins.hydra_ray_launcher import _launcher_util
+    from hydra_plugins.kd_experiments_launchers.ray_launcher import JobTimeoutError, _run_job_with_timeout
+
+    def slow_job(**kwargs):
+        time.sleep(30)
+        return "finished"
+
+    monkeypatch.setattr(_launcher_util, "_run_job", slow_job)
+    with pytest.raises(JobTimeoutError, match="timeout_min=0.005"):
+        _run_job_with_timeout(0.005)  # 0.3 s
+    monkeypatch.setattr(_launcher_util, "_run_job", lambda **kwargs: "finished")
+    assert _run_job_with_timeout(None) == "finished" and _run_job_with_timeout(1.0) == "finished"
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # the alarm is cleared after the job
 
 
 # -- PostgreSQL -------------------------------------------------------------------------------------
@@ -251,6 +278,7 @@ def postgres_server(startup_timeout_s: float = 120) -> Iterator[str]:
         shutil.rmtree(data, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_four_parallel_jobs_against_a_postgresql_backed_server_lose_nothing(tmp_path: Path) -> None:
     with postgres_server() as database, mlflow_server(tmp_path, database, artifacts_destination=tmp_path / "artifacts") as url:
         env = _base_env(tmp_path, url)
