@@ -545,7 +545,7 @@ def test_one_class_balanced_draw_is_seeded(tmp_path: Path) -> None:
         ({"normal_class": "cat"}, "normal_class='cat' is not a class of digits"),
         ({"normal_class": True}, "normal_class=True must be an int index or a class name"),
         ({"val_fraction": 1.0}, "val_fraction=1.0 must lie strictly between 0 and 1"),
-        ({"normalization": "imagenet"}, "normalization='imagenet' is not one of"),
+        ({"normalization": "cifar"}, "normalization='cifar' is not one of 'dataset', 'imagenet', 'none'"),
         ({"dataset": "mnist", "root": None}, "root is required for dataset='mnist'"),
     ],
 )
@@ -680,3 +680,105 @@ def test_real_fashion_mnist_counts_and_class_names() -> None:
         (0.2860,),
         (0.3530,),
     )
+
+
+# --- colour class folders (channels=3) and the pretrained-encoder schemes on them
+
+COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
+
+
+def _write_colour_folders(root: Path, count: int = 10, size: int = 24) -> None:
+    """One folder per colour: noisy images of that colour (seeded), as RGB PNG."""
+    rng = np.random.default_rng(0)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for index in range(count):
+            noise = rng.integers(-30, 31, (size, size, 3))
+            pixels = np.clip(np.array(rgb)[None, None] + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{index:02d}.png")
+
+
+def test_colour_folder_reads_rgb_with_the_encoder_normalisation(tmp_path: Path) -> None:
+    _write_colour_folders(tmp_path)
+    colour = OneClassDataModule("folder", tmp_path, "red", channels=3, normalization="imagenet", image_size=16)
+    assert colour.input_shape == (3, 16, 16)
+    assert colour.normalization_stats == (IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    for path, image in zip(colour.test_dataset.paths, colour.test_dataset.images, strict=True):
+        pixels = (image * std + mean).mean((1, 2))  # back to [0, 1]: the colour of the folder
+        expected = torch.tensor(COLOURS[Path(path).parent.name], dtype=torch.float32) / 255
+        assert torch.allclose(pixels, expected, atol=0.03), (path, pixels)
+    # the same folders read grey (the default) lose the colour: one channel
+    grey = OneClassDataModule("folder", tmp_path, "red", image_size=16)
+    assert grey.input_shape == (1, 16, 16)
+    # per-channel statistics of the training split for normalization="dataset"
+    per_channel = OneClassDataModule("folder", tmp_path, "red", channels=3, normalization="dataset")
+    means, stds = per_channel.normalization_stats
+    assert len(means) == 3 and len(stds) == 3 and means[0] != pytest.approx(means[1])
+    normalised = torch.cat([per_channel.train_dataset.images, per_channel.val_dataset.images])
+    assert normalised.shape[1] == 3
+
+
+def test_grey_set_with_three_channels_repeats_the_channel() -> None:
+    datamodule = OneClassDataModule("digits", None, 0, channels=3, normalization="imagenet", image_size=16)
+    images = datamodule.test_dataset.images
+    assert images.shape[1:] == (3, 16, 16)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    pixels = images * std + mean
+    assert torch.allclose(pixels[:, 0], pixels[:, 1], atol=1e-5) and torch.allclose(pixels[:, 0], pixels[:, 2], atol=1e-5)
+
+
+@pytest.mark.parametrize("channels", [2, 0, True])
+def test_channels_must_be_one_or_three(channels: object) -> None:
+    with pytest.raises(ConfigError, match="channels must be 1 \\(grey\\) or 3 \\(RGB\\)"):
+        OneClassDataModule("digits", None, 0, channels=channels)
+
+
+DEPLOY_OFF = ("deploy.measure=false", "deploy.log_model=false")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["rd_bottle", "rd_expert_bottle"])
+def test_pretrained_encoder_experiment_on_colour_folders_logs_image_auroc(
+    experiment: str, compose_cfg, mlflow_uri: str, tmp_path: Path
+) -> None:
+    """``kd-train experiment=rd_bottle data=folder data.root=... data.normal_class=red data.channels=3``
+    (one epoch, 32 px): image-level metrics, no pixel metrics (class folders have no masks)."""
+    from mlflow.tracking import MlflowClient
+
+    from kd_experiments.train import train
+    from tests.conftest import fast_overrides
+
+    _write_colour_folders(tmp_path / "colours")
+    cfg = compose_cfg(f"experiment={experiment}", "data=folder", f"data.root={tmp_path / 'colours'}",
+                      "data.normal_class=red", "data.channels=3", "data.image_size=32",
+                      *fast_overrides(*DEPLOY_OFF))
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/image_auroc"] <= 1.0
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    logged = runs[0].data
+    assert "test/image_auroc" in logged.metrics
+    assert not any(name in logged.metrics for name in ("test/pixel_auroc", "test/aupro"))
+    assert logged.tags["dataset"] == "folder-cred" and logged.params["data.channels"] == "3"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("experiment=rd_smoke", "data=folder"), r"^data\.n_train is not a setting of .*OneClassDataModule.*~data\.n_train"),
+        (("experiment=quickstart", "data=mvtec"), r"^data\.normal_class is not a setting of .*MVTecDataModule"),
+        (("experiment=rd_bottle", "data=folder", "data.normalization=dataset"),
+         r"^data\.normalization=dataset does not suit scheme=.*: its pretrained encoder takes data\.normalization=imagenet"),
+    ],
+)
+def test_conflicting_experiment_and_data_group_fail_before_reading_data(
+    overrides: tuple[str, ...], message: str, compose_cfg, mlflow_uri: str, tmp_path: Path
+) -> None:
+    from kd_experiments.train import train
+
+    missing = tmp_path / "never_read"  # the check runs before any data is looked at
+    cfg = compose_cfg(*overrides, f"data.root={missing}")
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)

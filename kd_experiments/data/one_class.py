@@ -19,9 +19,14 @@ only). Sets, all loaded into memory as tensors:
 
 - ``mnist`` / ``fashion_mnist``: the four standard IDX files in ``root``
   (gzipped or not), see :func:`load_idx_split`.
-- ``folder``: ``root/<class>/*.png|jpg|jpeg``, read as grayscale; with
+- ``folder``: ``root/<class>/*.png|jpg|jpeg``, read as grayscale, or as RGB
+  with ``channels=3`` (colour class folders for the pretrained-encoder schemes,
+  normalised with ImageNet statistics by ``normalization="imagenet"``); with
   ``root/train/<class>`` and ``root/test/<class>`` those are the splits,
   otherwise each class is split 80/20 (seeded).
+
+``channels=3`` on a grey set (MNIST, Fashion-MNIST, digits) repeats the grey
+channel three times, so any set can feed an RGB encoder.
 - ``digits``: scikit-learn's bundled 8x8 digits (1797 images, no download),
   split 70/30 per class (seeded): the offline demo set.
 """
@@ -39,6 +44,7 @@ from PIL import Image
 from torch.nn.functional import interpolate
 from torch.utils.data import Dataset
 
+from kd_experiments.backbones import input_statistics
 from kd_experiments.data.common import (
     SplitDataModule,
     check_choice,
@@ -58,7 +64,8 @@ from kd_experiments.errors import ConfigError, DataError
 
 DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "folder", "digits")
 PROTOCOLS: tuple[str, ...] = ("all_others", "balanced")
-NORMALIZATIONS: tuple[str, ...] = ("dataset", "none")
+NORMALIZATIONS: tuple[str, ...] = ("dataset", "imagenet", "none")
+CHANNELS: tuple[int, ...] = (1, 3)
 VAL_ANOMALIES: tuple[str, ...] = ("none", "other_classes")
 
 MNIST_CLASS_NAMES: tuple[str, ...] = tuple(str(digit) for digit in range(10))
@@ -151,7 +158,8 @@ def load_idx_split(root: str | Path, split: str) -> tuple[torch.Tensor, torch.Te
 
 @dataclass(frozen=True)
 class _RawSplit:
-    """One split as read: ``uint8`` images ``(N, H, W)``, class ids ``(N,)``, files or ``None``."""
+    """One split as read: ``uint8`` images ``(N, H, W)`` (grey) or ``(N, 3, H, W)`` (colour folders),
+    class ids ``(N,)``, files or ``None``."""
 
     images: torch.Tensor
     class_ids: torch.Tensor
@@ -196,6 +204,16 @@ class OneClassDataset(Dataset):
 def _class_ids(files: list[tuple[Path, int]]) -> torch.Tensor:
     """The class ids of ``(path, class_id)`` pairs as an ``int64`` tensor."""
     return torch.tensor([class_id for _, class_id in files], dtype=torch.int64)
+
+
+def _per_channel_stats(images: torch.Tensor, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel ``(means, stds)`` of ``uint8`` images: ``(N, H, W)`` (grey: the one value on
+    every channel) or ``(N, C, H, W)``."""
+    if images.dim() == 3:
+        mean, std = _pixel_stats(images)
+        return (mean,) * channels, (std,) * channels
+    stats = [_pixel_stats(images[:, channel]) for channel in range(images.shape[1])]
+    return tuple(m for m, _ in stats), tuple(s for _, s in stats)
 
 
 def _pixel_stats(images: torch.Tensor) -> tuple[float, float]:
@@ -248,13 +266,18 @@ class OneClassDataModule(SplitDataModule):
             ``"folder"`` set then needs images of one size).
         normalization: ``"dataset"`` (MNIST 0.1307/0.3081, Fashion-MNIST
             0.2860/0.3530; for ``"folder"`` and ``"digits"`` the mean and std
-            of the whole training split, all classes) or ``"none"`` ([0, 1]).
+            of the whole training split, all classes, per channel),
+            ``"imagenet"`` (ImageNet mean/std, what a pretrained encoder
+            expects; :func:`kd_experiments.backbones.input_statistics`) or
+            ``"none"`` ([0, 1]).
         max_train_samples: Keep at most this many training images (seeded draw).
         max_test_samples: Keep at most this many test images, drawn (seeded)
             per label in the protocol's normal/anomalous proportion.
         val_anomalies: ``"none"`` (validation: held-out normal images only) or
             ``"other_classes"`` (plus as many training images of the other
             classes, label 1: a labelled validation split from training data).
+        channels: 1 (grey) or 3 (RGB: colour folders are read in colour, grey
+            sets get their channel repeated).
 
     Raises:
         ConfigError: For an unknown dataset, protocol or normalisation, a
@@ -280,8 +303,12 @@ class OneClassDataModule(SplitDataModule):
         max_train_samples: int | None = None,
         max_test_samples: int | None = None,
         val_anomalies: str = "none",
+        channels: int = 1,
     ) -> None:
         super().__init__()
+        if channels not in CHANNELS or isinstance(channels, bool):
+            raise ConfigError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+        self.channels = int(channels)
         self.val_anomalies = check_choice("val_anomalies", val_anomalies, VAL_ANOMALIES)
         self.dataset = check_choice("dataset", dataset, DATASETS)
         self.protocol = check_choice("protocol", protocol, PROTOCOLS)
@@ -314,7 +341,7 @@ class OneClassDataModule(SplitDataModule):
             self.root = require_dir(root, f"{self.dataset} data folder")
         self._class_names = self._discover_class_names()
         self.normal_class = self._resolve_normal_class(normal_class)
-        self._stats: tuple[float, float] | None = None
+        self._stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -368,7 +395,8 @@ class OneClassDataModule(SplitDataModule):
         return normal_class
 
     def _folder_splits(self) -> tuple[_RawSplit, _RawSplit]:
-        """Read class folders as ``uint8`` grayscale: ``train/``, ``test/`` or 80/20 per class."""
+        """Read class folders as ``uint8`` grey (or RGB with ``channels=3``): ``train/``, ``test/``
+        or 80/20 per class."""
         assert self.root is not None
         has_splits = self._folder_has_splits()
         if has_splits:
@@ -406,8 +434,8 @@ class OneClassDataModule(SplitDataModule):
             for (path, _), image in zip(all_files, all_images, strict=True):
                 if image.shape != reference.shape:
                     raise DataError(
-                        f"image {path} is {image.shape[1]}x{image.shape[0]}, unlike "
-                        f"{reference_path} ({reference.shape[1]}x{reference.shape[0]}); "
+                        f"image {path} is {image.shape[-1]}x{image.shape[-2]}, unlike "
+                        f"{reference_path} ({reference.shape[-1]}x{reference.shape[-2]}); "
                         "set image_size to resize all images"
                     )
         return (
@@ -424,13 +452,16 @@ class OneClassDataModule(SplitDataModule):
         )
 
     def _read_files(self, files: list[tuple[Path, int]]) -> list[torch.Tensor]:
-        """Decode ``files`` as grayscale ``uint8`` ``(H, W)``, resized to ``image_size`` if set."""
+        """Decode ``files`` as grey ``uint8`` ``(H, W)`` (or RGB ``(3, H, W)`` with ``channels=3``),
+        resized to ``image_size`` if set."""
+        colour = self.channels == 3
         images = []
         for path, _ in files:
-            image = load_image(path, "L")
+            image = load_image(path, "RGB" if colour else "L")
             if self.image_size is not None and image.size != self.image_size[::-1]:
                 image = image.resize(self.image_size[::-1], Image.Resampling.BILINEAR)
-            images.append(pil_to_uint8_tensor(image)[0])
+            pixels = pil_to_uint8_tensor(image)
+            images.append(pixels if colour else pixels[0])
         return images
 
     def _load_raw(self) -> tuple[_RawSplit, _RawSplit]:
@@ -451,8 +482,11 @@ class OneClassDataModule(SplitDataModule):
         return train, _RawSplit(test_images, test_class_ids, None)
 
     def _to_float(self, images: torch.Tensor) -> torch.Tensor:
-        """``uint8`` ``(N, H, W)`` to normalised float ``(N, 1, h, w)``, at ``image_size``."""
-        floats = images.unsqueeze(1).to(torch.float32) / 255.0
+        """``uint8`` ``(N, H, W)`` or ``(N, 3, H, W)`` to normalised float ``(N, channels, h, w)``,
+        at ``image_size`` (a grey image's channel repeated when ``channels=3``)."""
+        floats = (images.unsqueeze(1) if images.dim() == 3 else images).to(torch.float32) / 255.0
+        if floats.shape[1] != self.channels:
+            floats = floats.expand(-1, self.channels, -1, -1)
         if self.image_size is not None and tuple(floats.shape[-2:]) != self.image_size:
             floats = interpolate(
                 floats, size=self.image_size, mode="bilinear", align_corners=False, antialias=True
@@ -490,12 +524,13 @@ class OneClassDataModule(SplitDataModule):
         if self._test is not None:
             return
         train_raw, test_raw = self._load_raw()
-        if self.normalization == "none":
-            self._stats = (0.0, 1.0)
+        if self.normalization in ("none", "imagenet"):
+            self._stats = input_statistics(self.normalization, self.channels)
         elif self.dataset in DATASET_STATS:
-            self._stats = DATASET_STATS[self.dataset]
+            mean, std = DATASET_STATS[self.dataset]
+            self._stats = (mean,) * self.channels, (std,) * self.channels
         else:
-            self._stats = _pixel_stats(train_raw.images)
+            self._stats = _per_channel_stats(train_raw.images, self.channels)
 
         normal_positions = (
             torch.nonzero(train_raw.class_ids == self.normal_class).flatten().tolist()
@@ -539,12 +574,12 @@ class OneClassDataModule(SplitDataModule):
         return channels, height, width
 
     @property
-    def normalization_stats(self) -> tuple[tuple[float], tuple[float]]:
-        """``((mean,), (std,))`` applied to pixels in [0, 1] (loads the data on first use)."""
+    def normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel ``(means, stds)`` applied to pixels in [0, 1] (loads the data on first use)."""
         if self._stats is None:
             self._ensure_loaded()
         assert self._stats is not None
-        return (self._stats[0],), (self._stats[1],)
+        return self._stats
 
     @property
     def val_has_anomalies(self) -> bool:
