@@ -589,8 +589,9 @@ class RunTracker:
         if not self.enabled:
             return None
         if not self.active:
-            # DDP workers still need a logger object of the same kind; it writes nothing.
-            return KDMLFlowLogger(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri)
+            # Other DDP ranks get none: an MlflowClient opens the store when it is made (and
+            # creates an SQLite store's tables), and only global rank 0 may touch the store.
+            return None
         if self._logger is None:
             self._logger = KDMLFlowLogger(
                 experiment_name=self.experiment_name,

@@ -56,29 +56,46 @@ def _stop_group(process: subprocess.Popen, grace_s: float = 30) -> None:
         process.wait(timeout=10)
 
 
+def _start_ray_head(folder: Path, ray_env: dict[str, str], num_cpus: int, attempt: int, startup_timeout_s: float):
+    """One ``ray start --head --block``; returns (process, temp dir, port), or None if it gave up."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="kdray", dir="/tmp"))  # Ray's socket paths must be short
+    port = free_port()
+    command = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+               f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp_dir}",
+               "--object-store-memory=100000000", "--disable-usage-stats",
+               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
+    log_path = folder / f"ray_head_{attempt}.log"
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=ray_env, cwd=folder,
+                                start_new_session=True)
+    deadline = time.monotonic() + startup_timeout_s
+    while "Ray runtime started" not in log_path.read_text(errors="replace"):
+        if head.poll() is not None or time.monotonic() > deadline:
+            _stop_group(head, grace_s=10)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            return None
+        time.sleep(0.5)
+    return head, temp_dir, port
+
+
 @contextlib.contextmanager
 def ray_head(folder: Path, env: dict[str, str], num_cpus: int = 2, startup_timeout_s: float = 240) -> Iterator[dict]:
     """``ray start --head --block`` on 127.0.0.1 with ``num_cpus`` worker slots (token auth).
 
     Yields the environment a driver needs (``RAY_ADDRESS``, the token) merged into ``env``.
+    Ray gives its raylet a fixed 30 s to register; on a busy machine a start can miss it, so
+    up to 3 starts are tried.
     """
-    temp_dir = Path(tempfile.mkdtemp(prefix="kdray", dir="/tmp"))  # Ray's socket paths must be short
-    port = free_port()
     ray_env = {**env, **RAY_LOCAL_ENV, "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    command = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-               f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp_dir}",
-               "--object-store-memory=100000000", "--disable-usage-stats",
-               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
-    log_path = folder / "ray_head.log"
-    with open(log_path, "w") as log:
-        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=ray_env, cwd=folder,
-                                start_new_session=True)
+    started = None
+    for attempt in range(3):
+        started = _start_ray_head(folder, ray_env, num_cpus, attempt, startup_timeout_s)
+        if started is not None:
+            break
+    if started is None:
+        pytest.fail(f"the Ray head did not start:\n{(folder / 'ray_head_2.log').read_text(errors='replace')[-3000:]}")
+    head, temp_dir, port = started
     try:
-        deadline = time.monotonic() + startup_timeout_s
-        while "Ray runtime started" not in log_path.read_text(errors="replace"):
-            if head.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the Ray head did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.5)
         yield {**ray_env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     finally:
         _stop_group(head)

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,9 +52,12 @@ def test_two_torchrun_nodes_match_one_process_and_log_one_run(experiment: str, t
            "KD_CACHE_DIR": str(tmp_path / "cache"), "KD_LOG_DIR": str(tmp_path / "logs")}
     port = free_port()
     nodes = [_node(rank, port, overrides, tmp_path, env) for rank in (0, 1)]
-    try:
-        for node in nodes:
-            node.wait(timeout=600)
+    try:  # a node that fails leaves the other waiting in the rendezvous: stop both then
+        deadline = time.monotonic() + 600
+        while any(node.poll() is None for node in nodes) and time.monotonic() < deadline:
+            if any(node.poll() not in (None, 0) for node in nodes):
+                break
+            time.sleep(0.5)
     finally:
         for node in nodes:
             if node.poll() is None:
