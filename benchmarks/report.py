@@ -116,14 +116,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def cell(values: Sequence[float], digits: int = 4) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    mean, std = mean_std(values)
-    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} +- {std:.{digits}f}"
-
-
 def provenance_section(results: Path, names: Iterable[str]) -> str:
     """Which records carry their own provenance and which only the file's last command/commit."""
     lines = ["## Records and provenance", "",
@@ -146,13 +138,6 @@ def provenance_section(results: Path, names: Iterable[str]) -> str:
     if commands:
         lines += ["", "Commands of the records with their own provenance:", "", "```", *commands, "```"]
     return "\n".join(lines)
-
-
-def group(runs: Iterable[dict[str, Any]], key: Callable[[dict[str, Any]], Any]) -> dict[Any, list[dict[str, Any]]]:
-    groups: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for run in runs:
-        groups[key(run)].append(run)
-    return groups
 
 
 def generic_table(runs: list[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
@@ -368,44 +353,24 @@ def deploy_page(results: Path) -> Page | None:
 
 
 def mvtec_page(results: Path) -> Page | None:
+    from benchmarks import mvtec
+
     runs = load_runs(results, "mvtec.json")
     if not runs:
         return None
-    metrics = ("image_auroc", "pixel_auroc", "aupro")
-    groups = group(runs, lambda r: (r.get("scheme"), float(r.get("compression_ratio") or 1),
-                                    r.get("image_size"), r.get("coreset_fraction")))
-    categories = sorted({r.get("category") for r in runs})
-    lines = ["| scheme | ratio | px | category | seeds | image AUROC | pixel AUROC | AUPRO | deployed params "
-             "| deployed MACs | infer img/s | memory bank bytes |", "|---" * 12 + "|"]
-    for key in sorted(groups, key=lambda k: (str(k[0]), k[1], k[2] or 0, k[3] or 0)):
-        scheme, ratio, size, coreset = key
-        name = scheme if coreset in (None, 1, 1.0) else f"{scheme} (coreset {coreset:g})"
-        by_category = group(groups[key], lambda r: r.get("category"))
-        for category in categories + ["mean"]:
-            rows = by_category.get(category, [])
-            if category == "mean":
-                if len(by_category) < 2:
-                    continue
-                per = [{m: statistics.mean(r[m] for r in v) for m in metrics} for v in by_category.values()]
-                lines.append(f"| **{name}** | {ratio:g} | {size} | **mean of {len(by_category)}** | - | "
-                             + " | ".join(f"**{statistics.mean(p[m] for p in per):.4f}**" for m in metrics)
-                             + " | - | - | - | - |")
-                continue
-            if not rows:
-                continue
-            first = rows[0]
-            bank = first.get("memory_bank_bytes")
-            lines.append(f"| {name} | {ratio:g} | {size} | {category} | {','.join(str(r.get('seed')) for r in rows)} | "
-                         + " | ".join(cell([r.get(m) for r in rows]) for m in metrics)
-                         + f" | {first.get('deployed_params', 0):,} | {first.get('deployed_macs', 0):,} "
-                         f"| {cell([r.get('infer_images_per_s') for r in rows], 1)} | {f'{bank:,}' if bank else '-'} |")
-    charts = [Chart("mvtec_pixel_auroc_vs_size", "MVTec AD: pixel AUROC vs deployed size (mean over seeds)",
+    charts = [Chart("mvtec_pixel_auroc_vs_size", "MVTec AD: pixel AUROC vs deployed size (mean +- std over seeds)",
                     "deployed parameters", "pixel AUROC",
-                    _series_by(runs, lambda r: f"{r.get('scheme')}, {r.get('category')}, {r.get('image_size')} px",
+                    _series_by([r for r in runs if r.get("deployed_params")],
+                               lambda r: f"{r.get('scheme')}, {r.get('category')}, {r.get('image_size')} px",
                                lambda r: r["deployed_params"], "pixel_auroc"), xlog=True)]
     parts = [HEADER, "", "# MVTec AD at the papers' protocol", "", MVTEC_INTRO, "",
-             "## Results (`benchmarks/results/mvtec.json`)", "", "\n".join(lines), "",
-             *[c.markdown() for c in charts], "", NO_LATENCY, "", provenance_section(results, ["mvtec.json"])]
+             "## Results (`benchmarks/results/mvtec.json`)", "", mvtec.results_table(results / "mvtec.json"), "",
+             *[c.markdown() for c in charts], "", NO_LATENCY, ""]
+    budget = mvtec.budget_path(results / "mvtec.json")
+    if budget.exists():
+        parts += [f"## Epoch budget chosen on validation data (`benchmarks/results/{budget.name}`)", "",
+                  mvtec.budget_table(budget), ""]
+    parts += [provenance_section(results, ["mvtec.json", budget.name])]
     return Page("mvtec", "\n".join(parts) + "\n", charts)
 
 
@@ -413,13 +378,8 @@ def map_regression_page(results: Path) -> Page | None:
     runs = load_runs(results, "map_regression.json")
     if not runs:
         return None
-    columns = [("category", "category"), ("teacher_scheme", "teacher"), ("deployed_mac_ratio", "deployed MAC ratio"),
-               ("deployed_param_ratio", "deployed param ratio"), ("seed", "seed"), ("image_auroc", "image AUROC"),
-               ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"), ("teacher_image_auroc", "teacher image AUROC"),
-               ("teacher_pixel_auroc", "teacher pixel AUROC"), ("teacher_aupro", "teacher AUPRO"),
-               ("student_latency_ms_b1", "student latency b1 (ms)"), ("teacher_latency_ms_b1", "teacher latency b1 (ms)")]
-    ordered = sorted(runs, key=lambda r: (str(r.get("category")), str(r.get("teacher_scheme")),
-                                          float(r.get("deployed_mac_ratio") or 0), r.get("seed") or 0))
+    from benchmarks import map_regression
+
     label = lambda r: f"{r.get('category')}, teacher {r.get('teacher_scheme')}"  # noqa: E731
     charts = [Chart("map_regression_pixel_auroc_vs_ratio", "Encoder-free students: pixel AUROC vs deployed MAC ratio",
                     "deployed MAC ratio (teacher / student)", "pixel AUROC",
@@ -432,7 +392,8 @@ def map_regression_page(results: Path) -> Page | None:
                             "student latency, batch 1 (ms)", "pixel AUROC",
                             _series_by(timed, label, lambda r: r["student_latency_ms_b1"], "pixel_auroc"), xlog=True))
     parts = [HEADER, "", "# Encoder-free pixel students (map regression)", "", MAP_INTRO, "",
-             "## Results (`benchmarks/results/map_regression.json`)", "", generic_table(ordered, columns), "",
+             "## Results (`benchmarks/results/map_regression.json`)", "",
+             map_regression.results_table(results / "map_regression.json"), "",
              *[c.markdown() for c in charts], ""]
     if not timed:
         parts += [NO_LATENCY, ""]

@@ -73,12 +73,12 @@ def test_optional_pages_appear_with_their_json(tmp_path: Path) -> None:
         for r, role, rt, lat, p in [(16, "student", "torch", 5.0, 1000), (1, "teacher", "torch", 20.0, 9000),
                                     (16, "student", "onnxruntime", 3.0, 1000)]])
     _write(results, "mvtec.json", [
-        {**common, "scheme": "rd", "category": c, "image_size": 256, "compression_ratio": 1, "seed": s,
+        {**common, "scheme": "rd", "category": c, "image_size": 256, "compression_ratio": 1.0, "seed": s,
          "image_auroc": 0.9 + 0.01 * s, "pixel_auroc": 0.95, "aupro": 0.9, "deployed_params": 100,
          "deployed_macs": 1000, "infer_images_per_s": 5.0}
         for c in ("bottle", "screw") for s in (0, 1)])
     _write(results, "map_regression.json", [
-        {**common, "category": "bottle", "teacher_scheme": "reverse_distillation", "deployed_mac_ratio": r,
+        {**common, "category": "bottle", "teacher_scheme": "rd", "requested_mac_ratio": r, "deployed_mac_ratio": r,
          "deployed_param_ratio": r, "seed": 0, "image_auroc": 0.98, "pixel_auroc": px, "aupro": 0.9,
          "teacher_image_auroc": 0.99, "teacher_pixel_auroc": 0.98, "teacher_aupro": 0.93,
          "student_latency_ms_b1": 1.0, "teacher_latency_ms_b1": 30.0} for r, px in [(10, 0.975), (30, 0.972)]])
@@ -86,8 +86,11 @@ def test_optional_pages_appear_with_their_json(tmp_path: Path) -> None:
     assert {"deploy", "mvtec", "map_regression", "index"} <= set(pages)
     assert "reverse_distillation" not in pages  # its JSON is absent here
     mvtec = pages["mvtec"].markdown
-    assert "| rd | 1 | 256 | bottle | 0,1 | 0.9050 +- 0.0071 |" in mvtec
-    assert "**mean of 2**" in mvtec
+    assert "| bottle | 0,1 | 0.9050 ± 0.0071 (n=2) |" in mvtec  # the table of benchmarks.mvtec
+    assert "**mean over 2 categories**" in mvtec
+    size = pages["mvtec"].charts[0]
+    assert [s.label for s in size.series] == ["rd, bottle, 256 px", "rd, screw, 256 px"]
+    assert size.series[0].y == [pytest.approx(0.95)] and size.series[0].x == [100.0]
     latency = next(c for c in pages["map_regression"].charts if "latency" in c.name)
     assert latency.series[0].x == [1.0] and latency.series[0].y == [pytest.approx(0.9735)]
     assert "python -m benchmarks.x" in pages["deploy"].markdown  # the records' own commands
