@@ -82,7 +82,7 @@ class ConvAutoencoder(nn.Module):
 
 
 class VariationalAutoencoder(ConvAutoencoder):
-    """A VAE variant of the teacher (not in the paper; an option the issue asks for).
+    """A VAE variant of the teacher (not in the paper; an optional teacher, ``teacher=vae``).
 
     ``forward`` returns the reconstruction of the latent mean (deterministic), so the
     anomaly score is computed exactly as for :class:`ConvAutoencoder`;
