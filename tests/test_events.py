@@ -70,6 +70,25 @@ def test_datamodule_splits_standardises_and_labels(tmp_path: Path) -> None:
     assert data.test_signal_names.count(SIGNATURES[0]) == 60
 
 
+def test_training_order_depends_on_seed_and_epoch_only(tmp_path: Path) -> None:
+    """The epoch-seeded sampler of every datamodule: a module built afresh (a resumed run)
+    draws epoch 3's batches exactly as one that has run epochs 0 to 2."""
+    background, signals = _files(tmp_path)
+
+    def order(data: EventsDataModule, epoch: int) -> list[int]:
+        loader = data.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return torch.cat([batch["index"] for batch in loader]).tolist()
+
+    ran = EventsDataModule(background_path=background, signal_paths=signals, batch_size=64, seed=5)
+    epochs = [order(ran, epoch) for epoch in range(4)]
+    resumed = EventsDataModule(background_path=background, signal_paths=signals, batch_size=64, seed=5)
+    assert order(resumed, 3) == epochs[3]
+    assert epochs[3] != epochs[2] and sorted(epochs[3]) == list(range(len(ran.train_dataset)))
+    other_seed = EventsDataModule(background_path=background, signal_paths=signals, batch_size=64, seed=6)
+    assert order(other_seed, 3) != epochs[3]
+
+
 def test_datamodule_errors_are_one_line(tmp_path: Path) -> None:
     background, signals = _files(tmp_path, background=100, signal=10)
     with h5py.File(tmp_path / "wrong_key.h5", "w") as handle:
