@@ -634,13 +634,14 @@ RD_GPU_READING = """\
   figures' level"."""
 
 PATCHCORE_INTRO = """\
-A training-free baseline on the same encoder and levels as RD (Roth et al., CVPR 2022, without its
-coreset re-weighting): the three feature levels, 3x3 average-pooled, resized to the middle level and
-concatenated; the memory bank holds every training patch (or a greedy coreset); a test patch scores
-its distance to the nearest bank patch; the map is up-sampled and smoothed like RD's, the image score
-is its maximum. Rows `knn` are the probe the RD benchmark used before the scheme existed (128 px,
-`blur_sigma=2`, full bank); rows `patchcore` are `scheme=patchcore` runs (`experiment=patchcore_bottle`,
-logged to MLflow with their memory-bank bytes).
+A training-free baseline on the same encoder and levels as RD (Roth et al., CVPR 2022): the feature
+levels, 3x3 average-pooled, resized to the middle level's grid and concatenated; the memory bank
+holds every training patch or a greedy (k-center) coreset of them (`scheme.coreset_fraction`); a
+test patch scores its distance to the nearest bank patch; the map is up-sampled and smoothed like
+RD's, the image score is its maximum (or the paper's re-weighted score, `scheme.image_score`). Rows
+`patchcore` are `scheme=patchcore` runs (`experiment=patchcore_bottle` through `kd-train`'s code path,
+logged to MLflow with their memory-bank bytes); rows `knn` are the records of the same method as the
+RD benchmark ran it before the scheme existed (128 px, `blur_sigma=2`, full bank, no MLflow run).
 
 ```
 python -m benchmarks.rd_bottle --only knn::0                    # scheme=patchcore on bottle, full bank
