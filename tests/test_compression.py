@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from kd_experiments.compression import (
+    check_ratio,
+    closest_to_ratio,
     compression_ratio,
     count_macs,
     count_parameters,
@@ -17,6 +19,7 @@ from kd_experiments.compression import (
     quantize_int8_qat,
     quantize_int8_static,
     serialized_size_bytes,
+    width_for_ratio,
 )
 from kd_experiments.errors import ConfigError
 
@@ -290,3 +293,32 @@ def test_measure_latency_returns_seconds_and_restores_mode() -> None:
     assert len(calls) == 3
     with pytest.raises(ConfigError, match="repeats >= 1"):
         measure_latency(net, torch.randn(1, 3, 8, 8), repeats=0)
+
+
+# ------------------------------------------------------------------ a student for a ratio
+
+
+@pytest.mark.parametrize("value", [0.5, 0, -2, float("nan"), float("inf"), "8", None])
+def test_check_ratio_refuses_what_is_not_a_number_at_least_one(value) -> None:
+    with pytest.raises(ConfigError, match=r"scheme.mac_compression_ratio must be a number >= 1"):
+        check_ratio(value, "mac_compression_ratio")
+    assert check_ratio(8) == 8.0 and isinstance(check_ratio(8), float)
+
+
+def test_closest_to_ratio_picks_in_log_space_and_names_the_reachable_span() -> None:
+    candidates = [("a", 2.0), ("b", 7.0), ("c", 30.0)]
+    assert closest_to_ratio(8, candidates) == "b"  # |log 7/8| < |log 30/8|
+    assert closest_to_ratio(14, candidates, tolerance=1.5) == "b"  # 14/7 = 2 < 30/14 = 2.14
+    with pytest.raises(ConfigError, match=r"compression_ratio=4 cannot be reached .*closest 7.0.* 2.0 to 30.0"):
+        closest_to_ratio(4, candidates)  # 7 is the closest, 1.75x off
+
+
+def test_width_for_ratio_finds_a_width_of_a_linear_family() -> None:
+    def build(width: float) -> nn.Module:
+        return nn.Linear(64, max(1, round(256 * width)), bias=False)  # params = 64 * round(256 w)
+
+    width = width_for_ratio(16, build)
+    assert round(256 * width) == 16
+    assert width_for_ratio(1, build) == 1.0
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        width_for_ratio(1000, build)  # the smallest member is 256x smaller
