@@ -232,6 +232,10 @@ def run_entry(entry: Entry, args: argparse.Namespace, epochs: int | None) -> dic
         "train_images_per_s": logged.get("train/images_per_s"),
         "infer_images_per_s": metrics.get("test/images_per_s", logged.get("test/images_per_s")),
         "memory_bank_bytes": _number(logged.get("memory_bank_bytes")) if entry.scheme == "patchcore" else None,
+        # the deployable model (student, or PatchCore's encoder + bank), batch 1, one thread
+        "deploy_latency_ms_b1": logged.get("deploy/latency_ms_b1"),
+        "deploy_onnx_latency_ms_b1": logged.get("deploy/onnx_latency_ms_b1"),
+        "deploy_model_bytes": _number(logged.get("deploy/model_bytes")),
         "epochs": int(cfg.trainer.max_epochs),
         "blur_sigma": float(cfg.scheme.blur_sigma),
         "backbone": str(cfg.scheme.backbone),
@@ -280,7 +284,7 @@ def results_table(path: Path) -> str:
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for run in runs:
         group = (run["scheme"], run["image_size"], run["compression_ratio"], run.get("coreset_fraction"),
-                 run.get("budget_rule", "-"), run.get("device", "cpu"))
+                 run.get("budget_rule") or "-", run.get("device", "cpu"))
         groups.setdefault(group, {}).setdefault(run["category"], []).append(run)
     lines = ["| scheme | px | ratio / coreset | budget | category | seeds | image AUROC | pixel AUROC | AUPRO "
              "| deployed params | deployed MACs | bank bytes | train img/s | infer img/s |",
@@ -299,7 +303,8 @@ def results_table(path: Path) -> str:
                     means[metric].append(statistics.fmean(finite))
             first = rows[0]
             lines.append(
-                f"| {scheme} | {size} | {setting} | {rule} {'/'.join(str(e) for e in epochs)} | {category} "
+                f"| {scheme} | {size} | {setting} | {rule} {'/'.join(str(e) for e in epochs)}".rstrip()
+                + f" | {category} "
                 f"| {','.join(str(r['seed']) for r in rows)} | {_cell(cells['image_auroc'])} "
                 f"| {_cell(cells['pixel_auroc'])} | {_cell(cells['aupro'])} | {first.get('deployed_params') or '-'} "
                 f"| {first.get('deployed_macs') or '-'} | {first.get('memory_bank_bytes') or '-'} "
