@@ -161,13 +161,15 @@ def run_class(args, results: ResultsFile, normal_class: int, outlier_images: tor
                               f"_{args.device.replace(':', '')}_{digest}.pt")
 
     resumed = {group: checkpoint(group).is_file() for group in groups}
-    fit_students(groups["co_learning"], teacher, train_images, args.teacher_epochs, loss_fn, sampler, **common,
+    fit_students(groups["co_learning"], teacher, train_images, args.teacher_epochs, teacher_loss_fn=loss_fn,
+                 outliers=sampler, **common,
                  checkpoint=checkpoint("co_learning"))
     teacher_seconds = time.perf_counter() - started
     record_group("co_learning", teacher_seconds)
     checkpoint("co_learning").unlink(missing_ok=True)
     if groups["frozen"]:
-        fit_students(groups["frozen"], teacher, train_images, args.student_epochs, None, sampler, **common,
+        fit_students(groups["frozen"], teacher, train_images, args.student_epochs, teacher_loss_fn=None,
+                     outliers=sampler, **common,
                      checkpoint=checkpoint("frozen"))
         record_group("frozen", time.perf_counter() - started)
         checkpoint("frozen").unlink(missing_ok=True)

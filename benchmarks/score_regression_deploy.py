@@ -83,7 +83,8 @@ def trained_models(args, train_images: torch.Tensor, sampler: OutlierSampler | N
         tracks = [StudentTrack(args.technique, name, model, outlier_exposure=sampler is not None)
                   for name, model in students.items()]
         started = time.perf_counter()
-        fit_students(tracks, teacher, train_images, args.epochs, functools.partial(teacher_training_loss), sampler,
+        fit_students(tracks, teacher, train_images, args.epochs, teacher_loss_fn=functools.partial(teacher_training_loss),
+                     outliers=sampler,
                      outlier_batch_size=args.outlier_batch_size, lr=args.lr, seed=args.seed,
                      lr_schedule=args.lr_schedule)
         print(f"trained teacher + 7 students in {time.perf_counter() - started:.0f} s", flush=True)

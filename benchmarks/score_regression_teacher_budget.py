@@ -87,7 +87,7 @@ def main() -> None:
             print(f"[{args.dataset} {normal_class}] epoch {epoch}: val AUROC {record['val_auroc']:.4f} "
                   f"loss {train_loss:.5f} ({record['seconds']} s)", flush=True)
 
-        fit_teacher(teacher, train_images, args.epochs, teacher_training_loss, batch_size=100, lr=args.lr,
+        fit_teacher(teacher, train_images, args.epochs, loss_fn=teacher_training_loss, batch_size=100, lr=args.lr,
                     weight_decay=1e-5, seed=args.seed, lr_schedule="constant", on_epoch_end=measure)
 
 if __name__ == "__main__":
