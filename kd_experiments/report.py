@@ -107,8 +107,9 @@ class RunRecord:
 
     @property
     def data_label(self) -> str:
-        """The dataset, with its image size when it has one: ``mvtec-screw @256px``."""
-        return f"{self.dataset} @{self.image_size}px" if self.image_size else self.dataset
+        """The dataset, with its image size for category-tagged (MVTec-style) runs, whose protocol
+        it is: ``mvtec-screw @256px``."""
+        return f"{self.dataset} @{self.image_size}px" if self.image_size and self.category else self.dataset
 
 
 @dataclass
@@ -368,7 +369,7 @@ def summarize_by_ratio(
             teacher_quality=[r.metrics.get(teacher_quality, math.nan) for r in members],
             latency=[r.metrics.get(latency.metric, math.nan) for r in members],
             seeds=[str(r.seed) for r in members],
-            image_size=image_size,
+            image_size=image_size if any(r.category for r in members) else "",
         )
         for (scheme, dataset, image_size, ratio_key), members in groups.items()
     ]
