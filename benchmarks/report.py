@@ -58,6 +58,7 @@ class Chart:
     series: list[Series]
     xlog: bool = False
     note: str = ""
+    lines: bool = True  # join a series' points (a size axis); False: points only (measured latencies)
 
     def data(self) -> dict[str, Any]:
         return _rounded(asdict(self))
@@ -89,7 +90,8 @@ def render_png(chart: Chart, path: Path) -> None:
         xs = [series.x[i] for i in order]
         ys = [series.y[i] for i in order]
         errors = [series.yerr[i] for i in order] if series.yerr else None
-        axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=series.label)
+        axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=series.label,
+                      linestyle="-" if chart.lines else "none")
     if chart.xlog:
         axes.set_xscale("log")
     axes.set_title(chart.title, fontsize=10)
@@ -286,7 +288,7 @@ def score_regression_page(results: Path) -> Page | None:
             "score_regression_auroc_vs_latency", "MNIST digit 0: fp32 AUROC vs batch-1 latency (ONNX Runtime, 1 thread)",
             "batch-1 latency (ms), ONNX Runtime fp32", "test image AUROC (fp32)",
             _series_by(deploy, lambda r: f"{r['technique']}, {r['epochs']} epochs",
-                       lambda r: r["onnxruntime_fp32_latency_batch1_ms"], "fp32_auroc"), xlog=True))
+                       lambda r: r["onnxruntime_fp32_latency_batch1_ms"], "fp32_auroc"), xlog=True, lines=False))
     parts = [HEADER, "", "# Unsupervised-to-supervised compression (Pol et al., arXiv 2310.06047)", "", SR_INTRO, "",
              "## Results (`benchmarks/results/score_regression_{mnist,fmnist}.json` and the budget and deploy files)",
              "", "Mean +- std over the normal classes present (n = classes).", "",
@@ -390,7 +392,8 @@ def map_regression_page(results: Path) -> Page | None:
         charts.append(Chart("map_regression_pixel_auroc_vs_latency",
                             "Encoder-free students: pixel AUROC vs batch-1 latency (ONNX Runtime, 1 thread)",
                             "student latency, batch 1 (ms)", "pixel AUROC",
-                            _series_by(timed, label, lambda r: r["student_latency_ms_b1"], "pixel_auroc"), xlog=True))
+                            _series_by(timed, label, lambda r: r["student_latency_ms_b1"], "pixel_auroc"), xlog=True,
+                            lines=False))
     parts = [HEADER, "", "# Encoder-free pixel students (map regression)", "", MAP_INTRO, "",
              "## Results (`benchmarks/results/map_regression.json`)", "",
              map_regression.results_table(results / "map_regression.json"), "",
