@@ -782,3 +782,28 @@ def test_conflicting_experiment_and_data_group_fail_before_reading_data(
     cfg = compose_cfg(*overrides, f"data.root={missing}")
     with pytest.raises(ConfigError, match=message):
         train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "size", "sigma", "protocol"),
+    [
+        (("experiment=rd_mvtec",), 256, 4.0, "paper-256"),
+        (("experiment=rd_expert_mvtec", "data.category=screw"), 256, 4.0, "paper-256"),
+        (("experiment=rd_mvtec", "data.image_size=128", "data.category=transistor"), 128, 2.0, "fast-128"),
+        (("experiment=rd_bottle",), 128, 2.0, "fast-128"),
+    ],
+)
+def test_mvtec_protocol_settings_and_tags(overrides: tuple[str, ...], size: int, sigma: float, protocol: str,
+                                          compose_cfg) -> None:
+    """256 px is the papers' protocol (blur sigma 4, scaled with the image size); every run is
+    tagged with its category, image size and protocol, so reports never mix sizes."""
+    from kd_experiments.config import check_composition, experiment_label
+
+    cfg = compose_cfg(*overrides)
+    check_composition(cfg)
+    category = next((o.split("=")[1] for o in overrides if o.startswith("data.category=")), "bottle")
+    assert cfg.data._target_.endswith("MVTecDataModule") and cfg.data.root.endswith("mvtec_ad")
+    assert (cfg.data.category, cfg.data.image_size, cfg.scheme.blur_sigma) == (category, size, sigma)
+    tags = experiment_label(cfg)
+    assert (tags["category"], tags["image_size"], tags["protocol"]) == (category, str(size), protocol)
+    assert tags["dataset"] == f"mvtec-{category}"
