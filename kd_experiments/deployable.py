@@ -265,6 +265,7 @@ def _measure_one(model: nn.Module, prefix: str, latency_calls: int, throughput_c
         try:
             with warnings.catch_warnings():  # shape checks are fixed at export: the ONNX model takes input_size
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+                warnings.filterwarnings("ignore", module=r"torch\.onnx")  # exporter notes, no action for users
                 export_onnx(model, single, path)
             session = _onnx_session(path)
         except Exception as error:  # noqa: BLE001 - an exporter or runtime limit is reported, not fatal

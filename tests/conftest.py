@@ -16,6 +16,9 @@ from omegaconf import DictConfig, open_dict
 from kd_experiments.config import CONFIG_DIR, PROJECT_ROOT
 
 torch.set_num_threads(1)
+# deploy/* figures are logged, not timed seriously, in tests (kd-train subprocesses inherit these)
+os.environ.setdefault("KD_DEPLOY_LATENCY_CALLS", "2")
+os.environ.setdefault("KD_DEPLOY_THROUGHPUT_CALLS", "1")
 
 SHARED_DATA = Path(os.environ.get("KD_DATA_DIR", PROJECT_ROOT.parent / "shared" / "data"))
 

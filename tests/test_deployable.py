@@ -162,3 +162,54 @@ def test_every_run_logs_the_deployment_figures(compose_cfg) -> None:
     cfg = compose_cfg("experiment=quickstart", "logger=none", "deploy.measure=false",
                       *fast_overrides("trainer.max_epochs=2"))
     assert not any(key.startswith("deploy/") for key in train(cfg))
+
+
+def test_reverse_distillation_deployable_gives_the_test_steps_scores_and_maps(tmp_path: Path) -> None:
+    from kd_experiments.anomaly_maps import image_scores
+    from kd_experiments.data.common import load_image, pil_to_uint8_tensor
+    from kd_experiments.data.synthetic import SyntheticMVTecDataModule
+    from kd_experiments.schemes.reverse_distillation import ReverseDistillationScheme
+
+    data = SyntheticMVTecDataModule(root=tmp_path / "synthetic", n_train=8, n_test_good=4, n_test_defect_per_type=2,
+                                    image_size=32, batch_size=4)
+    torch.manual_seed(0)
+    scheme = ReverseDistillationScheme((3, 32, 32), compression_ratio=4, blur_sigma=1.0, expert=True,
+                                       skip_fusion=True, guided_injection=True, val_synthetic_anomalies=False)
+    _trainer().test(scheme, datamodule=data, verbose=False)
+    scheme.eval()
+    items = [data.test_dataset[i] for i in range(len(data.test_dataset))]
+    with torch.no_grad():  # the path before the deployable model: the scheme's forward on normalised tensors
+        expected_maps = scheme(torch.stack([item["image"] for item in items]))
+        raw = torch.stack([pil_to_uint8_tensor(load_image(item["path"])) for item in items])  # the PNG files
+        deployable = scheme.deployable_model().eval()
+        scores, maps = deployable(raw)
+        from_float = deployable(raw.float() / 255.0)[1]
+    assert maps.shape == (len(items), 1, 32, 32) and scores.shape == (len(items),)
+    torch.testing.assert_close(maps[:, 0], expected_maps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(from_float, maps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores, image_scores(expected_maps), atol=1e-5, rtol=0)
+    torch.testing.assert_close(scheme.test_results["score"], scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scheme.test_results["map"], maps[:, 0], atol=1e-5, rtol=0)
+    assert deployable.produces_map is True and deployable.input_size == (32, 32) and deployable.input_channels == 3
+
+    # encoder + student, no expert; the reference is the encoder with a full-width student
+    deployed_ids = {id(p) for p in deployable.parameters()}
+    assert deployed_ids == {id(p) for p in [*scheme.encoder.parameters(), *scheme.student.parameters()]}
+    assert not deployed_ids & {id(p) for p in scheme.expert.parameters()}
+    summary = scheme.compression_summary()
+    assert summary["deployed_params"] == summary["teacher_params"] + summary["student_params"]
+    reference = summary["teacher_params"] + summary["full_student_params"]
+    assert count_parameters(scheme.teacher_deployable_model()) == reference
+    assert summary["deployed_compression_ratio"] == pytest.approx(reference / summary["deployed_params"])
+
+
+def test_report_latency_axis_uses_the_deployed_students_latency() -> None:
+    from kd_experiments.report import RunRecord, choose_latency
+
+    def record(metrics: dict[str, float]) -> RunRecord:
+        return RunRecord("id", "run", "FINISHED", "score_regression", "digits", "0", "s", 8.0, 8.0, 100.0, 10.0,
+                         1.0, 30.0, metrics)
+
+    runs = [record({"deploy/latency_ms_b1": 0.2, "deploy/teacher_latency_ms_b1": 3.0, "test/latency_ms": 5.0})]
+    assert choose_latency(runs).metric == "deploy/latency_ms_b1"
+    assert choose_latency([record({})]).metric == "duration_s"

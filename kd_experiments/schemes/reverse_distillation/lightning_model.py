@@ -42,6 +42,10 @@ loss on held-out normal images) is logged for inspection, never used for selecti
 Evaluation: RD's anomaly map (sum over levels of ``1 - cos``, Gaussian sigma 4),
 image score = its maximum (:mod:`kd_experiments.anomaly_maps`). The deployed model is the
 (trained) encoder plus the student; the expert is needed only for training.
+:meth:`ReverseDistillationScheme.deployable_model` is that model as one module, with the
+datamodule's preprocessing inside (:mod:`.deploy`): the test step scores through it. Its
+reference (``teacher_deployable_model``, the reference of ``deployed_compression_ratio``
+and of the teacher's speed figures) is the same module with a full-width student.
 
 Compression: the student (bottleneck, decoder, skip fusion) has a width
 multiplier, given directly (``width_multiplier``) or found from
@@ -64,8 +68,10 @@ from kd_experiments.anomaly_maps import MODES, anomaly_map, image_scores
 from kd_experiments.backbones import FeatureEncoder, input_statistics
 from kd_experiments.compression import count_macs, count_parameters, size_summary, width_for_ratio
 from kd_experiments.errors import ConfigError
+from kd_experiments.deployable import DeployableModel, Preprocessing, deployed_sizes
 from kd_experiments.schemes.base import AnomalyScheme
 from kd_experiments.schemes.reverse_distillation import loss as rd_loss
+from kd_experiments.schemes.reverse_distillation.deploy import ReverseDistillationDeployable
 from kd_experiments.schemes.reverse_distillation.torch_model import DEFAULT_MIN_CHANNELS, UPSAMPLING, ReverseStudent
 from kd_experiments.synthetic_anomalies import SyntheticAnomalies
 from kd_experiments.tracking import log_figure_from_module
@@ -226,18 +232,45 @@ class ReverseDistillationScheme(AnomalyScheme):
             teacher_macs = count_macs(self.encoder, example)
             student_macs = count_macs(self.student, (features,))
             full_macs = count_macs(full_student, (features,))
+            deployed = deployed_sizes(self.deployable_model(), self._deployable(full_student))
             self._summary = {
                 **size_summary(teacher_params, student_params, teacher_macs, student_macs,
                                reference_params=full_params, reference_macs=full_macs),
                 "full_student_params": full_params,
                 "full_student_macs": full_macs,
-                "deployed_params": teacher_params + student_params,
-                "deployed_macs": teacher_macs + student_macs,
+                # the deployable model's counts (encoder + student; MACs include the map's blur)
+                "deployed_params": deployed["deployed_params"],
+                "deployed_macs": deployed["deployed_macs"],
+                "deployed_compression_ratio": deployed["deployed_compression_ratio"],
                 "width_multiplier": self.width_multiplier,
                 "min_channels": self.student.min_channels,
                 "expert_params": count_parameters(self.expert) if self.expert is not None else 0,
             }
         return dict(self._summary)
+
+    # -- deployment ------------------------------------------------------------------------
+    def default_preprocessing(self) -> Preprocessing:
+        """Before a datamodule says otherwise: the scheme's ``input_normalization`` at ``input_shape``."""
+        channels, *size = self.input_shape
+        return Preprocessing(tuple(size), channels, tuple(self.input_mean), tuple(self.input_std))
+
+    def _deployable(self, student: torch.nn.Module) -> DeployableModel:
+        return ReverseDistillationDeployable(
+            self.deployment_preprocessing(), self.encoder, student, self.hparams.blur_sigma, self.hparams.map_mode
+        ).to(self.device)
+
+    def deployable_model(self) -> DeployableModel:
+        """Encoder + student + map + score behind the datamodule's preprocessing: raw images ->
+        ``(scores (N,), maps (N, 1, H, W))``; the expert is not in it."""
+        return self._deployable(self.student)
+
+    def teacher_deployable_model(self) -> DeployableModel:
+        """The reference detector: the same encoder with a full-width student (freshly built, so
+        untrained unless this student is full width; for sizes and speed, not for scores)."""
+        if self.width_multiplier == 1.0:
+            return self._deployable(self.student)
+        with torch.random.fork_rng(devices=[]):  # no draw from the run's random stream
+            return self._deployable(self._build_student(1.0))
 
     # -- forward ---------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -263,8 +296,8 @@ class ReverseDistillationScheme(AnomalyScheme):
     def score_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = batch["image"]
         started = time.perf_counter()
-        maps = self(images)
-        scores = image_scores(maps)
+        scores, maps = self.deployable_model()(self.raw_images(images))  # what ships
+        maps = maps.squeeze(1)
         if images.is_cuda:
             torch.cuda.synchronize(images.device)
         self._infer_seconds += time.perf_counter() - started
