@@ -365,9 +365,16 @@ def mvtec_page(results: Path) -> Page | None:
                     _series_by([r for r in runs if r.get("deployed_params")],
                                lambda r: f"{r.get('scheme')}, {r.get('category')}, {r.get('image_size')} px",
                                lambda r: r["deployed_params"], "pixel_auroc"), xlog=True)]
+    timed = [r for r in runs if r.get("deploy_latency_ms_b1") is not None]
+    if timed:
+        charts.append(Chart("mvtec_pixel_auroc_vs_latency",
+                            "MVTec AD: pixel AUROC vs batch-1 latency of the deployed model (PyTorch, 1 thread)",
+                            "latency, batch 1 (ms)", "pixel AUROC",
+                            _series_by(timed, lambda r: f"{r.get('scheme')}, {r.get('image_size')} px",
+                                       lambda r: r["deploy_latency_ms_b1"], "pixel_auroc"), xlog=True, lines=False))
     parts = [HEADER, "", "# MVTec AD at the papers' protocol", "", MVTEC_INTRO, "",
              "## Results (`benchmarks/results/mvtec.json`)", "", mvtec.results_table(results / "mvtec.json"), "",
-             *[c.markdown() for c in charts], "", NO_LATENCY, ""]
+             *[c.markdown() for c in charts], "", *([] if timed else [NO_LATENCY, ""])]
     budget = mvtec.budget_path(results / "mvtec.json")
     if budget.exists():
         parts += [f"## Epoch budget chosen on validation data (`benchmarks/results/{budget.name}`)", "",

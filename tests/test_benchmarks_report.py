@@ -75,7 +75,7 @@ def test_optional_pages_appear_with_their_json(tmp_path: Path) -> None:
     _write(results, "mvtec.json", [
         {**common, "scheme": "rd", "category": c, "image_size": 256, "compression_ratio": 1.0, "seed": s,
          "image_auroc": 0.9 + 0.01 * s, "pixel_auroc": 0.95, "aupro": 0.9, "deployed_params": 100,
-         "deployed_macs": 1000, "infer_images_per_s": 5.0}
+         "deployed_macs": 1000, "infer_images_per_s": 5.0, "deploy_latency_ms_b1": 12.0 + s}
         for c in ("bottle", "screw") for s in (0, 1)])
     _write(results, "map_regression.json", [
         {**common, "category": "bottle", "teacher_scheme": "rd", "requested_mac_ratio": r, "deployed_mac_ratio": r,
@@ -91,6 +91,9 @@ def test_optional_pages_appear_with_their_json(tmp_path: Path) -> None:
     size = pages["mvtec"].charts[0]
     assert [s.label for s in size.series] == ["rd, bottle, 256 px", "rd, screw, 256 px"]
     assert size.series[0].y == [pytest.approx(0.95)] and size.series[0].x == [100.0]
+    latency = next(c for c in pages["mvtec"].charts if "latency" in c.name)
+    assert latency.series[0].x == [12.0, 13.0] and not latency.lines
+    assert report.NO_LATENCY not in mvtec
     latency = next(c for c in pages["map_regression"].charts if "latency" in c.name)
     assert latency.series[0].x == [1.0] and latency.series[0].y == [pytest.approx(0.9735)]
     assert "python -m benchmarks.x" in pages["deploy"].markdown  # the records' own commands
