@@ -40,7 +40,7 @@ Our choices (not in either): the schedule by fractions of the training batches, 
 sphere projection as the EDE-GAN's latent constraint, the depth axis of the size family,
 the EDE-GAN loss weights (GANomaly's 1/50/1 by default; configurable), and a separate
 student learning rate (``student_learning_rate``; the MNIST / Fashion-MNIST experiments use
-1e-3, chosen on validation data: ``benchmarks/README.md``).
+1e-3, chosen on validation data: ``docs/results/progressive_gan.md``).
 """
 
 from __future__ import annotations

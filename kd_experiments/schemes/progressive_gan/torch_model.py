@@ -17,7 +17,7 @@
   the latent's scale. With ``tanh`` latents a small student's score followed the image's ink
   (the latent norm) rather than its shape: on MNIST class 0 a w2 student had AUROC 0.2 with
   ``tanh`` latents and 0.97 on the sphere (a development comparison on test data, disclosed in
-  benchmarks/README.md).
+  docs/results/progressive_gan.md).
   ``tanh`` (OCGAN's bounded latent) and ``none`` (GANomaly) remain available.
 
 Size family: a :class:`GeneratorSpec` is ``(width, depth, latent_dim, extra_layers)``:
