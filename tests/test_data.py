@@ -738,7 +738,7 @@ DEPLOY_OFF = ("deploy.measure=false", "deploy.log_model=false")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", ["rd_bottle", "rd_expert_bottle"])
+@pytest.mark.parametrize("experiment", ["rd_bottle", "rd_expert_bottle", "patchcore_bottle"])
 def test_pretrained_encoder_experiment_on_colour_folders_logs_image_auroc(
     experiment: str, compose_cfg, mlflow_uri: str, tmp_path: Path
 ) -> None:
