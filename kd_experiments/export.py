@@ -216,26 +216,102 @@ def image_auroc(module, images: torch.Tensor, labels: np.ndarray) -> float:
     return float(auroc(torch.cat(scores), torch.as_tensor(labels)))
 
 
+def _flat(outputs: Any) -> torch.Tensor:
+    tensors = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+    return torch.cat([t.flatten(1) for t in tensors], dim=1)
+
+
+def _capture(root: nn.Module, modules: Sequence[nn.Module], images: torch.Tensor) -> dict[int, list[tuple]]:
+    """The ``(args, output)`` of every call of ``modules`` while ``root`` scores ``images``."""
+    captured: dict[int, list[tuple]] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out: captured.setdefault(id(mod), []).append((args, out)))
+             for m in modules]
+    try:
+        with torch.inference_mode():
+            for batch in _batches(images):
+                root(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+def _quantize_parts(module: nn.Module, train_images: torch.Tensor, qat: bool, epochs: int, lr: float) -> nn.Module:
+    """int8 part by part, for models ``torch.fx`` cannot trace as a whole (RD: features flow as
+    lists, shapes steer control flow): from the top, every submodule called with tensors only
+    that traces is quantised on its own, on the inputs it receives while the model scores the
+    calibration images; one that does not is split into its children. The preprocessing and
+    the encoder (a frozen pretrained network whose TF "SAME" padding does not trace) stay in
+    float, and so does the glue between parts (maps, scores)."""
+    from kd_experiments.compression import quantize_int8_qat, quantize_int8_static
+
+    result = copy.deepcopy(module).eval()
+    calibration = train_images[:CALIBRATION_IMAGES]
+    pending = [(result, name, child) for name, child in result.named_children() if name not in ("preprocess", "encoder")]
+    while pending:
+        captured = _capture(result, [child for _, _, child in pending], calibration)
+        following = []
+        for parent, name, child in pending:
+            calls = captured.get(id(child), [])
+            if not calls or not any(True for _ in child.parameters()):
+                continue  # unused, or nothing to quantise
+            args = calls[0][0]
+            if args and all(isinstance(a, torch.Tensor) for a in args):
+                inputs = [tuple(a.clone() for a in call_args) for call_args, _ in calls]
+                try:
+                    if qat:
+                        pairs = [(x, _flat(out).clone()) for x, (_, out) in zip(inputs, calls, strict=True)]
+                        quantised = quantize_int8_qat(child, pairs, lambda o, t: F.mse_loss(_flat(o), t),
+                                                      epochs=epochs, lr=lr)
+                    else:
+                        quantised = quantize_int8_static(child, inputs)
+                    setattr(parent, name, quantised)
+                    continue
+                except ConfigError:
+                    pass  # does not trace: try its children
+            following += [(child, n, c) for n, c in child.named_children()]
+        pending = following
+    return result
+
+
 def quantize(module: nn.Module, train_images: torch.Tensor, qat: bool = False, epochs: int = 2,
              lr: float = 1e-4) -> nn.Module:
     """int8 model of ``module``: static PTQ calibrated on ``train_images``, or QAT (``qat=True``)
-    fine-tuned on them towards the float model's outputs (scores; maps for map schemes)."""
+    fine-tuned on them towards the float model's outputs (scores; maps for map schemes).
+
+    The whole model is quantised in one FX graph when it traces (submodules that do not
+    trace kept whole and in float); otherwise part by part (:func:`_quantize_parts`).
+    """
     from kd_experiments.compression import quantize_int8_qat, quantize_int8_static
 
     leaves = _float_leaves(module)
     calibration = train_images[:CALIBRATION_IMAGES]
-    if not qat:
-        return quantize_int8_static(module, list(_batches(calibration)), non_traceable=leaves)
-    pairs = []
-    for batch in _batches(train_images):
-        outputs = _outputs(module, batch)
-        pairs.append((batch, outputs[-1].detach().clone()))
+    try:
+        if not qat:
+            return quantize_int8_static(module, list(_batches(calibration)), non_traceable=leaves)
+        pairs = []
+        for batch in _batches(train_images):
+            outputs = _outputs(module, batch)
+            pairs.append((batch, outputs[-1].detach().clone()))
 
-    def loss_fn(outputs, targets: torch.Tensor) -> torch.Tensor:
-        scores, maps = deploy.split_outputs(outputs)
-        return F.mse_loss((maps if maps is not None else scores).reshape(targets.shape), targets)
+        def loss_fn(outputs, targets: torch.Tensor) -> torch.Tensor:
+            scores, maps = deploy.split_outputs(outputs)
+            return F.mse_loss((maps if maps is not None else scores).reshape(targets.shape), targets)
 
-    return quantize_int8_qat(module, pairs, loss_fn, epochs=epochs, lr=lr, non_traceable=leaves)
+        return quantize_int8_qat(module, pairs, loss_fn, epochs=epochs, lr=lr, non_traceable=leaves)
+    except ConfigError:
+        return _quantize_parts(module, train_images, qat, epochs, lr)
+
+
+def int8_parts(original: nn.Module, quantised: nn.Module) -> str:
+    """The top-level parts of ``quantised`` that hold int8 layers (for the run's tag)."""
+    def has_int8(module: nn.Module) -> bool:
+        return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in module.modules())
+
+    names = [name for name, child in quantised.named_children() if has_int8(child)]
+    if not names and has_int8(quantised):
+        names = ["graph"]
+    return ",".join(names) or "none"
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -285,7 +361,7 @@ def export_run(run_id: str, fmt: str, tracking_uri: str | None = None, qat: bool
             "deploy/int8_auroc_drop": float_auroc - int8_auroc,
             "deploy/int8_test_image_auroc": int8_auroc,
         })
-        tags["deploy.int8_float_modules"] = ",".join(_float_leaves(module))
+        tags["deploy.int8_parts"] = int8_parts(module, quantised)
         save_torchscript(quantised, info, path, "int8")
     artifact = f"{EXPORT_DIR}/{path.name}"
     if log:

@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from kd_experiments import config as kd_config
-from kd_experiments import deploy
+from kd_experiments import deploy, export
 from kd_experiments.errors import ConfigError
 from kd_experiments.train import train
 from tests.conftest import fast_overrides
@@ -25,6 +25,8 @@ SMOKE_RUNS = {
     "quickstart": ["experiment=quickstart"],
     "pkd_smoke": ["experiment=pkd_smoke"],
     "rd_smoke": ["experiment=rd_smoke", "data.n_train=16", "data.n_test_good=4", "data.n_test_defect_per_type=2"],
+    "patchcore_smoke": ["experiment=patchcore_smoke", "data.n_train=16", "data.n_test_good=4",
+                        "data.n_test_defect_per_type=2"],
 }
 
 
@@ -121,17 +123,26 @@ def test_logged_student_scores_like_the_run_in_a_fresh_process_and_holds_no_teac
     assert (answer["is_anomaly"].astype(str) == (answer["score"] >= info["threshold"]).astype(str)).all()
     assert float(run.data.params["student_params"]) == info["size.student_params"]
 
-    # no teacher inside: the parameters are the student's (plus RD's frozen encoder)
+    # no teacher inside: the parameters are the student's (plus the frozen encoder of RD and PatchCore)
     folder = Path(client.download_artifacts(run_id, "student", str(tmp_path / "model")))
     module = torch.load(next(folder.rglob(deploy.MODULE_FILE)), weights_only=False)
     params = sum(p.numel() for p in module.parameters())
-    assert params == info["deployed_params"]
+    assert params == info["deployed_params"] == int(float(run.data.params["deployed_params"]))
     student_params = int(float(run.data.params["student_params"]))
     if name == "rd_smoke":
         encoder_params = sum(p.numel() for p in module.encoder.parameters())
-        assert params == student_params + encoder_params == int(float(run.data.params["deployed_params"]))
-    else:
+        assert params == student_params + encoder_params
+    elif name != "patchcore_smoke":  # PatchCore's student is its encoder with a smaller memory bank
         assert params == student_params < int(float(run.data.params["teacher_params"]))
+
+    # kd-export on the same run: ONNX for every scheme, int8 for the score-regression and RD students
+    onnx = export.export_run(run_id, "onnx", output_dir=tmp_path / "export")
+    assert onnx.metrics["deploy/onnx_max_abs_diff"] <= 1e-4
+    if name in ("quickstart", "rd_smoke"):
+        int8 = export.export_run(run_id, "int8", output_dir=tmp_path / "export")
+        assert np.isfinite(int8.metrics["deploy/int8_auroc_drop"])
+    logged = client.get_run(run_id).data.metrics
+    assert logged["deploy/onnx_max_abs_diff"] == pytest.approx(onnx.metrics["deploy/onnx_max_abs_diff"])
 
 
 def _model_metadata(client: MlflowClient, run_id: str, tmp_path: Path) -> dict:
