@@ -142,6 +142,18 @@ def test_outlier_images_load_lazily_from_idx(tmp_path: Path) -> None:
         ScoreRegressionScheme(SHAPE, outlier_exposure={"colour": 1})
 
 
+
+def test_bundled_photo_patches_are_offline_seeded_outliers() -> None:
+    from kd_experiments.schemes.score_regression.techniques import photo_patches
+
+    images = load_outlier_images("photo_patches", None, max_images=12, seed=3)
+    assert images.shape == (12, *SHAPE) and 0 <= images.min() and images.max() <= 1 and images.std() > 0.01
+    assert torch.equal(images, photo_patches(12, seed=3)) and not torch.equal(images, photo_patches(12, seed=4))
+    scheme = ScoreRegressionScheme(SHAPE, student="G", outlier_exposure={"dataset": "photo_patches"})  # no root needed
+    assert scheme.technique_name() == "baseline+outlier_exposure"
+    with pytest.raises(ConfigError, match="photo_patches"):
+        ScoreRegressionScheme(SHAPE, outlier_exposure={"dataset": "cifar10"})
+
 TECHNIQUES = {
     "baseline": {},
     "co_learning": {"co_learning": True},

@@ -21,6 +21,7 @@ left to the trainer config (a fixed schedule here).
 
 Techniques, each a config switch, combinable (:mod:`.techniques`): pseudo outlier
 exposure (``outlier_exposure.dataset``/``root``: the other IDX set's training images,
+or ``dataset=photo_patches``: crops of scikit-learn's bundled photographs, no root;
 read lazily at the start of fit through ``load_idx_split``; the data must be in
 [0, 1], ``data.normalization=none``), noise exposure (``noise_exposure.std``), tail
 re-weighting (``tail_reweighting.strength``). Where the paper's code and the paper
@@ -61,7 +62,8 @@ from kd_experiments.schemes.score_regression.deploy import (
 )
 from kd_experiments.schemes.score_regression.teachers import ScoreTeacher
 from kd_experiments.schemes.score_regression.techniques import (
-    OUTLIER_PARTNER,
+    BUNDLED_OUTLIERS,
+    OUTLIER_SETS,
     OutlierSampler,
     Techniques,
     load_outlier_images,
@@ -108,7 +110,8 @@ class ScoreRegressionScheme(AnomalyScheme):
         teacher: ``autoencoder`` (the paper's) or ``vae``.
         vae_beta: weight of the KL term (per input element) of the VAE teacher.
         outlier_exposure: ``{dataset, root, batch_size, max_images}``: pseudo outliers
-            from ``dataset`` (``mnist`` | ``fashion_mnist``) in ``root``; off when
+            from ``dataset`` (``mnist`` | ``fashion_mnist`` in ``root``, or the bundled
+            ``photo_patches``); off when
             ``dataset`` is null. ``batch_size`` defaults to the normal batch's size.
         noise_exposure: ``{std, clip}``: the student sees ``clip(x + std * N(0, 1))``
             labelled by the teacher; off when ``std`` is 0.
@@ -168,12 +171,12 @@ class ScoreRegressionScheme(AnomalyScheme):
             outlier_exposure, "outlier_exposure", {"dataset": None, "root": None, "batch_size": None, "max_images": None}
         )
         if self.outlier_options["dataset"] is not None:
-            if self.outlier_options["dataset"] not in OUTLIER_PARTNER:
+            if self.outlier_options["dataset"] not in OUTLIER_SETS:
                 raise ConfigError(
                     f"scheme.outlier_exposure.dataset={self.outlier_options['dataset']!r}: "
-                    f"use one of {sorted(OUTLIER_PARTNER)} or null"
+                    f"use one of {list(OUTLIER_SETS)} or null"
                 )
-            if self.outlier_options["root"] is None:
+            if self.outlier_options["root"] is None and self.outlier_options["dataset"] not in BUNDLED_OUTLIERS:
                 raise ConfigError("scheme.outlier_exposure.root is required when outlier_exposure.dataset is set")
             if len(input_shape) != 3 or input_shape[1:] != (28, 28) or input_shape[0] != 1:
                 raise ConfigError(f"scheme.outlier_exposure takes 1x28x28 images, the data gives {input_shape}")

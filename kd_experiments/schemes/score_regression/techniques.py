@@ -10,7 +10,11 @@ teacher's score to anomalies it never saw. Their remedies, and one of ours:
   (AdrianAlan/kd4ad, ``experiment-outlier-exposure.py``) takes the *test* split of the
   other set and runs the outlier batches after each epoch; here the other set's
   *training* split is used (no test image of any set is touched) and an outlier batch
-  is concatenated to each normal batch of the student step.
+  is concatenated to each normal batch of the student step. Where no second image set
+  is at hand (the offline digits demo), ``photo_patches`` draws the outliers from
+  scikit-learn's two bundled sample photographs instead: random square grey crops
+  resized to 28x28, natural-image outliers in the spirit of Hendrycks et al.,
+  "Deep Anomaly Detection with Outlier Exposure" (ICLR 2019).
 - **noise exposure**: the student sees the normal batch with Gaussian noise added
   (std 0.1, clipped to [0, 1], as the authors' ``experiment-noise-exposure.py``),
   labelled by the teacher's score of the noisy images.
@@ -37,6 +41,10 @@ from kd_experiments.errors import ConfigError
 
 #: the other data set of pseudo outlier exposure, as in the paper
 OUTLIER_PARTNER: dict[str, str] = {"mnist": "fashion_mnist", "fashion_mnist": "mnist"}
+#: outlier sets that ship with the installed packages (no ``root``, no download)
+BUNDLED_OUTLIERS: tuple[str, ...] = ("photo_patches",)
+#: the outlier sets ``scheme.outlier_exposure.dataset`` accepts
+OUTLIER_SETS: tuple[str, ...] = (*sorted(OUTLIER_PARTNER), *BUNDLED_OUTLIERS)
 
 
 @dataclass(frozen=True)
@@ -109,21 +117,43 @@ def student_batch(
     return inputs, targets, tail_weights(targets, techniques.tail_strength)
 
 
-def load_outlier_images(
-    dataset: str, root: str | Path, max_images: int | None = None, seed: int = 0
-) -> torch.Tensor:
-    """The *training* images of ``dataset`` (an IDX set) as float ``(N, 1, 28, 28)`` in [0, 1].
+def photo_patches(count: int, seed: int = 0, size: int = 28) -> torch.Tensor:
+    """``count`` grey crops of scikit-learn's bundled sample photographs, float
+    ``(count, 1, size, size)`` in [0, 1]: square crops of a seeded random side
+    (``size`` to 160 pixels) at seeded random places, resized with antialiasing."""
+    import torch.nn.functional as F
+    from sklearn.datasets import load_sample_images
 
-    A seeded draw of ``max_images`` when given. Reads through
+    photos = [torch.tensor(image, dtype=torch.float32).mean(dim=-1) / 255.0 for image in load_sample_images().images]
+    generator = torch.Generator().manual_seed(seed)
+    crops = []
+    for index in range(count):
+        photo = photos[index % len(photos)]
+        side = int(torch.randint(size, min(160, *photo.shape) + 1, (1,), generator=generator))
+        top = int(torch.randint(0, photo.shape[0] - side + 1, (1,), generator=generator))
+        left = int(torch.randint(0, photo.shape[1] - side + 1, (1,), generator=generator))
+        crop = photo[top : top + side, left : left + side][None, None]
+        crops.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0])
+    return torch.stack(crops).clamp(0.0, 1.0)
+
+
+def load_outlier_images(
+    dataset: str, root: str | Path | None, max_images: int | None = None, seed: int = 0
+) -> torch.Tensor:
+    """The pseudo outliers as float ``(N, 1, 28, 28)`` in [0, 1]: the *training* images of
+    ``dataset`` (an IDX set in ``root``), or ``photo_patches`` (bundled; ``root`` unused,
+    ``max_images`` crops, 2,000 by default).
+
+    A seeded draw of ``max_images`` when given. IDX sets are read through
     :func:`kd_experiments.data.one_class.load_idx_split`, so a missing or corrupt file
     raises its one-line :class:`~kd_experiments.errors.DataError`.
     """
     from kd_experiments.data.one_class import load_idx_split
 
-    if dataset not in OUTLIER_PARTNER:
-        raise ConfigError(
-            f"scheme.outlier_exposure.dataset={dataset!r}: use one of {sorted(OUTLIER_PARTNER)}"
-        )
+    if dataset not in OUTLIER_SETS:
+        raise ConfigError(f"scheme.outlier_exposure.dataset={dataset!r}: use one of {list(OUTLIER_SETS)}")
+    if dataset == "photo_patches":
+        return photo_patches(2000 if max_images is None else int(max_images), seed)
     images, _ = load_idx_split(root, "train")
     if max_images is not None and max_images < len(images):
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
