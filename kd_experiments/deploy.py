@@ -19,9 +19,11 @@ MLflow Model (``mlflow.pyfunc`` with the :class:`StudentModel` wrapper), with
 - the run's **size summary** (``teacher_params``, ``student_params``, ratios, MACs) and
   the deployed model's own parameter count, in the metadata too.
 
-The wrapper holds the module pickled with ``torch.save`` and the ``kd_experiments``
-package as the model's code (``code_paths``), so ``mlflow.pyfunc.load_model(...)``
-works in a fresh process, and ``mlflow models predict --env-manager local`` on a CSV
+The Model is logged from code (MLflow's models-from-code: a three-line script that
+builds :class:`StudentModel`, no pickled class), holds the module saved with
+``torch.save`` and the ``kd_experiments`` package as its code (``code_paths``), and pins
+its requirements to this environment, so ``mlflow.pyfunc.load_model(...)`` works in a
+fresh process, and ``mlflow models predict --env-manager local`` on a CSV
 whose ``path`` column names a folder scores the folder. The run also logs its test
 scores (``predictions/test_scores.csv``) as the test step computed them, so a loaded
 model can be checked against the run.

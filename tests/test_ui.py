@@ -1,8 +1,10 @@
 """The MLflow UI in a real browser (Debian's headless Chromium, driven by Playwright):
-a finished tiny sweep shows as one expandable row whose runs show their compression_ratio."""
+a finished tiny sweep shows as one expandable row whose runs show their compression_ratio;
+the experiment opens on the runs table and a run's page shows its logged student Model."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,53 @@ def test_mlflow_ui_shows_the_sweep_and_compression_ratios(mlflow_uri: str, tmp_p
                 ).first
                 expect(cell).to_have_text(value)
                 expect(cell).to_be_visible()
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_experiment_opens_on_the_runs_table_and_the_run_shows_its_model(mlflow_uri: str, tmp_path: Path) -> None:
+    """A fresh sweep's experiment, opened as docs/sweeps.md says (model-training workflow), lands on
+    the runs table with the runs' datasets; the run page lists the logged student Model.
+
+    The experiments carry MLflow 3's kind tag (``custom_model_development``); the UI of MLflow 3.17
+    takes the workflow from its GenAI / Model training switch (remembered per browser) or from
+    ``?workflowType=machine_learning`` in the address, which the documented link holds.
+    """
+    from playwright.sync_api import expect, sync_playwright
+
+    from kd_experiments.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    _tiny_sweep(tmp_path)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    experiment = client.get_experiment_by_name("quickstart")
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get(PARENT_TAG) == "true")
+    child = next(r for r in runs if r.data.tags.get(PARENT_TAG) != "true")
+    assert {d.dataset.name for d in child.inputs.dataset_inputs} == {"digits-c0-train", "digits-c0-test"}
+    screenshot = tmp_path / "mlflow_run_page.png"
+
+    with mlflow_server(tmp_path, mlflow_uri) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 2200, "height": 900})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            expect.set_options(timeout=UI_TIMEOUT_MS)
+            page.goto(f"{url}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning",
+                      wait_until="domcontentloaded")
+            # the experiment page opens on the runs table: its heading, the sweep's row
+            expect(page).to_have_url(re.compile(rf"/experiments/{experiment.experiment_id}/runs"))
+            expect(page.get_by_role("heading", name="Runs", exact=True)).to_be_visible()
+            expect(page.get_by_role("link", name=parent.info.run_name, exact=True)).to_be_visible()
+            # the run page shows the logged model and the datasets
+            page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs/{child.info.run_id}",
+                      wait_until="domcontentloaded")
+            expect(page.get_by_role("heading", name=re.compile(r"Logged models \(1\)"))).to_be_visible()
+            expect(page.get_by_role("link", name="student", exact=True).first).to_be_visible()
+            expect(page.get_by_text(re.compile(r"digits-c0-train")).first).to_be_visible()
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
