@@ -229,3 +229,23 @@ def test_predict_scores_and_overlays_every_broken_large_bottle(tmp_path: Path) -
     assert overlays == files
     with Image.open(out / "overlays" / files[0]) as picture:
         assert picture.size == (64, 64) and picture.mode == "RGB"
+
+
+# -- int8 without a run: whole-graph (score regression) and part-by-part (RD) --------------------
+@pytest.mark.parametrize(("experiment", "int8_part"), [("quickstart", "graph"), ("rd_smoke", "student")])
+def test_int8_quantises_the_student_and_keeps_the_rest_in_float(experiment: str, int8_part: str) -> None:
+    from kd_experiments import config as kd_config
+
+    cfg = compose_config([f"experiment={experiment}"])
+    shape = (1, 28, 28) if experiment == "quickstart" else (3, 64, 64)
+    scheme = kd_config.instantiate(cfg.scheme, input_shape=shape)
+    module = scheme.deployable_model().eval()
+    images = torch.rand(16, *shape, generator=torch.Generator().manual_seed(0))
+    for qat in (False, True):
+        quantised = export.quantize(module, images, qat=qat, epochs=1)
+        parts = export.int8_parts(module, quantised).split(",")
+        assert int8_part in parts or (int8_part == "graph" and "preprocess" not in parts), parts
+        assert "preprocess" not in parts and "encoder" not in parts
+        expected, _ = deploy.split_outputs(module(images))
+        got, _ = deploy.split_outputs(quantised(images))
+        assert got.shape == expected.shape and torch.isfinite(got).all()
