@@ -77,6 +77,18 @@ def test_parallel_sweep_loses_no_run_and_reports_into_its_parent(tmp_path: Path,
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
+
+def test_the_demo_sweep_is_4_ratios_by_3_seeds_with_offline_outliers() -> None:
+    """`make demo`'s grid: 3 seeds per ratio (kd-report's mean ± std), joblib jobs, and an experiment
+    that needs no data beyond the installed packages (digits, bundled photo crops as outliers)."""
+    sweep = yaml.safe_load((CONFIG_DIR.parent / "sweeps" / "quickstart_compression.yaml").read_text())
+    params = sweep["hydra"]["sweeper"]["params"]
+    assert str(params["scheme.compression_ratio"]).split(",") == ["2", "8", "32", "128"]
+    assert str(params["seed"]).split(",") == ["0", "1", "2"] and "joblib" in str(sweep["defaults"])
+    cfg = compose_config(["experiment=quickstart"])
+    assert cfg.data.dataset == "digits" and cfg.data.root is None
+    assert cfg.scheme.outlier_exposure.dataset == "photo_patches" and cfg.scheme.outlier_exposure.root is None
+
 # -- the Optuna search --------------------------------------------------------------------------
 @pytest.mark.parametrize("search", SEARCHES)
 def test_every_search_space_composes_and_parses(search: str) -> None:
