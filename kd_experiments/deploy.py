@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import base64
 import io
+import importlib
 import json
 import logging
 import math
 import os
+import pickle
 import re
 import tempfile
 import warnings
@@ -261,6 +263,52 @@ def deployment_info(module: nn.Module) -> dict[str, Any]:
     }
 
 
+#: packages whose classes a saved deployable model may name (never functions)
+SAFE_CLASS_PACKAGES = ("kd_experiments.", "torch.", "timm.")
+
+
+def _safe_class(name: str) -> type:
+    """The class ``name`` (``module.Qualified``) if it lives in an allowed package, else :class:`ConfigError`."""
+    module_name, _, attribute = name.rpartition(".")
+    if not module_name.startswith(SAFE_CLASS_PACKAGES):
+        raise ConfigError(f"a deployable model may only hold classes of {SAFE_CLASS_PACKAGES}, it names {name}")
+    value = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        value = getattr(value, part)
+    if not isinstance(value, type):
+        raise ConfigError(f"a deployable model may only name classes, {name} is a {type(value).__name__}")
+    return value
+
+
+def module_classes(path: str | Path) -> list[str]:
+    """The classes a ``torch.save``-d module needs beyond what ``torch.load(weights_only=True)`` allows.
+
+    Found by loading it back with the weights-only unpickler and allowing, one by one, each
+    class it names, provided the class is one of :data:`SAFE_CLASS_PACKAGES` (a function or
+    anything else is refused). The list is kept with the model, so :func:`load_module` loads
+    it weights-only: no pickled code runs.
+    """
+    names: list[str] = []
+    for _ in range(500):
+        try:
+            load_module(path, names)
+            return names
+        except pickle.UnpicklingError as error:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+            if found is None or found.group(1) in names:
+                raise
+            _safe_class(found.group(1))
+            names.append(found.group(1))
+    raise ConfigError(f"{path}: the deployable model names too many classes")
+
+
+def load_module(path: str | Path, classes: list[str]) -> nn.Module:
+    """A saved deployable model, loaded weights-only with ``classes`` (checked) allowed."""
+    allowed = [_safe_class(name) for name in classes]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 class StudentModel(mlflow.pyfunc.PythonModel):
     """A deployable anomaly detector as an MLflow pyfunc: a table of images in, scores out.
 
@@ -272,9 +320,9 @@ class StudentModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
-        self.module: nn.Module = torch.load(context.artifacts["module"], map_location="cpu", weights_only=False)
-        self.module.eval()
         self.info: dict[str, Any] = json.loads(Path(context.artifacts["deploy"]).read_text())
+        self.module: nn.Module = load_module(context.artifacts["module"], self.info.get("module_classes", []))
+        self.module.eval()
 
     @property
     def threshold(self) -> float:
@@ -421,6 +469,7 @@ def log_student(
     with tempfile.TemporaryDirectory() as folder:
         module_path = Path(folder) / MODULE_FILE
         torch.save(module, module_path)
+        info["module_classes"] = module_classes(module_path)
         deploy_path = Path(folder) / DEPLOY_FILE
         deploy_path.write_text(json.dumps(info, indent=2))
         code_file = Path(folder) / "student_model.py"  # MLflow's models-from-code: no pickled class

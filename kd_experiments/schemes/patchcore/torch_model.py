@@ -110,14 +110,15 @@ class PatchCore(nn.Module):
         self.embedding_dim = sum(self.encoder.out_channels)
         self.memory_bank: torch.Tensor
         self.register_buffer("memory_bank", torch.empty(0, self.embedding_dim))
-        self.register_load_state_dict_pre_hook(PatchCore._resize_memory_bank)
 
-    @staticmethod
-    def _resize_memory_bank(module: PatchCore, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Let a state dict bring a bank of any size (the bank is built after construction)."""
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Let a state dict bring a bank of any size (the bank is built after construction).
+
+        An override rather than a registered hook, so a pickled model holds no bound method."""
         bank = state_dict.get(prefix + "memory_bank")
-        if bank is not None and bank.shape != module.memory_bank.shape:
-            module.memory_bank = torch.empty(bank.shape, device=module.memory_bank.device, dtype=module.memory_bank.dtype)
+        if bank is not None and bank.shape != self.memory_bank.shape:
+            self.memory_bank = torch.empty(bank.shape, device=self.memory_bank.device, dtype=self.memory_bank.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_memory_bank(self, bank: torch.Tensor) -> None:
         """Replace the bank with ``bank`` ``(M, D)``."""
