@@ -38,7 +38,6 @@ import argparse
 import copy
 import json
 import logging
-import os
 import sys
 import tempfile
 import warnings
@@ -54,6 +53,7 @@ from torch import nn
 
 from kd_experiments import deploy
 from kd_experiments.errors import ConfigError, KDError, TrackingError
+from kd_experiments.tracking import quiet_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -393,8 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point of ``kd-export``."""
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    quiet_mlflow()
     try:
         result = export_run(args.run_id, args.format, args.tracking_uri, qat=args.qat, output_dir=args.output,
                             log=not args.no_log)

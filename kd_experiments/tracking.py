@@ -96,6 +96,12 @@ def storage_errors(tracking_uri: str) -> Iterator[None]:
         raise
 
 
+def quiet_mlflow() -> None:
+    """For command-line tools: no artifact progress bars, MLflow's own log at ERROR only."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+
+
 def is_global_zero() -> bool:
     """True in the process that owns tracking (global rank 0, or no distributed run)."""
     return rank_zero_only.rank == 0
