@@ -315,9 +315,8 @@ class MapRegressionScheme(AnomalyScheme):
         self._teacher_to_device()
         self._prepare_targets()
         if self.logger is not None and self.trainer.is_global_zero:
-            self.logger.log_hyperparams({"teacher_map_cache": self.cache_status,
-                                         "teacher_scheme": getattr(self.teacher, "scheme_name", "external")})
             self.logger.log_metrics({"map_scale": float(self.map_scale),
+                                     "teacher_map_cache_hit": float(self.cache_status == "hit"),
                                      **{f"val/{k}": v for k, v in self._teacher_val.items()}}, step=0)
 
     # -- training -----------------------------------------------------------------------------
