@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_experiments import metrics as kd_metrics
+from kd_experiments.anomaly_maps import upsample
 from kd_experiments.cache import TensorCache, digest, module_digest, tensor_digest
 from kd_experiments.compression import count_macs, count_parameters, size_summary
 from kd_experiments.deployable import DeployableModel, Preprocessing, deployed_sizes
@@ -242,7 +243,7 @@ class MapRegressionScheme(AnomalyScheme):
             raw = self.raw_images(images[start:start + self.hparams.teacher_batch_size]).clamp(0.0, 1.0)
             _, batch_maps = self.teacher(raw.to(device))
             if tuple(batch_maps.shape[-2:]) != tuple(images.shape[-2:]):
-                batch_maps = F.interpolate(batch_maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+                batch_maps = upsample(batch_maps, images.shape[-2:])
             maps.append(batch_maps.float().cpu())
         return torch.cat(maps)
 
@@ -386,8 +387,7 @@ class MapRegressionScheme(AnomalyScheme):
             if self.teacher is not None and self.hparams.measure_teacher:
                 teacher_scores, teacher_maps = self.teacher(raw.clamp(0.0, 1.0))
                 if tuple(teacher_maps.shape[-2:]) != tuple(maps.shape[-2:]):
-                    teacher_maps = F.interpolate(teacher_maps, size=maps.shape[-2:], mode="bilinear",
-                                                 align_corners=False)
+                    teacher_maps = upsample(teacher_maps, maps.shape[-2:])
                     teacher_scores = teacher_maps.flatten(1).amax(1)
                 outputs.update({"teacher_score": teacher_scores, "teacher_map": teacher_maps.squeeze(1)})
         return outputs
