@@ -108,16 +108,18 @@ def is_global_zero() -> bool:
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None, root: str | Path | None = None) -> str:
-    """The tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``tracking_uri``, else the local store.
+    """The tracking URI: ``tracking_uri`` if given (a ``--tracking-uri`` flag, the config's
+    ``logger.mlflow.tracking_uri``), else ``MLFLOW_TRACKING_URI`` if set, else the local store.
 
-    The local store is an SQLite database plus an artifact folder under ``<root>/mlruns``
-    (``root`` defaults to the current working directory).
+    An explicit value wins over the environment, as a command-line flag should. The local store
+    is an SQLite database plus an artifact folder under ``<root>/mlruns`` (``root`` defaults to
+    the current working directory).
     """
+    if tracking_uri:
+        return str(tracking_uri)
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if env_uri:
         return env_uri
-    if tracking_uri:
-        return str(tracking_uri)
     store = Path(root or os.getcwd()).resolve() / DEFAULT_STORE_DIR
     return f"sqlite:///{store / 'mlflow.db'}"
 

@@ -36,7 +36,10 @@ FAST = ["trainer.max_epochs=1", "callbacks.progress_bar=null", "callbacks.model_
 GRID = sorted((ratio, seed) for ratio in (2, 8, 32, 128) for seed in (0, 1))  # the sweep file's grid
 RUN_METRICS = {"test/image_auroc", "test/teacher_image_auroc", "val/loss", "train/teacher_loss", "duration_s"}
 # Ray on one machine: loopback addresses only (Ray otherwise advertises the host's interface).
-RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+# RAY_DEDUP_LOGS=0: the driver prints every worker line (Ray otherwise folds lines that look
+# alike into "[repeated 2x across cluster]", and the tests count the jobs' summary lines).
+RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+                 "RAY_DEDUP_LOGS": "0"}
 
 
 def _base_env(tmp: Path, tracking_uri: str) -> dict[str, str]:

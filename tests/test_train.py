@@ -17,7 +17,7 @@ from PIL import Image
 
 from kd_experiments.config import CONFIG_DIR, PROJECT_ROOT, SWEEP_DIR
 from kd_experiments.errors import ConfigError, DataError, KDError, TrainingDivergedError
-from kd_experiments.tracking import REQUIRED_PARAMS
+from kd_experiments.tracking import REQUIRED_PARAMS, resolve_tracking_uri
 from kd_experiments.train import train
 from tests.conftest import fast_overrides, shared_data
 
@@ -277,3 +277,12 @@ def test_ddp_cpu_test_metric_equals_one_process(tmp_path: Path) -> None:
     assert ddp_run.data.metrics["test/image_auroc"] == pytest.approx(single_run.data.metrics["test/image_auroc"], abs=1e-6)
     assert ddp_run.data.metrics["test/teacher_image_auroc"] == pytest.approx(
         single_run.data.metrics["test/teacher_image_auroc"], abs=1e-6)
+
+
+def test_an_explicit_tracking_uri_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--tracking-uri / logger.mlflow.tracking_uri first, then MLFLOW_TRACKING_URI, then ./mlruns."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////env/m.db")
+    assert resolve_tracking_uri("sqlite:////flag/m.db") == "sqlite:////flag/m.db"
+    assert resolve_tracking_uri(None) == "sqlite:////env/m.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlruns' / 'mlflow.db'}"
