@@ -24,7 +24,11 @@ from mlflow.tracking import MlflowClient
 
 from kd_experiments.config import PROJECT_ROOT
 from kd_experiments.tracking import JOB_TAG, PARENT_TAG, REQUIRED_PARAMS, SUPERSEDED_TAG
+from tests.conftest import sqlite_store
 from tests.test_mlflow_server import free_port, mlflow_server
+
+# one pytest-xdist worker runs this module: its module-scoped fixtures are built once
+pytestmark = pytest.mark.xdist_group("distributed")
 
 KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -32,6 +36,7 @@ RAY = str(Path(sys.executable).with_name("ray"))
 SWEEP_FILE = ["--config-dir", str(PROJECT_ROOT / "sweeps"), "--config-name", "quickstart_compression",
               "hydra.sweeper.params.seed='0,1'"]
 FAST = ["trainer.max_epochs=1", "callbacks.progress_bar=null", "callbacks.model_summary=null",
+        "deploy.measure=false", "deploy.log_model=false",  # the launchers are tested here, not the deploy step
         "trainer.enable_model_summary=false"]
 GRID = sorted((ratio, seed) for ratio in (2, 8, 32, 128) for seed in (0, 1))  # the sweep file's grid
 RUN_METRICS = {"test/image_auroc", "test/teacher_image_auroc", "val/loss", "train/teacher_loss", "duration_s"}
@@ -120,7 +125,7 @@ def _no_server_job_runners() -> Iterator[None]:
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """One SQLite-backed ``mlflow server`` (artifacts served) and one 2-CPU Ray head for the module."""
     folder = tmp_path_factory.mktemp("services")
-    with mlflow_server(folder, f"sqlite:///{folder / 'server.db'}", artifacts_destination=folder / "artifacts") as url:
+    with mlflow_server(folder, sqlite_store(folder / 'server.db'), artifacts_destination=folder / "artifacts") as url:
         with ray_head(folder, _base_env(folder, url)) as ray_env:
             yield {"url": url, "ray_env": ray_env}
 

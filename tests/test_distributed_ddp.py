@@ -18,6 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kd_experiments.tracking import PARENT_TAG
+from tests.conftest import sqlite_store
 from tests.test_mlflow_server import free_port
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -25,10 +26,14 @@ KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "trainer.enable_model_summary=false"]
 TINY_RD = ["data.image_size=32", "data.n_train=12", "data.n_test_good=4", "data.n_test_defect_per_type=2",
            "data.batch_size=4"]
+#: experiment -> (overrides, metrics equal to a 1-process test of the checkpoint, metrics logged
+#: by the DDP run). P-KDGAN validates on labelled anomalies, scored across both ranks.
 CASES = {
-    "pkd_smoke": (["experiment=pkd_smoke", "trainer.max_epochs=1"], ("test/image_auroc", "test/teacher_image_auroc")),
+    "pkd_smoke": (["experiment=pkd_smoke", "trainer.max_epochs=1", "data.val_anomalies=other_classes"],
+                  ("test/image_auroc", "test/teacher_image_auroc"),
+                  ("val/image_auroc", "train/student_discriminator_resets")),
     "rd_smoke": (["experiment=rd_smoke", *TINY_RD, "trainer.max_epochs=1"],
-                 ("test/image_auroc", "test/pixel_auroc", "test/aupro")),
+                 ("test/image_auroc", "test/pixel_auroc", "test/aupro"), ()),
 }
 
 
@@ -45,9 +50,9 @@ def _node(node_rank: int, port: int, overrides: list[str], tmp_path: Path, env: 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", sorted(CASES))
 def test_two_torchrun_nodes_match_one_process_and_log_one_run(experiment: str, tmp_path: Path) -> None:
-    overrides, metrics = CASES[experiment]
+    overrides, metrics, logged = CASES[experiment]
     overrides = [*overrides, *QUIET]
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / 'mlflow.db')
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "KD_CACHE_DIR": str(tmp_path / "cache"), "KD_LOG_DIR": str(tmp_path / "logs")}
     port = free_port()
@@ -89,3 +94,5 @@ def test_two_torchrun_nodes_match_one_process_and_log_one_run(experiment: str, t
     assert ddp_run.data.metrics["test/num_test_images"] == single_run.data.metrics["test/num_test_images"]
     for key in metrics:
         assert ddp_run.data.metrics[key] == pytest.approx(single_run.data.metrics[key], abs=1e-5), key
+    for key in logged:
+        assert 0.0 <= ddp_run.data.metrics[key], key

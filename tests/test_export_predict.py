@@ -22,7 +22,10 @@ from kd_experiments import deploy, export, predict, report
 from kd_experiments.errors import ConfigError, DataError
 from kd_experiments.search import compose_config
 from kd_experiments.train import train
-from tests.conftest import fast_overrides, shared_data
+from tests.conftest import fast_overrides, shared_data, sqlite_store
+
+# one pytest-xdist worker runs this module: its module-scoped fixtures are built once
+pytestmark = pytest.mark.xdist_group("export_predict")
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 QUICK = ["deploy.measure=false"]
@@ -30,7 +33,7 @@ QUICK = ["deploy.measure=false"]
 
 def _train(store: Path, overrides: list[str]) -> str:
     """One run into the SQLite store under ``store``; returns its run id."""
-    uri = f"sqlite:///{store / 'mlflow.db'}"
+    uri = sqlite_store(store / 'mlflow.db')
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:

@@ -25,6 +25,10 @@ from kd_experiments.schemes.map_regression.torch_model import (
     smooth_student_map,
     width_for_mac_ratio,
 )
+from tests.conftest import sqlite_store
+
+# one pytest-xdist worker runs this module: its module-scoped fixtures are built once
+pytestmark = pytest.mark.xdist_group("map_regression")
 
 SIZE = 64
 
@@ -166,7 +170,7 @@ def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Complete
 def patchcore_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A patchcore_smoke run (training-free) as the teacher checkpoint, with its environment."""
     root = tmp_path_factory.mktemp("map_regression")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'm.db'}", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_store(root / 'm.db'), "OMP_NUM_THREADS": "1",
            "KD_CACHE_DIR": str(root / "cache")}
     _run(["experiment=patchcore_smoke", *SMOKE, f"hydra.run.dir={root / 'teacher'}"], env, root)
     return root / "teacher" / "checkpoints" / "last.ckpt", env

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from kd_experiments import report
 from kd_experiments.tracking import PARENT_TAG, REQUIRED_PARAMS
+from tests.conftest import sqlite_store
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]
@@ -86,7 +87,7 @@ def mlflow_server(
 @pytest.mark.slow
 def test_sweep_against_an_mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     artifacts = tmp_path / "artifacts"
-    with mlflow_server(tmp_path, f"sqlite:///{tmp_path / 'server.db'}", artifacts_destination=artifacts) as url:
+    with mlflow_server(tmp_path, sqlite_store(tmp_path / 'server.db'), artifacts_destination=artifacts) as url:
         env = {**os.environ, "MLFLOW_TRACKING_URI": url, "KD_LOG_DIR": str(tmp_path / "logs"),
                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         result = subprocess.run(

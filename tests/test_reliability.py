@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from kd_experiments.config import PROJECT_ROOT
 from kd_experiments.errors import CheckpointError, TrackingError
 from kd_experiments.train import train
-from tests.conftest import fast_overrides
+from tests.conftest import fast_overrides, sqlite_store
 
 KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]
 QUICK = ["experiment=quickstart", "callbacks.progress_bar=null", "callbacks.model_summary=null",
@@ -41,7 +41,7 @@ class SignalAtEpoch(L.Callback):
 
 
 def _kd_train(tmp_path: Path, *overrides: str, run_dir: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_store(tmp_path / 'm.db'), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(PROJECT_ROOT)}
     return subprocess.run(
         [*KD_TRAIN, *QUICK, *overrides, f"hydra.run.dir={tmp_path / run_dir}"],

@@ -19,6 +19,10 @@ from kd_experiments import report
 from kd_experiments.config import SWEEP_DIR
 from kd_experiments.data.synthetic import generate_mvtec_like
 from kd_experiments.tracking import PARENT_TAG
+from tests.conftest import sqlite_store
+
+# one pytest-xdist worker runs this module: its module-scoped fixtures are built once
+pytestmark = pytest.mark.xdist_group("report")
 
 TEACHER_PARAMS = 20_000
 
@@ -63,7 +67,7 @@ def _log_sweep(client: MlflowClient, experiment_id: str, sweep_id: str, rows: li
 @pytest.fixture(scope="module")
 def module_store_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One SQLite store for the module (creating MLflow's tables takes seconds)."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path_factory.mktemp('store') / 'mlflow.db')
     MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     return uri
 
@@ -286,7 +290,7 @@ def test_category_sweep_on_generated_mvtec_data_reports_each_category_and_the_me
     for category in categories:
         generate_mvtec_like(tmp_path / "data", category=category, n_train=12, n_test_good=4,
                             n_test_defect_per_type=2, image_size=32)
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    uri = sqlite_store(tmp_path / 'mlruns.db')
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "KD_LOG_DIR": str(tmp_path / "logs"),
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(

@@ -23,7 +23,7 @@ from kd_experiments.synthetic_anomalies import (
 )
 from kd_experiments.schemes.reverse_distillation.torch_model import BottleneckBlock, ReverseStudent
 from kd_experiments.train import train
-from tests.conftest import fast_overrides
+from tests.conftest import fast_overrides, sqlite_store
 
 LITE0_CHANNELS = [24, 40, 112]
 SIZE = 32  # lite0 levels at 8x8, 4x4, 2x2: the smallest useful input
@@ -402,7 +402,7 @@ def test_smoke_run_logs_metrics_and_map_overlays(compose_cfg, mlflow_uri: str, s
 def test_ddp_two_processes_score_every_image_once(tmp_path: Path) -> None:
     """RD with Expert (trainable teacher, two parameter groups) on 2 CPU processes (gloo);
     a single process testing the DDP checkpoint gives the same metrics."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_store(tmp_path / 'm.db'), "OMP_NUM_THREADS": "1",
            "KD_CACHE_DIR": str(tmp_path / "cache")}
     common = ["experiment=rd_smoke", "scheme=rd_expert", *TINY_DATA, "trainer.max_epochs=1",
               "callbacks.progress_bar=null", "callbacks.model_summary=null"]

@@ -17,6 +17,7 @@ from kd_experiments.errors import ConfigError
 from kd_experiments.search import SearchSpec, compose_config, run_search
 from kd_experiments.search import main as kd_search_main
 from kd_experiments.tracking import PARENT_TAG, REQUIRED_PARAMS
+from tests.conftest import sqlite_store
 
 KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "trainer.enable_model_summary=false"]
@@ -36,7 +37,7 @@ def _sweep_runs(client: MlflowClient, experiment: str):
 @pytest.mark.slow
 def test_parallel_sweep_loses_no_run_and_reports_into_its_parent(tmp_path: Path, monkeypatch) -> None:
     """4 ratios x 2 seeds, 2 joblib jobs writing to one fresh SQLite store: 8 FINISHED children."""
-    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / 'mlruns' / 'mlflow.db')
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "KD_LOG_DIR": str(tmp_path / "logs"),
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
