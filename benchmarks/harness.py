@@ -56,6 +56,8 @@ RESULTS = Path(os.environ.get("KD_BENCH_RESULTS", ROOT / "benchmarks" / "results
 #: Result files name Fashion-MNIST ``fmnist``, as the issues and the pkd files do.
 SHORT_NAMES = {"mnist": "mnist", "fashion_mnist": "fmnist"}
 PROVENANCE_FIELDS = ("git_commit", "command", "machine", "started_at", "wall_s")
+#: overrides that keep a benchmark's kd-train log to one line a run
+QUIET = ("callbacks.progress_bar=null", "callbacks.model_summary=null", "trainer.enable_model_summary=false")
 
 _PROCESS_COMMIT: str | None = None
 

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import ROOT, ResultsFile, base_parser, compose, now_utc
+from benchmarks.harness import QUIET, ROOT, ResultsFile, base_parser, compose, now_utc
 from benchmarks.mvtec import budget_path, choose_budget, mlflow_run, use_project_mlflow_store
 
 CATEGORIES = ("bottle", "screw", "transistor")
@@ -71,7 +71,6 @@ BUDGET_TOLERANCE = 0.01
 REFERENCE_EPOCHS = 5
 BUDGET_METRICS = ("val_synthetic_pixel_auroc", "val_synthetic_image_auroc")
 TEACHER_METRICS = ("val/teacher_synthetic_pixel_auroc", "val/teacher_synthetic_image_auroc")
-QUIET = ("callbacks.progress_bar=null", "callbacks.model_summary=null", "trainer.enable_model_summary=false")
 
 
 @dataclass(frozen=True)

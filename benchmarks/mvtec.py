@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import RESULTS, ROOT, ResultsFile, base_parser, compose, now_utc
+from benchmarks.harness import QUIET, RESULTS, ROOT, ResultsFile, base_parser, compose, now_utc
 
 CATEGORIES = ("bottle", "screw", "transistor")
 IMAGE_SIZE = 256
@@ -86,7 +86,6 @@ BUDGET_CONFIGS = (("rd", 1.0, 0), ("rd_expert", 1.0, 0))  # scheme, compression 
 STUDY_METRICS = ("val/synthetic_image_auroc", "val/synthetic_pixel_auroc", "val/loss", "val/pixel_loss",
                  "train/loss")
 
-QUIET = ("callbacks.progress_bar=null", "callbacks.model_summary=null", "trainer.enable_model_summary=false")
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_experiments.errors import KDError, TrackingError
-from kd_experiments.tracking import PARENT_TAG, make_client, resolve_tracking_uri
+from kd_experiments.tracking import PARENT_TAG, find_sweep_parent, make_client, resolve_tracking_uri
 
 DEFAULT_METRICS = (
     "test/image_auroc",
@@ -272,16 +272,6 @@ def load_runs(
         )
     records.sort(key=lambda r: (r.scheme, r.dataset, _side(r.image_size), r.compression_ratio, r.seed, r.run_name))
     return chosen.name, records
-
-
-def find_sweep_parent(client, experiment_id: str, sweep_id: str):
-    """The parent run of a sweep (tag ``kd.sweep_parent=true`` and ``sweep_id``), or ``None``."""
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.sweep_id = '{sweep_id}' and tags.`{PARENT_TAG}` = 'true'",
-        max_results=1,
-    )
-    return found[0] if found else None
 
 
 def metric_columns(records: Sequence[RunRecord], wanted: Sequence[str] = DEFAULT_METRICS) -> list[str]:
@@ -731,16 +721,24 @@ def plot_quality_vs_compression(
             [s.compression_ratio for s in front], [s.quality_mean for s in front],
             s=160, facecolors="none", edgecolors="black", linewidths=1.8, zorder=5, label="Pareto front",
         )
-    if plotted and max(s.compression_ratio for s in plotted) / max(min(s.compression_ratio for s in plotted), 1e-9) > 8:
-        axis.set_xscale("log", base=2)
-    axis.set_xlabel("compression ratio (teacher params / student params, measured)")
-    axis.set_ylabel(f"{quality} (higher is better)")
-    axis.set_title(title, fontsize=10)
-    axis.grid(True, alpha=0.3)
-    if plotted:
-        axis.legend(fontsize=7, loc="best")
+    _finish_ratio_axis(axis, [s.compression_ratio for s in plotted],
+                       "compression ratio (teacher params / student params, measured)", quality, title, 10)
     figure.tight_layout()
     return figure
+
+
+def _finish_ratio_axis(axis, ratios: list[float], xlabel: str, quality: str, title: str, title_size: int) -> None:
+    """Labels, grid and legend of a quality-vs-compression-ratio panel; a log2 ratio axis when
+    the ratios span more than 8x."""
+    finite = [r for r in ratios if math.isfinite(r) and r > 0]
+    if finite and max(finite) / min(finite) > 8:
+        axis.set_xscale("log", base=2)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(f"{quality} (higher is better)")
+    axis.set_title(title, fontsize=title_size)
+    axis.grid(True, alpha=0.3)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=7, loc="best")
 
 
 def plot_quality_vs_latency(
@@ -873,15 +871,8 @@ def plot_quality_by_category(
                       label=MEAN_ROW)
         if not plotted:
             _no_data(axis, f"no FINISHED run with a category has {quality}")
-        finite = [r for r in ratios if math.isfinite(r) and r > 0]
-        if finite and max(finite) / min(finite) > 8:
-            axis.set_xscale("log", base=2)
-        axis.set_xlabel("compression ratio asked for (teacher params / student params)")
-        axis.set_ylabel(f"{quality} (higher is better)")
-        axis.set_title(panel, fontsize=9)
-        axis.grid(True, alpha=0.3)
-        if plotted:
-            axis.legend(fontsize=7, loc="best")
+        _finish_ratio_axis(axis, list(ratios), "compression ratio asked for (teacher params / student params)",
+                           quality, panel, 9)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return figure

@@ -331,7 +331,8 @@ def _env_parent(client, experiment_id: str):
     return run
 
 
-def _find_parent(client, experiment_id: str, sweep_id: str):
+def find_sweep_parent(client, experiment_id: str, sweep_id: str):
+    """The parent run of a sweep (tag ``kd.sweep_parent=true`` and ``sweep_id``), or ``None``."""
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.sweep_id = '{sweep_id}' and tags.`{PARENT_TAG}` = 'true'",
@@ -342,7 +343,7 @@ def _find_parent(client, experiment_id: str, sweep_id: str):
 
 def open_sweep_parent(client, experiment_id: str, sweep_id: str, sweep_dir: str | Path, tags: Mapping[str, str]) -> str:
     """The parent run of sweep ``sweep_id``: created if absent, set RUNNING again if a re-run."""
-    existing = _find_parent(client, experiment_id, sweep_id)
+    existing = find_sweep_parent(client, experiment_id, sweep_id)
     if existing is not None:
         if existing.info.status != "RUNNING":
             client.update_run(existing.info.run_id, status="RUNNING")
@@ -533,7 +534,7 @@ class RunTracker:
         with open(lock_path, "w") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
             try:
-                existing = _find_parent(self.client, self.experiment_id, sweep_id)
+                existing = find_sweep_parent(self.client, self.experiment_id, sweep_id)
                 if existing is not None:
                     return existing.info.run_id
                 tags = {k: v for k, v in self.tags.items() if k in ("scheme", "dataset", "git_commit")}
@@ -669,7 +670,7 @@ def fail_unfinished_job_run(job_config, overrides: Sequence[str], error: str) ->
     experiment = client.get_experiment_by_name(str(job_config.get("experiment_name") or "kd-experiments"))
     if experiment is None:
         return None
-    parent = _env_parent(client, experiment.experiment_id) or _find_parent(
+    parent = _env_parent(client, experiment.experiment_id) or find_sweep_parent(
         client, experiment.experiment_id, sweep_id_from_dir(job_config.hydra.sweep.dir)
     )
     if parent is None:

@@ -52,6 +52,18 @@ def sqlite_store(db_path: Path) -> str:
     return f"sqlite:///{db_path}"
 
 
+def sweep_runs(client, experiment_name: str) -> tuple[list, list]:
+    """The parent runs and the child runs of an experiment's sweeps (the ``kd.sweep_parent`` tag)."""
+    from kd_experiments.tracking import PARENT_TAG
+
+    experiment = client.get_experiment_by_name(experiment_name)
+    assert experiment is not None, f"experiment {experiment_name} missing"
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get(PARENT_TAG) == "true"]
+    children = [r for r in runs if r.data.tags.get(PARENT_TAG) != "true"]
+    return parents, children
+
+
 def shared_data(relative: str) -> Path:
     """A folder of ../shared/data, or skip the test with the reason."""
     path = SHARED_DATA / relative

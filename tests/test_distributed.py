@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from kd_experiments.config import PROJECT_ROOT
 from kd_experiments.tracking import JOB_TAG, PARENT_TAG, REQUIRED_PARAMS, SUPERSEDED_TAG
-from tests.conftest import sqlite_store
+from tests.conftest import sqlite_store, sweep_runs
 from tests.test_mlflow_server import free_port, mlflow_server
 
 # one pytest-xdist worker runs this module: its module-scoped fixtures are built once
@@ -134,22 +134,13 @@ def _kd_train(args: list[str], env: dict[str, str], cwd: Path, timeout_s: float 
     return subprocess.run([*KD_TRAIN, *args], capture_output=True, text=True, timeout=timeout_s, env=env, cwd=cwd)
 
 
-def _sweep(client: MlflowClient, experiment_name: str):
-    experiment = client.get_experiment_by_name(experiment_name)
-    assert experiment is not None, f"experiment {experiment_name} missing"
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get(PARENT_TAG) == "true"]
-    children = [r for r in runs if r.data.tags.get(PARENT_TAG) != "true"]
-    return parents, children
-
-
 def _grid(children) -> list[tuple[int, int]]:
     return sorted((int(c.data.params["scheme.compression_ratio"]), int(c.data.tags["seed"])) for c in children)
 
 
 def _assert_complete_sweep(client: MlflowClient, experiment_name: str, grid: list[tuple[int, int]]):
     """One FINISHED parent; one FINISHED child per grid point under it, with every param and metric."""
-    parents, children = _sweep(client, experiment_name)
+    parents, children = sweep_runs(client, experiment_name)
     assert len(parents) == 1, [p.info.run_name for p in parents]
     parent = parents[0]
     current = [c for c in children if not c.data.tags.get(SUPERSEDED_TAG)]
@@ -176,7 +167,7 @@ def test_ray_launcher_runs_the_quickstart_sweep_under_one_parent(services: dict,
     assert len(summaries) == 8, result.stdout[-3000:]
     assert all("_run_job_with_timeout pid=" in line for line in summaries), "jobs must run in Ray workers"
     client = MlflowClient(tracking_uri=services["url"])
-    _, children = _assert_complete_sweep(client, "ray_sweep", GRID)
+    _, children = _assert_completesweep_runs(client, "ray_sweep", GRID)
     assert len(children) == 8
     assert all(JOB_TAG in c.data.tags for c in children)
 
@@ -188,7 +179,7 @@ def test_submitit_local_launcher_runs_the_quickstart_sweep(services: dict, tmp_p
                         "experiment_name=submitit_sweep", *FAST], env, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     client = MlflowClient(tracking_uri=services["url"])
-    _, children = _assert_complete_sweep(client, "submitit_sweep", GRID)
+    _, children = _assert_completesweep_runs(client, "submitit_sweep", GRID)
     assert len(children) == 8
     assert len(list((tmp_path / "logs").rglob(".submitit/*/*_result.pkl"))) == 8  # submitit ran each job
 
@@ -220,7 +211,7 @@ def test_killed_ray_worker_fails_its_run_and_the_rerun_finishes_only_the_rest(se
         _stop_group(driver, grace_s=5)
     assert driver.returncode == 1, "a failed job makes the multirun fail once every job has ended"
 
-    parents, children = _sweep(client, "ray_kill")
+    parents, children = sweep_runs(client, "ray_kill")
     assert len(parents) == 1 and len(children) == 4
     failed = client.get_run(victim.info.run_id)
     assert failed.info.status == "FAILED"
@@ -231,7 +222,7 @@ def test_killed_ray_worker_fails_its_run_and_the_rerun_finishes_only_the_rest(se
     rerun = _kd_train(args, env, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     assert sum("skipped" in line and "[kd-train] " in line for line in rerun.stdout.splitlines()) == 3
-    parent, children = _assert_complete_sweep(client, "ray_kill", grid)
+    parent, children = _assert_completesweep_runs(client, "ray_kill", grid)
     assert len(children) == 5  # the 3 FINISHED ones were not run again; the killed job once more
     retried = [c for c in children if c.info.run_id != victim.info.run_id and c.data.tags[JOB_TAG] == victim.data.tags[JOB_TAG]]
     assert len(retried) == 1 and retried[0].info.status == "FINISHED"
@@ -313,7 +304,7 @@ def test_four_parallel_jobs_against_a_postgresql_backed_server_lose_nothing(tmp_
                             "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *FAST], env, tmp_path)
         assert result.returncode == 0, result.stderr[-4000:]
         client = MlflowClient(tracking_uri=url)
-        _, children = _assert_complete_sweep(client, "quickstart", [(r, 0) for r in (2, 8, 32, 128)])
+        _, children = _assert_completesweep_runs(client, "quickstart", [(r, 0) for r in (2, 8, 32, 128)])
         assert len(children) == 4
         metric_keys = {frozenset(c.data.metrics) for c in children}
         assert len(metric_keys) == 1, "every job logged the same metrics"

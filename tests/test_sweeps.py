@@ -17,21 +17,12 @@ from kd_experiments.errors import ConfigError
 from kd_experiments.search import SearchSpec, compose_config, run_search
 from kd_experiments.search import main as kd_search_main
 from kd_experiments.tracking import PARENT_TAG, REQUIRED_PARAMS
-from tests.conftest import sqlite_store
+from tests.conftest import sqlite_store, sweep_runs
 
 KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "trainer.enable_model_summary=false"]
 RUN_METRICS = ("test/image_auroc", "test/teacher_image_auroc", "val/loss", "train/teacher_loss", "duration_s")
 SEARCHES = sorted(p.stem for p in (CONFIG_DIR / "hparams_search").glob("*.yaml"))
-
-
-def _sweep_runs(client: MlflowClient, experiment: str):
-    found = client.get_experiment_by_name(experiment)
-    assert found is not None, f"experiment {experiment} missing"
-    runs = client.search_runs([found.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get(PARENT_TAG) == "true"]
-    children = [r for r in runs if r.data.tags.get(PARENT_TAG) != "true"]
-    return parents, children
 
 
 @pytest.mark.slow
@@ -52,7 +43,7 @@ def test_parallel_sweep_loses_no_run_and_reports_into_its_parent(tmp_path: Path,
     assert all("compression_ratio=" in s and "student_params=" in s and "test/image_auroc=" in s for s in summaries)
 
     client = MlflowClient(tracking_uri=uri)
-    parents, children = _sweep_runs(client, "quickstart")
+    parents, children = sweep_runs(client, "quickstart")
     assert len(parents) == 1, [p.info.run_name for p in parents]
     parent = parents[0]
     assert len(children) == 8
@@ -131,7 +122,7 @@ def test_search_trials_are_children_of_one_parent_that_holds_the_best(
         "trainer.max_epochs=1", "test=false", f"paths.log_dir={tmp_path / 'logs'}", *QUIET,
     ])
     client = MlflowClient(tracking_uri=mlflow_uri)
-    parents, children = _sweep_runs(client, "quickstart")
+    parents, children = sweep_runs(client, "quickstart")
     assert [p.info.run_id for p in parents] == [result.parent_run_id]
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["kd.search"] == "optuna"
