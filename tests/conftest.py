@@ -32,7 +32,7 @@ _STORE_TEMPLATE: list[Path] = []
 
 
 def sqlite_store(db_path: Path) -> str:
-    """The URI of a new, empty SQLite MLflow store at ``db_path``.
+    """The URI of the SQLite MLflow store at ``db_path``: a new, empty one if it does not exist yet.
 
     MLflow creates a store by running its ~60 schema migrations (about 2 s on 2 cores); this
     copies a store migrated once per test process instead. The copy is the same empty store:
@@ -47,8 +47,9 @@ def sqlite_store(db_path: Path) -> str:
         template = folder / "mlflow.db"
         MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
         _STORE_TEMPLATE.append(template)
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_STORE_TEMPLATE[0], db_path)
+    if not db_path.exists():
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_STORE_TEMPLATE[0], db_path)
     return f"sqlite:///{db_path}"
 
 

@@ -27,8 +27,9 @@ from kd_experiments.tracking import JOB_TAG, PARENT_TAG, REQUIRED_PARAMS, SUPERS
 from tests.conftest import sqlite_store, sweep_runs
 from tests.test_mlflow_server import free_port, mlflow_server
 
-# one pytest-xdist worker runs this module: its module-scoped fixtures are built once
-pytestmark = pytest.mark.xdist_group("distributed")
+# the Ray tests share one Ray head and one mlflow server (module-scoped): one pytest-xdist worker
+# runs them; the submitit and PostgreSQL tests start their own server and may run on the other
+RAY_GROUP = pytest.mark.xdist_group("ray")
 
 KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -121,13 +122,19 @@ def _no_server_job_runners() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _served_store(folder: Path) -> Iterator[str]:
+    """A SQLite-backed ``mlflow server`` that serves artifacts; yields its URL."""
+    with mlflow_server(folder, sqlite_store(folder / "server.db"), artifacts_destination=folder / "artifacts") as url:
+        yield url
+
+
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """One SQLite-backed ``mlflow server`` (artifacts served) and one 2-CPU Ray head for the module."""
+    """One ``mlflow server`` and one 2-CPU Ray head, shared by the Ray tests of the module."""
     folder = tmp_path_factory.mktemp("services")
-    with mlflow_server(folder, sqlite_store(folder / 'server.db'), artifacts_destination=folder / "artifacts") as url:
-        with ray_head(folder, _base_env(folder, url)) as ray_env:
-            yield {"url": url, "ray_env": ray_env}
+    with _served_store(folder) as url, ray_head(folder, _base_env(folder, url)) as ray_env:
+        yield {"url": url, "ray_env": ray_env}
 
 
 def _kd_train(args: list[str], env: dict[str, str], cwd: Path, timeout_s: float = 900) -> subprocess.CompletedProcess:
@@ -158,6 +165,7 @@ def _assert_complete_sweep(client: MlflowClient, experiment_name: str, grid: lis
 
 
 @pytest.mark.slow
+@RAY_GROUP
 def test_ray_launcher_runs_the_quickstart_sweep_under_one_parent(services: dict, tmp_path: Path) -> None:
     """The sweep file unchanged but for hydra/launcher=ray: 8 FINISHED children on the server."""
     env = {**services["ray_env"], "KD_LOG_DIR": str(tmp_path / "logs")}
@@ -167,24 +175,25 @@ def test_ray_launcher_runs_the_quickstart_sweep_under_one_parent(services: dict,
     assert len(summaries) == 8, result.stdout[-3000:]
     assert all("_run_job_with_timeout pid=" in line for line in summaries), "jobs must run in Ray workers"
     client = MlflowClient(tracking_uri=services["url"])
-    _, children = _assert_completesweep_runs(client, "ray_sweep", GRID)
+    _, children = _assert_complete_sweep(client, "ray_sweep", GRID)
     assert len(children) == 8
     assert all(JOB_TAG in c.data.tags for c in children)
 
 
 @pytest.mark.slow
-def test_submitit_local_launcher_runs_the_quickstart_sweep(services: dict, tmp_path: Path) -> None:
-    env = {**_base_env(tmp_path, services["url"])}
-    result = _kd_train([*SWEEP_FILE, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
-                        "experiment_name=submitit_sweep", *FAST], env, tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
-    client = MlflowClient(tracking_uri=services["url"])
-    _, children = _assert_completesweep_runs(client, "submitit_sweep", GRID)
+def test_submitit_local_launcher_runs_the_quickstart_sweep(tmp_path: Path) -> None:
+    with _served_store(tmp_path) as url:
+        env = _base_env(tmp_path, url)
+        result = _kd_train([*SWEEP_FILE, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
+                            "experiment_name=submitit_sweep", *FAST], env, tmp_path)
+        assert result.returncode == 0, result.stderr[-4000:]
+        _, children = _assert_complete_sweep(MlflowClient(tracking_uri=url), "submitit_sweep", GRID)
     assert len(children) == 8
     assert len(list((tmp_path / "logs").rglob(".submitit/*/*_result.pkl"))) == 8  # submitit ran each job
 
 
 @pytest.mark.slow
+@RAY_GROUP
 def test_killed_ray_worker_fails_its_run_and_the_rerun_finishes_only_the_rest(services: dict, tmp_path: Path) -> None:
     """SIGKILL one Ray worker mid-job: its run ends FAILED with Ray's error, the others FINISHED;
     the same command into the same sweep folder (same sweep_id) runs only the killed job."""
@@ -222,7 +231,7 @@ def test_killed_ray_worker_fails_its_run_and_the_rerun_finishes_only_the_rest(se
     rerun = _kd_train(args, env, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     assert sum("skipped" in line and "[kd-train] " in line for line in rerun.stdout.splitlines()) == 3
-    parent, children = _assert_completesweep_runs(client, "ray_kill", grid)
+    parent, children = _assert_complete_sweep(client, "ray_kill", grid)
     assert len(children) == 5  # the 3 FINISHED ones were not run again; the killed job once more
     retried = [c for c in children if c.info.run_id != victim.info.run_id and c.data.tags[JOB_TAG] == victim.data.tags[JOB_TAG]]
     assert len(retried) == 1 and retried[0].info.status == "FINISHED"
@@ -304,7 +313,7 @@ def test_four_parallel_jobs_against_a_postgresql_backed_server_lose_nothing(tmp_
                             "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *FAST], env, tmp_path)
         assert result.returncode == 0, result.stderr[-4000:]
         client = MlflowClient(tracking_uri=url)
-        _, children = _assert_completesweep_runs(client, "quickstart", [(r, 0) for r in (2, 8, 32, 128)])
+        _, children = _assert_complete_sweep(client, "quickstart", [(r, 0) for r in (2, 8, 32, 128)])
         assert len(children) == 4
         metric_keys = {frozenset(c.data.metrics) for c in children}
         assert len(metric_keys) == 1, "every job logged the same metrics"
