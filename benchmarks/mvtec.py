@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import QUIET, RESULTS, ROOT, ResultsFile, base_parser, compose, now_utc
+from benchmarks.harness import QUIET, ROOT, ResultsFile, base_parser, compose, now_utc
 
 CATEGORIES = ("bottle", "screw", "transistor")
 IMAGE_SIZE = 256

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import RESULTS, ROOT, ResultsFile, base_parser, compose
+from benchmarks.harness import ROOT, ResultsFile, base_parser, compose
 from kd_experiments.schemes.reverse_distillation.torch_model import DEFAULT_MIN_CHANNELS
 
 #: ``scheme.min_channels`` of the records without the field (made before the floor was a setting).

@@ -12,8 +12,6 @@ import pytest
 from benchmarks import report
 from benchmarks.harness import RESULTS
 
-# one pytest-xdist worker runs this module: its module-scoped fixtures are built once
-pytestmark = pytest.mark.xdist_group("benchmarks_report")
 
 ROOT = Path(__file__).resolve().parents[1]
 

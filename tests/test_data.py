@@ -31,8 +31,6 @@ from kd_experiments.data.synthetic import (
 from kd_experiments.errors import ConfigError, DataError
 from tests.conftest import SHARED_DATA
 
-# one pytest-xdist worker runs this module: its module-scoped fixtures are built once
-pytestmark = pytest.mark.xdist_group("data")
 
 DATA_DIR = SHARED_DATA
 

@@ -24,8 +24,6 @@ from kd_experiments.search import compose_config
 from kd_experiments.train import train
 from tests.conftest import fast_overrides, shared_data, sqlite_store
 
-# one pytest-xdist worker runs this module: its module-scoped fixtures are built once
-pytestmark = pytest.mark.xdist_group("export_predict")
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 QUICK = ["deploy.measure=false"]

@@ -27,8 +27,6 @@ from kd_experiments.schemes.map_regression.torch_model import (
 )
 from tests.conftest import sqlite_store
 
-# one pytest-xdist worker runs this module: its module-scoped fixtures are built once
-pytestmark = pytest.mark.xdist_group("map_regression")
 
 SIZE = 64
 

@@ -54,6 +54,7 @@ def mlflow_server(
     else:
         command += ["--no-serve-artifacts"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # its background job runners: unused, 6 processes
     log_path = folder / f"mlflow_server_{port}.log"
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:

@@ -17,8 +17,6 @@ from kd_experiments.schemes.patchcore.lightning_model import greedy_coreset
 from kd_experiments.train import train
 from tests.conftest import fast_overrides
 
-# one pytest-xdist worker runs this module: its module-scoped fixtures are built once
-pytestmark = pytest.mark.xdist_group("patchcore")
 
 SIZE = 64  # lite0 levels at 16x16, 8x8, 4x4: patches on the 8x8 grid
 

@@ -21,8 +21,6 @@ from kd_experiments.data.synthetic import generate_mvtec_like
 from kd_experiments.tracking import PARENT_TAG
 from tests.conftest import sqlite_store
 
-# one pytest-xdist worker runs this module: its module-scoped fixtures are built once
-pytestmark = pytest.mark.xdist_group("report")
 
 TEACHER_PARAMS = 20_000
 

@@ -142,7 +142,6 @@ def test_outlier_images_load_lazily_from_idx(tmp_path: Path) -> None:
         ScoreRegressionScheme(SHAPE, outlier_exposure={"colour": 1})
 
 
-
 def test_bundled_photo_patches_are_offline_seeded_outliers() -> None:
     from kd_experiments.schemes.score_regression.techniques import photo_patches
 

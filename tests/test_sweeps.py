@@ -16,7 +16,7 @@ from kd_experiments.config import CONFIG_DIR
 from kd_experiments.errors import ConfigError
 from kd_experiments.search import SearchSpec, compose_config, run_search
 from kd_experiments.search import main as kd_search_main
-from kd_experiments.tracking import PARENT_TAG, REQUIRED_PARAMS
+from kd_experiments.tracking import REQUIRED_PARAMS
 from tests.conftest import sqlite_store, sweep_runs
 
 KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]

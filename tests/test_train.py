@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from PIL import Image
 
-from kd_experiments.config import CONFIG_DIR, PROJECT_ROOT, SWEEP_DIR
+from kd_experiments.config import CONFIG_DIR, SWEEP_DIR
 from kd_experiments.errors import ConfigError, DataError, KDError, TrainingDivergedError
 from kd_experiments.search import compose_config
 from kd_experiments.tracking import REQUIRED_PARAMS, resolve_tracking_uri

@@ -27,7 +27,6 @@ UI_TIMEOUT_MS = 90_000  # a loaded 2-core machine renders the React app slowly
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.xdist_group("ui"),  # one worker: the sweep, the server and the browser are built once
     pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium "
                        "(apt-get install chromium chromium-driver; .ci/run does it)"),
 ]

@@ -1,0 +1,176 @@
+"""Hydra's Ray launcher on this machine (docs/distributed.md): a Ray head on 127.0.0.1 with 2
+worker processes runs the quickstart sweep, a Ray worker is killed mid-sweep and the sweep re-run,
+and a job past ``hydra.launcher.timeout_min`` raises inside the job. The head and the ``mlflow
+server`` it reports to are started once for the module and stopped by it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kd_experiments.tracking import JOB_TAG, PARENT_TAG, SUPERSEDED_TAG
+from tests.conftest import sweep_runs
+from tests.test_distributed import (
+    FAST,
+    GRID,
+    KD_TRAIN,
+    SWEEP_FILE,
+    assert_complete_sweep,
+    base_env,
+    kd_train,
+    served_store,
+    stop_group,
+)
+from tests.test_mlflow_server import free_port
+
+RAY = str(Path(sys.executable).with_name("ray"))
+# Ray on one machine: loopback addresses only (Ray otherwise advertises the host's interface).
+# RAY_DEDUP_LOGS=0: the driver prints every worker line (Ray otherwise folds lines that look
+# alike into "[repeated 2x across cluster]", and the tests count the jobs' summary lines).
+RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+                 "RAY_DEDUP_LOGS": "0"}
+
+
+def _start_ray_head(folder: Path, ray_env: dict[str, str], num_cpus: int, attempt: int, startup_timeout_s: float):
+    """One ``ray start --head --block``; returns (process, temp dir, port), or None if it gave up."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="kdray", dir="/tmp"))  # Ray's socket paths must be short
+    port = free_port()
+    command = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+               f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp_dir}",
+               "--object-store-memory=100000000", "--disable-usage-stats",
+               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
+    log_path = folder / f"ray_head_{attempt}.log"
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=ray_env, cwd=folder,
+                                start_new_session=True)
+    deadline = time.monotonic() + startup_timeout_s
+    while "Ray runtime started" not in log_path.read_text(errors="replace"):
+        if head.poll() is not None or time.monotonic() > deadline:
+            stop_group(head, grace_s=10)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            return None
+        time.sleep(0.5)
+    return head, temp_dir, port
+
+
+@contextlib.contextmanager
+def ray_head(folder: Path, env: dict[str, str], num_cpus: int = 2, startup_timeout_s: float = 240) -> Iterator[dict]:
+    """``ray start --head --block`` on 127.0.0.1 with ``num_cpus`` worker slots (token auth).
+
+    Yields the environment a driver needs (``RAY_ADDRESS``, the token) merged into ``env``.
+    Ray gives its raylet a fixed 30 s to register; on a busy machine a start can miss it, so
+    up to 3 starts are tried.
+    """
+    ray_env = {**env, **RAY_LOCAL_ENV, "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    started = None
+    for attempt in range(3):
+        started = _start_ray_head(folder, ray_env, num_cpus, attempt, startup_timeout_s)
+        if started is not None:
+            break
+    if started is None:
+        pytest.fail(f"the Ray head did not start:\n{(folder / 'ray_head_2.log').read_text(errors='replace')[-3000:]}")
+    head, temp_dir, port = started
+    try:
+        yield {**ray_env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    finally:
+        stop_group(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """One ``mlflow server`` and one 2-CPU Ray head, shared by the Ray tests of the module."""
+    folder = tmp_path_factory.mktemp("services")
+    with served_store(folder) as url, ray_head(folder, base_env(folder, url)) as ray_env:
+        yield {"url": url, "ray_env": ray_env}
+
+
+@pytest.mark.slow
+def test_ray_launcher_runs_the_quickstart_sweep_under_one_parent(services: dict, tmp_path: Path) -> None:
+    """The sweep file unchanged but for hydra/launcher=ray: 8 FINISHED children on the server."""
+    env = {**services["ray_env"], "KD_LOG_DIR": str(tmp_path / "logs")}
+    result = kd_train([*SWEEP_FILE, "hydra/launcher=ray", "experiment_name=ray_sweep", *FAST], env, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summaries = [line for line in result.stdout.splitlines() if "[kd-train] " in line]
+    assert len(summaries) == 8, result.stdout[-3000:]
+    assert all("_run_job_with_timeout pid=" in line for line in summaries), "jobs must run in Ray workers"
+    client = MlflowClient(tracking_uri=services["url"])
+    _, children = assert_complete_sweep(client, "ray_sweep", GRID)
+    assert len(children) == 8
+    assert all(JOB_TAG in c.data.tags for c in children)
+
+
+@pytest.mark.slow
+def test_killed_ray_worker_fails_its_run_and_the_rerun_finishes_only_the_rest(services: dict, tmp_path: Path) -> None:
+    """SIGKILL one Ray worker mid-job: its run ends FAILED with Ray's error, the others FINISHED;
+    the same command into the same sweep folder (same sweep_id) runs only the killed job."""
+    client = MlflowClient(tracking_uri=services["url"])
+    env = {**services["ray_env"], "KD_LOG_DIR": str(tmp_path / "logs")}
+    grid = sorted((ratio, seed) for ratio in (8, 32) for seed in (0, 1))
+    args = ["-m", "experiment=quickstart", "scheme.compression_ratio=8,32", "seed=0,1", "hydra/launcher=ray",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", "experiment_name=ray_kill", *FAST]
+    with open(tmp_path / "first.out", "w") as out, open(tmp_path / "first.err", "w") as err:
+        driver = subprocess.Popen([*KD_TRAIN, *args], stdout=out, stderr=err, env=env, cwd=tmp_path,
+                                  start_new_session=True)
+    try:
+        victim = None
+        deadline = time.monotonic() + 600
+        while victim is None and driver.poll() is None and time.monotonic() < deadline:
+            experiment = client.get_experiment_by_name("ray_kill")
+            running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") if experiment else []
+            victim = next((r for r in running if r.data.tags.get(PARENT_TAG) != "true" and "pid" in r.data.tags), None)
+            time.sleep(0.2)
+        assert victim is not None, (tmp_path / "first.err").read_text()[-3000:]
+        os.kill(int(victim.data.tags["pid"]), signal.SIGKILL)
+        driver.wait(timeout=600)
+    finally:
+        stop_group(driver, grace_s=5)
+    assert driver.returncode == 1, "a failed job makes the multirun fail once every job has ended"
+
+    parents, children = sweep_runs(client, "ray_kill")
+    assert len(parents) == 1 and len(children) == 4
+    failed = client.get_run(victim.info.run_id)
+    assert failed.info.status == "FAILED"
+    assert "WorkerCrashedError" in failed.data.tags["error"] or "died" in failed.data.tags["error"], failed.data.tags
+    others = [c for c in children if c.info.run_id != victim.info.run_id]
+    assert [c.info.status for c in others] == ["FINISHED"] * 3
+
+    rerun = kd_train(args, env, tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert sum("skipped" in line and "[kd-train] " in line for line in rerun.stdout.splitlines()) == 3
+    parent, children = assert_complete_sweep(client, "ray_kill", grid)
+    assert len(children) == 5  # the 3 FINISHED ones were not run again; the killed job once more
+    retried = [c for c in children if c.info.run_id != victim.info.run_id and c.data.tags[JOB_TAG] == victim.data.tags[JOB_TAG]]
+    assert len(retried) == 1 and retried[0].info.status == "FINISHED"
+    assert client.get_run(victim.info.run_id).data.tags[SUPERSEDED_TAG] == retried[0].info.run_id
+    assert parent.info.run_id == parents[0].info.run_id  # the same parent, re-opened
+
+
+def test_ray_job_past_timeout_min_raises_in_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hydra.launcher.timeout_min: an alarm inside the job raises JobTimeoutError (the run ends FAILED)."""
+    from hydra_plugins.hydra_ray_launcher import _launcher_util
+    from hydra_plugins.kd_experiments_launchers.ray_launcher import JobTimeoutError, _run_job_with_timeout
+
+    def slow_job(**kwargs):
+        time.sleep(30)
+        return "finished"
+
+    monkeypatch.setattr(_launcher_util, "_run_job", slow_job)
+    with pytest.raises(JobTimeoutError, match="timeout_min=0.005"):
+        _run_job_with_timeout(0.005)  # 0.3 s
+    monkeypatch.setattr(_launcher_util, "_run_job", lambda **kwargs: "finished")
+    assert _run_job_with_timeout(None) == "finished" and _run_job_with_timeout(1.0) == "finished"
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # the alarm is cleared after the job
