@@ -65,6 +65,19 @@ def sweep_runs(client, experiment_name: str) -> tuple[list, list]:
     return parents, children
 
 
+def train_in_process(overrides: list[str], env: dict[str, str], output_dir: Path) -> dict:
+    """``kd-train <overrides>`` in this process (no new interpreter to start), with the tracking
+    store and folders that ``env`` gives a ``kd-train`` subprocess; returns the test metrics."""
+    from kd_experiments.search import compose_config
+    from kd_experiments.train import train
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key in ("MLFLOW_TRACKING_URI", "KD_CACHE_DIR", "KD_LOG_DIR"):
+            if key in env:
+                patch.setenv(key, env[key])
+        return train(compose_config(overrides, output_dir=output_dir))
+
+
 def shared_data(relative: str) -> Path:
     """A folder of ../shared/data, or skip the test with the reason."""
     path = SHARED_DATA / relative
@@ -101,6 +114,10 @@ def compose_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+#: a run that neither times its deployed model nor logs it as an MLflow Model (tests of other things)
+NO_DEPLOY = ("deploy.measure=false", "deploy.log_model=false")
 
 
 def fast_overrides(*extra: str) -> list[str]:

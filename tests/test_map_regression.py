@@ -25,7 +25,7 @@ from kd_experiments.schemes.map_regression.torch_model import (
     smooth_student_map,
     width_for_mac_ratio,
 )
-from tests.conftest import sqlite_store
+from tests.conftest import NO_DEPLOY, sqlite_store, train_in_process
 
 
 SIZE = 64
@@ -170,7 +170,7 @@ def patchcore_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, d
     root = tmp_path_factory.mktemp("map_regression")
     env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_store(root / 'm.db'), "OMP_NUM_THREADS": "1",
            "KD_CACHE_DIR": str(root / "cache")}
-    _run(["experiment=patchcore_smoke", *SMOKE, f"hydra.run.dir={root / 'teacher'}"], env, root)
+    train_in_process(["experiment=patchcore_smoke", *SMOKE], env, root / "teacher")
     return root / "teacher" / "checkpoints" / "last.ckpt", env
 
 
@@ -180,8 +180,8 @@ def test_a_run_logs_quality_sizes_and_reuses_the_teacher_maps(patchcore_teacher)
     root = checkpoint.parents[2]
     common = ["experiment=map_regression_smoke", *SMOKE, "trainer.max_epochs=1",
               f"scheme.teacher.checkpoint={checkpoint}"]
-    _run([*common, f"hydra.run.dir={root / 'first'}"], env, root)
-    _run([*common, "scheme.learning_rate=0.001", f"hydra.run.dir={root / 'second'}"], env, root)  # same data and teacher
+    train_in_process(common, env, root / "first")
+    train_in_process([*common, "scheme.learning_rate=0.001"], env, root / "second")  # same data and teacher
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("map_regression_smoke").experiment_id],
                               order_by=["attributes.start_time ASC"])
@@ -201,11 +201,11 @@ def test_a_run_logs_quality_sizes_and_reuses_the_teacher_maps(patchcore_teacher)
 def test_ddp_two_processes_match_one_process(patchcore_teacher) -> None:
     checkpoint, env = patchcore_teacher
     root = checkpoint.parents[2]
-    common = ["experiment=map_regression_smoke", *SMOKE, "trainer.max_epochs=1",
+    common = ["experiment=map_regression_smoke", *SMOKE, "trainer.max_epochs=1", *NO_DEPLOY,
               f"scheme.teacher.checkpoint={checkpoint}", "experiment_name=map_regression_ddp"]
     _run([*common, "trainer=ddp_cpu", f"hydra.run.dir={root / 'ddp'}"], env, root)
-    _run([*common, "train=false", f"ckpt_path={root / 'ddp' / 'checkpoints' / 'last.ckpt'}",
-          f"hydra.run.dir={root / 'single'}"], env, root)
+    train_in_process([*common, "train=false", f"ckpt_path={root / 'ddp' / 'checkpoints' / 'last.ckpt'}"], env,
+                     root / "single")
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("map_regression_ddp").experiment_id])
     assert len(runs) == 2, "only rank 0 may create a run"

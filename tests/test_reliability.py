@@ -21,11 +21,11 @@ from mlflow.tracking import MlflowClient
 from kd_experiments.config import PROJECT_ROOT
 from kd_experiments.errors import CheckpointError, TrackingError
 from kd_experiments.train import train
-from tests.conftest import fast_overrides, sqlite_store
+from tests.conftest import NO_DEPLOY, fast_overrides, sqlite_store
 
 KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]
 QUICK = ["experiment=quickstart", "callbacks.progress_bar=null", "callbacks.model_summary=null",
-         "trainer.deterministic=true"]
+         "trainer.deterministic=true", *NO_DEPLOY]
 
 
 class SignalAtEpoch(L.Callback):

@@ -23,7 +23,7 @@ from kd_experiments.synthetic_anomalies import (
 )
 from kd_experiments.schemes.reverse_distillation.torch_model import BottleneckBlock, ReverseStudent
 from kd_experiments.train import train
-from tests.conftest import fast_overrides, sqlite_store
+from tests.conftest import NO_DEPLOY, fast_overrides, sqlite_store, train_in_process
 
 LITE0_CHANNELS = [24, 40, 112]
 SIZE = 32  # lite0 levels at 8x8, 4x4, 2x2: the smallest useful input
@@ -405,17 +405,14 @@ def test_ddp_two_processes_score_every_image_once(tmp_path: Path) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_store(tmp_path / 'm.db'), "OMP_NUM_THREADS": "1",
            "KD_CACHE_DIR": str(tmp_path / "cache")}
     common = ["experiment=rd_smoke", "scheme=rd_expert", *TINY_DATA, "trainer.max_epochs=1",
-              "callbacks.progress_bar=null", "callbacks.model_summary=null"]
+              "callbacks.progress_bar=null", "callbacks.model_summary=null", *NO_DEPLOY]
     kd_train = [sys.executable, "-m", "kd_experiments.train"]
     ddp_dir = tmp_path / "ddp"
     result = subprocess.run([*kd_train, *common, "trainer=ddp_cpu", f"hydra.run.dir={ddp_dir}"],
                             capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    single = subprocess.run(
-        [*kd_train, *common, "train=false", f"ckpt_path={ddp_dir / 'checkpoints' / 'last.ckpt'}",
-         f"hydra.run.dir={tmp_path / 'single'}"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False)
-    assert single.returncode == 0, single.stderr[-3000:]
+    train_in_process([*common, "train=false", f"ckpt_path={ddp_dir / 'checkpoints' / 'last.ckpt'}"], env,
+                     tmp_path / "single")
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("rd_smoke").experiment_id])
     assert len(runs) == 2, "only rank 0 may create a run"

@@ -21,7 +21,7 @@ from kd_experiments.errors import ConfigError, DataError, KDError, TrainingDiver
 from kd_experiments.search import compose_config
 from kd_experiments.tracking import REQUIRED_PARAMS, resolve_tracking_uri
 from kd_experiments.train import train
-from tests.conftest import fast_overrides, shared_data, sqlite_store
+from tests.conftest import NO_DEPLOY, fast_overrides, shared_data, sqlite_store, train_in_process
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 SWEEPS = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
@@ -259,7 +259,7 @@ def test_ddp_cpu_test_metric_equals_one_process(tmp_path: Path) -> None:
     """2 CPU processes (gloo): every test image scored once, the same metric as 1 process."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_store(tmp_path / 'm.db'), "OMP_NUM_THREADS": "1"}
     common = ["experiment=quickstart", "trainer.max_epochs=2", "callbacks.progress_bar=null",
-              "data.batch_size=16"]
+              "data.batch_size=16", *NO_DEPLOY]
     ddp_dir = tmp_path / "ddp"
     result = subprocess.run(
         [*KD_TRAIN, *common, "trainer=ddp_cpu", f"hydra.run.dir={ddp_dir}"],
@@ -267,11 +267,7 @@ def test_ddp_cpu_test_metric_equals_one_process(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = ddp_dir / "checkpoints" / "last.ckpt"
-    single = subprocess.run(
-        [*KD_TRAIN, *common, "train=false", f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path / 'single'}"],
-        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
+    train_in_process([*common, "train=false", f"ckpt_path={checkpoint}"], env, tmp_path / "single")
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert len(runs) == 2, "only rank 0 may create a run"
