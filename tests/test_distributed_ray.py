@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from kd_experiments import report
 from kd_experiments.tracking import JOB_TAG, PARENT_TAG, SUPERSEDED_TAG
 from tests.conftest import sweep_runs
 from tests.test_distributed import (
@@ -95,12 +96,15 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """One ``mlflow server`` and one 2-CPU Ray head, shared by the Ray tests of the module."""
     folder = tmp_path_factory.mktemp("services")
     with served_store(folder) as url, ray_head(folder, base_env(folder, url)) as ray_env:
-        yield {"url": url, "ray_env": ray_env}
+        yield {"url": url, "ray_env": ray_env, "artifacts": folder / "artifacts"}
 
 
 @pytest.mark.slow
-def test_ray_launcher_runs_the_quickstart_sweep_under_one_parent(services: dict, tmp_path: Path) -> None:
-    """The sweep file unchanged but for hydra/launcher=ray: 8 FINISHED children on the server."""
+def test_ray_launcher_runs_the_quickstart_sweep_under_one_parent(
+    services: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep file unchanged but for hydra/launcher=ray: 8 FINISHED children on the server, their
+    artifacts uploaded through it; kd-report against the server logs the report to the parent."""
     env = {**services["ray_env"], "KD_LOG_DIR": str(tmp_path / "logs")}
     result = kd_train([*SWEEP_FILE, "hydra/launcher=ray", "experiment_name=ray_sweep", *FAST], env, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -108,8 +112,20 @@ def test_ray_launcher_runs_the_quickstart_sweep_under_one_parent(services: dict,
     assert len(summaries) == 8, result.stdout[-3000:]
     assert all("_run_job_with_timeout pid=" in line for line in summaries), "jobs must run in Ray workers"
     client = MlflowClient(tracking_uri=services["url"])
-    _, children = assert_complete_sweep(client, "ray_sweep", GRID)
+    parent, children = assert_complete_sweep(client, "ray_sweep", GRID)
     assert len(children) == 8
+    # artifacts go through the server (mlflow-artifacts:) into its destination folder
+    assert client.get_experiment_by_name("ray_sweep").artifact_location.startswith("mlflow-artifacts:")
+    assert len(list(services["artifacts"].rglob("roc_curve.png"))) >= 8
+    config = Path(client.download_artifacts(children[0].info.run_id, "config/config.yaml", str(tmp_path)))
+    assert "compression_ratio:" in config.read_text()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", services["url"])
+    assert report.main(["--experiment", "ray_sweep", "--sweep", "latest", "--output", str(tmp_path / "report")]) == 0
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, report.REPORT_ARTIFACT_DIR)}
+    assert logged == {f"{report.REPORT_ARTIFACT_DIR}/{name}" for name in report.REPORT_FILES}
+    assert list(services["artifacts"].rglob("quality_vs_compression.png"))
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     assert all(JOB_TAG in c.data.tags for c in children)
 
 

@@ -1,4 +1,7 @@
-"""A team store: ``mlflow server`` on 127.0.0.1 as the tracking URI of a sweep, end to end."""
+"""``mlflow server`` on 127.0.0.1 for the tests (:func:`mlflow_server`), and kd-report's one-line
+error when the server named by ``MLFLOW_TRACKING_URI`` cannot be reached. Sweeps against a
+server: ``test_distributed_ray.py`` (artifacts proxied, the report logged to the parent),
+``test_distributed.py`` (submitit, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -15,15 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from kd_experiments import report
-from kd_experiments.tracking import PARENT_TAG, REQUIRED_PARAMS
-from tests.conftest import sqlite_store
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]
-QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "trainer.enable_model_summary=false"]
 
 
 def free_port() -> int:
@@ -83,49 +81,6 @@ def mlflow_server(
                 except subprocess.TimeoutExpired:
                     os.killpg(server.pid, signal.SIGKILL)
                     server.wait(timeout=30)
-
-
-@pytest.mark.slow
-def test_sweep_against_an_mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    artifacts = tmp_path / "artifacts"
-    with mlflow_server(tmp_path, sqlite_store(tmp_path / 'server.db'), artifacts_destination=artifacts) as url:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "KD_LOG_DIR": str(tmp_path / "logs"),
-               "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        result = subprocess.run(
-            [*KD_TRAIN, "-m", "experiment=quickstart", "trainer.max_epochs=1", "scheme.compression_ratio=8,32", *QUIET,
-             "deploy.measure=false"],
-            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
-        )
-        assert result.returncode == 0, result.stderr[-4000:]
-        assert sum(line.startswith("[kd-train] ") for line in result.stdout.splitlines()) == 2
-
-        client = MlflowClient(tracking_uri=url)
-        experiment = client.get_experiment_by_name("quickstart")
-        assert experiment.artifact_location.startswith("mlflow-artifacts:")  # proxied by the server
-        runs = client.search_runs([experiment.experiment_id])
-        parents = [r for r in runs if r.data.tags.get(PARENT_TAG) == "true"]
-        children = [r for r in runs if r.data.tags.get(PARENT_TAG) != "true"]
-        assert len(parents) == 1 and len(children) == 2
-        parent_id = parents[0].info.run_id
-        assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent_id}
-        assert sorted(c.data.params["scheme.compression_ratio"] for c in children) == ["32", "8"]
-        for child in children:
-            assert child.info.status == "FINISHED"
-            assert all(key in child.data.params for key in REQUIRED_PARAMS)
-            assert {"test/image_auroc", "val/loss", "duration_s"} <= set(child.data.metrics)
-            plots = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
-            assert {"plots/roc_curve.png", "plots/score_histograms.png"} <= plots
-            config = Path(client.download_artifacts(child.info.run_id, "config/config.yaml", str(tmp_path)))
-            assert "compression_ratio:" in config.read_text()
-        # the artifacts went through the server into its destination folder
-        assert len(list(artifacts.rglob("roc_curve.png"))) == 2
-
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        assert report.main(["--experiment", "quickstart", "--sweep", "latest", "--output", str(tmp_path / "report")]) == 0
-        logged = {a.path for a in client.list_artifacts(parent_id, report.REPORT_ARTIFACT_DIR)}
-        assert logged == {f"{report.REPORT_ARTIFACT_DIR}/{name}" for name in report.REPORT_FILES}
-        assert list(artifacts.rglob("quality_vs_compression.png"))
-        assert client.get_run(parent_id).info.status == "FINISHED"
 
 
 def test_unreachable_server_fails_kd_report_in_one_line(
