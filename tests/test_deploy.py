@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -17,8 +18,9 @@ from mlflow.tracking import MlflowClient
 from kd_experiments import config as kd_config
 from kd_experiments import deploy, export
 from kd_experiments.errors import ConfigError
+from kd_experiments.search import compose_config
 from kd_experiments.train import train
-from tests.conftest import fast_overrides
+from tests.conftest import fast_overrides, sqlite_store
 
 QUICK = ("deploy.measure=false",)
 SMOKE_RUNS = {
@@ -55,16 +57,6 @@ def test_threshold_without_anomalies_is_the_99th_percentile_of_normal_scores() -
 
 
 # -- a run's Model -------------------------------------------------------------------------------
-def _train_run(compose_cfg, mlflow_uri: str, name: str) -> tuple[object, object]:
-    cfg = compose_cfg(*SMOKE_RUNS[name], *fast_overrides(*QUICK))
-    train(cfg)
-    client = MlflowClient(tracking_uri=mlflow_uri)
-    experiment = client.get_experiment_by_name(str(cfg.experiment_name))
-    (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.status == "FINISHED"
-    return cfg, run
-
-
 def _test_inputs(cfg, tmp_path: Path) -> tuple[list[str], pd.DataFrame]:
     """The run's test images as the user would hand them over: the files of a file-based set,
     ``.npy`` arrays of the raw (unnormalised) images of an in-memory set."""
@@ -83,36 +75,69 @@ def _test_inputs(cfg, tmp_path: Path) -> tuple[list[str], pd.DataFrame]:
     return files, pd.DataFrame({"label": labels})
 
 
-def _predict_in_fresh_process(model_uri: str, paths: list[str], tmp_path: Path, mlflow_uri: str) -> pd.DataFrame:
-    """``mlflow.pyfunc.load_model(uri).predict(...)`` in a new interpreter (no training code imported)."""
-    request, answer = tmp_path / "request.json", tmp_path / "answer.csv"
-    request.write_text(json.dumps(paths))
+def _predict_in_fresh_process(requests: dict[str, tuple[str, list[str]]], folder: Path,
+                              mlflow_uri: str) -> dict[str, pd.DataFrame]:
+    """``mlflow.pyfunc.load_model(uri).predict(...)`` for each ``name -> (model URI, image paths)``,
+    all in one new interpreter (no training code imported)."""
+    request = folder / "request.json"
+    request.write_text(json.dumps({name: [uri, paths, str(folder / f"{name}.csv")]
+                                   for name, (uri, paths) in requests.items()}))
     code = (
         "import json, sys, mlflow, pandas as pd\n"
         f"mlflow.set_tracking_uri({mlflow_uri!r})\n"
-        f"model = mlflow.pyfunc.load_model({model_uri!r})\n"
-        f"out = model.predict(pd.DataFrame({{'path': json.load(open({str(request)!r}))}}))\n"
-        f"out.to_csv({str(answer)!r}, index=False, float_format='%.9g')\n"
+        f"for uri, paths, answer in json.load(open({str(request)!r})).values():\n"
+        "    out = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({'path': paths}))\n"
+        "    out.to_csv(answer, index=False, float_format='%.9g')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            cwd=tmp_path)
+                            cwd=folder)
     assert result.returncode == 0, result.stderr[-3000:]
-    return pd.read_csv(answer, keep_default_na=False)
+    return {name: pd.read_csv(folder / f"{name}.csv", keep_default_na=False) for name in requests}
+
+
+@pytest.fixture(scope="module")
+def smoke_students(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, SimpleNamespace]]:
+    """The smoke run of every scheme in one store, and what each run's logged student answers on
+    the run's test images, loaded in a fresh interpreter (one for all)."""
+    folder = tmp_path_factory.mktemp("deploy")
+    uri = sqlite_store(folder / "mlruns" / "mlflow.db")
+    client = MlflowClient(tracking_uri=uri)
+    students = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        for name in sorted(SMOKE_RUNS):
+            cfg = compose_config([*SMOKE_RUNS[name], *fast_overrides(*QUICK), f"paths.log_dir={folder / 'logs'}",
+                                  f"paths.cache_dir={folder / 'cache'}"], output_dir=folder / name)
+            train(cfg)
+            experiment = client.get_experiment_by_name(str(cfg.experiment_name))
+            run = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"],
+                                     max_results=1)[0]
+            assert run.info.status == "FINISHED"
+            (folder / name).mkdir(exist_ok=True)
+            paths, expected = _test_inputs(cfg, folder / name)
+            students[name] = SimpleNamespace(cfg=cfg, run=run, paths=paths, expected=expected)
+    answers = _predict_in_fresh_process(
+        {name: (f"runs:/{student.run.info.run_id}/student", student.paths) for name, student in students.items()},
+        folder, uri)
+    for name, answer in answers.items():
+        students[name].answer = answer
+    return uri, students
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SMOKE_RUNS))
 def test_logged_student_scores_like_the_run_in_a_fresh_process_and_holds_no_teacher(
-    compose_cfg, mlflow_uri: str, tmp_path: Path, name: str
+    smoke_students, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
-    cfg, run = _train_run(compose_cfg, mlflow_uri, name)
+    mlflow_uri, students = smoke_students
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    run, paths, expected, answer = (students[name].run, students[name].paths, students[name].expected,
+                                    students[name].answer)
     client = MlflowClient(tracking_uri=mlflow_uri)
     run_id = run.info.run_id
     logged = pd.read_csv(client.download_artifacts(run_id, deploy.TEST_SCORES_ARTIFACT, str(tmp_path)))
-    paths, expected = _test_inputs(cfg, tmp_path)
     assert len(paths) == len(logged) and (expected["label"].to_numpy() == logged["label"].to_numpy()).all()
 
-    answer = _predict_in_fresh_process(f"runs:/{run_id}/student", paths, tmp_path, mlflow_uri)
     assert (answer["error"] == "").all(), answer["error"].tolist()
     np.testing.assert_allclose(answer["score"].to_numpy(), logged["score"].to_numpy(), atol=1e-5, rtol=0)
 
