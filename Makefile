@@ -25,7 +25,7 @@ demo: setup  ## the main job: a sweep over compression ratios, tracked in ./mlru
 	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(STORE) --host 127.0.0.1 --port 5000"
 
 TEST_WORKERS ?= 2
-test: setup  ## the test suite on $(TEST_WORKERS) pytest-xdist workers (CPU, under 10 minutes on 2 cores)
+test: setup  ## the test suite on $(TEST_WORKERS) pytest-xdist workers (CPU, about 13 minutes on 2 cores)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 ui: setup  ## serve the MLflow UI of ./mlruns on 127.0.0.1:5000
