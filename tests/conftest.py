@@ -78,6 +78,26 @@ def train_in_process(overrides: list[str], env: dict[str, str], output_dir: Path
         return train(compose_config(overrides, output_dir=output_dir))
 
 
+def ddp_and_single_runs(tracking_uri: str, experiment_name: str, metrics: tuple[str, ...], abs_tol: float = 1e-5):
+    """The two runs of a DDP test (a 2-process ``trainer=ddp_cpu`` run, then one process testing
+    its checkpoint): only rank 0 made a run, both FINISHED, every test image scored once, and the
+    ``metrics`` equal. Returns ``(ddp_run, single_run)``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment_name).experiment_id])
+    assert len(runs) == 2, "only rank 0 may create a run"
+    by_mode = {("single" if r.data.params.get("ckpt_path", "None") not in ("None", "") else "ddp"): r for r in runs}
+    ddp_run, single_run = by_mode["ddp"], by_mode["single"]
+    assert ddp_run.data.params.get("trainer.devices") == "2", {
+        k: v for k, v in ddp_run.data.params.items() if k.startswith("trainer.")}
+    assert ddp_run.info.status == single_run.info.status == "FINISHED"
+    assert ddp_run.data.metrics["test/num_test_images"] == single_run.data.metrics["test/num_test_images"]
+    for key in metrics:
+        assert ddp_run.data.metrics[key] == pytest.approx(single_run.data.metrics[key], abs=abs_tol), key
+    return ddp_run, single_run
+
+
 def shared_data(relative: str) -> Path:
     """A folder of ../shared/data, or skip the test with the reason."""
     path = SHARED_DATA / relative

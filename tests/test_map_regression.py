@@ -25,7 +25,7 @@ from kd_experiments.schemes.map_regression.torch_model import (
     smooth_student_map,
     width_for_mac_ratio,
 )
-from tests.conftest import NO_DEPLOY, sqlite_store, train_in_process
+from tests.conftest import NO_DEPLOY, ddp_and_single_runs, sqlite_store, train_in_process
 
 
 SIZE = 64
@@ -206,10 +206,5 @@ def test_ddp_two_processes_match_one_process(patchcore_teacher) -> None:
     _run([*common, "trainer=ddp_cpu", f"hydra.run.dir={root / 'ddp'}"], env, root)
     train_in_process([*common, "train=false", f"ckpt_path={root / 'ddp' / 'checkpoints' / 'last.ckpt'}"], env,
                      root / "single")
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("map_regression_ddp").experiment_id])
-    assert len(runs) == 2, "only rank 0 may create a run"
-    by_mode = {("single" if r.data.params.get("ckpt_path", "None") not in ("None", "") else "ddp"): r for r in runs}
-    assert by_mode["ddp"].data.params.get("trainer.devices") == "2"
-    for key in ("test/image_auroc", "test/pixel_auroc", "test/aupro"):
-        assert by_mode["ddp"].data.metrics[key] == pytest.approx(by_mode["single"].data.metrics[key], abs=1e-5), key
+    ddp_and_single_runs(env["MLFLOW_TRACKING_URI"], "map_regression_ddp",
+                        ("test/image_auroc", "test/pixel_auroc", "test/aupro"))

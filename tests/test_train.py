@@ -21,7 +21,7 @@ from kd_experiments.errors import ConfigError, DataError, KDError, TrainingDiver
 from kd_experiments.search import compose_config
 from kd_experiments.tracking import REQUIRED_PARAMS, resolve_tracking_uri
 from kd_experiments.train import train
-from tests.conftest import NO_DEPLOY, fast_overrides, shared_data, sqlite_store, train_in_process
+from tests.conftest import NO_DEPLOY, ddp_and_single_runs, fast_overrides, shared_data, sqlite_store, train_in_process
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 SWEEPS = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
@@ -268,17 +268,9 @@ def test_ddp_cpu_test_metric_equals_one_process(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = ddp_dir / "checkpoints" / "last.ckpt"
     train_in_process([*common, "train=false", f"ckpt_path={checkpoint}"], env, tmp_path / "single")
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
-    assert len(runs) == 2, "only rank 0 may create a run"
-    by_mode = {("ddp" if r.data.params.get("trainer.devices") == "2" else "single"): r for r in runs}
-    ddp_run, single_run = by_mode["ddp"], by_mode["single"]
-    assert ddp_run.info.status == single_run.info.status == "FINISHED"
-    # digits class 0 test split: every image scored exactly once under DDP
-    assert ddp_run.data.metrics["test/num_test_images"] == single_run.data.metrics["test/num_test_images"]
-    assert ddp_run.data.metrics["test/image_auroc"] == pytest.approx(single_run.data.metrics["test/image_auroc"], abs=1e-6)
-    assert ddp_run.data.metrics["test/teacher_image_auroc"] == pytest.approx(
-        single_run.data.metrics["test/teacher_image_auroc"], abs=1e-6)
+    # digits class 0 test split: every image scored exactly once under DDP, the same metrics
+    ddp_and_single_runs(env["MLFLOW_TRACKING_URI"], "quickstart", ("test/image_auroc", "test/teacher_image_auroc"),
+                        abs_tol=1e-6)
 
 
 def test_an_explicit_tracking_uri_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
