@@ -354,24 +354,37 @@ def deploy_page(results: Path) -> Page | None:
     return Page("deploy", "\n".join(parts) + "\n", charts)
 
 
+def _pixel_auroc_charts(runs: list[dict], size: tuple, latency: tuple) -> tuple[list[Chart], bool]:
+    """Pixel AUROC against a size (log axis, a line a series) and, where runs are timed, against
+    batch-1 latency (points). ``size`` and ``latency`` are ``(chart name, title, x label, record
+    field, series label of a record)``; returns the charts and whether any run is timed."""
+    name, title, xlabel, size_field, label = size
+    charts = [Chart(name, title, xlabel, "pixel AUROC",
+                    _series_by([r for r in runs if r.get(size_field)], label, lambda r: r[size_field], "pixel_auroc"),
+                    xlog=True)]
+    name, title, xlabel, latency_field, label = latency
+    timed = [r for r in runs if r.get(latency_field) is not None]
+    if timed:
+        charts.append(Chart(name, title, xlabel, "pixel AUROC",
+                            _series_by(timed, label, lambda r: r[latency_field], "pixel_auroc"), xlog=True,
+                            lines=False))
+    return charts, bool(timed)
+
+
 def mvtec_page(results: Path) -> Page | None:
     from benchmarks import mvtec
 
     runs = load_runs(results, "mvtec.json")
     if not runs:
         return None
-    charts = [Chart("mvtec_pixel_auroc_vs_size", "MVTec AD: pixel AUROC vs deployed size (mean +- std over seeds)",
-                    "deployed parameters", "pixel AUROC",
-                    _series_by([r for r in runs if r.get("deployed_params")],
-                               lambda r: f"{r.get('scheme')}, {r.get('category')}, {r.get('image_size')} px",
-                               lambda r: r["deployed_params"], "pixel_auroc"), xlog=True)]
-    timed = [r for r in runs if r.get("deploy_latency_ms_b1") is not None]
-    if timed:
-        charts.append(Chart("mvtec_pixel_auroc_vs_latency",
-                            "MVTec AD: pixel AUROC vs batch-1 latency of the deployed model (PyTorch, 1 thread)",
-                            "latency, batch 1 (ms)", "pixel AUROC",
-                            _series_by(timed, lambda r: f"{r.get('scheme')}, {r.get('image_size')} px",
-                                       lambda r: r["deploy_latency_ms_b1"], "pixel_auroc"), xlog=True, lines=False))
+    charts, timed = _pixel_auroc_charts(
+        runs,
+        ("mvtec_pixel_auroc_vs_size", "MVTec AD: pixel AUROC vs deployed size (mean +- std over seeds)",
+         "deployed parameters", "deployed_params",
+         lambda r: f"{r.get('scheme')}, {r.get('category')}, {r.get('image_size')} px"),
+        ("mvtec_pixel_auroc_vs_latency",
+         "MVTec AD: pixel AUROC vs batch-1 latency of the deployed model (PyTorch, 1 thread)",
+         "latency, batch 1 (ms)", "deploy_latency_ms_b1", lambda r: f"{r.get('scheme')}, {r.get('image_size')} px"))
     parts = [HEADER, "", "# MVTec AD at the papers' protocol", "", MVTEC_INTRO, "",
              "## Results (`benchmarks/results/mvtec.json`)", "", mvtec.results_table(results / "mvtec.json"), "",
              *[c.markdown() for c in charts], "", *([] if timed else [NO_LATENCY, ""])]
@@ -390,17 +403,13 @@ def map_regression_page(results: Path) -> Page | None:
     from benchmarks import map_regression
 
     label = lambda r: f"{r.get('category')}, teacher {r.get('teacher_scheme')}"  # noqa: E731
-    charts = [Chart("map_regression_pixel_auroc_vs_ratio", "Encoder-free students: pixel AUROC vs deployed MAC ratio",
-                    "deployed MAC ratio (teacher / student)", "pixel AUROC",
-                    _series_by([r for r in runs if r.get("deployed_mac_ratio")], label,
-                               lambda r: r["deployed_mac_ratio"], "pixel_auroc"), xlog=True)]
-    timed = [r for r in runs if r.get("student_latency_ms_b1") is not None]
-    if timed:
-        charts.append(Chart("map_regression_pixel_auroc_vs_latency",
-                            "Encoder-free students: pixel AUROC vs batch-1 latency (ONNX Runtime, 1 thread)",
-                            "student latency, batch 1 (ms)", "pixel AUROC",
-                            _series_by(timed, label, lambda r: r["student_latency_ms_b1"], "pixel_auroc"), xlog=True,
-                            lines=False))
+    charts, timed = _pixel_auroc_charts(
+        runs,
+        ("map_regression_pixel_auroc_vs_ratio", "Encoder-free students: pixel AUROC vs deployed MAC ratio",
+         "deployed MAC ratio (teacher / student)", "deployed_mac_ratio", label),
+        ("map_regression_pixel_auroc_vs_latency",
+         "Encoder-free students: pixel AUROC vs batch-1 latency (ONNX Runtime, 1 thread)",
+         "student latency, batch 1 (ms)", "student_latency_ms_b1", label))
     parts = [HEADER, "", "# Encoder-free pixel students (map regression)", "", MAP_INTRO, "",
              "## Results (`benchmarks/results/map_regression.json`)", "",
              map_regression.results_table(results / "map_regression.json"), "",
