@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from kd_experiments.config import PROJECT_ROOT
 from kd_experiments.tracking import REQUIRED_PARAMS, SUPERSEDED_TAG
-from tests.conftest import sqlite_store, sweep_runs
+from tests.conftest import NO_DEPLOY, sqlite_store, sweep_runs
 from tests.test_mlflow_server import free_port, mlflow_server
 
 KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]
@@ -30,7 +30,7 @@ KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]
 SWEEP_FILE = ["--config-dir", str(PROJECT_ROOT / "sweeps"), "--config-name", "quickstart_compression",
               "hydra.sweeper.params.seed='0,1'"]
 FAST = ["trainer.max_epochs=1", "callbacks.progress_bar=null", "callbacks.model_summary=null",
-        "deploy.measure=false", "deploy.log_model=false",  # the launchers are tested here, not the deploy step
+        *NO_DEPLOY,  # the launchers are tested here, not the deploy step
         "trainer.enable_model_summary=false"]
 GRID = sorted((ratio, seed) for ratio in (2, 8, 32, 128) for seed in (0, 1))  # the sweep file's grid
 RUN_METRICS = {"test/image_auroc", "test/teacher_image_auroc", "val/loss", "train/teacher_loss", "duration_s"}
