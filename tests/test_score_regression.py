@@ -37,6 +37,7 @@ from kd_experiments.schemes.score_regression.techniques import (
     OutlierSampler,
     Techniques,
     add_noise,
+    corrupt_images,
     load_outlier_images,
     student_batch,
     tail_weights,
@@ -126,6 +127,27 @@ def test_technique_functions() -> None:
     assert weights.argmax() >= 8  # the bright outliers get the largest weights
     with pytest.raises(ConfigError, match="noise_exposure.std"):
         Techniques(noise_std=-1)
+
+
+def test_corruption_exposure_adds_corrupted_copies_of_the_normal_batch() -> None:
+    images = torch.zeros(12, *SHAPE)
+    images[:, :, 8:20, 8:20] = 0.8  # a bright square on black, as a digit on its background
+    corrupted = corrupt_images(images, torch.Generator().manual_seed(1))
+    assert corrupted.shape == images.shape and 0 <= corrupted.min() and corrupted.max() <= 1
+    changed = (corrupted - images).flatten(1).abs().amax(1) > 0
+    assert changed.sum() >= 6  # strokes and blends always change an image; an erased block may miss the square
+    assert torch.equal(corrupted, corrupt_images(images, torch.Generator().manual_seed(1)))  # seeded
+    assert not torch.equal(corrupted, corrupt_images(images, torch.Generator().manual_seed(2)))
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).mean(1)
+
+    inputs, targets, _ = student_batch(images, score, Techniques(corruption_copies=2), None,
+                                       torch.Generator().manual_seed(1))
+    assert inputs.shape == (36, *SHAPE) and torch.equal(inputs[:12], images)
+    assert torch.allclose(targets, score(inputs))
+    with pytest.raises(ConfigError, match="corruption_exposure.copies"):
+        Techniques(corruption_copies=-1)
 
 
 def test_outlier_images_load_lazily_from_idx(tmp_path: Path) -> None:

@@ -23,7 +23,8 @@ Techniques, each a config switch, combinable (:mod:`.techniques`): pseudo outlie
 exposure (``outlier_exposure.dataset``/``root``: the other IDX set's training images,
 or ``dataset=photo_patches``: crops of scikit-learn's bundled photographs, no root;
 read lazily at the start of fit through ``load_idx_split``; the data must be in
-[0, 1], ``data.normalization=none``), noise exposure (``noise_exposure.std``), tail
+[0, 1], ``data.normalization=none``), noise exposure (``noise_exposure.std``), corruption exposure
+(``corruption_exposure.copies``), tail
 re-weighting (``tail_reweighting.strength``). Where the paper's code and the paper
 differ, the docstring of :mod:`.techniques` says which one is followed.
 
@@ -116,6 +117,9 @@ class ScoreRegressionScheme(AnomalyScheme):
         noise_exposure: ``{std, clip}``: the student sees ``clip(x + std * N(0, 1))``
             labelled by the teacher; off when ``std`` is 0.
         tail_reweighting: ``{strength}``: per-sample L1 weights ``1 + strength * relu(z)``.
+        corruption_exposure: ``{copies}``: the student also sees ``copies`` corrupted
+            copies of each normal image (a stroke, an erased block or a blend with
+            another normal image), labelled by the teacher; off when ``copies`` is 0.
         teacher_model: a trained detector as teacher (a callable ``images -> (B,)`` or a
             :class:`~kd_experiments.schemes.score_regression.teachers.ScoreTeacher`);
             replaces ``teacher``.
@@ -140,6 +144,7 @@ class ScoreRegressionScheme(AnomalyScheme):
         noise_exposure: dict | None = None,
         tail_reweighting: dict | None = None,
         teacher_model: Any = None,
+        corruption_exposure: dict | None = None,
     ) -> None:
         super().__init__()
         input_shape = tuple(int(v) for v in input_shape)
@@ -162,10 +167,12 @@ class ScoreRegressionScheme(AnomalyScheme):
 
         noise = _options(noise_exposure, "noise_exposure", {"std": 0.0, "clip": [0.0, 1.0]})
         tail = _options(tail_reweighting, "tail_reweighting", {"strength": 0.0})
+        corruption = _options(corruption_exposure, "corruption_exposure", {"copies": 0})
         self.techniques = Techniques(
             noise_std=float(noise["std"]),
             noise_clip=None if noise["clip"] is None else (float(noise["clip"][0]), float(noise["clip"][1])),
             tail_strength=float(tail["strength"]),
+            corruption_copies=int(corruption["copies"]),
         )
         self.outlier_options = _options(
             outlier_exposure, "outlier_exposure", {"dataset": None, "root": None, "batch_size": None, "max_images": None}
@@ -193,6 +200,8 @@ class ScoreRegressionScheme(AnomalyScheme):
             parts.append("outlier_exposure")
         if self.techniques.noise_std > 0:
             parts.append("noise_exposure")
+        if self.techniques.corruption_copies > 0:
+            parts.append("corruption_exposure")
         if self.techniques.tail_strength > 0:
             parts.append("tail_reweighting")
         return "+".join(parts)

@@ -18,6 +18,14 @@ teacher's score to anomalies it never saw. Their remedies, and one of ours:
 - **noise exposure**: the student sees the normal batch with Gaussian noise added
   (std 0.1, clipped to [0, 1], as the authors' ``experiment-noise-exposure.py``),
   labelled by the teacher's score of the noisy images.
+- **corruption exposure** (ours, not in the paper): the student also sees corrupted
+  copies of the normal batch, labelled by the teacher's score of them: a stroke drawn
+  across the image, a block erased, or the image blended with another normal image of
+  the batch (:func:`corrupt_images`). Pseudo outliers from another set lie far from the
+  normal class; these lie next to it, where the scores of real anomalies fall, so a
+  small student learns the teacher's ranking where it decides (in the spirit of the
+  synthetic anomalies of DRAEM, Zavrtanik et al., ICCV 2021, and CutPaste, Li et al.,
+  CVPR 2021).
 - **tail re-weighting** (ours, not in the paper): the per-sample L1 loss is weighted by
   ``1 + strength * relu(z)``, ``z`` the teacher score standardised within the batch,
   weights renormalised to mean 1; the student spends its few parameters on the high
@@ -54,10 +62,13 @@ class Techniques:
     noise_std: float = 0.0
     noise_clip: tuple[float, float] | None = (0.0, 1.0)
     tail_strength: float = 0.0
+    corruption_copies: int = 0
 
     def __post_init__(self) -> None:
         if self.noise_std < 0:
             raise ConfigError(f"scheme.noise_exposure.std must be >= 0, got {self.noise_std}")
+        if self.corruption_copies < 0:
+            raise ConfigError(f"scheme.corruption_exposure.copies must be >= 0, got {self.corruption_copies}")
         if self.tail_strength < 0:
             raise ConfigError(f"scheme.tail_reweighting.strength must be >= 0, got {self.tail_strength}")
 
@@ -70,6 +81,49 @@ def add_noise(
     noise = torch.randn(images.shape, generator=generator, device="cpu").to(images)
     noisy = images + std * noise
     return noisy.clamp(*clip) if clip is not None else noisy
+
+
+def corrupt_images(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One corrupted copy of each image ``(B, C, H, W)`` in [0, 1], each by one seeded
+    random corruption (``generator``: the random source; ``None``: torch's global one):
+
+    - **stroke**: a line segment between two random points, 1 to 3 pixels wide (per side,
+      ``H / 28`` scaled), drawn at full intensity;
+    - **erase**: a random block of 1/4 to 1/2 of each side set to 0;
+    - **blend**: the mean of the image and another image of the batch, shifted by up to
+      a quarter of the side.
+    """
+    count, _, height, width = images.shape
+    draw = generator  # None: torch's global generator (seeded by the run's seed)
+
+    def uniform(size: int) -> torch.Tensor:
+        return torch.rand(size, generator=draw)
+
+    kinds = torch.randint(3, (count,), generator=draw)
+    ys = torch.arange(height, dtype=torch.float32).view(1, height, 1)
+    xs = torch.arange(width, dtype=torch.float32).view(1, 1, width)
+    # stroke: distance of every pixel to a random segment (a, b)
+    ay, ax, by, bx = uniform(count) * height, uniform(count) * width, uniform(count) * height, uniform(count) * width
+    dy, dx = (by - ay).view(-1, 1, 1), (bx - ax).view(-1, 1, 1)
+    along = (((ys - ay.view(-1, 1, 1)) * dy + (xs - ax.view(-1, 1, 1)) * dx) / (dy**2 + dx**2).clamp_min(1e-6)).clamp(0, 1)
+    distance = torch.hypot(ys - ay.view(-1, 1, 1) - along * dy, xs - ax.view(-1, 1, 1) - along * dx)
+    half_width = (0.5 + uniform(count) * 1.0).view(-1, 1, 1) * max(height, width) / 28
+    stroke = (distance <= half_width).float().unsqueeze(1)
+    # erase: a block of random size and place
+    block_h, block_w = (height * (0.25 + 0.25 * uniform(count))).long(), (width * (0.25 + 0.25 * uniform(count))).long()
+    top, left = (uniform(count) * (height - block_h + 1)).long(), (uniform(count) * (width - block_w + 1)).long()
+    inside = ((ys >= top.view(-1, 1, 1)) & (ys < (top + block_h).view(-1, 1, 1)) & (xs >= left.view(-1, 1, 1))
+              & (xs < (left + block_w).view(-1, 1, 1))).unsqueeze(1)
+    # blend: another image of the batch, shifted
+    partner = images[torch.randint(count, (count,), generator=draw)]
+    shift_y, shift_x = int(torch.randint(-(height // 4), height // 4 + 1, (1,), generator=draw)), int(
+        torch.randint(-(width // 4), width // 4 + 1, (1,), generator=draw))
+    partner = torch.roll(partner, shifts=(shift_y, shift_x), dims=(-2, -1))
+    kinds = kinds.view(-1, 1, 1, 1).to(images.device)
+    stroked = torch.maximum(images, stroke.to(images))
+    erased = images.masked_fill(inside.to(images.device), 0.0)
+    blended = 0.5 * (images + partner)
+    return torch.where(kinds == 0, stroked, torch.where(kinds == 1, erased, blended))
 
 
 def tail_weights(targets: torch.Tensor, strength: float) -> torch.Tensor:
@@ -101,7 +155,7 @@ def student_batch(
     Args:
         images: the normal batch.
         teacher_score: the (frozen, eval-mode) teacher's score function ``(B, ...) -> (B,)``.
-        techniques: noise exposure and tail re-weighting settings.
+        techniques: noise exposure, corruption exposure and tail re-weighting settings.
         outliers: a batch of pseudo outliers to append (outlier exposure), or ``None``.
 
     Returns:
@@ -110,6 +164,8 @@ def student_batch(
     inputs = images
     if techniques.noise_std > 0:
         inputs = add_noise(images, techniques.noise_std, techniques.noise_clip, generator)
+    if techniques.corruption_copies > 0:
+        inputs = torch.cat([inputs, *[corrupt_images(images, generator) for _ in range(techniques.corruption_copies)]])
     if outliers is not None:
         inputs = torch.cat([inputs, outliers.to(inputs)])
     with torch.no_grad():
