@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import os
 import statistics
 import time
@@ -101,30 +102,44 @@ def teacher_checkpoint(teacher: str, category: str) -> Path:
     return ROOT / "logs" / "benchmarks" / "map_regression" / f"teacher-{teacher}-{category}" / "checkpoints" / "last.ckpt"
 
 
-def build_teacher(teacher: str, category: str, args: argparse.Namespace) -> Path:
-    """Train (RD) or build (PatchCore) the teacher of a category once; its checkpoint."""
+def teacher_budget(teacher: str, category: str, args: argparse.Namespace) -> dict[str, Any]:
+    """How the teacher's training budget was set: ``teacher_epochs`` and ``teacher_budget_rule``
+    (``validation``: the MVTec study's budget; ``fixed``: ``--teacher-epochs``; PatchCore: none)."""
+    if teacher == "patchcore":
+        return {"teacher_epochs": None, "teacher_budget_rule": None}
+    if args.teacher_epochs is not None:
+        return {"teacher_epochs": args.teacher_epochs, "teacher_budget_rule": "fixed"}
+    epochs = choose_budget(ResultsFile(budget_path(ROOT / "benchmarks" / "results" / "mvtec.json")).runs,
+                           category, IMAGE_SIZE)
+    if epochs is None:
+        raise SystemExit(f"the RD teacher of {category} needs the MVTec epoch budget: run "
+                         "`python -m benchmarks.mvtec --budget` first, or pass --teacher-epochs N")
+    return {"teacher_epochs": epochs, "teacher_budget_rule": "validation"}
+
+
+def build_teacher(teacher: str, category: str, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """Train (RD) or build (PatchCore) the teacher of a category once: its checkpoint and its
+    budget (kept beside the checkpoint, so later records name the budget it was built with)."""
     checkpoint = teacher_checkpoint(teacher, category)
+    info = checkpoint.parents[1] / "teacher_budget.json"
     if checkpoint.is_file():
-        return checkpoint
+        budget = json.loads(info.read_text()) if info.is_file() else teacher_budget(teacher, category, args)
+        return checkpoint, budget
     from kd_experiments.train import train
 
+    budget = teacher_budget(teacher, category, args)
     chosen = [f"experiment={TEACHER_EXPERIMENTS[teacher]}", f"data.root={args.data_root / 'mvtec_ad'}",
               f"data.category={category}", f"data.image_size={IMAGE_SIZE}", "seed=0", *QUIET,
-              "+tags.purpose=map_regression_teacher", "deploy.measure=false"]
+              "+tags.purpose=map_regression_teacher", "deploy.measure=false",
+              "test=false"]  # the student runs score the teacher on the test split, beside the student
     if teacher == "patchcore":
         chosen += ["scheme.coreset_fraction=0.1"]
     else:
-        epochs = args.teacher_epochs
-        if epochs is None:
-            epochs = choose_budget(ResultsFile(budget_path(ROOT / "benchmarks" / "results" / "mvtec.json")).runs,
-                                   category, IMAGE_SIZE)
-        if epochs is None:
-            raise SystemExit(f"the RD teacher of {category} needs the MVTec epoch budget: run "
-                             "`python -m benchmarks.mvtec --budget` first, or pass --teacher-epochs N")
-        chosen += ["scheme.compression_ratio=1", f"trainer.max_epochs={epochs}"]
+        chosen += ["scheme.compression_ratio=1", f"trainer.max_epochs={budget['teacher_epochs']}"]
     print(f"[map_regression] teacher {teacher}/{category}: building", flush=True)
     train(compose(chosen, output_dir=checkpoint.parents[1]))
-    return checkpoint
+    info.write_text(json.dumps(budget))
+    return checkpoint, budget
 
 
 # -- students ----------------------------------------------------------------------------------------
@@ -142,7 +157,7 @@ def student_overrides(entry: Entry, checkpoint: Path, args: argparse.Namespace, 
 def run_student(entry: Entry, args: argparse.Namespace, epochs: int) -> dict[str, Any]:
     from kd_experiments.train import train
 
-    checkpoint = build_teacher(entry.teacher, entry.category, args)
+    checkpoint, teacher_budget_used = build_teacher(entry.teacher, entry.category, args)
     tag = f"map-regression-{entry.name.replace('/', '-')}-{os.getpid()}-{time.time_ns()}"
     run_dir = ROOT / "logs" / "benchmarks" / "map_regression" / entry.name.replace("/", "-")
     cfg = compose(student_overrides(entry, checkpoint, args, epochs, tag, "benchmark"), output_dir=run_dir)
@@ -168,7 +183,7 @@ def run_student(entry: Entry, args: argparse.Namespace, epochs: int) -> dict[str
         "teacher_torch_latency_ms_b1": logged.get("deploy/teacher_latency_ms_b1"),
         "deployed_params": number("deployed_params"), "deployed_macs": number("deployed_macs"),
         "student_width": number("student_width"), "epochs": int(cfg.trainer.max_epochs),
-        "mlflow_run_id": run.info.run_id,
+        "mlflow_run_id": run.info.run_id, **teacher_budget_used,
     }
 
 
@@ -176,7 +191,7 @@ def study(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, f
     """The budget study of one teacher: per-epoch validation figures and the teacher's own."""
     from kd_experiments.train import train
 
-    checkpoint = build_teacher(entry.teacher, entry.category, args)
+    checkpoint, teacher_budget_used = build_teacher(entry.teacher, entry.category, args)
     tag = f"map-regression-budget-{entry.name.replace('/', '-')}-{os.getpid()}-{time.time_ns()}"
     run_dir = ROOT / "logs" / "benchmarks" / "map_regression" / f"budget-{entry.name.replace('/', '-')}"
     chosen = [*student_overrides(entry, checkpoint, args, STUDY_EPOCHS, tag, "budget"), "test=false",
@@ -190,7 +205,7 @@ def study(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, f
             if point.step in steps:
                 epochs.setdefault(steps[point.step] + 1, {})[name.replace("/", "_")] = point.value
     teacher = {name.replace("/", "_"): run.data.metrics[name] for name in TEACHER_METRICS if name in run.data.metrics}
-    return epochs, teacher
+    return epochs, {**teacher, **teacher_budget_used}
 
 
 def choose_teacher(records: list[dict[str, Any]]) -> str | None:
