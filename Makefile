@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STORE := $(CURDIR)/mlruns/mlflow.db
 
-.PHONY: setup demo test test-fast bench ui clean
+.PHONY: setup demo test test-fast test-cluster bench ui clean
 
 setup: $(VENV)/.installed  ## create .venv and install the package with its dev tools
 
@@ -25,8 +25,15 @@ demo: setup  ## the main job: a sweep over compression ratios, tracked in ./mlru
 	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(STORE) --host 127.0.0.1 --port 5000"
 
 TEST_WORKERS ?= 2
-test: setup  ## the test suite on $(TEST_WORKERS) pytest-xdist workers (CPU, about 13 minutes on 2 cores)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+test: setup  ## the whole test suite on $(TEST_WORKERS) pytest-xdist workers (CPU, about 14 minutes on 2 cores)
+	$(PYTEST)
+
+test-fast: setup  ## the suite without the cluster tests (about 8.5 minutes on 2 cores)
+	$(PYTEST) -m "not cluster"
+
+test-cluster: setup  ## the cluster tests alone: Ray, submitit, two-node torchrun, PostgreSQL (127.0.0.1; about 8 minutes)
+	$(PYTEST) -m cluster
 
 ui: setup  ## serve the MLflow UI of ./mlruns on 127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(STORE) --host 127.0.0.1 --port 5000

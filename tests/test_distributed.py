@@ -25,6 +25,8 @@ from kd_experiments.tracking import REQUIRED_PARAMS, SUPERSEDED_TAG
 from tests.conftest import NO_DEPLOY, sqlite_store, sweep_runs
 from tests.test_mlflow_server import free_port, mlflow_server
 
+pytestmark = pytest.mark.cluster  # `make test` runs it, `make test-fast` leaves it out
+
 KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]
 # The demo sweep file at 4 ratios x 2 seeds (the file itself sweeps 3 seeds).
 SWEEP_FILE = ["--config-dir", str(PROJECT_ROOT / "sweeps"), "--config-name", "quickstart_compression",

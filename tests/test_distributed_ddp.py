@@ -21,6 +21,8 @@ from kd_experiments.tracking import PARENT_TAG
 from tests.conftest import NO_DEPLOY, sqlite_store, train_in_process
 from tests.test_mlflow_server import free_port
 
+pytestmark = pytest.mark.cluster  # `make test` runs it, `make test-fast` leaves it out
+
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "trainer.enable_model_summary=false",

@@ -37,6 +37,8 @@ from tests.test_distributed import (
 )
 from tests.test_mlflow_server import free_port
 
+pytestmark = pytest.mark.cluster  # `make test` runs it, `make test-fast` leaves it out
+
 RAY = str(Path(sys.executable).with_name("ray"))
 # Ray on one machine: loopback addresses only (Ray otherwise advertises the host's interface).
 # RAY_DEDUP_LOGS=0: the driver prints every worker line (Ray otherwise folds lines that look
