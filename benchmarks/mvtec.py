@@ -74,6 +74,10 @@ PATCHCORE_CORESETS = (1.0, 0.1)
 RD_RATIOS = (1, 16, 64)
 RD_EXPERT_RATIOS = (1, 16)
 EXTRA_SEEDS = (1, 2)
+#: timed calls of PatchCore's deployed model (encoder + bank): a batch-1 call of the full bank is
+#: about 77 GFLOP at 256 px (1,024 queries x 214,016 bank patches x 176 channels), so the
+#: defaults (50 batch-1 and 5 batch-32 calls, torch and ONNX Runtime) would take most of a run
+PATCHCORE_DEPLOY_CALLS = {"latency_calls": 10, "throughput_calls": 1}
 
 # -- the epoch-budget rule (fixed before any test run; see the module docstring) ------------------
 BUDGET_STUDY_EPOCHS = 50
@@ -196,7 +200,8 @@ def overrides(entry: Entry, args: argparse.Namespace, epochs: int | None, tag: s
         f"+tags.benchmark_run={tag}",
     ]
     if entry.scheme == "patchcore":
-        chosen += [f"scheme.coreset_fraction={entry.coreset_fraction}", "trainer.max_epochs=1"]
+        chosen += [f"scheme.coreset_fraction={entry.coreset_fraction}", "trainer.max_epochs=1",
+                   *(f"deploy.{key}={value}" for key, value in PATCHCORE_DEPLOY_CALLS.items())]
     else:
         chosen += [f"scheme.compression_ratio={entry.compression_ratio:g}", f"trainer.max_epochs={epochs}"]
     return chosen
@@ -235,6 +240,7 @@ def run_entry(entry: Entry, args: argparse.Namespace, epochs: int | None) -> dic
         "deploy_latency_ms_b1": logged.get("deploy/latency_ms_b1"),
         "deploy_onnx_latency_ms_b1": logged.get("deploy/onnx_latency_ms_b1"),
         "deploy_model_bytes": _number(logged.get("deploy/model_bytes")),
+        "deploy_latency_calls": int(cfg.deploy.latency_calls),
         "epochs": int(cfg.trainer.max_epochs),
         "blur_sigma": float(cfg.scheme.blur_sigma),
         "backbone": str(cfg.scheme.backbone),
