@@ -68,7 +68,9 @@ def data_root() -> Path:
 
 
 def commit() -> str:
-    """The project commit this process runs (``-dirty`` when tracked files differed), taken once."""
+    """The project commit this process runs (``-dirty`` when tracked files differed), taken once,
+    when the benchmark starts (:func:`base_parser`), so that commits made while it runs do not
+    change the provenance of its later records."""
     global _PROCESS_COMMIT
     if _PROCESS_COMMIT is None:
         from kd_experiments.tracking import git_commit
@@ -271,6 +273,7 @@ def compose(overrides: Sequence[str], output_dir: str | Path | None = None):
 def base_parser(doc: str | None, output: str | None = None, threads: bool = True) -> argparse.ArgumentParser:
     """The arguments every benchmark shares: ``--data-root``, ``--output`` (when it writes one file,
     default ``benchmarks/results/<output>``) and ``--threads`` (torch threads, default 1)."""
+    commit()  # taken as the benchmark starts: the code that runs, not the checkout at its first record
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     parser = argparse.ArgumentParser(prog=f"python -m {spec.name}" if spec is not None and spec.name else None,
                                      description=(doc or "").strip().split("\n\n")[0])

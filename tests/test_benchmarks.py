@@ -33,6 +33,16 @@ def test_a_record_carries_its_own_provenance(tmp_path: Path) -> None:
     assert {"cpu", "cores", "torch", "torch_threads"} <= set(run["machine"])
 
 
+def test_the_commit_is_the_one_the_benchmark_started_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kd_experiments.tracking as tracking
+
+    monkeypatch.setattr(harness, "_PROCESS_COMMIT", None)
+    monkeypatch.setattr(tracking, "git_commit", lambda cwd=None: "started-on")
+    harness.base_parser("A benchmark.", output="x.json")
+    monkeypatch.setattr(tracking, "git_commit", lambda cwd=None: "committed-while-running")
+    assert harness.commit() == "started-on"
+
+
 def test_a_failed_run_writes_nothing(tmp_path: Path) -> None:
     results = ResultsFile(tmp_path / "x.json")
     with pytest.raises(RuntimeError), results.record({"seed": 0}) as record:
