@@ -249,6 +249,28 @@ def results_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def budget_table(path: Path) -> str:
+    """The study (rules 1 and 2): per studied teacher, its validation figures, the student's at the
+    candidate budgets, and what the rules give (or that the study is incomplete)."""
+    records = ResultsFile(path).runs if path.exists() else []
+    lines = ["| teacher | teacher val synthetic pixel / image AUROC | epoch | student val synthetic pixel AUROC "
+             "| student val synthetic image AUROC | val loss |", "|---|---|---|---|---|---|"]
+    for record in sorted(records, key=lambda r: (r["teacher_scheme"], r["epoch"])):
+        if record["epoch"] in BUDGET_CANDIDATES:
+            teacher = " / ".join(f"{record[name.replace('/', '_')]:.4f}" if name.replace("/", "_") in record else "-"
+                                 for name in TEACHER_METRICS)
+            lines.append(f"| {record['teacher_scheme']} | {teacher} | {record['epoch']} "
+                         f"| {record['val_synthetic_pixel_auroc']:.4f} | {record['val_synthetic_image_auroc']:.4f} "
+                         f"| {record['val_loss']:.4f} |")
+    teacher = choose_teacher(records)
+    epochs = choose_epochs(records, teacher) if teacher else None
+    studied = sorted({r["teacher_scheme"] for r in records})
+    lines += ["", f"- Studied teachers: {', '.join(studied) or 'none'} (of {', '.join(TEACHERS)}).",
+              f"- Rule 1 (teacher): {teacher or 'study incomplete'}; rule 2 (budget): "
+              f"{f'{epochs} epochs' if epochs else 'study incomplete'}."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = base_parser(__doc__, output="map_regression.json")
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))

@@ -398,7 +398,8 @@ def mvtec_page(results: Path) -> Page | None:
 
 def map_regression_page(results: Path) -> Page | None:
     runs = load_runs(results, "map_regression.json")
-    if not runs:
+    budget = load_runs(results, "map_regression_budget.json")
+    if not runs and not budget:
         return None
     from benchmarks import map_regression
 
@@ -409,14 +410,23 @@ def map_regression_page(results: Path) -> Page | None:
          "deployed MAC ratio (teacher / student)", "deployed_mac_ratio", label),
         ("map_regression_pixel_auroc_vs_latency",
          "Encoder-free students: pixel AUROC vs batch-1 latency (ONNX Runtime, 1 thread)",
-         "student latency, batch 1 (ms)", "student_latency_ms_b1", label))
+         "student latency, batch 1 (ms)", "student_latency_ms_b1", label)) if runs else ([], True)
     parts = [HEADER, "", "# Encoder-free pixel students (map regression)", "", MAP_INTRO, "",
-             "## Results (`benchmarks/results/map_regression.json`)", "",
-             map_regression.results_table(results / "map_regression.json"), "",
-             *[c.markdown() for c in charts], ""]
-    if not timed:
-        parts += [NO_LATENCY, ""]
-    parts += [provenance_section(results, ["map_regression.json"])]
+             "## Results (`benchmarks/results/map_regression.json`)", ""]
+    if runs:
+        parts += [map_regression.results_table(results / "map_regression.json"), "",
+                  *[c.markdown() for c in charts], ""]
+        if not timed:
+            parts += [NO_LATENCY, ""]
+    else:
+        parts += ["No test run yet: the plan runs once the study below has chosen the teacher and the budget.", ""]
+    if budget:
+        parts += ["## Teacher and epoch budget chosen on validation data "
+                  "(`benchmarks/results/map_regression_budget.json`)", "",
+                  "Bottle, deployed MAC ratio 30, seed 0, `test=false`: validation images are held-out normal "
+                  "training images and the same images with fixed synthetic anomalies; epochs listed are the "
+                  "rule's candidates.", "", map_regression.budget_table(results / "map_regression_budget.json"), ""]
+    parts += [provenance_section(results, ["map_regression.json", "map_regression_budget.json"])]
     return Page("map_regression", "\n".join(parts) + "\n", charts)
 
 
