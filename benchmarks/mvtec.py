@@ -236,6 +236,8 @@ def run_entry(entry: Entry, args: argparse.Namespace, epochs: int | None) -> dic
         "train_images_per_s": logged.get("train/images_per_s"),
         "infer_images_per_s": metrics.get("test/images_per_s", logged.get("test/images_per_s")),
         "memory_bank_bytes": _number(logged.get("memory_bank_bytes")) if entry.scheme == "patchcore" else None,
+        # PatchCore's deployed_macs is the encoder's; the bank search adds these per image
+        "nearest_neighbour_macs": _number(logged.get("nearest_neighbour_macs")) if entry.scheme == "patchcore" else None,
         # the deployable model (student, or PatchCore's encoder + bank), batch 1, one thread
         "deploy_latency_ms_b1": logged.get("deploy/latency_ms_b1"),
         "deploy_onnx_latency_ms_b1": logged.get("deploy/onnx_latency_ms_b1"),
@@ -273,6 +275,25 @@ def study_budget(entry: Entry, args: argparse.Namespace) -> dict[int, dict[str, 
 
 
 # -- tables ----------------------------------------------------------------------------------------
+def deployed_macs_total(record: dict[str, Any]) -> float | None:
+    """MACs of one image through the whole deployed model: for PatchCore the encoder's
+    ``deployed_macs`` plus the bank search, ``nearest_neighbour_macs`` (logged by the scheme;
+    for records without it, the same product from the record: patches per image on the
+    stride-8 grid x bank rows x channels = ``(image_size / 8)^2 * memory_bank_bytes / 4``,
+    float32 rows); the others' ``deployed_macs`` as logged."""
+    macs = record.get("deployed_macs")
+    if macs is None or record.get("scheme") != "patchcore":
+        return macs
+    search = record.get("nearest_neighbour_macs")
+    if search is None and record.get("memory_bank_bytes"):
+        search = (record["image_size"] // 8) ** 2 * record["memory_bank_bytes"] / 4
+    return None if search is None else macs + search
+
+
+def _macs(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e9:.2f} G"
+
+
 def _cell(values: list[float]) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -292,7 +313,8 @@ def results_table(path: Path) -> str:
                  run.get("budget_rule") or "-", run.get("device", "cpu"))
         groups.setdefault(group, {}).setdefault(run["category"], []).append(run)
     lines = ["| scheme | px | ratio / coreset | budget | category | seeds | image AUROC | pixel AUROC | AUPRO "
-             "| deployed params | deployed MACs | bank bytes | train img/s | infer img/s |",
+             "| deployed params | deployed MACs (PatchCore: encoder + search) | bank bytes | train img/s "
+             "| infer img/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (scheme, size, ratio, coreset, rule, device), by_category in sorted(
             groups.items(), key=lambda item: tuple(str(part) for part in item[0])):
@@ -312,7 +334,7 @@ def results_table(path: Path) -> str:
                 + f" | {category} "
                 f"| {','.join(str(r['seed']) for r in rows)} | {_cell(cells['image_auroc'])} "
                 f"| {_cell(cells['pixel_auroc'])} | {_cell(cells['aupro'])} | {first.get('deployed_params') or '-'} "
-                f"| {first.get('deployed_macs') or '-'} | {first.get('memory_bank_bytes') or '-'} "
+                f"| {_macs(deployed_macs_total(first))} | {first.get('memory_bank_bytes') or '-'} "
                 f"| {_cell([r.get('train_images_per_s') for r in rows])} "
                 f"| {_cell([r.get('infer_images_per_s') for r in rows])} |")
         if len(by_category) > 1:
