@@ -188,6 +188,7 @@ class ScoreRegressionScheme(AnomalyScheme):
             if len(input_shape) != 3 or input_shape[1:] != (28, 28) or input_shape[0] != 1:
                 raise ConfigError(f"scheme.outlier_exposure takes 1x28x28 images, the data gives {input_shape}")
         self._outlier_sampler: OutlierSampler | None = None
+        self._draw_seed: int | None = None  # base seed of the student steps' draws (step_generator)
 
     @property
     def teacher_kind(self) -> str:
@@ -285,6 +286,17 @@ class ScoreRegressionScheme(AnomalyScheme):
             batch_size = options["batch_size"] or getattr(self.trainer.datamodule, "batch_size", 64)
             self._outlier_sampler = OutlierSampler(images, int(batch_size), seed=self.global_rank)
 
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """The random source of one student step, seeded by the run's seed, the rank, the epoch
+        and the batch: a run resumed from a checkpoint draws the same outliers, noise and
+        corruptions as an uninterrupted one (no random state to save)."""
+        if self._draw_seed is None:
+            self._draw_seed = int(torch.initial_seed()) % 2**31
+        step = (self.current_epoch * max(1, int(self.trainer.num_training_batches)) + batch_idx) if self._trainer \
+            else batch_idx
+        seed = (self._draw_seed * 1_000_003 + self.global_rank * 7_919 + step) % 2**63
+        return torch.Generator().manual_seed(seed)
+
     def teacher_phase_batches(self) -> int:
         """Number of training batches in which only the teacher trains (baseline schedule)."""
         total = max(int(self.trainer.estimated_stepping_batches), 2)
@@ -318,8 +330,9 @@ class ScoreRegressionScheme(AnomalyScheme):
             self.log("train/teacher_loss", teacher_loss, on_step=False, on_epoch=True, prog_bar=True)
         if train_student:
             self.teacher.eval()
-            outliers = self._outlier_sampler.sample() if self._outlier_sampler is not None else None
-            inputs, targets, weights = student_batch(images, self.teacher_score, self.techniques, outliers)
+            draws = self.step_generator(batch_idx)  # outliers, noise and corruptions of this step
+            outliers = self._outlier_sampler.sample(generator=draws) if self._outlier_sampler is not None else None
+            inputs, targets, weights = student_batch(images, self.teacher_score, self.techniques, outliers, draws)
             student_loss = weighted_l1(self.student(inputs), targets, weights)
             student_optimizer.zero_grad()
             self.manual_backward(student_loss)

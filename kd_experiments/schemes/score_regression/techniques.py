@@ -227,7 +227,10 @@ class OutlierSampler:
         self.batch_size = int(batch_size)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def sample(self, batch_size: int | None = None) -> torch.Tensor:
+    def sample(self, batch_size: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A batch of outliers, drawn with ``generator`` when given (a generator seeded per
+        training step makes the draw independent of what came before, so a resumed run draws
+        as an uninterrupted one), else with the sampler's own."""
         count = min(batch_size or self.batch_size, len(self.images))
-        index = torch.randint(len(self.images), (count,), generator=self.generator)
+        index = torch.randint(len(self.images), (count,), generator=generator or self.generator)
         return self.images[index]
