@@ -292,10 +292,13 @@ class ScoreRegressionScheme(AnomalyScheme):
         corruptions as an uninterrupted one (no random state to save)."""
         if self._draw_seed is None:
             self._draw_seed = int(torch.initial_seed()) % 2**31
-        step = (self.current_epoch * max(1, int(self.trainer.num_training_batches)) + batch_idx) if self._trainer \
-            else batch_idx
-        seed = (self._draw_seed * 1_000_003 + self.global_rank * 7_919 + step) % 2**63
+        seed = (self._draw_seed * 1_000_003 + self.global_rank * 7_919 + self.batches_done(batch_idx)) % 2**63
         return torch.Generator().manual_seed(seed)
+
+    def batches_done(self, batch_idx: int) -> int:
+        """Training batches before this one in the run (counted in batches, since with two
+        manual optimisers Lightning's ``global_step`` counts both)."""
+        return self.current_epoch * self.trainer.num_training_batches + batch_idx
 
     def teacher_phase_batches(self) -> int:
         """Number of training batches in which only the teacher trains (baseline schedule)."""
@@ -303,10 +306,8 @@ class ScoreRegressionScheme(AnomalyScheme):
         return max(1, min(total - 1, round(total * self.hparams.teacher_fraction)))
 
     def in_teacher_phase(self, batch_idx: int) -> bool:
-        """Whether this batch belongs to the teacher-only phase (counted in batches, since
-        with two manual optimisers Lightning's ``global_step`` counts both)."""
-        batches_done = self.current_epoch * self.trainer.num_training_batches + batch_idx
-        return batches_done < self.teacher_phase_batches()
+        """Whether this batch belongs to the teacher-only phase."""
+        return self.batches_done(batch_idx) < self.teacher_phase_batches()
 
     def teacher_loss(self, images: torch.Tensor) -> torch.Tensor:
         return teacher_training_loss(self.teacher, images, self.hparams.vae_beta)
