@@ -588,6 +588,19 @@ def test_digits_split_shapes_and_normalization() -> None:
     assert Counter(upsampled.test_dataset.labels.tolist()) == {0: test_counts[7], 1: test_counts[7]}
 
 
+def test_digits_split_seed_fixes_the_test_images_across_seeds() -> None:
+    """split_seed set: every seed is tested on the same images (the seed spread is the training's);
+    unset: the train/test split follows the seed."""
+    def test_images(seed: int, split_seed: int | None) -> torch.Tensor:
+        datamodule = OneClassDataModule("digits", None, 0, seed=seed, split_seed=split_seed)
+        datamodule.setup()
+        return datamodule.test_dataset.images
+
+    assert torch.equal(test_images(0, 0), test_images(1, 0))
+    assert not torch.equal(test_images(0, None), test_images(1, None))
+    assert torch.equal(test_images(1, None), test_images(5, 1))
+
+
 # --- folder sets
 
 

@@ -28,13 +28,15 @@ from tests.test_mlflow_server import free_port, mlflow_server
 pytestmark = pytest.mark.cluster  # `make test` runs it, `make test-fast` leaves it out
 
 KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]
-# The demo sweep file at 4 ratios x 2 seeds (the file itself sweeps 3 seeds).
+# The demo sweep file at its smallest and largest ratio x 1 seed (the file itself sweeps 4 ratios
+# x 3 seeds): 2 jobs, one per worker slot; every job costs a process start and its imports, so a
+# larger grid tests nothing more and only takes longer.
 SWEEP_FILE = ["--config-dir", str(PROJECT_ROOT / "sweeps"), "--config-name", "quickstart_compression",
-              "hydra.sweeper.params.seed='0,1'"]
+              "hydra.sweeper.params.scheme.compression_ratio='2,128'", "hydra.sweeper.params.seed=0"]
 FAST = ["trainer.max_epochs=1", "callbacks.progress_bar=null", "callbacks.model_summary=null",
         *NO_DEPLOY,  # the launchers are tested here, not the deploy step
         "trainer.enable_model_summary=false"]
-GRID = sorted((ratio, seed) for ratio in (2, 8, 32, 128) for seed in (0, 1))  # the sweep file's grid
+GRID = [(2, 0), (128, 0)]  # the grid of SWEEP_FILE
 RUN_METRICS = {"test/image_auroc", "test/teacher_image_auroc", "val/loss", "train/teacher_loss", "duration_s"}
 
 
@@ -99,8 +101,8 @@ def test_submitit_local_launcher_runs_the_quickstart_sweep(tmp_path: Path) -> No
                             "experiment_name=submitit_sweep", *FAST], env, tmp_path)
         assert result.returncode == 0, result.stderr[-4000:]
         _, children = assert_complete_sweep(MlflowClient(tracking_uri=url), "submitit_sweep", GRID)
-    assert len(children) == 8
-    assert len(list((tmp_path / "logs").rglob(".submitit/*/*_result.pkl"))) == 8  # submitit ran each job
+    assert len(children) == len(GRID)
+    assert len(list((tmp_path / "logs").rglob(".submitit/*/*_result.pkl"))) == len(GRID)  # submitit ran each job
 
 
 # -- PostgreSQL -------------------------------------------------------------------------------------

@@ -105,20 +105,20 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 def test_ray_launcher_runs_the_quickstart_sweep_under_one_parent(
     services: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The sweep file unchanged but for hydra/launcher=ray: 8 FINISHED children on the server, their
+    """The sweep file (at 2 grid points) but for hydra/launcher=ray: FINISHED children on the server, their
     artifacts uploaded through it; kd-report against the server logs the report to the parent."""
     env = {**services["ray_env"], "KD_LOG_DIR": str(tmp_path / "logs")}
     result = kd_train([*SWEEP_FILE, "hydra/launcher=ray", "experiment_name=ray_sweep", *FAST], env, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     summaries = [line for line in result.stdout.splitlines() if "[kd-train] " in line]
-    assert len(summaries) == 8, result.stdout[-3000:]
+    assert len(summaries) == len(GRID), result.stdout[-3000:]
     assert all("_run_job_with_timeout pid=" in line for line in summaries), "jobs must run in Ray workers"
     client = MlflowClient(tracking_uri=services["url"])
     parent, children = assert_complete_sweep(client, "ray_sweep", GRID)
-    assert len(children) == 8
+    assert len(children) == len(GRID)
     # artifacts go through the server (mlflow-artifacts:) into its destination folder
     assert client.get_experiment_by_name("ray_sweep").artifact_location.startswith("mlflow-artifacts:")
-    assert len(list(services["artifacts"].rglob("roc_curve.png"))) >= 8
+    assert len(list(services["artifacts"].rglob("roc_curve.png"))) >= len(GRID)
     config = Path(client.download_artifacts(children[0].info.run_id, "config/config.yaml", str(tmp_path)))
     assert "compression_ratio:" in config.read_text()
 
@@ -137,8 +137,8 @@ def test_killed_ray_worker_fails_its_run_and_the_rerun_finishes_only_the_rest(se
     the same command into the same sweep folder (same sweep_id) runs only the killed job."""
     client = MlflowClient(tracking_uri=services["url"])
     env = {**services["ray_env"], "KD_LOG_DIR": str(tmp_path / "logs")}
-    grid = sorted((ratio, seed) for ratio in (8, 32) for seed in (0, 1))
-    args = ["-m", "experiment=quickstart", "scheme.compression_ratio=8,32", "seed=0,1", "hydra/launcher=ray",
+    grid = [(8, 0), (32, 0)]
+    args = ["-m", "experiment=quickstart", "scheme.compression_ratio=8,32", "seed=0", "hydra/launcher=ray",
             f"hydra.sweep.dir={tmp_path / 'sweep'}", "experiment_name=ray_kill", *FAST]
     with open(tmp_path / "first.out", "w") as out, open(tmp_path / "first.err", "w") as err:
         driver = subprocess.Popen([*KD_TRAIN, *args], stdout=out, stderr=err, env=env, cwd=tmp_path,
@@ -159,18 +159,18 @@ def test_killed_ray_worker_fails_its_run_and_the_rerun_finishes_only_the_rest(se
     assert driver.returncode == 1, "a failed job makes the multirun fail once every job has ended"
 
     parents, children = sweep_runs(client, "ray_kill")
-    assert len(parents) == 1 and len(children) == 4
+    assert len(parents) == 1 and len(children) == 2
     failed = client.get_run(victim.info.run_id)
     assert failed.info.status == "FAILED"
     assert "WorkerCrashedError" in failed.data.tags["error"] or "died" in failed.data.tags["error"], failed.data.tags
     others = [c for c in children if c.info.run_id != victim.info.run_id]
-    assert [c.info.status for c in others] == ["FINISHED"] * 3
+    assert [c.info.status for c in others] == ["FINISHED"]
 
     rerun = kd_train(args, env, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
-    assert sum("skipped" in line and "[kd-train] " in line for line in rerun.stdout.splitlines()) == 3
+    assert sum("skipped" in line and "[kd-train] " in line for line in rerun.stdout.splitlines()) == 1
     parent, children = assert_complete_sweep(client, "ray_kill", grid)
-    assert len(children) == 5  # the 3 FINISHED ones were not run again; the killed job once more
+    assert len(children) == 3  # the FINISHED one was not run again; the killed job once more
     retried = [c for c in children if c.info.run_id != victim.info.run_id and c.data.tags[JOB_TAG] == victim.data.tags[JOB_TAG]]
     assert len(retried) == 1 and retried[0].info.status == "FINISHED"
     assert client.get_run(victim.info.run_id).data.tags[SUPERSEDED_TAG] == retried[0].info.run_id

@@ -203,6 +203,37 @@ def test_each_technique_trains_teacher_and_student(technique: str, tmp_path: Pat
     assert summary["student_params"] == 77 and summary["technique"] == scheme.technique_name()
 
 
+def test_cosine_student_schedule_decays_from_student_lr_over_the_student_steps() -> None:
+    """student_schedule=cosine: the student's first step at student_lr, then falling to near 0 at
+    its last; the teacher's rate untouched; constant keeps student_lr; an unknown name is refused."""
+    class RecordRates(L.Callback):
+        def __init__(self) -> None:
+            self.rates: list[tuple[bool, float, float]] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            teacher_optimizer, student_optimizer = module.optimizers()
+            teaching = module.in_teacher_phase(batch_idx)
+            self.rates.append((teaching, teacher_optimizer.param_groups[0]["lr"],
+                               student_optimizer.param_groups[0]["lr"]))
+
+    for schedule in ("cosine", "constant"):
+        torch.manual_seed(0)
+        scheme = ScoreRegressionScheme(SHAPE, student="G", compression_ratio=None, student_lr=0.01,
+                                       teacher_fraction=0.25, student_schedule=schedule)
+        recorder = RecordRates()
+        _trainer(max_epochs=2, limit_val_batches=0, callbacks=[recorder]).fit(scheme, datamodule=_digits(batch_size=8))
+        student_rates = [rate for teaching, _, rate in recorder.rates if not teaching]
+        assert len(student_rates) >= 8 and {teacher for _, teacher, _ in recorder.rates} == {1e-3}
+        if schedule == "constant":
+            assert set(student_rates) == {0.01}
+        else:
+            assert student_rates[0] == pytest.approx(0.01)
+            assert all(a > b for a, b in zip(student_rates, student_rates[1:]))
+            assert student_rates[-1] < 0.01 * 0.05
+    with pytest.raises(ConfigError, match="student_schedule='step'"):
+        ScoreRegressionScheme(SHAPE, student="G", compression_ratio=None, student_schedule="step")
+
+
 def test_family_loop_trains_all_students_with_the_scheme_scores() -> None:
     torch.manual_seed(0)
     images = torch.rand(40, *SHAPE)

@@ -33,7 +33,7 @@ def test_parallel_sweep_loses_no_run_and_reports_into_its_parent(tmp_path: Path,
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
         [*KD_TRAIN, "-m", "experiment=quickstart", "trainer.max_epochs=1",
-         "scheme.compression_ratio=8,128", "seed=0,1", "deploy.measure=false",
+         "scheme.compression_ratio=8,128", "seed=0,1", "deploy.measure=false", "deploy.log_model=false",
          "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *QUIET],
         capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
     )

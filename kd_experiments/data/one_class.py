@@ -260,7 +260,11 @@ class OneClassDataModule(SplitDataModule):
         batch_size: Training batch size.
         eval_batch_size: Validation/test batch size; defaults to ``batch_size``.
         num_workers: DataLoader worker processes (0 is best for in-memory tensors).
-        seed: Seed of every split, draw and of the training shuffle order.
+        seed: Seed of every split, draw and of the training shuffle order, except the
+            train/test split of ``"digits"`` and ``"folder"`` when ``split_seed`` is set.
+        split_seed: Seed of the train/test split of ``"digits"`` and of ``"folder"``
+            sets without ``train``/``test`` folders; ``None``: ``seed``. Fixed, every seed
+            of a sweep is tested on the same images, so the seed spread is the training's.
         image_size: Resize every image to this size (int: square; or
             ``(height, width)``), bilinear; ``None`` keeps the native size (a
             ``"folder"`` set then needs images of one size).
@@ -304,6 +308,7 @@ class OneClassDataModule(SplitDataModule):
         max_test_samples: int | None = None,
         val_anomalies: str = "none",
         channels: int = 1,
+        split_seed: int | None = None,
     ) -> None:
         super().__init__()
         if channels not in CHANNELS or isinstance(channels, bool):
@@ -322,6 +327,7 @@ class OneClassDataModule(SplitDataModule):
         )
         self.num_workers = check_positive_int("num_workers", num_workers, minimum=0)
         self.seed = seed
+        self.split_seed = seed if split_seed is None else int(split_seed)
         self.image_size = None if image_size is None else parse_image_size("image_size", image_size)
         self.max_train_samples = (
             None
@@ -422,7 +428,7 @@ class OneClassDataModule(SplitDataModule):
                     f"class folder {self.root / name} needs at least 2 images to split, "
                     f"found {len(files)}"
                 )
-            kept, held_out = split_indices(len(files), _FOLDER_TEST_FRACTION, self.seed)
+            kept, held_out = split_indices(len(files), _FOLDER_TEST_FRACTION, self.split_seed)
             train_files += [(files[i], class_id) for i in kept]
             test_files += [(files[i], class_id) for i in held_out]
         if not test_files:
@@ -466,7 +472,7 @@ class OneClassDataModule(SplitDataModule):
 
     def _load_raw(self) -> tuple[_RawSplit, _RawSplit]:
         if self.dataset == "digits":
-            return _digits_splits(self.seed)
+            return _digits_splits(self.split_seed)
         if self.dataset == "folder":
             return self._folder_splits()
         assert self.root is not None

@@ -45,6 +45,7 @@ operating point; meaningful only with >= 1e5 normal test samples).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -81,6 +82,9 @@ from kd_experiments.schemes.score_regression.torch_model import (
 
 #: extra false positive rates reported beyond the base class's
 EXTRA_FPRS: tuple[float, ...] = (1e-5,)
+#: the student's learning-rate schedule over its steps: ``student_lr`` throughout, or a
+#: cosine decay from ``student_lr`` to 0 over the steps in which the student trains
+STUDENT_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
 
 def _options(value: dict | None, name: str, allowed: dict[str, Any]) -> dict[str, Any]:
@@ -120,6 +124,9 @@ class ScoreRegressionScheme(AnomalyScheme):
         corruption_exposure: ``{copies}``: the student also sees ``copies`` corrupted
             copies of each normal image (a stroke, an erased block or a blend with
             another normal image), labelled by the teacher; off when ``copies`` is 0.
+        student_schedule: ``constant`` (``student_lr`` throughout) or ``cosine`` (decayed
+            from ``student_lr`` to 0 over the student's steps: the final weights are those
+            of a small step size, so they vary less from seed to seed).
         teacher_model: a trained detector as teacher (a callable ``images -> (B,)`` or a
             :class:`~kd_experiments.schemes.score_regression.teachers.ScoreTeacher`);
             replaces ``teacher``.
@@ -145,11 +152,14 @@ class ScoreRegressionScheme(AnomalyScheme):
         tail_reweighting: dict | None = None,
         teacher_model: Any = None,
         corruption_exposure: dict | None = None,
+        student_schedule: str = "constant",
     ) -> None:
         super().__init__()
         input_shape = tuple(int(v) for v in input_shape)
         if not 0.0 < teacher_fraction < 1.0:
             raise ConfigError(f"scheme.teacher_fraction must be in (0, 1), got {teacher_fraction}")
+        if student_schedule not in STUDENT_SCHEDULES:
+            raise ConfigError(f"scheme.student_schedule={student_schedule!r}: use one of {list(STUDENT_SCHEDULES)}")
         self.save_hyperparameters(ignore=["teacher_model"])
         self.automatic_optimization = False
         self.input_shape = input_shape
@@ -309,6 +319,17 @@ class ScoreRegressionScheme(AnomalyScheme):
         """Whether this batch belongs to the teacher-only phase."""
         return self.batches_done(batch_idx) < self.teacher_phase_batches()
 
+    def student_lr_at(self, batch_idx: int) -> float:
+        """The student's learning rate at this batch (``student_schedule``); a function of the
+        batch count alone, so a resumed run follows the same schedule."""
+        base = float(self.hparams.student_lr)
+        if self.hparams.student_schedule == "constant":
+            return base
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        first = 0 if (self.external_teacher or self.hparams.co_learning) else self.teacher_phase_batches()
+        progress = (self.batches_done(batch_idx) - first) / max(total - first, 1)
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
     def teacher_loss(self, images: torch.Tensor) -> torch.Tensor:
         return teacher_training_loss(self.teacher, images, self.hparams.vae_beta)
 
@@ -335,6 +356,8 @@ class ScoreRegressionScheme(AnomalyScheme):
             outliers = self._outlier_sampler.sample(generator=draws) if self._outlier_sampler is not None else None
             inputs, targets, weights = student_batch(images, self.teacher_score, self.techniques, outliers, draws)
             student_loss = weighted_l1(self.student(inputs), targets, weights)
+            for group in student_optimizer.param_groups:
+                group["lr"] = self.student_lr_at(batch_idx)
             student_optimizer.zero_grad()
             self.manual_backward(student_loss)
             student_optimizer.step()
