@@ -35,8 +35,9 @@ CASES = {
     "pkd_smoke": (["experiment=pkd_smoke", "trainer.max_epochs=1", "data.val_anomalies=other_classes"],
                   ("test/image_auroc", "test/teacher_image_auroc"),
                   ("val/image_auroc", "train/student_discriminator_resets")),
-    "rd_smoke": (["experiment=rd_smoke", *TINY_RD, "trainer.max_epochs=1"],
-                 ("test/image_auroc", "test/pixel_auroc", "test/aupro"), ()),
+    # RD with Expert: a trainable teacher and two parameter groups, the harder case of RD under DDP
+    "rd_smoke": (["experiment=rd_smoke", "scheme=rd_expert", *TINY_RD, "trainer.max_epochs=1"],
+                 ("test/image_auroc", "test/pixel_auroc", "test/aupro"), ("test/num_test_images",)),
 }
 
 
@@ -95,3 +96,7 @@ def test_two_torchrun_nodes_match_one_process_and_log_one_run(experiment: str, t
         assert ddp_run.data.metrics[key] == pytest.approx(single_run.data.metrics[key], abs=1e-5), key
     for key in logged:
         assert 0.0 <= ddp_run.data.metrics[key], key
+    if experiment == "rd_smoke":  # every test image scored once, its maps drawn by rank 0
+        assert ddp_run.data.metrics["test/num_test_images"] == 10
+        plots = {a.path for a in client.list_artifacts(ddp_run.info.run_id, "plots")}
+        assert "plots/anomaly_maps.png" in plots

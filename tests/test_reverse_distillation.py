@@ -1,11 +1,7 @@
-"""Reverse distillation and RD with Expert: networks, maps, losses, switches, runs, DDP."""
+"""Reverse distillation and RD with Expert: networks, maps, losses, switches, runs (DDP: RD with
+Expert on two torchrun nodes, tests/test_distributed_ddp.py)."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +19,7 @@ from kd_experiments.synthetic_anomalies import (
 )
 from kd_experiments.schemes.reverse_distillation.torch_model import BottleneckBlock, ReverseStudent
 from kd_experiments.train import train
-from tests.conftest import NO_DEPLOY, ddp_and_single_runs, fast_overrides, sqlite_store, train_in_process
+from tests.conftest import fast_overrides
 
 LITE0_CHANNELS = [24, 40, 112]
 SIZE = 32  # lite0 levels at 8x8, 4x4, 2x2: the smallest useful input
@@ -396,26 +392,3 @@ def test_smoke_run_logs_metrics_and_map_overlays(compose_cfg, mlflow_uri: str, s
     assert int(run.data.params["deployed_params"]) > int(run.data.params["student_params"])
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/anomaly_maps.png", "plots/roc_curve.png", "plots/score_histograms.png"} <= plots
-
-
-@pytest.mark.slow
-def test_ddp_two_processes_score_every_image_once(tmp_path: Path) -> None:
-    """RD with Expert (trainable teacher, two parameter groups) on 2 CPU processes (gloo);
-    a single process testing the DDP checkpoint gives the same metrics."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_store(tmp_path / 'm.db'), "OMP_NUM_THREADS": "1",
-           "KD_CACHE_DIR": str(tmp_path / "cache")}
-    common = ["experiment=rd_smoke", "scheme=rd_expert", *TINY_DATA, "trainer.max_epochs=1",
-              "callbacks.progress_bar=null", "callbacks.model_summary=null", *NO_DEPLOY]
-    kd_train = [sys.executable, "-m", "kd_experiments.train"]
-    ddp_dir = tmp_path / "ddp"
-    result = subprocess.run([*kd_train, *common, "trainer=ddp_cpu", f"hydra.run.dir={ddp_dir}"],
-                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    train_in_process([*common, "train=false", f"ckpt_path={ddp_dir / 'checkpoints' / 'last.ckpt'}"], env,
-                     tmp_path / "single")
-    ddp_run, single_run = ddp_and_single_runs(env["MLFLOW_TRACKING_URI"], "rd_smoke",
-                                              ("test/image_auroc", "test/pixel_auroc", "test/aupro"))
-    assert ddp_run.data.metrics["test/num_test_images"] == 10
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    plots = {a.path for a in client.list_artifacts(ddp_run.info.run_id, "plots")}
-    assert "plots/anomaly_maps.png" in plots

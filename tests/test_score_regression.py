@@ -234,6 +234,34 @@ def test_cosine_student_schedule_decays_from_student_lr_over_the_student_steps()
         ScoreRegressionScheme(SHAPE, student="G", compression_ratio=None, student_schedule="step")
 
 
+def test_student_restarts_keep_the_candidate_of_least_validation_loss() -> None:
+    """student_restarts=3: three students of one size train on the same batches; after the last
+    epoch the student is the candidate whose L1 to the teacher on the validation draws is least
+    (a swap: every candidate's weights are still there); 1 adds nothing; 0 is refused."""
+    torch.manual_seed(0)
+    scheme = ScoreRegressionScheme(SHAPE, student="A", compression_ratio=None, student_restarts=3,
+                                   corruption_exposure={"copies": 1})
+    assert len(scheme.student_restarts) == 2
+    before = [_snapshot(candidate) for candidate in (scheme.student, *scheme.student_restarts)]
+    datamodule = _digits(batch_size=8)
+    _trainer(max_epochs=2).fit(scheme, datamodule=datamodule)
+    candidates = (scheme.student, *scheme.student_restarts)
+    assert all(_changed(weights, candidate) for weights, candidate in zip(before, candidates, strict=True))
+    chosen = int(scheme.trainer.callback_metrics["student_restart_chosen"])
+    scheme.eval()
+    with torch.no_grad():
+        for batch_idx, batch in enumerate(datamodule.val_dataloader()):
+            scheme._record_restart_losses(scheme.normal_only(batch), batch_idx)
+    totals = torch.stack(scheme._restart_losses).sum(0)
+    losses = totals[:-1] / totals[-1]
+    assert int(torch.argmin(losses)) == 0, (chosen, losses)  # the best now sits in `student`
+    assert float(scheme.trainer.callback_metrics["val/student_restart_loss_best"]) == pytest.approx(
+        float(losses[0]), rel=1e-5)
+    assert len(ScoreRegressionScheme(SHAPE, student="A", compression_ratio=None).student_restarts) == 0
+    with pytest.raises(ConfigError, match="student_restarts must be an integer >= 1"):
+        ScoreRegressionScheme(SHAPE, student="A", compression_ratio=None, student_restarts=0)
+
+
 def test_family_loop_trains_all_students_with_the_scheme_scores() -> None:
     torch.manual_seed(0)
     images = torch.rand(40, *SHAPE)

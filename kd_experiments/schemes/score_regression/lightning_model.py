@@ -85,6 +85,8 @@ EXTRA_FPRS: tuple[float, ...] = (1e-5,)
 #: the student's learning-rate schedule over its steps: ``student_lr`` throughout, or a
 #: cosine decay from ``student_lr`` to 0 over the steps in which the student trains
 STUDENT_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+#: seed of the validation draws that rank the student restarts (the same set every epoch)
+RESTART_VALIDATION_SEED = 20_231_006
 
 
 def _options(value: dict | None, name: str, allowed: dict[str, Any]) -> dict[str, Any]:
@@ -124,6 +126,12 @@ class ScoreRegressionScheme(AnomalyScheme):
         corruption_exposure: ``{copies}``: the student also sees ``copies`` corrupted
             copies of each normal image (a stroke, an erased block or a blend with
             another normal image), labelled by the teacher; off when ``copies`` is 0.
+        student_restarts: how many students of the chosen size train side by side from different
+            initialisations, on the same batches; after the last epoch the one with the least
+            validation loss (L1 to the teacher on held-out normal images, their corrupted copies
+            and pseudo outliers, drawn the same way every epoch: no anomaly label is used) becomes
+            ``student``. 1: a single student. Tiny students depend on their initialisation
+            (one with a dead channel scores anomalies at random); restarts remove that lottery.
         student_schedule: ``constant`` (``student_lr`` throughout) or ``cosine`` (decayed
             from ``student_lr`` to 0 over the student's steps: the final weights are those
             of a small step size, so they vary less from seed to seed).
@@ -153,11 +161,14 @@ class ScoreRegressionScheme(AnomalyScheme):
         teacher_model: Any = None,
         corruption_exposure: dict | None = None,
         student_schedule: str = "constant",
+        student_restarts: int = 1,
     ) -> None:
         super().__init__()
         input_shape = tuple(int(v) for v in input_shape)
         if not 0.0 < teacher_fraction < 1.0:
             raise ConfigError(f"scheme.teacher_fraction must be in (0, 1), got {teacher_fraction}")
+        if isinstance(student_restarts, bool) or int(student_restarts) != student_restarts or student_restarts < 1:
+            raise ConfigError(f"scheme.student_restarts must be an integer >= 1, got {student_restarts!r}")
         if student_schedule not in STUDENT_SCHEDULES:
             raise ConfigError(f"scheme.student_schedule={student_schedule!r}: use one of {list(STUDENT_SCHEDULES)}")
         self.save_hyperparameters(ignore=["teacher_model"])
@@ -174,6 +185,11 @@ class ScoreRegressionScheme(AnomalyScheme):
             teacher_params = count_parameters(self.teacher)
         self.student_spec = resolve_student_spec(student, compression_ratio, teacher_params, input_shape)
         self.student = build_student(self.student_spec, input_shape)
+        # restarts: more students of the same size from other initialisations, trained on the same
+        # batches; the one of least validation loss is swapped into ``student`` after the last epoch
+        self.student_restarts = nn.ModuleList(
+            [build_student(self.student_spec, input_shape) for _ in range(int(student_restarts) - 1)])
+        self._restart_losses: list[torch.Tensor] = []
 
         noise = _options(noise_exposure, "noise_exposure", {"std": 0.0, "clip": [0.0, 1.0]})
         tail = _options(tail_reweighting, "tail_reweighting", {"strength": 0.0})
@@ -277,7 +293,8 @@ class ScoreRegressionScheme(AnomalyScheme):
     # -- training -----------------------------------------------------------------------
     def configure_optimizers(self):
         student_optimizer = torch.optim.Adam(
-            self.student.parameters(), lr=self.hparams.student_lr, weight_decay=self.hparams.weight_decay
+            [*self.student.parameters(), *self.student_restarts.parameters()], lr=self.hparams.student_lr,
+            weight_decay=self.hparams.weight_decay
         )
         if self.external_teacher:
             return student_optimizer
@@ -356,6 +373,9 @@ class ScoreRegressionScheme(AnomalyScheme):
             outliers = self._outlier_sampler.sample(generator=draws) if self._outlier_sampler is not None else None
             inputs, targets, weights = student_batch(images, self.teacher_score, self.techniques, outliers, draws)
             student_loss = weighted_l1(self.student(inputs), targets, weights)
+            for restart in self.student_restarts:  # independent parameters: the sum trains each alone
+                student_loss = student_loss + weighted_l1(restart(inputs), targets, weights)
+            student_loss = student_loss / (1 + len(self.student_restarts))
             for group in student_optimizer.param_groups:
                 group["lr"] = self.student_lr_at(batch_idx)
             student_optimizer.zero_grad()
@@ -379,6 +399,44 @@ class ScoreRegressionScheme(AnomalyScheme):
         self.log("val/student_loss", student_loss, on_epoch=True, sync_dist=True, batch_size=len(images))
         self.log("val/loss", teacher_loss + student_loss, on_epoch=True, prog_bar=True, sync_dist=True,
                  batch_size=len(images))
+        if len(self.student_restarts):
+            self._record_restart_losses(images, batch_idx)
+
+    # -- restarts ---------------------------------------------------------------------------
+    def _record_restart_losses(self, images: torch.Tensor, batch_idx: int) -> None:
+        """Sum of each candidate's L1 to the teacher on this validation batch's student inputs:
+        the normal images, their corrupted copies and pseudo outliers (as in a training step),
+        drawn from a generator seeded by the batch index alone, so every epoch sees the same set."""
+        draws = torch.Generator().manual_seed(RESTART_VALIDATION_SEED + batch_idx)
+        outliers = self._outlier_sampler.sample(generator=draws) if self._outlier_sampler is not None else None
+        inputs, targets, _ = student_batch(images, self.teacher_score, self.techniques, outliers, draws)
+        candidates = [self.student, *self.student_restarts]
+        losses = torch.stack([(candidate(inputs) - targets).abs().sum() for candidate in candidates])
+        self._restart_losses.append(torch.cat([losses, torch.tensor([float(len(targets))], device=losses.device)]))
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if not self._restart_losses:
+            return
+        totals = torch.stack(self._restart_losses).sum(0)
+        self._restart_losses = []
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        losses = totals[:-1] / totals[-1].clamp_min(1)
+        best = int(torch.argmin(losses))
+        self.log("val/student_restart_loss_best", losses[best], sync_dist=False)
+        self.log("val/student_restart_loss_first", losses[0], sync_dist=False)
+        if self.trainer.sanity_checking or self.current_epoch + 1 < (self.trainer.max_epochs or 0):
+            return
+        # the last epoch: the best candidate becomes the student (a swap: nothing is lost)
+        self.log("student_restart_chosen", float(best), sync_dist=False)
+        if best > 0:
+            chosen = self.student_restarts[best - 1]
+            with torch.no_grad():
+                for mine, theirs in zip(self.student.parameters(), chosen.parameters(), strict=True):
+                    swapped = mine.detach().clone()
+                    mine.copy_(theirs)
+                    theirs.copy_(swapped)
 
 
 def teacher_training_loss(teacher: nn.Module, images: torch.Tensor, vae_beta: float = 1.0) -> torch.Tensor:
