@@ -25,7 +25,7 @@ demo: setup  ## the main job: a sweep over compression ratios, tracked in ./mlru
 	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(STORE) --host 127.0.0.1 --port 5000"
 
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: setup  ## the whole test suite on $(TEST_WORKERS) pytest-xdist workers (CPU, about 14 minutes on 2 cores)
 	$(PYTEST)
 

@@ -25,6 +25,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("KD_DEPLOY_LATENCY_CALLS", "2")
 os.environ.setdefault("KD_DEPLOY_THROUGHPUT_CALLS", "1")
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The ``cluster`` modules first (a stable sort keeps every other order): each runs for
+    minutes on processes and services of its own, and `make test` hands modules to its workers in
+    collection order (``--no-loadscope-reorder``), so they start first and the short modules fill
+    in beside them instead of leaving one worker alone with a long module at the end."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("cluster") else 1)
+
+
 SHARED_DATA = Path(os.environ.get("KD_DATA_DIR", PROJECT_ROOT.parent / "shared" / "data"))
 
 
