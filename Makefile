@@ -26,13 +26,13 @@ demo: setup  ## the main job: a sweep over compression ratios, tracked in ./mlru
 
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
-test: setup  ## the whole test suite on $(TEST_WORKERS) pytest-xdist workers (CPU, about 14 minutes on 2 cores)
+test: setup  ## the whole test suite on $(TEST_WORKERS) pytest-xdist workers (CPU, about 11 minutes on 2 cores)
 	$(PYTEST)
 
 test-fast: setup  ## the suite without the cluster tests (about 8.5 minutes on 2 cores)
 	$(PYTEST) -m "not cluster"
 
-test-cluster: setup  ## the cluster tests alone: Ray, submitit, two-node torchrun, PostgreSQL (127.0.0.1; about 8 minutes)
+test-cluster: setup  ## the cluster tests alone: Ray, submitit, two-node torchrun, PostgreSQL (127.0.0.1; about 4 minutes)
 	$(PYTEST) -m cluster
 
 ui: setup  ## serve the MLflow UI of ./mlruns on 127.0.0.1:5000

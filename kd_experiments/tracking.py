@@ -777,6 +777,10 @@ def split_dataset(datamodule: Any, split: str, name: str):
                                        digest=digest.hexdigest()[:16])
 
 
+#: tries of logging a run's dataset inputs (see :func:`log_dataset_inputs`)
+DATASET_LOG_ATTEMPTS = 4
+
+
 def log_dataset_inputs(client, run_id: str, datamodule: Any, name: str, splits: Sequence[str]) -> None:
     """Log splits of ``datamodule`` as the run's dataset inputs (context tag = the split's role)."""
     from mlflow.entities import DatasetInput, InputTag
@@ -789,4 +793,14 @@ def log_dataset_inputs(client, run_id: str, datamodule: Any, name: str, splits: 
             warnings.simplefilter("ignore", UserWarning)
             entity = dataset._to_mlflow_entity()
         inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", contexts.get(split, split))]))
-    client.log_inputs(run_id, datasets=inputs)
+    # The SQL store looks a dataset up, then inserts it: two jobs of a parallel sweep logging the
+    # same split at once (seeds that share the train/test split) can both miss it, and the second
+    # insert breaks the unique constraint (its transaction is rolled back). Again, it finds the row.
+    for attempt in range(DATASET_LOG_ATTEMPTS):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except Exception as error:  # noqa: BLE001 - MLflow wraps the database's error in its own
+            if attempt + 1 == DATASET_LOG_ATTEMPTS or "unique constraint" not in str(error).lower():
+                raise
+            time.sleep(0.2 * (attempt + 1))

@@ -27,31 +27,31 @@ SEARCHES = sorted(p.stem for p in (CONFIG_DIR / "hparams_search").glob("*.yaml")
 
 @pytest.mark.slow
 def test_parallel_sweep_loses_no_run_and_reports_into_its_parent(tmp_path: Path, monkeypatch) -> None:
-    """2 ratios x 2 seeds, 2 joblib jobs writing to one fresh SQLite store: 4 FINISHED children."""
+    """2 ratios x 1 seed, 2 joblib jobs at once writing to one fresh SQLite store: 2 FINISHED children."""
     uri = sqlite_store(tmp_path / 'mlruns' / 'mlflow.db')
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "KD_LOG_DIR": str(tmp_path / "logs"),
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
         [*KD_TRAIN, "-m", "experiment=quickstart", "trainer.max_epochs=1",
-         "scheme.compression_ratio=8,128", "seed=0,1", "deploy.measure=false", "deploy.log_model=false",
+         "scheme.compression_ratio=8,128", "seed=0", "deploy.measure=false", "deploy.log_model=false",
          "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *QUIET],
         capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     summaries = [line for line in result.stdout.splitlines() if line.startswith("[kd-train] ")]
-    assert len(summaries) == 4, result.stdout[-3000:]
+    assert len(summaries) == 2, result.stdout[-3000:]
     assert all("compression_ratio=" in s and "student_params=" in s and "test/image_auroc=" in s for s in summaries)
 
     client = MlflowClient(tracking_uri=uri)
     parents, children = sweep_runs(client, "quickstart")
     assert len(parents) == 1, [p.info.run_name for p in parents]
     parent = parents[0]
-    assert len(children) == 4
+    assert len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert {c.data.tags["sweep_id"] for c in children} == {parent.data.tags["sweep_id"]}
-    assert [c.info.status for c in children] == ["FINISHED"] * 4
+    assert [c.info.status for c in children] == ["FINISHED"] * 2
     grid = sorted((int(c.data.params["scheme.compression_ratio"]), int(c.data.tags["seed"])) for c in children)
-    assert grid == sorted((ratio, seed) for ratio in (8, 128) for seed in (0, 1))
+    assert grid == [(8, 0), (128, 0)]
     for child in children:
         missing = [k for k in REQUIRED_PARAMS if k not in child.data.params]
         missing += [k for k in RUN_METRICS if k not in child.data.metrics]
@@ -65,7 +65,7 @@ def test_parallel_sweep_loses_no_run_and_reports_into_its_parent(tmp_path: Path,
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, report.REPORT_ARTIFACT_DIR)}
     assert logged == {f"{report.REPORT_ARTIFACT_DIR}/{name}" for name in report.REPORT_FILES}
     markdown = Path(client.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path))).read_text()
-    assert "runs: 4 (4 FINISHED)" in markdown
+    assert "runs: 2 (2 FINISHED)" in markdown
     assert sum(line.startswith("| score_regression | digits-c0 |") for line in markdown.splitlines()) == 2
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 

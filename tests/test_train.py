@@ -280,3 +280,35 @@ def test_an_explicit_tracking_uri_wins_over_the_environment(monkeypatch: pytest.
     assert resolve_tracking_uri(None) == "sqlite:////env/m.db"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlruns' / 'mlflow.db'}"
+
+
+def test_a_dataset_logged_by_two_jobs_at_once_is_retried_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two parallel jobs logging the same split can both insert it; the loser's unique-constraint
+    error is retried (the row is there then); any other storage error is raised at once."""
+    from kd_experiments import tracking
+    from kd_experiments.data.one_class import OneClassDataModule
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
+    datamodule = OneClassDataModule("digits", None, 0, split_seed=0)
+    datamodule.setup()
+
+    class Client:
+        def __init__(self, errors: list[Exception]) -> None:
+            self.errors, self.calls = errors, 0
+
+        def log_inputs(self, run_id: str, datasets: list) -> None:
+            self.calls += 1
+            if self.errors:
+                raise self.errors.pop(0)
+
+    race = Client([RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")])
+    tracking.log_dataset_inputs(race, "run", datamodule, "digits-c0", ["train", "test"])
+    assert race.calls == 2
+    other = Client([RuntimeError("database is locked")])
+    with pytest.raises(RuntimeError, match="locked"):
+        tracking.log_dataset_inputs(other, "run", datamodule, "digits-c0", ["train"])
+    assert other.calls == 1
+    endless = Client([RuntimeError("duplicate key value violates unique constraint")] * 9)
+    with pytest.raises(RuntimeError, match="unique constraint"):
+        tracking.log_dataset_inputs(endless, "run", datamodule, "digits-c0", ["train"])
+    assert endless.calls == tracking.DATASET_LOG_ATTEMPTS
