@@ -258,6 +258,9 @@ def test_student_restarts_keep_the_candidate_of_least_validation_loss() -> None:
     assert float(scheme.trainer.callback_metrics["val/student_restart_loss_best"]) == pytest.approx(
         float(losses[0]), rel=1e-5)
     assert len(ScoreRegressionScheme(SHAPE, student="A", compression_ratio=None).student_restarts) == 0
+    with pytest.raises(ConfigError, match="set trainer.max_epochs"):  # no last epoch to choose at
+        _trainer(max_epochs=-1, max_steps=2).fit(
+            ScoreRegressionScheme(SHAPE, student="A", compression_ratio=None, student_restarts=2), datamodule=_digits())
     with pytest.raises(ConfigError, match="student_restarts must be an integer >= 1"):
         ScoreRegressionScheme(SHAPE, student="A", compression_ratio=None, student_restarts=0)
 

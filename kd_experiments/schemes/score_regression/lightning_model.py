@@ -305,6 +305,9 @@ class ScoreRegressionScheme(AnomalyScheme):
 
     def on_fit_start(self) -> None:
         """Read the pseudo outliers once (outlier exposure), lazily, on every rank."""
+        if len(self.student_restarts) and not (self.trainer.max_epochs or 0) > 0:
+            raise ConfigError("scheme.student_restarts > 1 chooses its student at the last of trainer.max_epochs; "
+                              f"set trainer.max_epochs (got {self.trainer.max_epochs})")
         options = self.outlier_options
         if options["dataset"] is not None and self._outlier_sampler is None:
             images = load_outlier_images(
@@ -426,7 +429,7 @@ class ScoreRegressionScheme(AnomalyScheme):
         best = int(torch.argmin(losses))
         self.log("val/student_restart_loss_best", losses[best], sync_dist=False)
         self.log("val/student_restart_loss_first", losses[0], sync_dist=False)
-        if self.trainer.sanity_checking or self.current_epoch + 1 < (self.trainer.max_epochs or 0):
+        if self.trainer.sanity_checking or self.current_epoch + 1 < self.trainer.max_epochs:
             return
         # the last epoch: the best candidate becomes the student (a swap: nothing is lost)
         self.log("student_restart_chosen", float(best), sync_dist=False)
