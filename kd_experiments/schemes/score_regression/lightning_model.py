@@ -419,10 +419,14 @@ class ScoreRegressionScheme(AnomalyScheme):
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        if not self._restart_losses:
+        if not len(self.student_restarts):
             return
-        totals = torch.stack(self._restart_losses).sum(0)
+        # every rank takes part in the reduction, one that scored no normal image with zeros
+        totals = (torch.stack(self._restart_losses).sum(0) if self._restart_losses
+                  else torch.zeros(len(self.student_restarts) + 2, device=self.device))
         self._restart_losses = []
+        if float(totals[-1]) == 0 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(totals)
         losses = totals[:-1] / totals[-1].clamp_min(1)
@@ -433,13 +437,11 @@ class ScoreRegressionScheme(AnomalyScheme):
             return
         # the last epoch: the best candidate becomes the student (a swap: nothing is lost)
         self.log("student_restart_chosen", float(best), sync_dist=False)
-        if best > 0:
+        if best > 0:  # load_state_dict copies in place: the optimiser keeps its parameters
             chosen = self.student_restarts[best - 1]
-            with torch.no_grad():
-                for mine, theirs in zip(self.student.parameters(), chosen.parameters(), strict=True):
-                    swapped = mine.detach().clone()
-                    mine.copy_(theirs)
-                    theirs.copy_(swapped)
+            previous = {name: value.clone() for name, value in self.student.state_dict().items()}
+            self.student.load_state_dict(chosen.state_dict())
+            chosen.load_state_dict(previous)
 
 
 def teacher_training_loss(teacher: nn.Module, images: torch.Tensor, vae_beta: float = 1.0) -> torch.Tensor:
