@@ -36,6 +36,8 @@ CANDIDATES: dict[str, list[str]] = {
     "student_schedule=cosine": ["scheme.student_schedule=cosine"],
     "student_restarts=4": ["scheme.student_restarts=4"],
     "student_schedule=cosine,student_restarts=4": ["scheme.student_schedule=cosine", "scheme.student_restarts=4"],
+    "warp_copies=1": ["scheme.corruption_exposure.warp_copies=1"],
+    "warp_copies=2": ["scheme.corruption_exposure.warp_copies=2"],
 }
 RATIOS = (2, 8, 32, 128)
 SEEDS = (0, 1, 2)

@@ -126,6 +126,7 @@ class ScoreRegressionScheme(AnomalyScheme):
         corruption_exposure: ``{copies}``: the student also sees ``copies`` corrupted
             copies of each normal image (a stroke, an erased block or a blend with
             another normal image), labelled by the teacher; off when ``copies`` is 0.
+            ``warp_copies``: also that many warped copies (random affine and elastic map).
         student_restarts: how many students of the chosen size train side by side from different
             initialisations, on the same batches; after the last epoch the one with the least
             validation loss (L1 to the teacher on held-out normal images, their corrupted copies
@@ -193,12 +194,13 @@ class ScoreRegressionScheme(AnomalyScheme):
 
         noise = _options(noise_exposure, "noise_exposure", {"std": 0.0, "clip": [0.0, 1.0]})
         tail = _options(tail_reweighting, "tail_reweighting", {"strength": 0.0})
-        corruption = _options(corruption_exposure, "corruption_exposure", {"copies": 0})
+        corruption = _options(corruption_exposure, "corruption_exposure", {"copies": 0, "warp_copies": 0})
         self.techniques = Techniques(
             noise_std=float(noise["std"]),
             noise_clip=None if noise["clip"] is None else (float(noise["clip"][0]), float(noise["clip"][1])),
             tail_strength=float(tail["strength"]),
             corruption_copies=int(corruption["copies"]),
+            warp_copies=int(corruption["warp_copies"]),
         )
         self.outlier_options = _options(
             outlier_exposure, "outlier_exposure", {"dataset": None, "root": None, "batch_size": None, "max_images": None}
@@ -229,6 +231,8 @@ class ScoreRegressionScheme(AnomalyScheme):
             parts.append("noise_exposure")
         if self.techniques.corruption_copies > 0:
             parts.append("corruption_exposure")
+        if self.techniques.warp_copies > 0:
+            parts.append("warp_exposure")
         if self.techniques.tail_strength > 0:
             parts.append("tail_reweighting")
         return "+".join(parts)

@@ -26,6 +26,13 @@ teacher's score to anomalies it never saw. Their remedies, and one of ours:
   small student learns the teacher's ranking where it decides (in the spirit of the
   synthetic anomalies of DRAEM, Zavrtanik et al., ICCV 2021, and CutPaste, Li et al.,
   CVPR 2021).
+- **warp exposure** (ours, not in the paper): copies of the normal batch under a random
+  affine map and a smooth elastic displacement (:func:`warp_images`, the distortions of
+  Simard et al., ICDAR 2003), labelled by the teacher's score of them. Warped normal
+  images are shaped like the data (strokes of the same width and intensity) but are no
+  longer normal; a student trained on many of them learns the teacher's score on
+  stroke images in general rather than on one class, so what it does on an unseen
+  class depends less on its initialisation.
 - **tail re-weighting** (ours, not in the paper): the per-sample L1 loss is weighted by
   ``1 + strength * relu(z)``, ``z`` the teacher score standardised within the batch,
   weights renormalised to mean 1; the student spends its few parameters on the high
@@ -38,6 +45,7 @@ targets with the same code.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,12 +71,15 @@ class Techniques:
     noise_clip: tuple[float, float] | None = (0.0, 1.0)
     tail_strength: float = 0.0
     corruption_copies: int = 0
+    warp_copies: int = 0
 
     def __post_init__(self) -> None:
         if self.noise_std < 0:
             raise ConfigError(f"scheme.noise_exposure.std must be >= 0, got {self.noise_std}")
         if self.corruption_copies < 0:
             raise ConfigError(f"scheme.corruption_exposure.copies must be >= 0, got {self.corruption_copies}")
+        if self.warp_copies < 0:
+            raise ConfigError(f"scheme.corruption_exposure.warp_copies must be >= 0, got {self.warp_copies}")
         if self.tail_strength < 0:
             raise ConfigError(f"scheme.tail_reweighting.strength must be >= 0, got {self.tail_strength}")
 
@@ -126,6 +137,45 @@ def corrupt_images(images: torch.Tensor, generator: torch.Generator | None = Non
     return torch.where(kinds == 0, stroked, torch.where(kinds == 1, erased, blended))
 
 
+def warp_images(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One warped copy of each image ``(B, C, H, W)`` in [0, 1], seeded by ``generator``
+    (``None``: torch's global one): a random affine map (rotation up to 45 degrees, scale
+    0.7 to 1.3 per axis, shear up to 0.4, shift up to an eighth of the side) composed with
+    an elastic displacement field (uniform noise smoothed by a Gaussian of sigma a sixth of
+    the side, scaled to at most a sixth of the side; Simard, Steinkraus and Platt, ICDAR
+    2003), sampled bilinearly with zeros outside.
+    """
+    count, _, height, width = images.shape
+
+    def uniform(*size: int) -> torch.Tensor:
+        return torch.rand(*size, generator=generator)
+
+    angle = (2 * uniform(count) - 1) * math.pi / 4
+    scale = 0.7 + 0.6 * uniform(count, 2)
+    shear = (2 * uniform(count) - 1) * 0.4
+    shift = (2 * uniform(count, 2) - 1) * 0.25  # normalised coordinates span 2: a quarter is an eighth
+    cos, sin = angle.cos(), angle.sin()
+    rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    shearing = torch.eye(2).repeat(count, 1, 1)
+    shearing[:, 0, 1] = shear
+    linear = rotation @ shearing @ torch.diag_embed(scale)
+    theta = torch.cat([linear, shift.unsqueeze(-1)], -1)
+    grid = F.affine_grid(theta, [count, 1, height, width], align_corners=False)
+    # elastic part: smoothed noise, normalised per image to a random amplitude
+    sigma = max(height, width) / 6
+    radius = int(math.ceil(2 * sigma))
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+    taps = taps / taps.sum()
+    field = 2 * uniform(count, 2, height, width) - 1
+    field = F.conv2d(F.pad(field, (radius, radius, 0, 0), mode="circular"), taps.view(1, 1, 1, -1).repeat(2, 1, 1, 1), groups=2)
+    field = F.conv2d(F.pad(field, (0, 0, radius, radius), mode="circular"), taps.view(1, 1, -1, 1).repeat(2, 1, 1, 1), groups=2)
+    amplitude = uniform(count).view(-1, 1, 1, 1) * 2 / 6  # up to a sixth of the side (normalised span 2)
+    field = field / field.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6) * amplitude
+    grid = grid + field.permute(0, 2, 3, 1)
+    warped = F.grid_sample(images, grid.to(images), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return warped.clamp(0.0, 1.0)
+
+
 def tail_weights(targets: torch.Tensor, strength: float) -> torch.Tensor:
     """Per-sample weights ``1 + strength * relu(z)`` normalised to mean 1 (``z``: the
     batch-standardised target). ``strength=0`` gives ones."""
@@ -155,7 +205,7 @@ def student_batch(
     Args:
         images: the normal batch.
         teacher_score: the (frozen, eval-mode) teacher's score function ``(B, ...) -> (B,)``.
-        techniques: noise exposure, corruption exposure and tail re-weighting settings.
+        techniques: noise, corruption and warp exposure and tail re-weighting settings.
         outliers: a batch of pseudo outliers to append (outlier exposure), or ``None``.
 
     Returns:
@@ -166,6 +216,8 @@ def student_batch(
         inputs = add_noise(images, techniques.noise_std, techniques.noise_clip, generator)
     if techniques.corruption_copies > 0:
         inputs = torch.cat([inputs, *[corrupt_images(images, generator) for _ in range(techniques.corruption_copies)]])
+    if techniques.warp_copies > 0:
+        inputs = torch.cat([inputs, *[warp_images(images, generator) for _ in range(techniques.warp_copies)]])
     if outliers is not None:
         inputs = torch.cat([inputs, outliers.to(inputs)])
     with torch.no_grad():
