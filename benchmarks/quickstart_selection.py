@@ -14,7 +14,8 @@ and the rule the demo is chosen by: the validation means fall with the ratio, an
 ratio's standard deviation is smaller than the gap between its mean and its neighbours'
 (a trade-off a reader can see through the seed spread); among candidates that meet it, the
 one with the highest mean over ratios; when none does, the one with the most ratios
-separated.
+separated. The rule reads the demo's ratios (``RATIOS``) only; a candidate explored at more
+ratios shows them in the table, but they do not count.
 
     python -m benchmarks.quickstart_selection                 # resumable: done records are skipped
     python -m benchmarks.quickstart_selection --summary
@@ -77,22 +78,27 @@ def summarise(runs: list[dict]) -> list[dict]:
         ratios = sorted(by_ratio)
         means = [statistics.fmean(by_ratio[r]) for r in ratios]
         stds = [statistics.stdev(by_ratio[r]) if len(by_ratio[r]) > 1 else 0.0 for r in ratios]
+        # the rule looks at the demo's ratios only, so candidates explored at more ratios compete on equal terms
+        rule = [i for i, r in enumerate(ratios) if r in RATIOS]
         separated = 0
-        for i in range(len(ratios)):
-            gaps = [means[j] - means[i] if j < i else means[i] - means[j] for j in (i - 1, i + 1) if 0 <= j < len(ratios)]
+        for k, i in enumerate(rule):
+            gaps = [means[j] - means[i] if j < i else means[i] - means[j]
+                    for j in (rule[k - 1] if k > 0 else None, rule[k + 1] if k + 1 < len(rule) else None) if j is not None]
             if gaps and all(gap > stds[i] for gap in gaps):
                 separated += 1
         rows.append({"candidate": candidate, "normal_class": normal_class, "val_fraction": val_fraction,
-                     "ratios": ratios, "means": means, "stds": stds, "seeds": min(len(v) for v in by_ratio.values()),
-                     "separated": separated, "meets_rule": separated == len(ratios),
-                     "mean_over_ratios": statistics.fmean(means)})
+                     "ratios": ratios, "means": means, "stds": stds,
+                     "seeds": min(len(by_ratio[ratios[i]]) for i in rule) if rule else 0,
+                     "rule_ratios": [ratios[i] for i in rule], "separated": separated,
+                     "meets_rule": bool(rule) and separated == len(rule),
+                     "mean_over_ratios": statistics.fmean(means[i] for i in rule) if rule else float("nan")})
     return rows
 
 
 def chosen(rows: list[dict]) -> dict | None:
     """The candidate the rule picks (see the module docstring), among those with every seed of
-    ``SEEDS`` at 4 or more ratios (partial explorations do not compete)."""
-    complete = [r for r in rows if r["seeds"] >= len(SEEDS) and len(r["ratios"]) >= 4]
+    ``SEEDS`` at every ratio of ``RATIOS`` (partial explorations do not compete)."""
+    complete = [r for r in rows if r["seeds"] >= len(SEEDS) and len(r["rule_ratios"]) == len(RATIOS)]
     return max(complete, key=lambda r: (r["meets_rule"], r["separated"], r["mean_over_ratios"])) if complete else None
 
 
@@ -102,14 +108,15 @@ def markdown_table(path: Path) -> str:
     if not rows:
         return "No records yet."
     ratios = sorted({r for row in rows for r in row["ratios"]})
-    head = ["candidate", "normal digit", "seeds", *[f"ratio {r:g}" for r in ratios], "separated", "mean"]
+    head = ["candidate", "normal digit", "seeds", *[f"ratio {r:g}" for r in ratios],
+            f"separated (ratios {', '.join(f'{r:g}' for r in RATIOS)})", "mean (same ratios)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = dict(zip(row["ratios"], zip(row["means"], row["stds"])))
         lines.append("| " + " | ".join([
             f"`{row['candidate']}`", str(row["normal_class"]), str(row["seeds"]),
             *[f"{cells[r][0]:.4f} ± {cells[r][1]:.4f}" if r in cells else "" for r in ratios],
-            f"{row['separated']}/{len(row['ratios'])}", f"{row['mean_over_ratios']:.4f}"]) + " |")
+            f"{row['separated']}/{len(row['rule_ratios'])}", f"{row['mean_over_ratios']:.4f}"]) + " |")
     best = chosen(rows)
     if best is not None:
         lines += ["", f"Chosen by the rule: `{best['candidate']}`, digit {best['normal_class']}."]
@@ -120,7 +127,7 @@ def print_summary(rows: list[dict]) -> None:
     for row in rows:
         cells = "  ".join(f"{r:g}: {m:.4f}±{s:.4f}" for r, m, s in zip(row["ratios"], row["means"], row["stds"]))
         print(f"{row['candidate']:<40} class {row['normal_class']} val {row['val_fraction']}  {cells}  "
-              f"separated {row['separated']}/{len(row['ratios'])}  mean {row['mean_over_ratios']:.4f}")
+              f"separated {row['separated']}/{len(row['rule_ratios'])}  mean {row['mean_over_ratios']:.4f}")
     best = chosen(rows)
     if best is not None:
         print(f"chosen by the rule: {best['candidate']} (class {best['normal_class']})")

@@ -41,6 +41,7 @@ from kd_experiments.schemes.score_regression.techniques import (
     load_outlier_images,
     student_batch,
     tail_weights,
+    warp_images,
     weighted_l1,
 )
 from kd_experiments.schemes.score_regression.torch_model import (
@@ -148,6 +149,29 @@ def test_corruption_exposure_adds_corrupted_copies_of_the_normal_batch() -> None
     assert torch.allclose(targets, score(inputs))
     with pytest.raises(ConfigError, match="corruption_exposure.copies"):
         Techniques(corruption_copies=-1)
+
+
+def test_warp_exposure_adds_warped_copies_that_keep_the_ink_and_move_it() -> None:
+    images = torch.zeros(12, *SHAPE)
+    images[:, :, 10:18, 6:22] = 0.9  # a bright bar: rotation, shear and elastic maps all move it
+    warped = warp_images(images, torch.Generator().manual_seed(3))
+    assert warped.shape == images.shape and 0 <= warped.min() and warped.max() <= 1
+    moved = (warped - images).flatten(1).abs().amax(1) > 0.5
+    assert moved.all()  # every copy is displaced, not left as it was
+    ink, warped_ink = images.flatten(1).sum(1), warped.flatten(1).sum(1)
+    assert ((warped_ink > 0.3 * ink) & (warped_ink < 2.5 * ink)).all()  # shaped like the data, not erased or flooded
+    assert torch.equal(warped, warp_images(images, torch.Generator().manual_seed(3)))  # seeded
+    assert not torch.equal(warped, warp_images(images, torch.Generator().manual_seed(4)))
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).mean(1)
+
+    inputs, targets, _ = student_batch(images, score, Techniques(corruption_copies=1, warp_copies=2), None,
+                                       torch.Generator().manual_seed(1))
+    assert inputs.shape == (48, *SHAPE) and torch.equal(inputs[:12], images)
+    assert torch.allclose(targets, score(inputs))
+    with pytest.raises(ConfigError, match="corruption_exposure.warp_copies"):
+        Techniques(warp_copies=-1)
 
 
 def test_outlier_images_load_lazily_from_idx(tmp_path: Path) -> None:
