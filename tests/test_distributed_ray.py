@@ -1,6 +1,6 @@
 """Hydra's Ray launcher on this machine (docs/distributed.md): a Ray head on 127.0.0.1 with 2
-worker processes runs the quickstart sweep, a Ray worker is killed mid-sweep and the sweep re-run,
-and a job past ``hydra.launcher.timeout_min`` raises inside the job. The head and the ``mlflow
+worker processes runs the quickstart sweep, one of its Ray workers is killed mid-sweep and the
+sweep re-run to completion, and a job past ``hydra.launcher.timeout_min`` raises inside the job. The head and the ``mlflow
 server`` it reports to are started once for the module and stopped by it.
 """
 
@@ -102,44 +102,17 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 
 @pytest.mark.slow
-def test_ray_launcher_runs_the_quickstart_sweep_under_one_parent(
+def test_ray_sweep_survives_a_killed_worker_and_its_rerun_finishes_under_one_parent(
     services: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The sweep file (at 2 grid points) but for hydra/launcher=ray: FINISHED children on the server, their
-    artifacts uploaded through it; kd-report against the server logs the report to the parent."""
-    env = {**services["ray_env"], "KD_LOG_DIR": str(tmp_path / "logs")}
-    result = kd_train([*SWEEP_FILE, "hydra/launcher=ray", "experiment_name=ray_sweep", *FAST], env, tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
-    summaries = [line for line in result.stdout.splitlines() if "[kd-train] " in line]
-    assert len(summaries) == len(GRID), result.stdout[-3000:]
-    assert all("_run_job_with_timeout pid=" in line for line in summaries), "jobs must run in Ray workers"
-    client = MlflowClient(tracking_uri=services["url"])
-    parent, children = assert_complete_sweep(client, "ray_sweep", GRID)
-    assert len(children) == len(GRID)
-    # artifacts go through the server (mlflow-artifacts:) into its destination folder
-    assert client.get_experiment_by_name("ray_sweep").artifact_location.startswith("mlflow-artifacts:")
-    assert len(list(services["artifacts"].rglob("roc_curve.png"))) >= len(GRID)
-    config = Path(client.download_artifacts(children[0].info.run_id, "config/config.yaml", str(tmp_path)))
-    assert "compression_ratio:" in config.read_text()
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", services["url"])
-    assert report.main(["--experiment", "ray_sweep", "--sweep", "latest", "--output", str(tmp_path / "report")]) == 0
-    logged = {a.path for a in client.list_artifacts(parent.info.run_id, report.REPORT_ARTIFACT_DIR)}
-    assert logged == {f"{report.REPORT_ARTIFACT_DIR}/{name}" for name in report.REPORT_FILES}
-    assert list(services["artifacts"].rglob("quality_vs_compression.png"))
-    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
-    assert all(JOB_TAG in c.data.tags for c in children)
-
-
-@pytest.mark.slow
-def test_killed_ray_worker_fails_its_run_and_the_rerun_finishes_only_the_rest(services: dict, tmp_path: Path) -> None:
-    """SIGKILL one Ray worker mid-job: its run ends FAILED with Ray's error, the others FINISHED;
-    the same command into the same sweep folder (same sweep_id) runs only the killed job."""
+    """The sweep file (at 2 grid points) for hydra/launcher=ray, one Ray worker SIGKILLed mid-job:
+    its run ends FAILED with Ray's error, the other FINISHED on the server; the same command into the
+    same sweep folder (same sweep_id) runs only the killed job, in a Ray worker, under the same
+    parent. Artifacts go through the server; kd-report against the server logs to the parent."""
     client = MlflowClient(tracking_uri=services["url"])
     env = {**services["ray_env"], "KD_LOG_DIR": str(tmp_path / "logs")}
-    grid = [(8, 0), (32, 0)]
-    args = ["-m", "experiment=quickstart", "scheme.compression_ratio=8,32", "seed=0", "hydra/launcher=ray",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}", "experiment_name=ray_kill", *FAST]
+    args = [*SWEEP_FILE, "hydra/launcher=ray", f"hydra.sweep.dir={tmp_path / 'sweep'}", "experiment_name=ray_sweep",
+            *FAST]
     with open(tmp_path / "first.out", "w") as out, open(tmp_path / "first.err", "w") as err:
         driver = subprocess.Popen([*KD_TRAIN, *args], stdout=out, stderr=err, env=env, cwd=tmp_path,
                                   start_new_session=True)
@@ -147,7 +120,7 @@ def test_killed_ray_worker_fails_its_run_and_the_rerun_finishes_only_the_rest(se
         victim = None
         deadline = time.monotonic() + 600
         while victim is None and driver.poll() is None and time.monotonic() < deadline:
-            experiment = client.get_experiment_by_name("ray_kill")
+            experiment = client.get_experiment_by_name("ray_sweep")
             running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") if experiment else []
             victim = next((r for r in running if r.data.tags.get(PARENT_TAG) != "true" and "pid" in r.data.tags), None)
             time.sleep(0.2)
@@ -158,8 +131,8 @@ def test_killed_ray_worker_fails_its_run_and_the_rerun_finishes_only_the_rest(se
         stop_group(driver, grace_s=5)
     assert driver.returncode == 1, "a failed job makes the multirun fail once every job has ended"
 
-    parents, children = sweep_runs(client, "ray_kill")
-    assert len(parents) == 1 and len(children) == 2
+    parents, children = sweep_runs(client, "ray_sweep")
+    assert len(parents) == 1 and len(children) == len(GRID)
     failed = client.get_run(victim.info.run_id)
     assert failed.info.status == "FAILED"
     assert "WorkerCrashedError" in failed.data.tags["error"] or "died" in failed.data.tags["error"], failed.data.tags
@@ -168,13 +141,29 @@ def test_killed_ray_worker_fails_its_run_and_the_rerun_finishes_only_the_rest(se
 
     rerun = kd_train(args, env, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
-    assert sum("skipped" in line and "[kd-train] " in line for line in rerun.stdout.splitlines()) == 1
-    parent, children = assert_complete_sweep(client, "ray_kill", grid)
-    assert len(children) == 3  # the FINISHED one was not run again; the killed job once more
+    summaries = [line for line in rerun.stdout.splitlines() if "[kd-train] " in line]
+    assert sum("skipped" in line for line in summaries) == 1, rerun.stdout[-3000:]
+    ran = [line for line in summaries if "skipped" not in line]
+    assert len(ran) == 1 and "_run_job_with_timeout pid=" in ran[0], "the job must run in a Ray worker"
+    parent, children = assert_complete_sweep(client, "ray_sweep", GRID)
+    assert len(children) == len(GRID) + 1  # the FINISHED one was not run again; the killed job once more
     retried = [c for c in children if c.info.run_id != victim.info.run_id and c.data.tags[JOB_TAG] == victim.data.tags[JOB_TAG]]
     assert len(retried) == 1 and retried[0].info.status == "FINISHED"
     assert client.get_run(victim.info.run_id).data.tags[SUPERSEDED_TAG] == retried[0].info.run_id
     assert parent.info.run_id == parents[0].info.run_id  # the same parent, re-opened
+    assert all(JOB_TAG in c.data.tags for c in children)
+
+    # artifacts go through the server (mlflow-artifacts:) into its destination folder
+    assert client.get_experiment_by_name("ray_sweep").artifact_location.startswith("mlflow-artifacts:")
+    assert len(list(services["artifacts"].rglob("roc_curve.png"))) >= len(GRID)
+    config = Path(client.download_artifacts(retried[0].info.run_id, "config/config.yaml", str(tmp_path)))
+    assert "compression_ratio:" in config.read_text()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", services["url"])
+    assert report.main(["--experiment", "ray_sweep", "--sweep", "latest", "--output", str(tmp_path / "report")]) == 0
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, report.REPORT_ARTIFACT_DIR)}
+    assert logged == {f"{report.REPORT_ARTIFACT_DIR}/{name}" for name in report.REPORT_FILES}
+    assert list(services["artifacts"].rglob("quality_vs_compression.png"))
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
 def test_ray_job_past_timeout_min_raises_in_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
