@@ -46,7 +46,10 @@ it and the budgets it gives):
 - That budget is used for every scheme, ratio and seed of the category. PatchCore needs none
   (one pass builds its bank).
 - The rule picks only a budget, never a scheme, a setting or a checkpoint, and the study never
-  scores a test image. ``--epochs N`` overrides it for trial runs; such records carry
+  scores a test image.
+- A study run stopped part-way continues, the next time ``--budget`` runs, from the last
+  checkpoint in its run folder (``logs/benchmarks/mvtec/budget-<entry>``) into the same MLflow
+  run; its records say ``resumed: true``. ``--epochs N`` overrides it for trial runs; such records carry
   ``budget_rule: "fixed"`` and are kept apart from the validation-chosen ones
   (``budget_rule: "validation"``).
 """
@@ -254,14 +257,29 @@ def run_entry(entry: Entry, args: argparse.Namespace, epochs: int | None) -> dic
     return record
 
 
-def study_budget(entry: Entry, args: argparse.Namespace) -> dict[int, dict[str, float]]:
-    """Train one studied configuration for the study's epochs on validation data only; per-epoch values."""
+def study_budget(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, float]], bool]:
+    """Train one studied configuration for the study's epochs on validation data only; per-epoch
+    values, and whether the run continued an earlier, stopped one.
+
+    A study run is hours of CPU: one stopped part-way (a process killed, a machine handed back)
+    continues from its run folder's ``last.ckpt`` into the same MLflow run (``kd-train``'s exact
+    resume), so the per-epoch history read at the end is the whole study's."""
     from kd_experiments.train import train
 
     run_dir = ROOT / "logs" / "benchmarks" / "mvtec" / f"budget-{entry.name.replace('/', '-')}"
-    tag = f"mvtec-budget-{entry.name.replace('/', '-')}-{os.getpid()}-{time.time_ns()}"
+    tag_file, checkpoint = run_dir / "benchmark_run.txt", run_dir / "checkpoints" / "last.ckpt"
+    resumed = tag_file.is_file() and checkpoint.is_file()
+    if resumed:  # the stopped run's tag finds its MLflow run again
+        tag = tag_file.read_text().strip()
+    else:
+        tag = f"mvtec-budget-{entry.name.replace('/', '-')}-{os.getpid()}-{time.time_ns()}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tag_file.write_text(tag + "\n")
     chosen = overrides(entry, args, BUDGET_STUDY_EPOCHS, tag, "budget")
     chosen += ["test=false", "++scheme.val_synthetic_anomalies=true", "trainer.num_sanity_val_steps=0"]
+    if resumed:
+        chosen.append(f"ckpt_path={checkpoint}")
+        print(f"[mvtec] budget study {entry.name}: continues from {checkpoint}", flush=True)
     cfg = compose(chosen, output_dir=run_dir)
     train(cfg)
     client, run = mlflow_run(tag, str(cfg.experiment_name))
@@ -271,7 +289,7 @@ def study_budget(entry: Entry, args: argparse.Namespace) -> dict[int, dict[str, 
         for point in client.get_metric_history(run.info.run_id, name):
             if point.step in steps:
                 epochs.setdefault(steps[point.step] + 1, {})[name.replace("/", "_")] = point.value
-    return epochs
+    return epochs, resumed
 
 
 # -- tables ----------------------------------------------------------------------------------------
@@ -413,11 +431,11 @@ def main() -> None:
                     continue
                 print(f"[mvtec] budget study {entry.name}: {BUDGET_STUDY_EPOCHS} epochs", flush=True)
                 started_at, started = now_utc(), time.perf_counter()
-                epochs = study_budget(entry, args)
+                epochs, resumed = study_budget(entry, args)
                 wall = time.perf_counter() - started
-                for epoch, values in sorted(epochs.items()):
-                    budgets.append({**key, "epoch": epoch, **values, "run_wall_s": wall}, started_at=started_at,
-                                   wall_s=wall)
+                for epoch, values in sorted(epochs.items()):  # run_wall_s: this process's part when resumed
+                    budgets.append({**key, "epoch": epoch, **values, "run_wall_s": wall, "resumed": resumed},
+                                   started_at=started_at, wall_s=wall)
             print(f"[mvtec] {category}: budget {choose_budget(budgets.reload()['runs'], category, args.image_size)}",
                   flush=True)
         return

@@ -157,3 +157,41 @@ def test_the_benchmarks_student_and_teacher_wrappers_live_in_the_scheme() -> Non
     big = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(student(big), core(torch.nn.functional.avg_pool2d(big, 2)) * 0.5 + 1.5)
+
+
+def test_a_stopped_budget_study_continues_from_its_checkpoint_into_the_same_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MVTec budget study (hours of CPU per run): a second call after a stop passes the run
+    folder's last.ckpt to kd-train and finds the first call's MLflow run by the tag it kept."""
+    import argparse
+    from types import SimpleNamespace
+
+    import kd_experiments.train
+    from benchmarks import mvtec
+
+    monkeypatch.setattr(mvtec, "ROOT", tmp_path)
+    composed: list[list[str]] = []
+    monkeypatch.setattr(mvtec, "compose", lambda overrides, output_dir: (composed.append(list(overrides)),
+                                                                       SimpleNamespace(experiment_name="x"))[1])
+    monkeypatch.setattr(kd_experiments.train, "train", lambda cfg: {})
+    looked_up: list[str] = []
+
+    class History:
+        def get_metric_history(self, run_id: str, name: str) -> list:
+            return [SimpleNamespace(step=0, value=0.0 if name == "epoch" else 0.5)]
+
+    monkeypatch.setattr(mvtec, "mlflow_run", lambda tag, experiment: (looked_up.append(tag),
+                                                                      (History(), SimpleNamespace(info=SimpleNamespace(run_id="r"))))[1])
+    args = argparse.Namespace(image_size=32, data_root=tmp_path, threads=1, trainer="cpu")
+    entry = mvtec.Entry("rd", "bottle", 1, 0)
+
+    epochs, resumed = mvtec.study_budget(entry, args)  # a first call: no checkpoint yet
+    assert not resumed and not any(o.startswith("ckpt_path=") for o in composed[0])
+    assert epochs == {1: {name.replace("/", "_"): 0.5 for name in mvtec.STUDY_METRICS}}
+    run_dir = tmp_path / "logs" / "benchmarks" / "mvtec" / "budget-rd-bottle-r1-s0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"stopped at some epoch")
+
+    _, resumed = mvtec.study_budget(entry, args)  # after a stop: continue, same run
+    assert resumed and f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}" in composed[1]
+    assert looked_up[1] == looked_up[0] and f"+tags.benchmark_run={looked_up[0]}" in composed[1]
