@@ -450,3 +450,9 @@ def test_events_teacher_and_student_shapes() -> None:
     features = torch.randn(5, 57)
     assert teacher(features).shape == (5, 57) and student(features).shape == (5,)
     assert 4000 < count_parameters(teacher) < 6000
+
+
+def test_corruption_and_warp_exposure_refuse_feature_vectors() -> None:
+    with pytest.raises(ConfigError, match="feature vectors of shape"):
+        ScoreRegressionScheme(input_shape=(57,), student="auto", compression_ratio=4,
+                              corruption_exposure={"warp_copies": 1})

@@ -202,6 +202,9 @@ class ScoreRegressionScheme(AnomalyScheme):
             corruption_copies=int(corruption["copies"]),
             warp_copies=int(corruption["warp_copies"]),
         )
+        if (self.techniques.corruption_copies or self.techniques.warp_copies) and len(input_shape) != 3:
+            raise ConfigError(f"scheme.corruption_exposure corrupts and warps images (C, H, W); the data gives "
+                              f"feature vectors of shape {input_shape}: set its copies and warp_copies to 0")
         self.outlier_options = _options(
             outlier_exposure, "outlier_exposure", {"dataset": None, "root": None, "batch_size": None, "max_images": None}
         )
