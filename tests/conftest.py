@@ -86,6 +86,43 @@ def train_in_process(overrides: list[str], env: dict[str, str], output_dir: Path
         return train(compose_config(overrides, output_dir=output_dir))
 
 
+def kd_train_cli(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    """``kd-train <args>`` as the console entry point runs it (Hydra's command line, the one-line
+    error handling, the exit code), in this process: no interpreter to start, which is most of a
+    failing run's cost. Returns ``(exit code, stderr)``; the process's logging, warnings filters,
+    working directory and Hydra state are as they were before."""
+    import contextlib
+    import io
+    import logging
+    import sys
+    import warnings
+
+    from kd_experiments import train as train_module
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    stderr = io.StringIO()
+    code = 0
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(), contextlib.redirect_stderr(stderr):
+        for key, value in env.items():
+            patch.setenv(key, value)
+        patch.chdir(cwd)
+        patch.setattr(sys, "argv", ["kd-train", *args])
+        try:
+            GlobalHydra.instance().clear()
+            train_module.main()
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            GlobalHydra.instance().clear()
+            for handler in root.handlers:
+                if handler not in handlers:
+                    handler.close()
+            root.handlers[:] = handlers
+            root.setLevel(level)
+    return code, stderr.getvalue()
+
+
 def ddp_and_single_runs(tracking_uri: str, experiment_name: str, metrics: tuple[str, ...], abs_tol: float = 1e-5):
     """The two runs of a DDP test (a 2-process ``trainer=ddp_cpu`` run, then one process testing
     its checkpoint): only rank 0 made a run, both FINISHED, every test image scored once, and the

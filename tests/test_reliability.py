@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from kd_experiments.config import PROJECT_ROOT
 from kd_experiments.errors import CheckpointError, TrackingError
 from kd_experiments.train import train
-from tests.conftest import NO_DEPLOY, fast_overrides, sqlite_store, train_in_process
+from tests.conftest import NO_DEPLOY, fast_overrides, kd_train_cli, sqlite_store, train_in_process
 
 KD_TRAIN = [sys.executable, "-m", "kd_experiments.train"]
 QUICK = ["experiment=quickstart", "callbacks.progress_bar=null", "callbacks.model_summary=null",
@@ -189,12 +189,11 @@ def _small_filesystem(mount_point: Path, options: str):
 
 
 def _cli_error(tmp_path: Path, uri: str) -> str:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(PROJECT_ROOT)}
-    result = subprocess.run([*KD_TRAIN, *QUICK, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}"],
-                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    (line,) = [x for x in result.stderr.splitlines() if x.startswith("kd-train: error:")]
+    code, stderr = kd_train_cli([*QUICK, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}"],
+                                {"MLFLOW_TRACKING_URI": uri}, tmp_path)
+    assert code == 1, stderr[-2000:]
+    assert "Traceback" not in stderr
+    (line,) = [x for x in stderr.splitlines() if x.startswith("kd-train: error:")]
     return line
 
 

@@ -21,7 +21,15 @@ from kd_experiments.errors import ConfigError, DataError, KDError, TrainingDiver
 from kd_experiments.search import compose_config
 from kd_experiments.tracking import REQUIRED_PARAMS, resolve_tracking_uri
 from kd_experiments.train import train
-from tests.conftest import NO_DEPLOY, ddp_and_single_runs, fast_overrides, shared_data, sqlite_store, train_in_process
+from tests.conftest import (
+    NO_DEPLOY,
+    ddp_and_single_runs,
+    fast_overrides,
+    kd_train_cli,
+    shared_data,
+    sqlite_store,
+    train_in_process,
+)
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 SWEEPS = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
@@ -238,15 +246,12 @@ def test_nan_loss_keeps_the_last_good_checkpoint(compose_cfg, mlflow_uri: str, t
 
 
 def test_cli_prints_one_line_and_exits_1(tmp_path: Path) -> None:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_store(tmp_path / 'm.db'), "KD_LOG_DIR": str(tmp_path)}
-    result = subprocess.run(
-        [*KD_TRAIN, "experiment=quickstart", "data=mnist", "data.root=/nonexistent/mnist"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
-    )
-    assert result.returncode == 1
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("kd-train: error:")]
+    env = {"MLFLOW_TRACKING_URI": sqlite_store(tmp_path / 'm.db'), "KD_LOG_DIR": str(tmp_path)}
+    code, stderr = kd_train_cli(["experiment=quickstart", "data=mnist", "data.root=/nonexistent/mnist"], env, tmp_path)
+    assert code == 1
+    error_lines = [line for line in stderr.splitlines() if line.startswith("kd-train: error:")]
     assert len(error_lines) == 1 and "/nonexistent/mnist" in error_lines[0]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in stderr
     runs = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_runs(
         [MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("quickstart").experiment_id]
     )
