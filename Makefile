@@ -26,7 +26,7 @@ demo: setup  ## the main job: a sweep over compression ratios, tracked in ./mlru
 
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
-test: setup  ## the whole test suite on $(TEST_WORKERS) pytest-xdist workers (CPU, about 11 minutes on 2 cores)
+test: setup  ## the whole test suite on $(TEST_WORKERS) pytest-xdist workers (CPU, about 10.5 minutes on 2 cores)
 	$(PYTEST)
 
 test-fast: setup  ## the suite without the cluster tests (about 8.5 minutes on 2 cores)
