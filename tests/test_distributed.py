@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from kd_experiments.config import PROJECT_ROOT
 from kd_experiments.tracking import REQUIRED_PARAMS, SUPERSEDED_TAG
-from tests.conftest import NO_DEPLOY, sqlite_store, sweep_runs
+from tests.conftest import NO_DEPLOY, kd_train_cli, sqlite_store, sweep_runs
 from tests.test_mlflow_server import free_port, mlflow_server
 
 pytestmark = pytest.mark.cluster  # `make test` runs it, `make test-fast` leaves it out
@@ -157,9 +157,10 @@ def test_submitit_jobs_against_a_postgresql_backed_server_lose_nothing(tmp_path:
             database = sqlite_store(tmp_path / "server.db")
         url = services.enter_context(mlflow_server(tmp_path, database, artifacts_destination=tmp_path / "artifacts"))
         env = base_env(tmp_path, url)
-        result = kd_train([*SWEEP_FILE, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
-                           "experiment_name=submitit_sweep", *FAST], env, tmp_path)
-        assert result.returncode == 0, result.stderr[-4000:]
+        # the sweep's own process is this one (kd-train's command line); submitit starts the jobs'
+        code, stderr = kd_train_cli([*SWEEP_FILE, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
+                                     "experiment_name=submitit_sweep", *FAST], env, tmp_path)
+        assert code == 0, stderr[-4000:]
         client = MlflowClient(tracking_uri=url)
         _, children = assert_complete_sweep(client, "submitit_sweep", GRID)
         assert len(children) == len(GRID)

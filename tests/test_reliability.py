@@ -72,9 +72,11 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None
     checkpoint = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
 
-    # The one documented override: ckpt_path=<run folder>/checkpoints/last.ckpt
-    resumed = _kd_train(tmp_path, epochs, f"ckpt_path={checkpoint}", run_dir="resumed")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # The one documented override: ckpt_path=<run folder>/checkpoints/last.ckpt, given to the
+    # kd-train command line; in this process (what matters is the checkpoint the killed one left)
+    code, stderr = kd_train_cli([*QUICK, epochs, f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path / 'resumed'}"],
+                                {"MLFLOW_TRACKING_URI": sqlite_store(tmp_path / "m.db")}, tmp_path)
+    assert code == 0, stderr[-2000:]
     runs = _runs(tmp_path)
     assert len(runs) == 2, "the resumed run continues the killed run's MLflow run"
     resumed_run = runs[killed_run.info.run_id]
@@ -98,21 +100,13 @@ def test_ctrl_c_ends_the_run_killed_with_a_checkpoint(tmp_path: Path) -> None:
     assert (tmp_path / "interrupted" / "checkpoints" / "last.ckpt").is_file()
 
 
-def _trained_checkpoint(compose_cfg, tmp_path: Path) -> Path:
-    cfg = compose_cfg("experiment=quickstart", *fast_overrides())
-    train(cfg)
-    return tmp_path / "run" / "checkpoints" / "last.ckpt"
-
-
-def test_checkpoint_of_another_width_is_refused(compose_cfg, mlflow_uri: str, tmp_path: Path) -> None:
-    checkpoint = _trained_checkpoint(compose_cfg, tmp_path)
+def test_checkpoint_of_another_width_or_scheme_is_refused(compose_cfg, mlflow_uri: str, tmp_path: Path) -> None:
+    train(compose_cfg("experiment=quickstart", *fast_overrides()))  # one trained run, two wrong resumes
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     cfg = compose_cfg("experiment=quickstart", *fast_overrides("scheme.compression_ratio=32", f"ckpt_path={checkpoint}"))
     with pytest.raises(CheckpointError, match="does not match|another width"):
         train(cfg)
 
-
-def test_checkpoint_of_another_scheme_is_refused(compose_cfg, mlflow_uri: str, tmp_path: Path) -> None:
-    checkpoint = _trained_checkpoint(compose_cfg, tmp_path)
     content = torch.load(checkpoint, weights_only=True)
     content["kd_scheme"] = "reverse_distillation"
     foreign = tmp_path / "foreign.ckpt"

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +16,7 @@ from kd_experiments import report
 from kd_experiments.config import SWEEP_DIR
 from kd_experiments.data.synthetic import generate_mvtec_like
 from kd_experiments.tracking import PARENT_TAG
-from tests.conftest import sqlite_store
+from tests.conftest import kd_train_cli, sqlite_store
 
 
 TEACHER_PARAMS = 20_000
@@ -289,18 +286,16 @@ def test_category_sweep_on_generated_mvtec_data_reports_each_category_and_the_me
         generate_mvtec_like(tmp_path / "data", category=category, n_train=12, n_test_good=4,
                             n_test_defect_per_type=2, image_size=32)
     uri = sqlite_store(tmp_path / 'mlruns.db')
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "KD_LOG_DIR": str(tmp_path / "logs"),
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "kd_experiments.train", "--config-dir", str(SWEEP_DIR),
-         "--config-name", "mvtec_categories", f"data.root={tmp_path / 'data'}",
+    # the kd-train command line in this process (Hydra's basic launcher runs the jobs in turn)
+    code, stderr = kd_train_cli(
+        ["--config-dir", str(SWEEP_DIR), "--config-name", "mvtec_categories", f"data.root={tmp_path / 'data'}",
          f"data.category={','.join(categories)}", "data.image_size=32", "data.batch_size=4",
          "trainer.max_epochs=1", "scheme.compression_ratio=16", "deploy.measure=false", "deploy.log_model=false",
-         "callbacks.progress_bar=null",
-         "callbacks.model_summary=null", "trainer.enable_model_summary=false"],
-        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+         "callbacks.progress_bar=null", "callbacks.model_summary=null", "trainer.enable_model_summary=false",
+         f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+        {"MLFLOW_TRACKING_URI": uri, "KD_LOG_DIR": str(tmp_path / "logs"), "KD_CACHE_DIR": str(tmp_path / "cache")},
+        tmp_path)
+    assert code == 0, stderr[-4000:]
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("rd_mvtec")
     runs = client.search_runs([experiment.experiment_id])
