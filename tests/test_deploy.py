@@ -23,9 +23,11 @@ from kd_experiments.train import train
 from tests.conftest import fast_overrides, sqlite_store
 
 QUICK = ("deploy.measure=false",)
+#: the smoke run of each scheme (tests/test_scheme_contract.py checks the scheme contract on these
+#: runs); score regression and P-KDGAN split their epochs between teacher and student: 2 train both
 SMOKE_RUNS = {
-    "quickstart": ["experiment=quickstart"],
-    "pkd_smoke": ["experiment=pkd_smoke"],
+    "quickstart": ["experiment=quickstart", "trainer.max_epochs=2"],
+    "pkd_smoke": ["experiment=pkd_smoke", "trainer.max_epochs=2"],
     "rd_smoke": ["experiment=rd_smoke", "data.n_train=16", "data.n_test_good=4", "data.n_test_defect_per_type=2"],
     "patchcore_smoke": ["experiment=patchcore_smoke", "data.n_train=16", "data.n_test_good=4",
                         "data.n_test_defect_per_type=2"],
@@ -108,14 +110,14 @@ def smoke_students(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[
         for name in sorted(SMOKE_RUNS):
             cfg = compose_config([*SMOKE_RUNS[name], *fast_overrides(*QUICK), f"paths.log_dir={folder / 'logs'}",
                                   f"paths.cache_dir={folder / 'cache'}"], output_dir=folder / name)
-            train(cfg)
+            metrics = train(cfg)
             experiment = client.get_experiment_by_name(str(cfg.experiment_name))
             run = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"],
                                      max_results=1)[0]
             assert run.info.status == "FINISHED"
             (folder / name).mkdir(exist_ok=True)
             paths, expected = _test_inputs(cfg, folder / name)
-            students[name] = SimpleNamespace(cfg=cfg, run=run, paths=paths, expected=expected)
+            students[name] = SimpleNamespace(cfg=cfg, run=run, paths=paths, expected=expected, metrics=metrics)
     answers = _predict_in_fresh_process(
         {name: (f"runs:/{student.run.info.run_id}/student", student.paths) for name, student in students.items()},
         folder, uri)
@@ -168,6 +170,17 @@ def test_logged_student_scores_like_the_run_in_a_fresh_process_and_holds_no_teac
         assert np.isfinite(int8.metrics["deploy/int8_auroc_drop"])
     logged = client.get_run(run_id).data.metrics
     assert logged["deploy/onnx_max_abs_diff"] == pytest.approx(onnx.metrics["deploy/onnx_max_abs_diff"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SMOKE_RUNS))
+def test_smoke_run_keeps_the_scheme_contract(smoke_students, name: str) -> None:
+    """The scheme contract (tests/test_scheme_contract.py) on this module's smoke runs."""
+    from tests.test_scheme_contract import check_contract
+
+    mlflow_uri, students = smoke_students
+    student = students[name]
+    check_contract(MlflowClient(tracking_uri=mlflow_uri), student.cfg, student.run, student.metrics)
 
 
 def _model_metadata(client: MlflowClient, run_id: str, tmp_path: Path) -> dict:

@@ -4,8 +4,10 @@ Each scheme has a small experiment config that runs in seconds (``quickstart`` f
 regression, ``<scheme>_smoke`` for the others). Fitting and testing it through
 ``kd_experiments.train`` must leave, in a temporary MLflow store, a FINISHED run with the
 compression summary among its params, the test metrics, and the config and
-plots as artifacts. A scheme added with its ``*_smoke.yaml`` is checked automatically;
-one without a smoke experiment fails :func:`test_every_scheme_has_a_smoke_experiment`.
+plots as artifacts (:func:`check_contract`). A scheme added with its ``*_smoke.yaml`` is
+checked automatically, here, or in tests/test_deploy.py on the run that module trains anyway
+when its ``SMOKE_RUNS`` lists it; one without a smoke experiment fails
+:func:`test_every_scheme_has_a_smoke_experiment`.
 """
 
 from __future__ import annotations
@@ -51,7 +53,18 @@ def _smoke_cfg(compose_cfg, experiment: str, *overrides: str):
     )
 
 
-@pytest.mark.parametrize("experiment", [_smoke(name) for name in SMOKE])
+def _deploy_covered() -> set[str]:
+    from tests.test_deploy import SMOKE_RUNS
+
+    return set(SMOKE_RUNS)
+
+
+#: smoke experiments whose run tests/test_deploy.py already trains (with the MLflow Model): the
+#: contract is checked on those runs there (test_smoke_run_keeps_the_scheme_contract)
+DEPLOY_COVERED = _deploy_covered()
+
+
+@pytest.mark.parametrize("experiment", [_smoke(name) for name in SMOKE if name not in DEPLOY_COVERED])
 def test_smoke_experiment_logs_the_contract(compose_cfg, mlflow_uri: str, tmp_path: Path, experiment: str) -> None:
     teacher = []
     if experiment in TEACHERS:  # train the teacher run first, keep its checkpoint apart
@@ -69,6 +82,12 @@ def test_smoke_experiment_logs_the_contract(compose_cfg, mlflow_uri: str, tmp_pa
     found = client.get_experiment_by_name(str(cfg.experiment_name))
     assert found is not None, f"no MLflow experiment {cfg.experiment_name}"
     (run,) = client.search_runs([found.experiment_id])
+    check_contract(client, cfg, run, metrics)
+
+
+def check_contract(client: MlflowClient, cfg, run, metrics: dict) -> None:
+    """What a scheme's finished run must have logged (``metrics``: what ``train`` returned)."""
+    experiment = cfg.experiment_name
     assert run.info.status == "FINISHED"
     params, logged = run.data.params, run.data.metrics
 
