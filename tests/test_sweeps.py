@@ -66,7 +66,7 @@ def test_parallel_sweep_loses_no_run_and_reports_into_its_parent(tmp_path: Path,
     assert logged == {f"{report.REPORT_ARTIFACT_DIR}/{name}" for name in report.REPORT_FILES}
     markdown = Path(client.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path))).read_text()
     assert "runs: 2 (2 FINISHED)" in markdown
-    assert sum(line.startswith("| score_regression | digits-c0 |") for line in markdown.splitlines()) == 2
+    assert sum(line.startswith("| score_regression | digits-c6 |") for line in markdown.splitlines()) == 2
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 

@@ -97,7 +97,7 @@ def test_quickstart_run_logs_the_contract(compose_cfg, mlflow_uri: str) -> None:
     for tag in ("git_commit", "scheme", "dataset", "torch_version", "cuda_version", "seed"):
         assert run.data.tags.get(tag), tag
     assert run.data.tags["purpose"] == "test"
-    assert run.data.tags["dataset"] == "digits-c0"
+    assert run.data.tags["dataset"] == "digits-c6"
     for metric in ("test/image_auroc", "test/teacher_image_auroc", "train/teacher_loss", "val/loss"):
         assert metric in run.data.metrics, metric
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -273,7 +273,7 @@ def test_ddp_cpu_test_metric_equals_one_process(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = ddp_dir / "checkpoints" / "last.ckpt"
     train_in_process([*common, "train=false", f"ckpt_path={checkpoint}"], env, tmp_path / "single")
-    # digits class 0 test split: every image scored exactly once under DDP, the same metrics
+    # digits class 6 test split: every image scored exactly once under DDP, the same metrics
     ddp_and_single_runs(env["MLFLOW_TRACKING_URI"], "quickstart", ("test/image_auroc", "test/teacher_image_auroc"),
                         abs_tol=1e-6)
 

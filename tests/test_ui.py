@@ -129,7 +129,7 @@ def test_experiment_opens_on_the_runs_table_and_the_run_shows_its_model(ui: Simp
     experiment, parent, url = ui.experiment, ui.parent, ui.url
     assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
     child = ui.children[0]
-    assert {d.dataset.name for d in child.inputs.dataset_inputs} == {"digits-c0-train", "digits-c0-test"}
+    assert {d.dataset.name for d in child.inputs.dataset_inputs} == {"digits-c6-train", "digits-c6-test"}
     screenshot = tmp_path / "mlflow_run_page.png"
     page = _page(ui)
     try:
@@ -144,7 +144,7 @@ def test_experiment_opens_on_the_runs_table_and_the_run_shows_its_model(ui: Simp
                   wait_until="domcontentloaded")
         expect(page.get_by_role("heading", name=re.compile(r"Logged models \(1\)"))).to_be_visible()
         expect(page.get_by_role("link", name="student", exact=True).first).to_be_visible()
-        expect(page.get_by_text(re.compile(r"digits-c0-train")).first).to_be_visible()
+        expect(page.get_by_text(re.compile(r"digits-c6-train")).first).to_be_visible()
         page.screenshot(path=str(screenshot), full_page=True)
     finally:
         page.close()
