@@ -41,12 +41,13 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.loggers import MLFlowLogger
 
 from kd_experiments.errors import TrackingError
+
+if TYPE_CHECKING:  # Lightning loads only where a run trains (kd-report and kd-export start without it)
+    from kd_experiments.loggers import KDMLFlowLogger
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +103,22 @@ def quiet_mlflow() -> None:
     logging.getLogger("mlflow").setLevel(logging.ERROR)
 
 
+#: the variables Lightning reads a process's global rank from before its strategy sets it
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
 def is_global_zero() -> bool:
-    """True in the process that owns tracking (global rank 0, or no distributed run)."""
-    return rank_zero_only.rank == 0
+    """True in the process that owns tracking (global rank 0, or no distributed run).
+
+    Reads Lightning's ``rank_zero_only.rank`` (the object lives in ``lightning_utilities``;
+    Lightning sets it on import and its strategies when they start), or, where Lightning is
+    not loaded, the rank variables Lightning would read."""
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    rank = getattr(rank_zero_only, "rank", None)
+    if rank is None:
+        rank = next((int(os.environ[name]) for name in RANK_VARIABLES if os.environ.get(name)), 0)
+    return rank == 0
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None, root: str | Path | None = None) -> str:
@@ -372,28 +386,6 @@ def make_run_name(scheme: str, dataset: str, compression_ratio: float, seed: int
     return f"{scheme}-{dataset}-cr{format_ratio(compression_ratio)}-s{seed}-{uuid.uuid4().hex[:6]}"
 
 
-class KDMLFlowLogger(MLFlowLogger):
-    """Lightning's MLflow logger writing into a run whose life :class:`RunTracker` owns.
-
-    Two differences from the stock logger: hyper-parameters are not logged (the whole
-    resolved config already is, flattened, by the tracker; logging them twice with other
-    names makes MLflow's immutable params collide), and ``finalize`` does not close the
-    run (Lightning calls it after ``fit``, before ``test``; the tracker closes the run
-    once, with the true final status).
-    """
-
-    @rank_zero_only
-    def log_hyperparams(self, params: Any) -> None:
-        return None
-
-    @rank_zero_only
-    def finalize(self, status: str = "success") -> None:
-        if not self._initialized:
-            return
-        if self._checkpoint_callback:
-            self._scan_and_log_checkpoints(self._checkpoint_callback)
-
-
 class RunTracker:
     """The life of one MLflow run: start, params, tags, artifacts, and its final status.
 
@@ -602,6 +594,8 @@ class RunTracker:
             # creates an SQLite store's tables), and only global rank 0 may touch the store.
             return None
         if self._logger is None:
+            from kd_experiments.loggers import KDMLFlowLogger
+
             self._logger = KDMLFlowLogger(
                 experiment_name=self.experiment_name,
                 tracking_uri=self.tracking_uri,
@@ -617,6 +611,7 @@ def log_figure_from_module(module, figure, artifact_file: str) -> None:
     Works from any rank (only rank 0's MLflow logger writes); closes the figure.
     """
     import matplotlib.pyplot as plt
+    from lightning.pytorch.loggers import MLFlowLogger  # loaded already: a LightningModule calls this
 
     try:
         for logger in getattr(module, "loggers", []) or []:

@@ -29,7 +29,6 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from kd_experiments import config as kd_config
-from kd_experiments.compression import check_ratio
 from kd_experiments.errors import ConfigError, KDError
 from kd_experiments.tracking import (
     REQUIRED_PARAMS,
@@ -108,6 +107,8 @@ def validate_config(cfg: DictConfig) -> None:
     for group in ("data", "scheme", "trainer"):
         if group not in cfg or cfg[group] is None:
             raise ConfigError(f"the config has no '{group}' group; pick one, e.g. {group}=<name>")
+    from kd_experiments.compression import check_ratio
+
     for name in ("compression_ratio", "mac_compression_ratio"):
         ratio = cfg.scheme.get(name, None)
         if ratio is not None:
