@@ -39,13 +39,13 @@ demo: setup  ## the main job: a sweep over compression ratios, tracked in ./mlru
 
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
-test: setup $(VENV)/.compiled  ## the whole test suite on $(TEST_WORKERS) pytest-xdist workers (CPU, about 10.5 minutes on 2 cores)
+test: setup $(VENV)/.compiled  ## the whole test suite on $(TEST_WORKERS) pytest-xdist workers (CPU, about 8 minutes on 2 cores)
 	$(PYTEST)
 
-test-fast: setup $(VENV)/.compiled  ## the suite without the cluster tests (about 8.5 minutes on 2 cores)
+test-fast: setup $(VENV)/.compiled  ## the suite without the cluster tests
 	$(PYTEST) -m "not cluster"
 
-test-cluster: setup $(VENV)/.compiled  ## the cluster tests alone: Ray, submitit, two-node torchrun, PostgreSQL (127.0.0.1; about 4 minutes)
+test-cluster: setup $(VENV)/.compiled  ## the cluster tests alone: Ray, submitit, two-node torchrun, PostgreSQL (127.0.0.1)
 	$(PYTEST) -m cluster
 
 ui: setup  ## serve the MLflow UI of ./mlruns on 127.0.0.1:5000
