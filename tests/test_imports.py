@@ -133,3 +133,15 @@ def test_the_check_finds_function_level_and_relative_cycles(tmp_path: Path) -> N
     assert find_cycles(graph) == [["pkg.b", "pkg.sub.a", "pkg.b"]]
     (package / "b.py").write_text("other = 1\n")
     assert find_cycles(import_graph(tmp_path, "pkg")) == []
+
+
+def test_tools_that_never_train_start_without_torch_or_lightning() -> None:
+    """kd-report, and a sweep's own process (kd_experiments.train: the jobs train, not it), load
+    neither torch nor Lightning: both start in well under a second instead of ten."""
+    import subprocess
+    import sys
+
+    code = ("import sys, kd_experiments.report, kd_experiments.train, kd_experiments.tracking\n"
+            "print(sorted(m for m in ('torch', 'lightning', 'torchvision') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
