@@ -246,7 +246,28 @@ def results_table(path: Path) -> str:
             f"| {run['aupro']:.4f} | {run['teacher_image_auroc']:.4f} / {run['teacher_pixel_auroc']:.4f} / "
             f"{run['teacher_aupro']:.4f} | {retention:.4f} | {run['student_latency_ms_b1']:.2f} / "
             f"{run['teacher_latency_ms_b1']:.2f} |")
+    summary = retention_summary(runs)
+    if summary:
+        lines += ["", summary]
     return "\n".join(lines)
+
+
+def retention_summary(runs: list[dict]) -> str:
+    """The generalisation line of the plan: per category, the seed-0 student at the requested
+    deployed MAC ratio ``SEED_RATIO`` against its own teacher, and the mean over categories."""
+    rows = {}
+    for run in runs:
+        if run.get("requested_mac_ratio") == SEED_RATIO and run.get("seed") == 0 and run.get("teacher_pixel_auroc"):
+            rows[run["category"]] = (run["pixel_auroc"] / run["teacher_pixel_auroc"],
+                                     run["aupro"] / run["teacher_aupro"] if run.get("teacher_aupro") else float("nan"))
+    if not rows:
+        return ""
+    parts = ", ".join(f"{category} {pixel:.4f} / {aupro:.4f}" for category, (pixel, aupro) in sorted(rows.items()))
+    mean_pixel = statistics.fmean(pixel for pixel, _ in rows.values())
+    mean_aupro = statistics.fmean(aupro for _, aupro in rows.values())
+    return (f"Retention at requested deployed MAC ratio {SEED_RATIO}, seed 0 (student / its own teacher, pixel AUROC "
+            f"/ AUPRO): {parts}; mean over the {len(rows)} categor{'y' if len(rows) == 1 else 'ies'} "
+            f"{mean_pixel:.4f} / {mean_aupro:.4f}.")
 
 
 def budget_table(path: Path) -> str:
