@@ -50,7 +50,7 @@ def uv_flags(settings: dict[str, list[str]]) -> list[str]:
             if name == "constraint" and not os.path.exists(value):
                 continue
             flags += [flag, value]
-    if len(flags) > 0:
+    if flags:
         # pip takes the best version over all its sources; uv's default stops at the first index
         # that has the package
         flags += ["--index-strategy", "unsafe-best-match"]

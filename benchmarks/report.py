@@ -268,13 +268,13 @@ def patchcore_page(results: Path) -> Page | None:
 SR_DEMO = ("`make demo` sweeps `experiment=quickstart` (scikit-learn's digits, one digit normal) over compression "
            "ratios and seeds. Its student settings and its normal digit are chosen here on a labelled validation "
            "split drawn from the training images (`data.val_anomalies=other_classes`, `data.val_fraction=0.3`: "
-           "held-out normal-digit images and as many other-digit images); the test split is never scored. Mean +- std of the last epoch's "
-           "validation AUROC over seeds 0-2 per ratio. *Separated*: ratios whose mean is below the smaller ratio's "
-           "and above the larger ratio's by more than their own std. The rule reads the demo's own ratios (those "
-           "of `sweeps/quickstart_compression.yaml`) and no others: most of them separated, then the highest mean "
-           "over them, among candidates (settings and normal digit) with every seed at each of them. Candidates explored at more ratios show "
-           "those too; they do not count. "
-           "`python -m benchmarks.quickstart_selection` reproduces the table (resumable).")
+           "held-out normal-digit images and as many other-digit images); the test split is never scored. Mean +- "
+           "std of the last epoch's validation AUROC over seeds 0-2 per ratio. *Separated*: ratios whose mean is "
+           "below the smaller ratio's and above the larger ratio's by more than their own std. The rule reads the "
+           "demo's own ratios (those of `sweeps/quickstart_compression.yaml`) and no others: most of them separated,"
+           " then the highest mean over them, among candidates (settings and normal digit) with every seed at each "
+           "of them. Candidates explored at more ratios show those too; they do not count. `python -m "
+           "benchmarks.quickstart_selection` reproduces the table (resumable).")
 
 
 def score_regression_page(results: Path) -> Page | None:

@@ -43,7 +43,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
 from kd_experiments.errors import TrackingError
 
 if TYPE_CHECKING:  # Lightning loads only where a run trains (kd-report and kd-export start without it)
