@@ -39,6 +39,8 @@ CANDIDATES: dict[str, list[str]] = {
     "student_schedule=cosine,student_restarts=4": ["scheme.student_schedule=cosine", "scheme.student_restarts=4"],
     "warp_copies=1": ["scheme.corruption_exposure.warp_copies=1"],
     "warp_copies=2": ["scheme.corruption_exposure.warp_copies=2"],
+    "warp_copies=2,student_schedule=cosine": ["scheme.corruption_exposure.warp_copies=2",
+                                              "scheme.student_schedule=cosine"],
 }
 RATIOS = (8, 32, 128, 640)  # the demo sweep's (sweeps/quickstart_compression.yaml; a test keeps them equal)
 SEEDS = (0, 1, 2)
