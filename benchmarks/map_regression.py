@@ -33,11 +33,24 @@ The rule, fixed in this file before any map-regression test figure exists:
 3. **Plan**: bottle at deployed MAC ratios 10, 30, 100 and 300 (seed 0) and seeds 1 and 2 at
    ratio 30; every other category at ratio 30, seed 0, with its own teacher.
 
+4. **Comparison** (``--comparison``, what pixel supervision buys): per category, a score-regression
+   student (Pol et al.'s image-score student, :mod:`kd_experiments.schemes.score_regression`) of
+   the same teacher at the same deployed size: the member of the score-regression family (at 256,
+   128 or 64 px average-pooled input) whose deployed MACs are closest to the seed-0 ratio-30 map
+   student's. It learns from the same images as the map student (the normal training images of
+   its split and ``synthetic_per_image`` synthetic anomalies made from each, same generator and
+   texture source), regressing the teacher's image score (L1 on the standardised score, Adam
+   ``COMPARISON_LR``, cosine decay to 0, batch ``COMPARISON_BATCH``, ``COMPARISON_EPOCHS``
+   epochs, the final weights tested: the protocol of
+   :mod:`benchmarks.score_regression_cross_scheme`). Its record has ``student:
+   "score_regression"``, image AUROC only (it writes no map).
+
 Entries are named ``<category>/<teacher>/m<ratio>/s<seed>``; ``--only`` takes shell patterns.
 Resumable: a record already in the file is skipped::
 
     nohup .venv/bin/python -m benchmarks.map_regression --budget > logs/benchmarks/map_regression_budget.log 2>&1 &
     nohup .venv/bin/python -m benchmarks.map_regression > logs/benchmarks/map_regression.log 2>&1 &
+    nohup .venv/bin/python -m benchmarks.map_regression --comparison > logs/benchmarks/map_regression_comparison.log 2>&1 &
     .venv/bin/python -m benchmarks.map_regression --table
 """
 
@@ -72,6 +85,11 @@ BUDGET_TOLERANCE = 0.01
 REFERENCE_EPOCHS = 5
 BUDGET_METRICS = ("val_synthetic_pixel_auroc", "val_synthetic_image_auroc")
 TEACHER_METRICS = ("val/teacher_synthetic_pixel_auroc", "val/teacher_synthetic_image_auroc")
+# -- the comparison row (rule 4) -----------------------------------------------------------------------
+COMPARISON_EPOCHS = 80
+COMPARISON_LR = 1e-3
+COMPARISON_BATCH = 32
+COMPARISON_POOL_FACTORS = (1, 2, 4)  # the score student's input: 256, 128 or 64 px
 
 
 @dataclass(frozen=True)
@@ -87,7 +105,7 @@ class Entry:
 
     def key(self) -> dict[str, Any]:
         return {"category": self.category, "teacher_scheme": self.teacher, "requested_mac_ratio": self.ratio,
-                "seed": self.seed, "image_size": IMAGE_SIZE}
+                "seed": self.seed, "image_size": IMAGE_SIZE, "student": "map_regression"}
 
 
 def plan(teacher: str, categories: tuple[str, ...] = CATEGORIES) -> list[Entry]:
@@ -232,9 +250,141 @@ def choose_epochs(records: list[dict[str, Any]], teacher: str) -> int | None:
     return STUDY_EPOCHS
 
 
+# -- the comparison: a score-regression student of the same teacher at the same deployed size ---------
+def is_map_student(run: dict[str, Any]) -> bool:
+    return run.get("student", "map_regression") == "map_regression"
+
+
+def matched_map_run(runs: list[dict[str, Any]], category: str, teacher: str) -> dict[str, Any] | None:
+    """The seed-0 map student at the requested ratio ``SEED_RATIO`` the comparison is sized to."""
+    return next((r for r in runs if is_map_student(r) and r["category"] == category
+                 and r["teacher_scheme"] == teacher and r["requested_mac_ratio"] == SEED_RATIO and r["seed"] == 0),
+                None)
+
+
+def comparison_key(category: str, teacher: str, seed: int = 0) -> dict[str, Any]:
+    return {"category": category, "teacher_scheme": teacher, "requested_mac_ratio": SEED_RATIO, "seed": seed,
+            "image_size": IMAGE_SIZE, "student": "score_regression"}
+
+
+def closest_score_student(target_macs: float, preprocessing: Any) -> tuple[Any, int, int]:
+    """The score-regression family member and pooling factor whose deployed MACs (preprocessing
+    included) are closest to ``target_macs`` in log space: ``(spec, factor, macs)``."""
+    import math
+
+    import torch
+
+    from kd_experiments.compression import count_macs
+    from kd_experiments.schemes.score_regression.deploy import ScoreRegressionDeployable
+    from kd_experiments.schemes.score_regression.torch_model import (
+        PooledScoreRegressor,
+        build_student,
+        student_family,
+    )
+
+    best = None
+    for factor in COMPARISON_POOL_FACTORS:
+        shape = (preprocessing.input_channels, IMAGE_SIZE // factor, IMAGE_SIZE // factor)
+        for spec in student_family(shape):
+            deployable = ScoreRegressionDeployable(preprocessing,
+                                                   PooledScoreRegressor(build_student(spec, shape), factor, 0.0, 1.0))
+            macs = count_macs(deployable, torch.zeros(1, preprocessing.input_channels, IMAGE_SIZE, IMAGE_SIZE))
+            distance = abs(math.log(macs / target_macs))
+            if best is None or distance < best[0]:
+                best = (distance, spec, factor, macs)
+    assert best is not None
+    return best[1], best[2], best[3]
+
+
+def run_comparison(category: str, teacher: str, args: argparse.Namespace, results: ResultsFile) -> dict[str, Any]:
+    """Rule 4 of the module docstring, for one category: the record's fields."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.score_regression_cross_scheme import fit_student, score, stack_images, synthetic_images
+    from kd_experiments import config as kd_config
+    from kd_experiments import metrics as kd_metrics
+    from kd_experiments.cache import TensorCache, digest, tensor_digest
+    from kd_experiments.deployable import Preprocessing, measure_deployment
+    from kd_experiments.schemes.score_regression.deploy import ScoreRegressionDeployable
+    from kd_experiments.schemes.score_regression.teachers import load_scheme_teacher
+    from kd_experiments.schemes.score_regression.torch_model import PooledScoreRegressor, build_student
+
+    matched = matched_map_run(results.reload()["runs"], category, teacher)
+    if matched is None:
+        raise SystemExit(f"the comparison of {category} is sized to its seed-0 map student at ratio {SEED_RATIO}: "
+                         f"run `python -m benchmarks.map_regression --only {category}/{teacher}/m{SEED_RATIO}/s0` first")
+    checkpoint, _ = build_teacher(teacher, category, args)
+    entry = Entry(category, teacher, SEED_RATIO, 0)
+    cfg = compose(student_overrides(entry, checkpoint, args, int(matched["epochs"]), "comparison", "comparison"))
+    datamodule = kd_config.instantiate(cfg.data)
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    train_images, _ = stack_images(datamodule.train_dataset)  # the map student's training split
+    test_images, test_labels = stack_images(datamodule.test_dataset)
+    mean, std = datamodule.normalization_stats
+    per_image = int(cfg.scheme.synthetic_per_image)
+    synthetic = synthetic_images(train_images, per_image, mean, std, int(cfg.scheme.synthetic_seed))
+
+    scorer = load_scheme_teacher(TEACHER_TARGETS[teacher], checkpoint)
+    cache = TensorCache(ROOT / ".cache" / "map_regression_comparison")
+    key = digest({"teacher": str(checkpoint), "teacher_mtime_ns": checkpoint.stat().st_mtime_ns,
+                  "images": tensor_digest(train_images, synthetic, test_images)})
+    scores = cache.load(key)
+    if scores is None:
+        started = time.perf_counter()
+        scores = {"train": score(scorer, train_images), "synthetic": score(scorer, synthetic),
+                  "test": score(scorer, test_images)}
+        scores["seconds"] = torch.tensor(time.perf_counter() - started)
+        cache.save(key, scores)
+    print(f"[map_regression] comparison {category}: teacher scores {cache.last} "
+          f"({float(scores['seconds']):.0f} s to compute)", flush=True)
+
+    preprocessing = Preprocessing.from_datamodule(datamodule)
+    spec, factor, _ = closest_score_student(float(matched["deployed_macs"]), preprocessing)
+    shape = (preprocessing.input_channels, IMAGE_SIZE // factor, IMAGE_SIZE // factor)
+    inputs = torch.cat([train_images, synthetic])
+    inputs = torch.nn.functional.avg_pool2d(inputs, factor) if factor > 1 else inputs
+    targets = torch.cat([scores["train"], scores["synthetic"]])
+    target_mean, target_std = float(targets.mean()), float(targets.std())
+    torch.manual_seed(0)
+    core = build_student(spec, shape)
+    protocol = SimpleNamespace(seed=0, lr=COMPARISON_LR, batch_size=COMPARISON_BATCH, epochs=COMPARISON_EPOCHS)
+    started = time.perf_counter()
+    final_loss = fit_student(core, inputs, (targets - target_mean) / target_std, protocol)
+    train_seconds = time.perf_counter() - started
+    student = PooledScoreRegressor(core, factor, target_mean, target_std).eval()
+    student_scores = score(student, test_images)
+    deployable = ScoreRegressionDeployable(preprocessing, student).eval()
+    figures = measure_deployment(deployable)
+    teacher_macs = float(matched["deployed_macs"]) * float(matched["deployed_mac_ratio"])
+    teacher_params = float(matched["deployed_params"]) * float(matched["deployed_param_ratio"])
+    image_auroc = kd_metrics.image_auroc(student_scores, test_labels)
+    teacher_auroc = kd_metrics.image_auroc(scores["test"], test_labels)
+    return {
+        "student_spec": spec.describe(), "pool_factor": factor, "student_input_size": IMAGE_SIZE // factor,
+        "deployed_params": figures["deploy/params"], "deployed_macs": figures["deploy/macs"],
+        "deployed_mac_ratio": teacher_macs / figures["deploy/macs"],
+        "deployed_param_ratio": teacher_params / figures["deploy/params"],
+        "image_auroc": image_auroc, "pixel_auroc": None, "aupro": None,
+        "teacher_image_auroc": teacher_auroc, "image_auroc_retention": image_auroc / teacher_auroc,
+        "matched_map_image_auroc": matched["image_auroc"], "matched_map_deployed_macs": matched["deployed_macs"],
+        "matched_map_mlflow_run_id": matched.get("mlflow_run_id"),
+        "student_latency_ms_b1": figures.get("deploy/onnx_latency_ms_b1"),
+        "student_torch_latency_ms_b1": figures["deploy/latency_ms_b1"],
+        "teacher_latency_ms_b1": matched.get("teacher_latency_ms_b1"),
+        "epochs": COMPARISON_EPOCHS, "lr": COMPARISON_LR, "batch_size": COMPARISON_BATCH,
+        "synthetic_per_image": per_image, "normal_train_images": len(train_images), "train_images": len(inputs),
+        "test_images": len(test_labels), "final_train_l1_standardised": final_loss,
+        "train_seconds": train_seconds, "teacher_scoring_seconds": float(scores["seconds"]),
+        "budget_rule": "fixed",
+    }
+
+
 # -- tables --------------------------------------------------------------------------------------------
 def results_table(path: Path) -> str:
-    runs = ResultsFile(path).runs if path.exists() else []
+    runs = [run for run in (ResultsFile(path).runs if path.exists() else []) if is_map_student(run)]
     lines = ["| category | teacher | MAC ratio | param ratio | seed | image AUROC | pixel AUROC | AUPRO "
              "| teacher image / pixel / AUPRO | pixel retention | latency student / teacher (ms) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -256,7 +406,7 @@ def retention_summary(runs: list[dict]) -> str:
     """The generalisation line of the plan: per category, the seed-0 student at the requested
     deployed MAC ratio ``SEED_RATIO`` against its own teacher, and the mean over categories."""
     rows = {}
-    for run in runs:
+    for run in filter(is_map_student, runs):
         if run.get("requested_mac_ratio") == SEED_RATIO and run.get("seed") == 0 and run.get("teacher_pixel_auroc"):
             rows[run["category"]] = (run["pixel_auroc"] / run["teacher_pixel_auroc"],
                                      run["aupro"] / run["teacher_aupro"] if run.get("teacher_aupro") else float("nan"))
@@ -268,6 +418,25 @@ def retention_summary(runs: list[dict]) -> str:
     return (f"Retention at requested deployed MAC ratio {SEED_RATIO}, seed 0 (student / its own teacher, pixel AUROC "
             f"/ AUPRO): {parts}; mean over the {len(rows)} categor{'y' if len(rows) == 1 else 'ies'} "
             f"{mean_pixel:.4f} / {mean_aupro:.4f}.")
+
+
+def comparison_table(path: Path) -> str:
+    """Rule 4: the score-regression student beside the map student it is sized to (image AUROC)."""
+    runs = [run for run in (ResultsFile(path).runs if path.exists() else []) if not is_map_student(run)]
+    if not runs:
+        return ""
+    lines = ["| category | teacher | score student | deployed MACs | MAC ratio | param ratio | image AUROC "
+             "| teacher image AUROC | map student at ratio 30: MACs / image AUROC | latency (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in sorted(runs, key=lambda r: (r["category"], r["teacher_scheme"], r["seed"])):
+        latency = run.get("student_latency_ms_b1")
+        lines.append(
+            f"| {run['category']} | {run['teacher_scheme']} | {run['student_spec']} at {run['student_input_size']} px "
+            f"| {run['deployed_macs'] / 1e6:.1f} M | {run['deployed_mac_ratio']:.1f} | {run['deployed_param_ratio']:.0f} "
+            f"| {run['image_auroc']:.4f} | {run['teacher_image_auroc']:.4f} "
+            f"| {run['matched_map_deployed_macs'] / 1e6:.1f} M / {run['matched_map_image_auroc']:.4f} "
+            f"| {'-' if latency is None else f'{latency:.2f}'} |")
+    return "\n".join(lines)
 
 
 def budget_table(path: Path) -> str:
@@ -300,9 +469,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, metavar="PATTERN", help="plan entries to run")
     parser.add_argument("--plan", action="store_true", help="list the plan and what is done")
     parser.add_argument("--table", action="store_true", help="print the results as Markdown")
+    parser.add_argument("--comparison", action="store_true",
+                        help="the score-regression student at the ratio-30 map student's size (rule 4)")
     args = parser.parse_args()
     if args.table:
         print(results_table(args.output))
+        print(comparison_table(args.output))
         return
     results, budgets = ResultsFile(args.output), ResultsFile(budget_path(args.output))
     import torch
@@ -326,6 +498,15 @@ def main() -> None:
     epochs = choose_epochs(records, teacher) if teacher else None
     print(f"[map_regression] teacher: {teacher or 'study incomplete'}, budget: {epochs or '-'}", flush=True)
     if args.budget or teacher is None or epochs is None:
+        return
+    if args.comparison:
+        for category in args.categories:
+            key = comparison_key(category, teacher)
+            if results.has(key):
+                continue
+            print(f"[map_regression] comparison {category}: running", flush=True)
+            with results.record(key) as record:
+                record.update(run_comparison(category, teacher, args, results))
         return
     entries = plan(teacher, tuple(args.categories))
     if args.only:

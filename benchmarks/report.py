@@ -415,11 +415,13 @@ def mvtec_page(results: Path) -> Page | None:
 
 
 def map_regression_page(results: Path) -> Page | None:
-    runs = load_runs(results, "map_regression.json")
+    from benchmarks import map_regression
+
+    records = load_runs(results, "map_regression.json")
+    runs = [run for run in records if map_regression.is_map_student(run)]
     budget = load_runs(results, "map_regression_budget.json")
     if not runs and not budget:
         return None
-    from benchmarks import map_regression
 
     label = lambda r: f"{r.get('category')}, teacher {r.get('teacher_scheme')}"  # noqa: E731
     charts, timed = _pixel_auroc_charts(
@@ -438,6 +440,13 @@ def map_regression_page(results: Path) -> Page | None:
             parts += [NO_LATENCY, ""]
     else:
         parts += ["No test run yet: the plan runs once the study below has chosen the teacher and the budget.", ""]
+    comparison = map_regression.comparison_table(results / "map_regression.json")
+    if comparison:
+        parts += ["## What pixel supervision buys: a score-regression student of the same size", "",
+                  "The same teacher and training images (normal and synthetic), the student of Pol et al.'s "
+                  "score regression whose deployed MACs are closest to the seed-0 ratio-30 map student's, "
+                  "regressing the teacher's image score: image AUROC only (it writes no map). Latency: ONNX "
+                  "Runtime, batch 1, one thread.", "", comparison, ""]
     if budget:
         parts += ["## Teacher and epoch budget chosen on validation data "
                   "(`benchmarks/results/map_regression_budget.json`)", "",

@@ -82,7 +82,12 @@ def test_optional_pages_appear_with_their_json(tmp_path: Path) -> None:
         {**common, "category": "bottle", "teacher_scheme": "rd", "requested_mac_ratio": r, "deployed_mac_ratio": r,
          "deployed_param_ratio": r, "seed": 0, "image_auroc": 0.98, "pixel_auroc": px, "aupro": 0.9,
          "teacher_image_auroc": 0.99, "teacher_pixel_auroc": 0.98, "teacher_aupro": 0.93,
-         "student_latency_ms_b1": 1.0, "teacher_latency_ms_b1": 30.0} for r, px in [(10, 0.975), (30, 0.972)]])
+         "student_latency_ms_b1": 1.0, "teacher_latency_ms_b1": 30.0} for r, px in [(10, 0.975), (30, 0.972)]]
+        + [{**common, "category": "bottle", "teacher_scheme": "rd", "requested_mac_ratio": 30, "seed": 0,
+            "student": "score_regression", "student_spec": "deep[8, 8]", "student_input_size": 128,
+            "deployed_macs": 2e6, "deployed_mac_ratio": 31.0, "deployed_param_ratio": 900.0, "image_auroc": 0.91,
+            "pixel_auroc": None, "aupro": None, "teacher_image_auroc": 0.99, "matched_map_deployed_macs": 2.1e6,
+            "matched_map_image_auroc": 0.98, "student_latency_ms_b1": 0.5}])
     pages = {page.name: page for page in report.build(results)}
     assert {"deploy", "mvtec", "map_regression", "index"} <= set(pages)
     assert "reverse_distillation" not in pages  # its JSON is absent here
@@ -97,6 +102,10 @@ def test_optional_pages_appear_with_their_json(tmp_path: Path) -> None:
     assert report.NO_LATENCY not in mvtec
     latency = next(c for c in pages["map_regression"].charts if "latency" in c.name)
     assert latency.series[0].x == [1.0] and latency.series[0].y == [pytest.approx(0.9735)]
+    # the score-regression comparison row: its own table, never a point of the map students' charts
+    assert "| bottle | rd | deep[8, 8] at 128 px | 2.0 M | 31.0 | 900 | 0.9100 | 0.9900 | 2.1 M / 0.9800 | 0.50 |" \
+        in pages["map_regression"].markdown
+    assert pages["map_regression"].markdown.count("| bottle | rd |") == 3
     assert "python -m benchmarks.x" in pages["deploy"].markdown  # the records' own commands
     deploy_chart = pages["deploy"].charts[0]
     assert {s.label for s in deploy_chart.series} == {"reverse_distillation, student, torch",
