@@ -105,7 +105,7 @@ class Entry:
 
     def key(self) -> dict[str, Any]:
         return {"category": self.category, "teacher_scheme": self.teacher, "requested_mac_ratio": self.ratio,
-                "seed": self.seed, "image_size": IMAGE_SIZE, "student": "map_regression"}
+                "seed": self.seed, "image_size": IMAGE_SIZE}
 
 
 def plan(teacher: str, categories: tuple[str, ...] = CATEGORIES) -> list[Entry]:
@@ -252,7 +252,13 @@ def choose_epochs(records: list[dict[str, Any]], teacher: str) -> int | None:
 
 # -- the comparison: a score-regression student of the same teacher at the same deployed size ---------
 def is_map_student(run: dict[str, Any]) -> bool:
+    """A map student's record (records written before the comparison existed have no ``student``)."""
     return run.get("student", "map_regression") == "map_regression"
+
+
+def map_run_done(results: ResultsFile, entry: Entry) -> bool:
+    key = entry.key()
+    return any(is_map_student(run) and all(run.get(k) == v for k, v in key.items()) for run in results.reload()["runs"])
 
 
 def matched_map_run(runs: list[dict[str, Any]], category: str, teacher: str) -> dict[str, Any] | None:
@@ -512,14 +518,14 @@ def main() -> None:
     if args.only:
         entries = [e for e in entries if any(fnmatch.fnmatch(e.name, pattern) for pattern in args.only)]
     for entry in entries:
-        done = results.has(entry.key())
+        done = map_run_done(results, entry)
         if args.plan:
             print(f"{'done ' if done else 'to do'}  {entry.name}")
             continue
         if done:
             continue
         print(f"[map_regression] {entry.name}: running ({epochs} epochs)", flush=True)
-        with results.record(entry.key()) as record:
+        with results.record({**entry.key(), "student": "map_regression"}) as record:
             record.update(run_student(entry, args, epochs))
             record["budget_rule"] = "validation"
 
