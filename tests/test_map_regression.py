@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from kd_experiments.anomaly_maps import gaussian_blur
 from kd_experiments.cache import TensorCache, digest, module_digest, tensor_digest
+from kd_experiments.checkpoints import load_scheme
 from kd_experiments.compression import count_macs
 from kd_experiments.deployable import DeployableModel, Preprocessing
 from kd_experiments.errors import ConfigError
@@ -182,11 +183,21 @@ def test_a_run_logs_quality_sizes_and_reuses_the_teacher_maps(patchcore_teacher)
               f"scheme.teacher.checkpoint={checkpoint}"]
     train_in_process(common, env, root / "first")
     train_in_process([*common, "scheme.learning_rate=0.001"], env, root / "second")  # same data and teacher
+    # the teacher-feature switch: a second target, trained beside the student and never shipped
+    train_in_process([*common, "scheme.feature_weight=1.0", *NO_DEPLOY], env, root / "features")
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("map_regression_smoke").experiment_id],
                               order_by=["attributes.start_time ASC"])
-    assert [run.info.status for run in runs] == ["FINISHED", "FINISHED"]
-    first, second = runs
+    assert [run.info.status for run in runs] == ["FINISHED", "FINISHED", "FINISHED"]
+    first, second, features = runs
+    assert features.data.metrics["teacher_map_cache_hit"] == 0.0  # the maps plus the features: a new entry
+    assert features.data.metrics["train/feature_loss"] > 0 and "test/pixel_auroc" in features.data.metrics
+    assert features.data.params["deployed_params"] == first.data.params["deployed_params"]
+    assert int(features.data.params["scheme.feature_level"]) == 1
+    rebuilt = load_scheme("kd_experiments.schemes.map_regression.MapRegressionScheme",
+                          root / "features" / "checkpoints" / "last.ckpt")  # strict: the head is rebuilt too
+    assert rebuilt.feature_head is not None and rebuilt.teacher is None
+    assert "feature_head" not in dict(rebuilt.deployable_model().named_children())
     assert first.data.metrics["teacher_map_cache_hit"] == 0.0 and second.data.metrics["teacher_map_cache_hit"] == 1.0
     for key in ("test/image_auroc", "test/pixel_auroc", "test/aupro", "test/teacher_pixel_auroc",
                 "val/synthetic_pixel_auroc", "val/teacher_synthetic_pixel_auroc"):

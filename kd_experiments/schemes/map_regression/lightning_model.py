@@ -15,7 +15,14 @@ What it learns from (computed once per run, cached on disk by teacher and data,
 - on ``synthetic_per_image`` synthetic anomalies made from each of them (Perlin-noise
   masks with procedural or in-set textures, the DRAEM recipe the RD-with-Expert scheme
   also uses: :mod:`kd_experiments.synthetic_anomalies`), so that the high teacher scores
-  a defect causes are seen in training.
+  a defect causes are seen in training;
+- with ``feature_weight > 0`` (a switch, off by default), also the teacher's intermediate
+  features: level ``feature_level`` of its pretrained encoder
+  (:class:`~kd_experiments.backbones.FeatureEncoder`), standardised per channel over the
+  normal training images, regressed by a 1x1 head on the student's fused features pooled
+  to that level's grid (mean squared error, weight ``feature_weight``), the way EfficientAD's
+  patch network learns a pretrained network's features. The head only shapes training: it
+  is not part of the deployed model.
 
 Maps are compared at stride 4 (the teacher's final, smoothed map average-pooled) in units
 of the teacher's normal-image scale (its ``map_scale_quantile`` quantile over the normal
@@ -90,6 +97,10 @@ class MapRegressionScheme(AnomalyScheme):
         teacher_batch_size: images per teacher call when the targets are computed.
         cache_dir: folder of the teacher-map cache (``null``: no cache, always computed).
         measure_teacher: also score the test split with the teacher (``test/teacher_*``).
+        feature_weight: weight of the teacher-feature target (0: off).
+        feature_level: which level of the teacher encoder's outputs is the feature target.
+        feature_channels: that level's channels (set from the teacher; a checkpoint rebuilds
+            the feature head without it).
     """
 
     scheme_name = "map_regression"
@@ -115,6 +126,9 @@ class MapRegressionScheme(AnomalyScheme):
         teacher_batch_size: int = 8,
         cache_dir: str | None = None,
         measure_teacher: bool = True,
+        feature_weight: float = 0.0,
+        feature_level: int = 1,
+        feature_channels: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["teacher"])
@@ -131,6 +145,10 @@ class MapRegressionScheme(AnomalyScheme):
             raise ConfigError(f"scheme.map_scale_quantile must be in [0.5, 1), got {map_scale_quantile}")
         if anomaly_weight < 0:
             raise ConfigError(f"scheme.anomaly_weight must be >= 0, got {anomaly_weight}")
+        if not float(feature_weight) >= 0:
+            raise ConfigError(f"scheme.feature_weight must be >= 0 (0: off), got {feature_weight}")
+        if not isinstance(feature_level, int) or feature_level < 0:
+            raise ConfigError(f"scheme.feature_level must be an integer >= 0, got {feature_level!r}")
         height, width_pixels = self.input_shape[1:]
         if height % (4 * MAP_STRIDE) or width_pixels % (4 * MAP_STRIDE):
             raise ConfigError(
@@ -149,11 +167,45 @@ class MapRegressionScheme(AnomalyScheme):
                                         lambda candidate: self._deployed_macs_of(int(candidate)))
             self.hparams["width"] = int(width)  # a checkpoint rebuilds the same student without the teacher
         self.student = MapStudent(self.input_shape[0], int(width), depth, context_multiplier)
+        self.feature_head: nn.Module | None = None
+        if float(feature_weight) > 0:
+            if feature_channels is None:
+                if teacher is None:
+                    raise ConfigError("scheme.feature_weight > 0 needs scheme.teacher (its encoder's features)")
+                feature_channels = self._teacher_level_channels()
+                self.hparams["feature_channels"] = int(feature_channels)
+            # trained beside the student, never shipped (deployable_model() holds the student alone)
+            self.feature_head = nn.Conv2d(self.student.feature_channels, int(feature_channels), 1)
         self._targets: dict[str, torch.Tensor] = {}
         self._generator = torch.Generator().manual_seed(int(synthetic_seed))
         self._val: dict[str, list[torch.Tensor]] = {}
         self._summary: dict[str, Any] | None = None
         self.cache_status: str = "none"
+
+    # -- the teacher-feature target ------------------------------------------------------------
+    def _teacher_encoder(self) -> nn.Module:
+        """The teacher's pretrained encoder (the first :class:`FeatureEncoder` in its deployed model)."""
+        from kd_experiments.backbones import FeatureEncoder
+
+        assert self.teacher is not None
+        encoder = next((m for m in self.teacher.model.modules() if isinstance(m, FeatureEncoder)), None)
+        if encoder is None:
+            raise ConfigError(
+                f"scheme.feature_weight > 0 needs a teacher with a pretrained encoder (reverse distillation, RD "
+                f"with Expert, PatchCore); {type(self.teacher.model).__name__} has none"
+            )
+        return encoder
+
+    def _teacher_level_channels(self) -> int:
+        channels = list(self._teacher_encoder().out_channels)
+        if self.hparams.feature_level >= len(channels):
+            raise ConfigError(f"scheme.feature_level={self.hparams.feature_level}: the teacher's encoder has "
+                              f"{len(channels)} levels (0..{len(channels) - 1})")
+        return int(channels[self.hparams.feature_level])
+
+    @property
+    def uses_features(self) -> bool:
+        return self.feature_head is not None
 
     # -- sizes -----------------------------------------------------------------------------
     def _deployed_macs_of(self, width: int) -> int:
@@ -234,17 +286,33 @@ class MapRegressionScheme(AnomalyScheme):
         return torch.stack(anomalous), torch.stack(masks)
 
     @torch.no_grad()
-    def _teacher_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """The teacher's final maps ``(N, 1, H, W)`` at the data's size, on the CPU."""
+    def _teacher_maps(self, images: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The teacher's final maps ``(N, 1, H, W)`` at the data's size, on the CPU; with a list
+        as ``features``, the encoder's level ``feature_level`` of the same calls is appended to it."""
         assert self.teacher is not None
         device = self._teacher_device()
+        captured: list[torch.Tensor] = []
+        hook = None
+        if features is not None:
+            level = self.hparams.feature_level
+            hook = self._teacher_encoder().register_forward_hook(
+                lambda module, inputs, outputs: captured.append(outputs[level].float().cpu()))
         maps = []
-        for start in range(0, len(images), self.hparams.teacher_batch_size):
-            raw = self.raw_images(images[start:start + self.hparams.teacher_batch_size]).clamp(0.0, 1.0)
-            _, batch_maps = self.teacher(raw.to(device))
-            if tuple(batch_maps.shape[-2:]) != tuple(images.shape[-2:]):
-                batch_maps = upsample(batch_maps, images.shape[-2:])
-            maps.append(batch_maps.float().cpu())
+        try:
+            for start in range(0, len(images), self.hparams.teacher_batch_size):
+                raw = self.raw_images(images[start:start + self.hparams.teacher_batch_size]).clamp(0.0, 1.0)
+                _, batch_maps = self.teacher(raw.to(device))
+                if tuple(batch_maps.shape[-2:]) != tuple(images.shape[-2:]):
+                    batch_maps = upsample(batch_maps, images.shape[-2:])
+                maps.append(batch_maps.float().cpu())
+        finally:
+            if hook is not None:
+                hook.remove()
+        if features is not None:
+            if len(captured) != len(maps):
+                raise ConfigError(f"the teacher's encoder ran {len(captured)} times for {len(maps)} batches; "
+                                  "its features cannot be matched to its maps (scheme.feature_weight)")
+            features.append(torch.cat(captured))
         return torch.cat(maps)
 
     def _prepare_targets(self) -> None:
@@ -257,13 +325,16 @@ class MapRegressionScheme(AnomalyScheme):
         copies = self.hparams.synthetic_per_image
         train_synthetic, train_masks = self._synthetic(train, copies, self.hparams.synthetic_seed)
         val_synthetic, val_masks = self._synthetic(val, 1, self.hparams.synthetic_seed + 104729)
-        key = digest({
+        parts = {
             "teacher": module_digest(self.teacher.model),
             "train": tensor_digest(train), "val": tensor_digest(val),
             "synthetic": [copies, self.hparams.texture_source, self.hparams.anomaly_beta_max,
                           self.hparams.synthetic_seed],
             "stride": MAP_STRIDE, "torch": torch.__version__,
-        })
+        }
+        if self.uses_features:  # an entry with the feature targets too (entries without them keep their keys)
+            parts["feature_level"] = self.hparams.feature_level
+        key = digest(parts)
         cache = TensorCache(self.hparams.cache_dir) if self.hparams.cache_dir else None
         entry = None
         if cache is not None:
@@ -288,13 +359,19 @@ class MapRegressionScheme(AnomalyScheme):
             "val_synthetic": val_synthetic[0], "val_masks": val_masks[0],
             "val_targets": entry["val_targets"] / scale,
         }
+        if self.uses_features:
+            features = entry["train_features"]
+            mean = features[0].mean(dim=(0, 2, 3), keepdim=True)
+            std = features[0].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+            self._targets["train_features"] = (features - mean) / std  # per channel, over the normal images
         self._teacher_val = {k: float(entry[k]) for k in ("teacher_synthetic_pixel_auroc",
                                                           "teacher_synthetic_image_auroc")}
 
     def _compute_targets(self, train, train_synthetic, val, val_synthetic, val_masks) -> dict[str, torch.Tensor]:
         pool = MAP_STRIDE
-        normal = F.avg_pool2d(self._teacher_maps(train), pool)
-        synthetic = torch.stack([F.avg_pool2d(self._teacher_maps(copy), pool) for copy in train_synthetic])
+        features: list[torch.Tensor] | None = [] if self.uses_features else None
+        normal = F.avg_pool2d(self._teacher_maps(train, features), pool)
+        synthetic = torch.stack([F.avg_pool2d(self._teacher_maps(copy, features), pool) for copy in train_synthetic])
         val_normal_full = self._teacher_maps(val)
         val_synthetic_full = self._teacher_maps(val_synthetic[0])
         scale = torch.quantile(normal.flatten().double(), float(self.hparams.map_scale_quantile)).float()
@@ -302,7 +379,9 @@ class MapRegressionScheme(AnomalyScheme):
         masks = torch.cat([torch.zeros_like(val_masks[0]), val_masks[0]]).squeeze(1) > 0.5
         maps = torch.cat([val_normal_full, val_synthetic_full]).squeeze(1)
         labels = masks.flatten(1).any(1).long()
+        extra = {"train_features": torch.stack(features)} if features is not None else {}
         return {
+            **extra,
             "train_targets": torch.cat([normal.unsqueeze(0), synthetic]),
             "val_targets": torch.stack([F.avg_pool2d(val_normal_full, pool), F.avg_pool2d(val_synthetic_full, pool)]),
             "map_scale": scale,
@@ -322,8 +401,8 @@ class MapRegressionScheme(AnomalyScheme):
 
     # -- training -----------------------------------------------------------------------------
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.student.parameters(), lr=self.hparams.learning_rate,
-                                 weight_decay=self.hparams.weight_decay)
+        parameters = [*self.student.parameters(), *(self.feature_head.parameters() if self.uses_features else [])]
+        return torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
 
     def _student_maps(self, images: torch.Tensor) -> torch.Tensor:
         return smooth_student_map(self.student(images), self.hparams.blur_sigma)
@@ -337,9 +416,19 @@ class MapRegressionScheme(AnomalyScheme):
         synthetic = targets["train_synthetic"][pick, index].to(normal.device)
         target = torch.cat([targets["train_targets"][0, index], targets["train_targets"][1 + pick, index]])
         masks = torch.cat([torch.zeros_like(targets["train_masks"][pick, index]), targets["train_masks"][pick, index]])
-        predicted = self._student_maps(torch.cat([normal, synthetic]))
+        images = torch.cat([normal, synthetic])
+        features = self.student.features(images)
+        predicted = smooth_student_map(self.student.head(features), self.hparams.blur_sigma)
         loss = map_loss(predicted, target.to(predicted.device), masks.to(predicted.device),
                         self.hparams.loss, self.hparams.anomaly_weight)
+        if self.uses_features:
+            wanted = torch.cat([targets["train_features"][0, index], targets["train_features"][1 + pick, index]])
+            wanted = wanted.to(features.device)
+            guessed = self.feature_head(F.adaptive_avg_pool2d(features, wanted.shape[-2:]))
+            feature_loss = F.mse_loss(guessed, wanted)
+            self.check_finite("train/feature_loss", feature_loss)
+            self.log("train/feature_loss", feature_loss, on_step=False, on_epoch=True, batch_size=len(index))
+            loss = loss + float(self.hparams.feature_weight) * feature_loss
         self.check_finite("train/loss", loss)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(index))
         return loss

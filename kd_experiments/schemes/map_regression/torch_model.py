@@ -81,12 +81,21 @@ class MapStudent(nn.Module):
         self.lateral = nn.Conv2d(context, features, 1)
         self.head = nn.Sequential(_conv(features, self.width, 3), nn.Conv2d(self.width, 1, 1))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images ``(B, C, H, W)`` -> raw maps ``(B, 1, H / 4, W / 4)`` (normal-image units)."""
+    @property
+    def feature_channels(self) -> int:
+        """Channels of :meth:`features` (the map-resolution features the head reads)."""
+        return 2 * self.width
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> the fused features at stride 4, ``(B, 2 * width, H / 4, W / 4)``."""
         local = self.stem(images)
         context = self.lateral(self.context(local))
         context = F.interpolate(context, size=local.shape[-2:], mode="bilinear", align_corners=False)
-        return self.head(F.relu(local + context))
+        return F.relu(local + context)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images ``(B, C, H, W)`` -> raw maps ``(B, 1, H / 4, W / 4)`` (normal-image units)."""
+        return self.head(self.features(images))
 
 
 def smooth_student_map(raw: torch.Tensor, sigma: float) -> torch.Tensor:
