@@ -45,6 +45,10 @@ The rule, fixed in this file before any map-regression test figure exists:
    :mod:`benchmarks.score_regression_cross_scheme`). Its record has ``student:
    "score_regression"``, image AUROC only (it writes no map).
 
+Settings other than the default are studied on validation data only (``--budget --variant
+scheme.feature_weight=1.0``: the study run of rule 2 with those overrides, the chosen teacher; its
+records carry ``variant``); rules 1 and 2 read the default's records alone.
+
 Entries are named ``<category>/<teacher>/m<ratio>/s<seed>``; ``--only`` takes shell patterns.
 Resumable: a record already in the file is skipped::
 
@@ -205,15 +209,18 @@ def run_student(entry: Entry, args: argparse.Namespace, epochs: int) -> dict[str
     }
 
 
-def study(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
-    """The budget study of one teacher: per-epoch validation figures and the teacher's own."""
+def study(entry: Entry, args: argparse.Namespace,
+          variant: tuple[str, ...] = ()) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+    """The budget study of one teacher (with ``variant``'s overrides added: a setting studied on
+    validation data): per-epoch validation figures and the teacher's own."""
     from kd_experiments.train import train
 
     checkpoint, teacher_budget_used = build_teacher(entry.teacher, entry.category, args)
-    tag = f"map-regression-budget-{entry.name.replace('/', '-')}-{os.getpid()}-{time.time_ns()}"
-    run_dir = ROOT / "logs" / "benchmarks" / "map_regression" / f"budget-{entry.name.replace('/', '-')}"
+    name = entry.name.replace("/", "-") + "".join(f"-{o.replace('/', '-')}" for o in variant)
+    tag = f"map-regression-budget-{name}-{os.getpid()}-{time.time_ns()}"
+    run_dir = ROOT / "logs" / "benchmarks" / "map_regression" / f"budget-{name}"
     chosen = [*student_overrides(entry, checkpoint, args, STUDY_EPOCHS, tag, "budget"), "test=false",
-              "trainer.num_sanity_val_steps=0", "deploy.measure=false", "deploy.log_model=false"]
+              "trainer.num_sanity_val_steps=0", "deploy.measure=false", "deploy.log_model=false", *variant]
     train(compose(chosen, output_dir=run_dir))
     client, run = mlflow_run(tag, "map_regression_bottle")
     steps = {point.step: int(point.value) for point in client.get_metric_history(run.info.run_id, "epoch")}
@@ -230,7 +237,8 @@ def choose_teacher(records: list[dict[str, Any]]) -> str | None:
     """Rule 1: the teacher with the higher mean validation synthetic AUROC (``None`` until both are studied)."""
     scores = {}
     for teacher in TEACHERS:
-        rows = [r for r in records if r.get("teacher_scheme") == teacher and r.get("epoch") == STUDY_EPOCHS]
+        rows = [r for r in records if r.get("teacher_scheme") == teacher and r.get("epoch") == STUDY_EPOCHS
+                and r.get("variant") is None]
         if not rows:
             return None
         scores[teacher] = statistics.fmean(rows[0][name.replace("/", "_")] for name in TEACHER_METRICS)
@@ -239,7 +247,7 @@ def choose_teacher(records: list[dict[str, Any]]) -> str | None:
 
 def choose_epochs(records: list[dict[str, Any]], teacher: str) -> int | None:
     """Rule 2: the smallest candidate epoch within the tolerance of the last epochs' mean."""
-    rows = {r["epoch"]: r for r in records if r.get("teacher_scheme") == teacher}
+    rows = {r["epoch"]: r for r in records if r.get("teacher_scheme") == teacher and r.get("variant") is None}
     if STUDY_EPOCHS not in rows:
         return None
     last = range(STUDY_EPOCHS - REFERENCE_EPOCHS + 1, STUDY_EPOCHS + 1)
@@ -449,13 +457,15 @@ def budget_table(path: Path) -> str:
     """The study (rules 1 and 2): per studied teacher, its validation figures, the student's at the
     candidate budgets, and what the rules give (or that the study is incomplete)."""
     records = ResultsFile(path).runs if path.exists() else []
-    lines = ["| teacher | teacher val synthetic pixel / image AUROC | epoch | student val synthetic pixel AUROC "
-             "| student val synthetic image AUROC | val loss |", "|---|---|---|---|---|---|"]
-    for record in sorted(records, key=lambda r: (r["teacher_scheme"], r["epoch"])):
+    lines = ["| teacher | setting | teacher val synthetic pixel / image AUROC | epoch "
+             "| student val synthetic pixel AUROC | student val synthetic image AUROC | val loss |",
+             "|---|---|---|---|---|---|---|"]
+    for record in sorted(records, key=lambda r: (r["teacher_scheme"], r.get("variant") or "", r["epoch"])):
         if record["epoch"] in BUDGET_CANDIDATES:
             teacher = " / ".join(f"{record[name.replace('/', '_')]:.4f}" if name.replace("/", "_") in record else "-"
                                  for name in TEACHER_METRICS)
-            lines.append(f"| {record['teacher_scheme']} | {teacher} | {record['epoch']} "
+            setting = f"`{record['variant']}`" if record.get("variant") else "default"
+            lines.append(f"| {record['teacher_scheme']} | {setting} | {teacher} | {record['epoch']} "
                          f"| {record['val_synthetic_pixel_auroc']:.4f} | {record['val_synthetic_image_auroc']:.4f} "
                          f"| {record['val_loss']:.4f} |")
     teacher = choose_teacher(records)
@@ -475,6 +485,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, metavar="PATTERN", help="plan entries to run")
     parser.add_argument("--plan", action="store_true", help="list the plan and what is done")
     parser.add_argument("--table", action="store_true", help="print the results as Markdown")
+    parser.add_argument("--variant", nargs="+", default=None, metavar="OVERRIDE",
+                        help="with --budget: study these scheme overrides (e.g. scheme.feature_weight=1.0) on "
+                             "validation data, with the chosen teacher, beside the default")
     parser.add_argument("--comparison", action="store_true",
                         help="the score-regression student at the ratio-30 map student's size (rule 4)")
     args = parser.parse_args()
@@ -487,6 +500,21 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     use_project_mlflow_store()
+    if args.budget and args.variant:
+        teacher = choose_teacher(budgets.runs)
+        if teacher is None:
+            raise SystemExit("a variant is studied with the chosen teacher: run --budget first")
+        entry = Entry("bottle", teacher, SEED_RATIO, 0)
+        key = {**entry.key(), "max_epochs": STUDY_EPOCHS, "variant": " ".join(args.variant)}
+        if not budgets.has({**key, "epoch": STUDY_EPOCHS}):
+            started_at, started = now_utc(), time.perf_counter()
+            epochs, teacher_figures = study(entry, args, tuple(args.variant))
+            wall = time.perf_counter() - started
+            for epoch, values in sorted(epochs.items()):
+                budgets.append({**key, "epoch": epoch, **values, **teacher_figures}, started_at=started_at,
+                               wall_s=wall)
+        print(budget_table(budget_path(args.output)), flush=True)
+        return
     if args.budget:
         for teacher in TEACHERS:
             entry = Entry("bottle", teacher, SEED_RATIO, 0)
