@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from kd_experiments.data.one_class import OneClassDataModule
+from kd_experiments.data.one_class import OneClassDataModule, _digits_splits
 from kd_experiments.errors import ConfigError
 from kd_experiments.train import train
 from tests.conftest import fast_overrides
@@ -39,6 +39,11 @@ def test_other_class_validation_anomalies_come_from_the_training_split_only() ->
     assert torch.equal(again.val_dataset.images, labelled.val_dataset.images)
     other_seed = _digits(val_anomalies="other_classes", seed=1)
     assert not torch.equal(other_seed.val_dataset.images[other_seed.val_dataset.labels == 1], anomalies.view(-1, 1, 16, 16))
+    # every other-class training image: the same normal images, all the others as anomalies
+    every = _digits(val_anomalies="all_other_classes")
+    assert torch.equal(every.val_dataset.images[every.val_dataset.labels == 0], plain.val_dataset.images)
+    train_split, _ = _digits_splits(0)  # the training split of every class (split_seed 0)
+    assert int((every.val_dataset.labels == 1).sum()) == int((train_split.class_ids != 3).sum())
     with pytest.raises(ConfigError, match="val_anomalies"):
         _digits(val_anomalies="test_split")
 

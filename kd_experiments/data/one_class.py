@@ -12,7 +12,9 @@ test on the official test split. Two test protocols:
 
 Validation holds out a seeded fraction of the normal class's training images
 (label 0). With ``val_anomalies="other_classes"`` it also holds as many training
-images of the other classes (label 1, a seeded draw), so that a scheme can be
+images of the other classes (label 1, a seeded draw), with
+``"all_other_classes"`` every one of them (a finer validation AUROC where the
+normal class is small, e.g. digits), so that a scheme can be
 scored on validation (``val/image_auroc``) and an epoch selected without
 looking at the test split; the training split itself is unchanged (normal images
 only). Sets, all loaded into memory as tensors:
@@ -66,7 +68,7 @@ DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "folder", "digits")
 PROTOCOLS: tuple[str, ...] = ("all_others", "balanced")
 NORMALIZATIONS: tuple[str, ...] = ("dataset", "imagenet", "none")
 CHANNELS: tuple[int, ...] = (1, 3)
-VAL_ANOMALIES: tuple[str, ...] = ("none", "other_classes")
+VAL_ANOMALIES: tuple[str, ...] = ("none", "other_classes", "all_other_classes")
 
 MNIST_CLASS_NAMES: tuple[str, ...] = tuple(str(digit) for digit in range(10))
 FASHION_MNIST_CLASS_NAMES: tuple[str, ...] = (
@@ -277,9 +279,10 @@ class OneClassDataModule(SplitDataModule):
         max_train_samples: Keep at most this many training images (seeded draw).
         max_test_samples: Keep at most this many test images, drawn (seeded)
             per label in the protocol's normal/anomalous proportion.
-        val_anomalies: ``"none"`` (validation: held-out normal images only) or
+        val_anomalies: ``"none"`` (validation: held-out normal images only),
             ``"other_classes"`` (plus as many training images of the other
-            classes, label 1: a labelled validation split from training data).
+            classes, label 1: a labelled validation split from training data) or
+            ``"all_other_classes"`` (plus every training image of the other classes).
         channels: 1 (grey) or 3 (RGB: colour folders are read in colour, grey
             sets get their channel repeated).
 
@@ -558,13 +561,14 @@ class OneClassDataModule(SplitDataModule):
             train_raw, train_positions, torch.zeros(len(train_positions), dtype=torch.int64)
         )
         val_labels = torch.zeros(len(val_positions), dtype=torch.int64)
-        if self.val_anomalies == "other_classes":
+        if self.val_anomalies != "none":
             others = torch.nonzero(train_raw.class_ids != self.normal_class).flatten()
             if len(others) == 0:
-                raise DataError(f"val_anomalies=other_classes: the {self.dataset} training split has no "
+                raise DataError(f"val_anomalies={self.val_anomalies}: the {self.dataset} training split has no "
                                 "image of another class")
             generator = torch.Generator().manual_seed(self.seed + 7)
-            chosen = others[torch.randperm(len(others), generator=generator)[: len(val_positions)]]
+            count = len(val_positions) if self.val_anomalies == "other_classes" else len(others)
+            chosen = others[torch.randperm(len(others), generator=generator)[:count]]
             val_positions = val_positions + chosen.tolist()
             val_labels = torch.cat([val_labels, torch.ones(len(chosen), dtype=torch.int64)])
         self._val = self._subset(train_raw, val_positions, val_labels)
