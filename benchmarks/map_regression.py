@@ -64,6 +64,7 @@ import argparse
 import fnmatch
 import json
 import os
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -216,7 +217,7 @@ def study(entry: Entry, args: argparse.Namespace,
     from kd_experiments.train import train
 
     checkpoint, teacher_budget_used = build_teacher(entry.teacher, entry.category, args)
-    name = entry.name.replace("/", "-") + "".join(f"-{o.replace('/', '-')}" for o in variant)
+    name = entry.name.replace("/", "-") + "".join(f"-{re.sub(r'[^A-Za-z0-9._-]', '_', o)}" for o in variant)
     tag = f"map-regression-budget-{name}-{os.getpid()}-{time.time_ns()}"
     run_dir = ROOT / "logs" / "benchmarks" / "map_regression" / f"budget-{name}"
     chosen = [*student_overrides(entry, checkpoint, args, STUDY_EPOCHS, tag, "budget"), "test=false",
