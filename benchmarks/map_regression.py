@@ -47,7 +47,9 @@ The rule, fixed in this file before any map-regression test figure exists:
 
 Settings other than the default are studied on validation data only (``--budget --variant
 scheme.feature_weight=1.0``: the study run of rule 2 with those overrides, the chosen teacher; its
-records carry ``variant``); rules 1 and 2 read the default's records alone.
+records carry ``variant``); rules 1 and 2 read the default's records alone. A studied variant is
+tested with ``--variant`` (without ``--budget``) at its own budget, rule 2 applied to its own study;
+its records carry ``variant`` too and never stand for the default's.
 
 Entries are named ``<category>/<teacher>/m<ratio>/s<seed>``; ``--only`` takes shell patterns.
 Resumable: a record already in the file is skipped::
@@ -103,20 +105,27 @@ class Entry:
     teacher: str
     ratio: float
     seed: int
+    variant: str | None = None  # a setting studied on validation (space-separated overrides), None: the default
 
     @property
     def name(self) -> str:
-        return f"{self.category}/{self.teacher}/m{self.ratio:g}/s{self.seed}"
+        return f"{self.category}/{self.teacher}/m{self.ratio:g}/s{self.seed}" + (f"/{self.variant}" if self.variant
+                                                                                 else "")
+
+    @property
+    def folder(self) -> str:
+        """The entry's name as a folder name and Hydra tag value."""
+        return re.sub(r"[^A-Za-z0-9._-]", "_", self.name.replace("/", "-"))
 
     def key(self) -> dict[str, Any]:
         return {"category": self.category, "teacher_scheme": self.teacher, "requested_mac_ratio": self.ratio,
-                "seed": self.seed, "image_size": IMAGE_SIZE}
+                "seed": self.seed, "image_size": IMAGE_SIZE, "variant": self.variant}
 
 
-def plan(teacher: str, categories: tuple[str, ...] = CATEGORIES) -> list[Entry]:
-    entries = [Entry("bottle", teacher, ratio, 0) for ratio in BOTTLE_RATIOS]
-    entries += [Entry("bottle", teacher, SEED_RATIO, seed) for seed in EXTRA_SEEDS]
-    entries += [Entry(category, teacher, SEED_RATIO, 0) for category in categories if category != "bottle"]
+def plan(teacher: str, categories: tuple[str, ...] = CATEGORIES, variant: str | None = None) -> list[Entry]:
+    entries = [Entry("bottle", teacher, ratio, 0, variant) for ratio in BOTTLE_RATIOS]
+    entries += [Entry("bottle", teacher, SEED_RATIO, seed, variant) for seed in EXTRA_SEEDS]
+    entries += [Entry(category, teacher, SEED_RATIO, 0, variant) for category in categories if category != "bottle"]
     return entries
 
 
@@ -173,7 +182,7 @@ def student_overrides(entry: Entry, checkpoint: Path, args: argparse.Namespace, 
         f"data.category={entry.category}", f"data.image_size={IMAGE_SIZE}", f"seed={entry.seed}",
         f"scheme.teacher.scheme_target={TEACHER_TARGETS[entry.teacher]}", f"scheme.teacher.checkpoint={checkpoint}",
         f"scheme.deployed_mac_ratio={entry.ratio:g}", f"trainer.max_epochs={epochs}", *QUIET,
-        f"+tags.purpose={purpose}", f"+tags.benchmark_run={tag}",
+        f"+tags.purpose={purpose}", f"+tags.benchmark_run={tag}", *(entry.variant.split() if entry.variant else []),
     ]
 
 
@@ -181,8 +190,8 @@ def run_student(entry: Entry, args: argparse.Namespace, epochs: int) -> dict[str
     from kd_experiments.train import train
 
     checkpoint, teacher_budget_used = build_teacher(entry.teacher, entry.category, args)
-    tag = f"map-regression-{entry.name.replace('/', '-')}-{os.getpid()}-{time.time_ns()}"
-    run_dir = ROOT / "logs" / "benchmarks" / "map_regression" / entry.name.replace("/", "-")
+    tag = f"map-regression-{entry.folder}-{os.getpid()}-{time.time_ns()}"
+    run_dir = ROOT / "logs" / "benchmarks" / "map_regression" / entry.folder
     cfg = compose(student_overrides(entry, checkpoint, args, epochs, tag, "benchmark"), output_dir=run_dir)
     metrics = train(cfg)
     _, run = mlflow_run(tag, str(cfg.experiment_name))
@@ -210,18 +219,16 @@ def run_student(entry: Entry, args: argparse.Namespace, epochs: int) -> dict[str
     }
 
 
-def study(entry: Entry, args: argparse.Namespace,
-          variant: tuple[str, ...] = ()) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
-    """The budget study of one teacher (with ``variant``'s overrides added: a setting studied on
-    validation data): per-epoch validation figures and the teacher's own."""
+def study(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+    """The budget study of one teacher (with the entry's variant, a setting studied on validation
+    data): per-epoch validation figures and the teacher's own."""
     from kd_experiments.train import train
 
     checkpoint, teacher_budget_used = build_teacher(entry.teacher, entry.category, args)
-    name = entry.name.replace("/", "-") + "".join(f"-{re.sub(r'[^A-Za-z0-9._-]', '_', o)}" for o in variant)
-    tag = f"map-regression-budget-{name}-{os.getpid()}-{time.time_ns()}"
-    run_dir = ROOT / "logs" / "benchmarks" / "map_regression" / f"budget-{name}"
+    tag = f"map-regression-budget-{entry.folder}-{os.getpid()}-{time.time_ns()}"
+    run_dir = ROOT / "logs" / "benchmarks" / "map_regression" / f"budget-{entry.folder}"
     chosen = [*student_overrides(entry, checkpoint, args, STUDY_EPOCHS, tag, "budget"), "test=false",
-              "trainer.num_sanity_val_steps=0", "deploy.measure=false", "deploy.log_model=false", *variant]
+              "trainer.num_sanity_val_steps=0", "deploy.measure=false", "deploy.log_model=false"]
     train(compose(chosen, output_dir=run_dir))
     client, run = mlflow_run(tag, "map_regression_bottle")
     steps = {point.step: int(point.value) for point in client.get_metric_history(run.info.run_id, "epoch")}
@@ -246,9 +253,10 @@ def choose_teacher(records: list[dict[str, Any]]) -> str | None:
     return max(TEACHERS, key=lambda teacher: scores[teacher])
 
 
-def choose_epochs(records: list[dict[str, Any]], teacher: str) -> int | None:
-    """Rule 2: the smallest candidate epoch within the tolerance of the last epochs' mean."""
-    rows = {r["epoch"]: r for r in records if r.get("teacher_scheme") == teacher and r.get("variant") is None}
+def choose_epochs(records: list[dict[str, Any]], teacher: str, variant: str | None = None) -> int | None:
+    """Rule 2: the smallest candidate epoch within the tolerance of the last epochs' mean (of the
+    default's study, or of ``variant``'s)."""
+    rows = {r["epoch"]: r for r in records if r.get("teacher_scheme") == teacher and r.get("variant") == variant}
     if STUDY_EPOCHS not in rows:
         return None
     last = range(STUDY_EPOCHS - REFERENCE_EPOCHS + 1, STUDY_EPOCHS + 1)
@@ -272,7 +280,7 @@ def map_run_done(results: ResultsFile, entry: Entry) -> bool:
 
 def matched_map_run(runs: list[dict[str, Any]], category: str, teacher: str) -> dict[str, Any] | None:
     """The seed-0 map student at the requested ratio ``SEED_RATIO`` the comparison is sized to."""
-    return next((r for r in runs if is_map_student(r) and r["category"] == category
+    return next((r for r in runs if is_map_student(r) and r.get("variant") is None and r["category"] == category
                  and r["teacher_scheme"] == teacher and r["requested_mac_ratio"] == SEED_RATIO and r["seed"] == 0),
                 None)
 
@@ -401,16 +409,18 @@ def run_comparison(category: str, teacher: str, args: argparse.Namespace, result
 def results_table(path: Path) -> str:
     runs = [run for run in (ResultsFile(path).runs if path.exists() else []) if is_map_student(run)]
     lines = ["| category | teacher | MAC ratio | param ratio | seed | image AUROC | pixel AUROC | AUPRO "
-             "| teacher image / pixel / AUPRO | pixel retention | latency student / teacher (ms) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for run in sorted(runs, key=lambda r: (r["category"], r["teacher_scheme"], r["requested_mac_ratio"], r["seed"])):
+             "| teacher image / pixel / AUPRO | pixel retention | latency student / teacher (ms) | setting |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run in sorted(runs, key=lambda r: (r["category"], r["teacher_scheme"], r.get("variant") or "",
+                                           r["requested_mac_ratio"], r["seed"])):
         retention = run["pixel_auroc"] / run["teacher_pixel_auroc"] if run.get("teacher_pixel_auroc") else None
+        setting = f"`{run['variant']}`" if run.get("variant") else "default"
         lines.append(
             f"| {run['category']} | {run['teacher_scheme']} | {run['deployed_mac_ratio']:.1f} "
             f"| {run['deployed_param_ratio']:.1f} | {run['seed']} | {run['image_auroc']:.4f} | {run['pixel_auroc']:.4f} "
             f"| {run['aupro']:.4f} | {run['teacher_image_auroc']:.4f} / {run['teacher_pixel_auroc']:.4f} / "
             f"{run['teacher_aupro']:.4f} | {retention:.4f} | {run['student_latency_ms_b1']:.2f} / "
-            f"{run['teacher_latency_ms_b1']:.2f} |")
+            f"{run['teacher_latency_ms_b1']:.2f} | {setting} |")
     summary = retention_summary(runs)
     if summary:
         lines += ["", summary]
@@ -422,7 +432,7 @@ def retention_summary(runs: list[dict]) -> str:
     deployed MAC ratio ``SEED_RATIO`` against its own teacher, and the mean over categories."""
     rows = {}
     for run in filter(is_map_student, runs):
-        if run.get("requested_mac_ratio") == SEED_RATIO and run.get("seed") == 0 and run.get("teacher_pixel_auroc"):
+        if run.get("variant") is None and run.get("requested_mac_ratio") == SEED_RATIO and run.get("seed") == 0 and run.get("teacher_pixel_auroc"):
             rows[run["category"]] = (run["pixel_auroc"] / run["teacher_pixel_auroc"],
                                      run["aupro"] / run["teacher_aupro"] if run.get("teacher_aupro") else float("nan"))
     if not rows:
@@ -505,11 +515,11 @@ def main() -> None:
         teacher = choose_teacher(budgets.runs)
         if teacher is None:
             raise SystemExit("a variant is studied with the chosen teacher: run --budget first")
-        entry = Entry("bottle", teacher, SEED_RATIO, 0)
-        key = {**entry.key(), "max_epochs": STUDY_EPOCHS, "variant": " ".join(args.variant)}
+        entry = Entry("bottle", teacher, SEED_RATIO, 0, " ".join(args.variant))
+        key = {**entry.key(), "max_epochs": STUDY_EPOCHS}
         if not budgets.has({**key, "epoch": STUDY_EPOCHS}):
             started_at, started = now_utc(), time.perf_counter()
-            epochs, teacher_figures = study(entry, args, tuple(args.variant))
+            epochs, teacher_figures = study(entry, args)
             wall = time.perf_counter() - started
             for epoch, values in sorted(epochs.items()):
                 budgets.append({**key, "epoch": epoch, **values, **teacher_figures}, started_at=started_at,
@@ -543,7 +553,13 @@ def main() -> None:
             with results.record(key) as record:
                 record.update(run_comparison(category, teacher, args, results))
         return
-    entries = plan(teacher, tuple(args.categories))
+    variant = " ".join(args.variant) if args.variant else None
+    if variant is not None:
+        epochs = choose_epochs(records, teacher, variant)
+        if epochs is None:
+            raise SystemExit(f"the variant {variant!r} is tested at its own budget: run --budget --variant first")
+        print(f"[map_regression] variant {variant}: budget {epochs}", flush=True)
+    entries = plan(teacher, tuple(args.categories), variant)
     if args.only:
         entries = [e for e in entries if any(fnmatch.fnmatch(e.name, pattern) for pattern in args.only)]
     for entry in entries:

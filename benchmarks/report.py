@@ -423,7 +423,8 @@ def map_regression_page(results: Path) -> Page | None:
     if not runs and not budget:
         return None
 
-    label = lambda r: f"{r.get('category')}, teacher {r.get('teacher_scheme')}"  # noqa: E731
+    label = lambda r: (f"{r.get('category')}, teacher {r.get('teacher_scheme')}"  # noqa: E731
+                       + (f", {r['variant']}" if r.get("variant") else ""))
     charts, timed = _pixel_auroc_charts(
         runs,
         ("map_regression_pixel_auroc_vs_ratio", "Encoder-free students: pixel AUROC vs deployed MAC ratio",
