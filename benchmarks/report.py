@@ -267,8 +267,11 @@ def patchcore_page(results: Path) -> Page | None:
 
 SR_DEMO = ("`make demo` sweeps `experiment=quickstart` (scikit-learn's digits, one digit normal) over compression "
            "ratios and seeds. Its student settings and its normal digit are chosen here on a labelled validation "
-           "split drawn from the training images (`data.val_anomalies=other_classes`, `data.val_fraction=0.3`: "
-           "held-out normal-digit images and as many other-digit images); the test split is never scored. Mean +- "
+           "split drawn from the training images (`data.val_fraction=0.3` of the normal digit's training images "
+           "held out, and other-digit training images as anomalies); the test split is never scored. The rule "
+           "reads the finer validation set, `data.val_anomalies=all_other_classes` (every other-digit training "
+           "image); the first table. The coarser one, `other_classes` (as many other-digit images as normal ones, "
+           "about 33 and 33), is what the settings were first explored on; the second table. Mean +- "
            "std of the last epoch's validation AUROC over seeds 0-2 per ratio. *Separated*: ratios whose mean is "
            "below the smaller ratio's and above the larger ratio's by more than their own std. The rule reads the "
            "demo's own ratios (those of `sweeps/quickstart_compression.yaml`) and no others: most of them separated,"
