@@ -241,6 +241,18 @@ def study(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, f
     return epochs, {**teacher, **teacher_budget_used}
 
 
+def record_study(entry: Entry, args: argparse.Namespace, budgets: ResultsFile) -> None:
+    """Run the study of ``entry`` unless its records are there; one record per studied epoch."""
+    key = {**entry.key(), "max_epochs": STUDY_EPOCHS}
+    if budgets.has({**key, "epoch": STUDY_EPOCHS}):
+        return
+    started_at, started = now_utc(), time.perf_counter()
+    epochs, teacher_figures = study(entry, args)
+    wall = time.perf_counter() - started
+    for epoch, values in sorted(epochs.items()):
+        budgets.append({**key, "epoch": epoch, **values, **teacher_figures}, started_at=started_at, wall_s=wall)
+
+
 def choose_teacher(records: list[dict[str, Any]]) -> str | None:
     """Rule 1: the teacher with the higher mean validation synthetic AUROC (``None`` until both are studied)."""
     scores = {}
@@ -515,29 +527,12 @@ def main() -> None:
         teacher = choose_teacher(budgets.runs)
         if teacher is None:
             raise SystemExit("a variant is studied with the chosen teacher: run --budget first")
-        entry = Entry("bottle", teacher, SEED_RATIO, 0, " ".join(args.variant))
-        key = {**entry.key(), "max_epochs": STUDY_EPOCHS}
-        if not budgets.has({**key, "epoch": STUDY_EPOCHS}):
-            started_at, started = now_utc(), time.perf_counter()
-            epochs, teacher_figures = study(entry, args)
-            wall = time.perf_counter() - started
-            for epoch, values in sorted(epochs.items()):
-                budgets.append({**key, "epoch": epoch, **values, **teacher_figures}, started_at=started_at,
-                               wall_s=wall)
+        record_study(Entry("bottle", teacher, SEED_RATIO, 0, " ".join(args.variant)), args, budgets)
         print(budget_table(budget_path(args.output)), flush=True)
         return
     if args.budget:
         for teacher in TEACHERS:
-            entry = Entry("bottle", teacher, SEED_RATIO, 0)
-            key = {**entry.key(), "max_epochs": STUDY_EPOCHS}
-            if budgets.has({**key, "epoch": STUDY_EPOCHS}):
-                continue
-            started_at, started = now_utc(), time.perf_counter()
-            epochs, teacher_figures = study(entry, args)
-            wall = time.perf_counter() - started
-            for epoch, values in sorted(epochs.items()):
-                budgets.append({**key, "epoch": epoch, **values, **teacher_figures}, started_at=started_at,
-                               wall_s=wall)
+            record_study(Entry("bottle", teacher, SEED_RATIO, 0), args, budgets)
     records = budgets.reload()["runs"]
     teacher = choose_teacher(records)
     epochs = choose_epochs(records, teacher) if teacher else None
