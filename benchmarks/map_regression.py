@@ -390,8 +390,8 @@ def run_comparison(category: str, teacher: str, args: argparse.Namespace, result
     final_loss = fit_student(core, inputs, (targets - target_mean) / target_std, protocol)
     train_seconds = time.perf_counter() - started
     student = PooledScoreRegressor(core, factor, target_mean, target_std).eval()
-    student_scores = score(student, test_images)
     deployable = ScoreRegressionDeployable(preprocessing, student).eval()
+    student_scores = score(deployable, preprocessing.to_raw(test_images))  # what ships: raw images in
     figures = measure_deployment(deployable)
     teacher_macs = float(matched["deployed_macs"]) * float(matched["deployed_mac_ratio"])
     teacher_params = float(matched["deployed_params"]) * float(matched["deployed_param_ratio"])
@@ -418,6 +418,11 @@ def run_comparison(category: str, teacher: str, args: argparse.Namespace, result
 
 
 # -- tables --------------------------------------------------------------------------------------------
+def setting_of(record: dict[str, Any]) -> str:
+    """A record's setting as a table cell: ``default`` or its variant's overrides."""
+    return f"`{record['variant']}`" if record.get("variant") else "default"
+
+
 def results_table(path: Path) -> str:
     runs = [run for run in (ResultsFile(path).runs if path.exists() else []) if is_map_student(run)]
     lines = ["| category | teacher | MAC ratio | param ratio | seed | image AUROC | pixel AUROC | AUPRO "
@@ -426,7 +431,7 @@ def results_table(path: Path) -> str:
     for run in sorted(runs, key=lambda r: (r["category"], r["teacher_scheme"], r.get("variant") or "",
                                            r["requested_mac_ratio"], r["seed"])):
         retention = run["pixel_auroc"] / run["teacher_pixel_auroc"] if run.get("teacher_pixel_auroc") else None
-        setting = f"`{run['variant']}`" if run.get("variant") else "default"
+        setting = setting_of(run)
         lines.append(
             f"| {run['category']} | {run['teacher_scheme']} | {run['deployed_mac_ratio']:.1f} "
             f"| {run['deployed_param_ratio']:.1f} | {run['seed']} | {run['image_auroc']:.4f} | {run['pixel_auroc']:.4f} "
@@ -444,7 +449,8 @@ def retention_summary(runs: list[dict]) -> str:
     deployed MAC ratio ``SEED_RATIO`` against its own teacher, and the mean over categories."""
     rows = {}
     for run in filter(is_map_student, runs):
-        if run.get("variant") is None and run.get("requested_mac_ratio") == SEED_RATIO and run.get("seed") == 0 and run.get("teacher_pixel_auroc"):
+        if (run.get("variant") is None and run.get("requested_mac_ratio") == SEED_RATIO and run.get("seed") == 0
+                and run.get("teacher_pixel_auroc")):
             rows[run["category"]] = (run["pixel_auroc"] / run["teacher_pixel_auroc"],
                                      run["aupro"] / run["teacher_aupro"] if run.get("teacher_aupro") else float("nan"))
     if not rows:
@@ -487,7 +493,7 @@ def budget_table(path: Path) -> str:
         if record["epoch"] in BUDGET_CANDIDATES:
             teacher = " / ".join(f"{record[name.replace('/', '_')]:.4f}" if name.replace("/", "_") in record else "-"
                                  for name in TEACHER_METRICS)
-            setting = f"`{record['variant']}`" if record.get("variant") else "default"
+            setting = setting_of(record)
             lines.append(f"| {record['teacher_scheme']} | {setting} | {teacher} | {record['epoch']} "
                          f"| {record['val_synthetic_pixel_auroc']:.4f} | {record['val_synthetic_image_auroc']:.4f} "
                          f"| {record['val_loss']:.4f} |")
@@ -509,8 +515,8 @@ def main() -> None:
     parser.add_argument("--plan", action="store_true", help="list the plan and what is done")
     parser.add_argument("--table", action="store_true", help="print the results as Markdown")
     parser.add_argument("--variant", nargs="+", default=None, metavar="OVERRIDE",
-                        help="with --budget: study these scheme overrides (e.g. scheme.feature_weight=1.0) on "
-                             "validation data, with the chosen teacher, beside the default")
+                        help="scheme overrides, e.g. scheme.feature_weight=1.0: with --budget, studied on "
+                             "validation data beside the default; without, the plan run at the variant's own budget")
     parser.add_argument("--comparison", action="store_true",
                         help="the score-regression student at the ratio-30 map student's size (rule 4)")
     args = parser.parse_args()
