@@ -49,7 +49,9 @@ Settings other than the default are studied on validation data only (``--budget 
 scheme.feature_weight=1.0``: the study run of rule 2 with those overrides, the chosen teacher; its
 records carry ``variant``); rules 1 and 2 read the default's records alone. A studied variant is
 tested with ``--variant`` (without ``--budget``) at its own budget, rule 2 applied to its own study;
-its records carry ``variant`` too and never stand for the default's.
+its records carry ``variant`` too and never stand for the default's. A variant whose learning rate
+decays over the run (``scheme.lr_schedule=cosine``) is tested at the study's length
+(``STUDY_EPOCHS``): its study curve at an earlier epoch is not what a run of that many epochs gives.
 
 Entries are named ``<category>/<teacher>/m<ratio>/s<seed>``; ``--only`` takes shell patterns.
 Resumable: a record already in the file is skipped::
@@ -265,12 +267,19 @@ def choose_teacher(records: list[dict[str, Any]]) -> str | None:
     return max(TEACHERS, key=lambda teacher: scores[teacher])
 
 
+def decays_over_the_run(variant: str) -> bool:
+    """Whether a variant's learning rate decays over the run's length (``scheme.lr_schedule=cosine``)."""
+    return any(override.split("=", 1) == ["scheme.lr_schedule", "cosine"] for override in variant.split())
+
+
 def choose_epochs(records: list[dict[str, Any]], teacher: str, variant: str | None = None) -> int | None:
     """Rule 2: the smallest candidate epoch within the tolerance of the last epochs' mean (of the
     default's study, or of ``variant``'s)."""
     rows = {r["epoch"]: r for r in records if r.get("teacher_scheme") == teacher and r.get("variant") == variant}
     if STUDY_EPOCHS not in rows:
         return None
+    if variant is not None and decays_over_the_run(variant):
+        return STUDY_EPOCHS
     last = range(STUDY_EPOCHS - REFERENCE_EPOCHS + 1, STUDY_EPOCHS + 1)
     reference = {metric: statistics.fmean(rows[e][metric] for e in last) for metric in BUDGET_METRICS}
     for candidate in BUDGET_CANDIDATES:

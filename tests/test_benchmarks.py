@@ -195,3 +195,18 @@ def test_a_stopped_budget_study_continues_from_its_checkpoint_into_the_same_run(
     _, resumed = mvtec.study_budget(entry, args)  # after a stop: continue, same run
     assert resumed and f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}" in composed[1]
     assert looked_up[1] == looked_up[0] and f"+tags.benchmark_run={looked_up[0]}" in composed[1]
+
+
+def test_the_map_budget_rule_and_a_schedule_that_decays_over_the_run() -> None:
+    from benchmarks.map_regression import STUDY_EPOCHS, choose_epochs
+
+    def study(variant: str | None) -> list[dict]:  # a curve that levels off at epoch 30
+        return [{"teacher_scheme": "patchcore", "variant": variant, "epoch": epoch,
+                 "val_synthetic_pixel_auroc": min(epoch, 30) / 40, "val_synthetic_image_auroc": min(epoch, 30) / 40}
+                for epoch in range(1, STUDY_EPOCHS + 1)]
+
+    assert choose_epochs(study(None), "patchcore") == 30
+    assert choose_epochs(study("scheme.feature_weight=1.0"), "patchcore", "scheme.feature_weight=1.0") == 30
+    cosine = "scheme.feature_weight=1.0 scheme.lr_schedule=cosine"
+    assert choose_epochs(study(cosine), "patchcore", cosine) == STUDY_EPOCHS  # its curve is not a shorter run's
+    assert choose_epochs(study(None)[:-1], "patchcore") is None  # the study has not ended

@@ -18,6 +18,8 @@ from kd_experiments.checkpoints import load_scheme
 from kd_experiments.compression import count_macs
 from kd_experiments.deployable import DeployableModel, Preprocessing
 from kd_experiments.errors import ConfigError
+from kd_experiments.schemes.map_regression import MapRegressionScheme
+from kd_experiments.schemes.map_regression.lightning_model import COSINE_FLOOR, cosine_decay
 from kd_experiments.schemes.map_regression.loss import map_loss
 from kd_experiments.schemes.map_regression.teachers import MapTeacher
 from kd_experiments.schemes.map_regression.torch_model import (
@@ -108,6 +110,22 @@ def test_deployable_student_takes_raw_images_and_returns_scores_and_maps() -> No
     assert model.produces_map and model.input_size == (SIZE, SIZE)
 
 
+def test_the_cosine_schedule_decays_to_its_floor_and_a_wrong_schedule_is_one_config_error() -> None:
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=0.1)
+    scheduler = cosine_decay(optimizer, total_steps=10)
+    rates = []
+    for _ in range(12):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.1)
+    assert all(later < earlier for earlier, later in zip(rates[:10], rates[1:10]))
+    assert rates[10] == rates[11] == pytest.approx(0.1 * COSINE_FLOOR)  # held at the floor past the end
+    with pytest.raises(ConfigError, match="scheme.lr_schedule"):
+        MapRegressionScheme((3, SIZE, SIZE), width=4, lr_schedule="step")
+
+
 def test_map_teacher_refuses_a_score_only_model() -> None:
     class ScoreOnly(torch.nn.Module):
         produces_map = False
@@ -182,7 +200,8 @@ def test_a_run_logs_quality_sizes_and_reuses_the_teacher_maps(patchcore_teacher)
     common = ["experiment=map_regression_smoke", *SMOKE, "trainer.max_epochs=1",
               f"scheme.teacher.checkpoint={checkpoint}"]
     train_in_process(common, env, root / "first")
-    train_in_process([*common, "scheme.learning_rate=0.001"], env, root / "second")  # same data and teacher
+    # same data and teacher, another schedule
+    train_in_process([*common, "scheme.learning_rate=0.001", "scheme.lr_schedule=cosine"], env, root / "second")
     # the teacher-feature switch: a second target, trained beside the student and never shipped
     train_in_process([*common, "scheme.feature_weight=1.0", *NO_DEPLOY], env, root / "features")
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
@@ -199,6 +218,7 @@ def test_a_run_logs_quality_sizes_and_reuses_the_teacher_maps(patchcore_teacher)
     assert rebuilt.feature_head is not None and rebuilt.teacher is None
     assert "feature_head" not in dict(rebuilt.deployable_model().named_children())
     assert first.data.metrics["teacher_map_cache_hit"] == 0.0 and second.data.metrics["teacher_map_cache_hit"] == 1.0
+    assert second.data.params["scheme.lr_schedule"] == "cosine" and second.info.status == "FINISHED"
     for key in ("test/image_auroc", "test/pixel_auroc", "test/aupro", "test/teacher_pixel_auroc",
                 "val/synthetic_pixel_auroc", "val/teacher_synthetic_pixel_auroc"):
         assert key in first.data.metrics, key

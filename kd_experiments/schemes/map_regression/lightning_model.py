@@ -46,6 +46,7 @@ out), so what is tested is what ships; the teacher is scored on the same test im
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,6 +73,18 @@ from kd_experiments.schemes.map_regression.torch_model import (
 from kd_experiments.synthetic_anomalies import TEXTURE_SOURCES, SyntheticAnomalies
 
 
+#: learning-rate schedules: the rate throughout, or cosine decay over the run's steps
+LR_SCHEDULES = ("constant", "cosine")
+#: where the cosine schedule ends, as a fraction of ``learning_rate``
+COSINE_FLOOR = 0.02
+
+
+def cosine_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step cosine decay of every group's rate to ``COSINE_FLOOR`` of it after ``total_steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: COSINE_FLOOR + (1.0 - COSINE_FLOOR) * 0.5 * (
+        1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))))
+
+
 class MapRegressionScheme(AnomalyScheme):
     """Teacher (any map-producing detector, frozen) -> encoder-free map student.
 
@@ -90,6 +103,9 @@ class MapRegressionScheme(AnomalyScheme):
         texture_source, anomaly_beta_max: the synthetic anomalies' textures and opacity.
         synthetic_seed: seed of the (cached) synthetic anomalies.
         learning_rate, weight_decay: AdamW.
+        lr_schedule: ``constant`` (the rate throughout) or ``cosine`` (per-step cosine decay
+            over the run to ``COSINE_FLOOR`` of the rate, so the final weights, the ones
+            tested, are not those of a full-rate step).
         blur_sigma: the teacher's map smoothing in input pixels (the student smooths at
             stride 4 with ``blur_sigma / 4``).
         map_scale_quantile: quantile of the teacher's normal training maps that is the
@@ -121,6 +137,7 @@ class MapRegressionScheme(AnomalyScheme):
         synthetic_seed: int = 0,
         learning_rate: float = 2e-3,
         weight_decay: float = 1e-5,
+        lr_schedule: str = "constant",
         blur_sigma: float = 4.0,
         map_scale_quantile: float = 0.99,
         teacher_batch_size: int = 8,
@@ -143,6 +160,8 @@ class MapRegressionScheme(AnomalyScheme):
             raise ConfigError(f"scheme.synthetic_per_image must be an integer >= 1, got {synthetic_per_image!r}")
         if not 0.5 <= float(map_scale_quantile) < 1.0:
             raise ConfigError(f"scheme.map_scale_quantile must be in [0.5, 1), got {map_scale_quantile}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"scheme.lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if anomaly_weight < 0:
             raise ConfigError(f"scheme.anomaly_weight must be >= 0, got {anomaly_weight}")
         if not float(feature_weight) >= 0:
@@ -402,7 +421,11 @@ class MapRegressionScheme(AnomalyScheme):
     # -- training -----------------------------------------------------------------------------
     def configure_optimizers(self):
         parameters = [*self.student.parameters(), *(self.feature_head.parameters() if self.uses_features else [])]
-        return torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        if self.hparams.lr_schedule == "constant":
+            return optimizer
+        steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine_decay(optimizer, steps), "interval": "step"}}
 
     def _student_maps(self, images: torch.Tensor) -> torch.Tensor:
         return smooth_student_map(self.student(images), self.hparams.blur_sigma)
