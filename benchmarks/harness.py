@@ -70,12 +70,13 @@ def data_root() -> Path:
 def commit() -> str:
     """The project commit this process runs (``-dirty`` when tracked files differed), taken once,
     when the benchmark starts (:func:`base_parser`), so that commits made while it runs do not
-    change the provenance of its later records."""
+    change the provenance of its later records. Results files and their pages (written by other
+    benchmarks running beside this one) do not count: they are not the code that runs."""
     global _PROCESS_COMMIT
     if _PROCESS_COMMIT is None:
         from kd_experiments.tracking import git_commit
 
-        _PROCESS_COMMIT = git_commit(ROOT)
+        _PROCESS_COMMIT = git_commit(ROOT, ignore=("benchmarks/results", "docs/results"))
     return _PROCESS_COMMIT
 
 

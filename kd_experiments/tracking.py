@@ -269,8 +269,10 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
-def git_commit(cwd: str | Path | None = None) -> str:
-    """The current git commit of the project checkout (``unknown`` outside a checkout).
+def git_commit(cwd: str | Path | None = None, ignore: Sequence[str] = ()) -> str:
+    """The current git commit of the project checkout (``unknown`` outside a checkout), with
+    ``-dirty`` when tracked files differ from it (files under the folders ``ignore`` names,
+    relative to the checkout's root, aside).
 
     ``KD_EXPERIMENTS_COMMIT``, when set, is returned as is: for copies of the code
     without their ``.git`` (a container image, a remote GPU machine).
@@ -288,7 +290,8 @@ def git_commit(cwd: str | Path | None = None) -> str:
     if out.returncode != 0 or not commit:
         return "unknown"
     dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+         *(f":(top,exclude){path}" for path in ignore)],
         cwd=search,
         capture_output=True,
         text=True,

@@ -37,10 +37,32 @@ def test_the_commit_is_the_one_the_benchmark_started_on(monkeypatch: pytest.Monk
     import kd_experiments.tracking as tracking
 
     monkeypatch.setattr(harness, "_PROCESS_COMMIT", None)
-    monkeypatch.setattr(tracking, "git_commit", lambda cwd=None: "started-on")
+    monkeypatch.setattr(tracking, "git_commit", lambda cwd=None, ignore=(): "started-on")
     harness.base_parser("A benchmark.", output="x.json")
-    monkeypatch.setattr(tracking, "git_commit", lambda cwd=None: "committed-while-running")
+    monkeypatch.setattr(tracking, "git_commit", lambda cwd=None, ignore=(): "committed-while-running")
     assert harness.commit() == "started-on"
+
+
+def test_results_written_beside_a_benchmark_do_not_make_its_commit_dirty(tmp_path: Path) -> None:
+    from kd_experiments.tracking import git_commit
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "a.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "first")
+    clean = git_commit(tmp_path, ignore=("benchmarks/results",))
+    assert len(clean) == 40
+    (tmp_path / "benchmarks" / "results" / "a.json").write_text('{"runs": []}\n')  # another benchmark wrote
+    assert git_commit(tmp_path / "benchmarks", ignore=("benchmarks/results",)) == clean  # from a subfolder too
+    assert git_commit(tmp_path) == clean + "-dirty"
+    (tmp_path / "code.py").write_text("x = 2\n")  # the code that runs changed
+    assert git_commit(tmp_path, ignore=("benchmarks/results",)) == clean + "-dirty"
 
 
 def test_a_failed_run_writes_nothing(tmp_path: Path) -> None:
