@@ -53,6 +53,13 @@ its records carry ``variant`` too and never stand for the default's. A variant w
 decays over the run (``scheme.lr_schedule=cosine``) is tested at the study's length
 (``STUDY_EPOCHS``): its study curve at an earlier epoch is not what a run of that many epochs gives.
 
+5. **Setting** (which studied setting the results stand for): per setting studied with the chosen
+   teacher (the default and each variant), the mean of ``val/synthetic_pixel_auroc`` and
+   ``val/synthetic_image_auroc`` over the last ``REFERENCE_EPOCHS`` epochs of its study; the
+   setting with the highest mean is the one validation prefers, and the headline figures (the
+   retention line of the results page) are those of that setting. The other settings' test
+   records stay in the file, named by their overrides.
+
 Entries are named ``<category>/<teacher>/m<ratio>/s<seed>``; ``--only`` takes shell patterns.
 Resumable: a record already in the file is skipped::
 
@@ -267,6 +274,30 @@ def choose_teacher(records: list[dict[str, Any]]) -> str | None:
     return max(TEACHERS, key=lambda teacher: scores[teacher])
 
 
+def setting_scores(records: list[dict[str, Any]], teacher: str) -> dict[str | None, float]:
+    """Rule 5: per setting studied with ``teacher`` (None: the default), the mean of the budget
+    metrics over the last ``REFERENCE_EPOCHS`` epochs of its (complete) study."""
+    last = range(STUDY_EPOCHS - REFERENCE_EPOCHS + 1, STUDY_EPOCHS + 1)
+    scores = {}
+    for variant in {r.get("variant") for r in records if r.get("teacher_scheme") == teacher}:
+        rows = {r["epoch"]: r for r in records if r.get("teacher_scheme") == teacher and r.get("variant") == variant}
+        if all(epoch in rows for epoch in last):
+            scores[variant] = statistics.fmean(rows[e][metric] for e in last for metric in BUDGET_METRICS)
+    return scores
+
+
+def preferred_setting(records: list[dict[str, Any]], teacher: str) -> str | None:
+    """Rule 5: the studied setting with the highest validation mean (None: the default)."""
+    scores = setting_scores(records, teacher)
+    return max(scores, key=lambda variant: scores[variant]) if scores else None
+
+
+def preferred_in(records: list[dict[str, Any]]) -> str | None:
+    """Rule 5 on a budget file's records: the preferred setting of the teacher rule 1 chose."""
+    teacher = choose_teacher(records)
+    return preferred_setting(records, teacher) if teacher else None
+
+
 def decays_over_the_run(variant: str) -> bool:
     """Whether a variant's learning rate decays over the run's length (``scheme.lr_schedule=cosine``)."""
     return any(override.split("=", 1) == ["scheme.lr_schedule", "cosine"] for override in variant.split())
@@ -432,7 +463,9 @@ def setting_of(record: dict[str, Any]) -> str:
     return f"`{record['variant']}`" if record.get("variant") else "default"
 
 
-def results_table(path: Path) -> str:
+def results_table(path: Path, preferred: str | None = None) -> str:
+    """The map students' test records; then the retention line of the setting validation prefers
+    (rule 5, ``preferred``) and of the default, when they differ."""
     runs = [run for run in (ResultsFile(path).runs if path.exists() else []) if is_map_student(run)]
     lines = ["| category | teacher | MAC ratio | param ratio | seed | image AUROC | pixel AUROC | AUPRO "
              "| teacher image / pixel / AUPRO | pixel retention | latency student / teacher (ms) | setting |",
@@ -447,18 +480,19 @@ def results_table(path: Path) -> str:
             f"| {run['aupro']:.4f} | {run['teacher_image_auroc']:.4f} / {run['teacher_pixel_auroc']:.4f} / "
             f"{run['teacher_aupro']:.4f} | {retention:.4f} | {run['student_latency_ms_b1']:.2f} / "
             f"{run['teacher_latency_ms_b1']:.2f} | {setting} |")
-    summary = retention_summary(runs)
-    if summary:
+    summaries = [retention_summary(runs, variant) for variant in dict.fromkeys([preferred, None])]
+    for summary in filter(None, summaries):
         lines += ["", summary]
     return "\n".join(lines)
 
 
-def retention_summary(runs: list[dict]) -> str:
-    """The generalisation line of the plan: per category, the seed-0 student at the requested
-    deployed MAC ratio ``SEED_RATIO`` against its own teacher, and the mean over categories."""
+def retention_summary(runs: list[dict], variant: str | None = None) -> str:
+    """The generalisation line of the plan: per category, the seed-0 student of one setting
+    (``variant``, None: the default) at the requested deployed MAC ratio ``SEED_RATIO`` against
+    its own teacher, and the mean over categories."""
     rows = {}
     for run in filter(is_map_student, runs):
-        if (run.get("variant") is None and run.get("requested_mac_ratio") == SEED_RATIO and run.get("seed") == 0
+        if (run.get("variant") == variant and run.get("requested_mac_ratio") == SEED_RATIO and run.get("seed") == 0
                 and run.get("teacher_pixel_auroc")):
             rows[run["category"]] = (run["pixel_auroc"] / run["teacher_pixel_auroc"],
                                      run["aupro"] / run["teacher_aupro"] if run.get("teacher_aupro") else float("nan"))
@@ -467,7 +501,8 @@ def retention_summary(runs: list[dict]) -> str:
     parts = ", ".join(f"{category} {pixel:.4f} / {aupro:.4f}" for category, (pixel, aupro) in sorted(rows.items()))
     mean_pixel = statistics.fmean(pixel for pixel, _ in rows.values())
     mean_aupro = statistics.fmean(aupro for _, aupro in rows.values())
-    return (f"Retention at requested deployed MAC ratio {SEED_RATIO}, seed 0 (student / its own teacher, pixel AUROC "
+    return (f"Retention, setting {'default' if variant is None else f'`{variant}`'}, at requested deployed MAC ratio "
+            f"{SEED_RATIO}, seed 0 (student / its own teacher, pixel AUROC "
             f"/ AUPRO): {parts}; mean over the {len(rows)} categor{'y' if len(rows) == 1 else 'ies'} "
             f"{mean_pixel:.4f} / {mean_aupro:.4f}.")
 
@@ -512,6 +547,16 @@ def budget_table(path: Path) -> str:
     lines += ["", f"- Studied teachers: {', '.join(studied) or 'none'} (of {', '.join(TEACHERS)}).",
               f"- Rule 1 (teacher): {teacher or 'study incomplete'}; rule 2 (budget): "
               f"{f'{epochs} epochs' if epochs else 'study incomplete'}."]
+    if teacher:
+        scores = setting_scores(records, teacher)
+        preferred = preferred_setting(records, teacher)
+        ranked = sorted(scores, key=lambda variant: -scores[variant])
+        lines.append("- Rule 5 (setting; mean of the two student figures over the last "
+                     f"{REFERENCE_EPOCHS} epochs of each study): "
+                     + "; ".join(f"{setting_of({'variant': v})} {scores[v]:.4f}"
+                                 + (f", budget {choose_epochs(records, teacher, v)} epochs" if v else "")
+                                 for v in ranked)
+                     + f". Preferred: {setting_of({'variant': preferred})}.")
     return "\n".join(lines)
 
 
@@ -530,7 +575,8 @@ def main() -> None:
                         help="the score-regression student at the ratio-30 map student's size (rule 4)")
     args = parser.parse_args()
     if args.table:
-        print(results_table(args.output))
+        budget = budget_path(args.output)
+        print(results_table(args.output, preferred_in(ResultsFile(budget).runs if budget.exists() else [])))
         print(comparison_table(args.output))
         return
     results, budgets = ResultsFile(args.output), ResultsFile(budget_path(args.output))

@@ -220,11 +220,11 @@ def test_a_stopped_budget_study_continues_from_its_checkpoint_into_the_same_run(
 
 
 def test_the_map_budget_rule_and_a_schedule_that_decays_over_the_run() -> None:
-    from benchmarks.map_regression import STUDY_EPOCHS, choose_epochs
+    from benchmarks.map_regression import STUDY_EPOCHS, choose_epochs, preferred_setting
 
-    def study(variant: str | None) -> list[dict]:  # a curve that levels off at epoch 30
+    def study(variant: str | None, top: float = 0.75) -> list[dict]:  # a curve that levels off at epoch 30
         return [{"teacher_scheme": "patchcore", "variant": variant, "epoch": epoch,
-                 "val_synthetic_pixel_auroc": min(epoch, 30) / 40, "val_synthetic_image_auroc": min(epoch, 30) / 40}
+                 "val_synthetic_pixel_auroc": min(epoch, 30) / 30 * top, "val_synthetic_image_auroc": min(epoch, 30) / 40}
                 for epoch in range(1, STUDY_EPOCHS + 1)]
 
     assert choose_epochs(study(None), "patchcore") == 30
@@ -232,3 +232,7 @@ def test_the_map_budget_rule_and_a_schedule_that_decays_over_the_run() -> None:
     cosine = "scheme.feature_weight=1.0 scheme.lr_schedule=cosine"
     assert choose_epochs(study(cosine), "patchcore", cosine) == STUDY_EPOCHS  # its curve is not a shorter run's
     assert choose_epochs(study(None)[:-1], "patchcore") is None  # the study has not ended
+    # rule 5: the setting with the highest validation mean over its last epochs; unfinished studies do not count
+    records = study(None) + study("scheme.feature_weight=1.0", top=0.8) + study(cosine, top=0.9)[:-1]
+    assert preferred_setting(records, "patchcore") == "scheme.feature_weight=1.0"
+    assert preferred_setting(study(None), "patchcore") is None and preferred_setting([], "patchcore") is None
