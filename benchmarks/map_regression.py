@@ -480,10 +480,29 @@ def results_table(path: Path, preferred: str | None = None) -> str:
             f"| {run['aupro']:.4f} | {run['teacher_image_auroc']:.4f} / {run['teacher_pixel_auroc']:.4f} / "
             f"{run['teacher_aupro']:.4f} | {retention:.4f} | {run['student_latency_ms_b1']:.2f} / "
             f"{run['teacher_latency_ms_b1']:.2f} | {setting} |")
-    summaries = [retention_summary(runs, variant) for variant in dict.fromkeys([preferred, None])]
+    summaries = [seed_summary(runs, variant) for variant in dict.fromkeys([preferred, None])]
+    summaries += [retention_summary(runs, variant) for variant in dict.fromkeys([preferred, None])]
     for summary in filter(None, summaries):
         lines += ["", summary]
     return "\n".join(lines)
+
+
+def seed_summary(runs: list[dict], variant: str | None = None) -> str:
+    """Bottle at the requested deployed MAC ratio ``SEED_RATIO``, one setting: mean and sample
+    standard deviation over its seeds (when there are at least two)."""
+    rows = [run for run in filter(is_map_student, runs) if run.get("variant") == variant
+            and run["category"] == "bottle" and run.get("requested_mac_ratio") == SEED_RATIO]
+    if len({run["seed"] for run in rows}) < 2:
+        return ""
+    figures = []
+    for key, name in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO")):
+        values = [run[key] for run in rows]
+        figures.append(f"{name} {statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}")
+    retention = [run["pixel_auroc"] / run["teacher_pixel_auroc"] for run in rows]
+    figures.append(f"pixel retention {statistics.fmean(retention):.4f} ± {statistics.stdev(retention):.4f}")
+    seeds = ", ".join(str(run["seed"]) for run in sorted(rows, key=lambda r: r["seed"]))
+    return (f"Bottle, setting {'default' if variant is None else f'`{variant}`'}, requested deployed MAC ratio "
+            f"{SEED_RATIO}, seeds {seeds} (mean ± sample std): {'; '.join(figures)}.")
 
 
 def retention_summary(runs: list[dict], variant: str | None = None) -> str:
