@@ -458,9 +458,14 @@ def run_comparison(category: str, teacher: str, args: argparse.Namespace, result
 
 
 # -- tables --------------------------------------------------------------------------------------------
+def setting_name(variant: str | None) -> str:
+    """A setting as a table cell: ``default`` or the variant's overrides."""
+    return f"`{variant}`" if variant else "default"
+
+
 def setting_of(record: dict[str, Any]) -> str:
-    """A record's setting as a table cell: ``default`` or its variant's overrides."""
-    return f"`{record['variant']}`" if record.get("variant") else "default"
+    """A record's setting as a table cell."""
+    return setting_name(record.get("variant"))
 
 
 def results_table(path: Path, preferred: str | None = None) -> str:
@@ -501,7 +506,7 @@ def seed_summary(runs: list[dict], variant: str | None = None) -> str:
     retention = [run["pixel_auroc"] / run["teacher_pixel_auroc"] for run in rows]
     figures.append(f"pixel retention {statistics.fmean(retention):.4f} ± {statistics.stdev(retention):.4f}")
     seeds = ", ".join(str(run["seed"]) for run in sorted(rows, key=lambda r: r["seed"]))
-    return (f"Bottle, setting {'default' if variant is None else f'`{variant}`'}, requested deployed MAC ratio "
+    return (f"Bottle, setting {setting_name(variant)}, requested deployed MAC ratio "
             f"{SEED_RATIO}, seeds {seeds} (mean ± sample std): {'; '.join(figures)}.")
 
 
@@ -520,7 +525,7 @@ def retention_summary(runs: list[dict], variant: str | None = None) -> str:
     parts = ", ".join(f"{category} {pixel:.4f} / {aupro:.4f}" for category, (pixel, aupro) in sorted(rows.items()))
     mean_pixel = statistics.fmean(pixel for pixel, _ in rows.values())
     mean_aupro = statistics.fmean(aupro for _, aupro in rows.values())
-    return (f"Retention, setting {'default' if variant is None else f'`{variant}`'}, at requested deployed MAC ratio "
+    return (f"Retention, setting {setting_name(variant)}, at requested deployed MAC ratio "
             f"{SEED_RATIO}, seed 0 (student / its own teacher, pixel AUROC "
             f"/ AUPRO): {parts}; mean over the {len(rows)} categor{'y' if len(rows) == 1 else 'ies'} "
             f"{mean_pixel:.4f} / {mean_aupro:.4f}.")
@@ -568,14 +573,14 @@ def budget_table(path: Path) -> str:
               f"{f'{epochs} epochs' if epochs else 'study incomplete'}."]
     if teacher:
         scores = setting_scores(records, teacher)
-        preferred = preferred_setting(records, teacher)
         ranked = sorted(scores, key=lambda variant: -scores[variant])
+        preferred = ranked[0] if ranked else None
         lines.append("- Rule 5 (setting; mean of the two student figures over the last "
                      f"{REFERENCE_EPOCHS} epochs of each study): "
-                     + "; ".join(f"{setting_of({'variant': v})} {scores[v]:.4f}"
+                     + "; ".join(f"{setting_name(v)} {scores[v]:.4f}"
                                  + (f", budget {choose_epochs(records, teacher, v)} epochs" if v else "")
                                  for v in ranked)
-                     + f". Preferred: {setting_of({'variant': preferred})}.")
+                     + f". Preferred: {setting_name(preferred)}.")
     return "\n".join(lines)
 
 

@@ -18,8 +18,8 @@ from kd_experiments.checkpoints import load_scheme
 from kd_experiments.compression import count_macs
 from kd_experiments.deployable import DeployableModel, Preprocessing
 from kd_experiments.errors import ConfigError
+from kd_experiments.schedules import COSINE_FLOOR, cosine_decay
 from kd_experiments.schemes.map_regression import MapRegressionScheme
-from kd_experiments.schemes.map_regression.lightning_model import COSINE_FLOOR, cosine_decay
 from kd_experiments.schemes.map_regression.loss import map_loss
 from kd_experiments.schemes.map_regression.teachers import MapTeacher
 from kd_experiments.schemes.map_regression.torch_model import (

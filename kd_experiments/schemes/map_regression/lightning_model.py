@@ -46,7 +46,6 @@ out), so what is tested is what ships; the teacher is scored on the same test im
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,6 +59,7 @@ from kd_experiments.cache import TensorCache, digest, module_digest, tensor_dige
 from kd_experiments.compression import count_macs, count_parameters, size_summary
 from kd_experiments.deployable import DeployableModel, Preprocessing, deployed_sizes
 from kd_experiments.errors import ConfigError
+from kd_experiments.schedules import LR_SCHEDULES, cosine_decay
 from kd_experiments.schemes.base import AnomalyScheme
 from kd_experiments.schemes.map_regression.loss import LOSSES, downsample_mask, map_loss
 from kd_experiments.schemes.map_regression.teachers import MapTeacher
@@ -71,18 +71,6 @@ from kd_experiments.schemes.map_regression.torch_model import (
     width_for_mac_ratio,
 )
 from kd_experiments.synthetic_anomalies import TEXTURE_SOURCES, SyntheticAnomalies
-
-
-#: learning-rate schedules: the rate throughout, or cosine decay over the run's steps
-LR_SCHEDULES = ("constant", "cosine")
-#: where the cosine schedule ends, as a fraction of ``learning_rate``
-COSINE_FLOOR = 0.02
-
-
-def cosine_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step cosine decay of every group's rate to ``COSINE_FLOOR`` of it after ``total_steps``."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: COSINE_FLOOR + (1.0 - COSINE_FLOOR) * 0.5 * (
-        1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))))
 
 
 class MapRegressionScheme(AnomalyScheme):

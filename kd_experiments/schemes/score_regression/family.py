@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kd_experiments.schedules import COSINE_FLOOR, LR_SCHEDULES
 from kd_experiments.schemes.score_regression.techniques import (
     OutlierSampler,
     Techniques,
@@ -70,15 +71,13 @@ class StudentTrack:
         return (self.techniques.noise_std, self.outlier_exposure)
 
 
-#: learning-rate schedules of the loops: cosine decay to 2% of ``lr``, or the authors' constant ``lr``
-LR_SCHEDULES = ("cosine", "constant")
 
 
 def _adam(module: nn.Module, lr: float, weight_decay: float, total_steps: int, schedule: str = "cosine"):
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
-    eta_min = lr * 0.02 if schedule == "cosine" else lr
+    eta_min = lr * COSINE_FLOOR if schedule == "cosine" else lr  # cosine: to 2 % of lr; constant: the authors' lr
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps), eta_min=eta_min)
     return optimizer, scheduler
 
