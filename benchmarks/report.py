@@ -408,7 +408,8 @@ def mvtec_page(results: Path) -> Page | None:
          "latency, batch 1 (ms)", "deploy_latency_ms_b1", lambda r: f"{r.get('scheme')}, {r.get('image_size')} px"))
     parts = [HEADER, "", "# MVTec AD at the papers' protocol", "", MVTEC_INTRO, "",
              "## Results (`benchmarks/results/mvtec.json`)", "", mvtec.results_table(results / "mvtec.json"), "",
-             *[c.markdown() for c in charts], "", *([] if timed else [NO_LATENCY, ""])]
+             *[c.markdown() for c in charts], "", *([] if timed else [NO_LATENCY, ""]),
+             "## Published figures and how the protocols differ", "", mvtec.references_section(), ""]
     budget = mvtec.budget_path(results / "mvtec.json")
     if budget.exists():
         parts += [f"## Epoch budget chosen on validation data (`benchmarks/results/{budget.name}`)", "",

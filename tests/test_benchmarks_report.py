@@ -115,3 +115,31 @@ def test_optional_pages_appear_with_their_json(tmp_path: Path) -> None:
     assert report.main(["--results", str(results), "--out", str(out)]) == 0
     assert (out / "charts" / "map_regression_pixel_auroc_vs_latency.png").stat().st_size > 0
     assert report.main(["--check", "--results", str(results), "--out", str(out)]) == 0
+
+
+def test_mvtec_rows_stand_beside_the_published_figures_that_could_be_read(tmp_path: Path) -> None:
+    """Each row carries its method's published figures for its category (and their mean on the mean row);
+    a method whose figures could not be read says so instead of showing numbers."""
+    from benchmarks import mvtec
+
+    common = {"provenance": "record", "image_size": 256, "seed": 0, "pixel_auroc": 0.98, "aupro": 0.95}
+    _write(tmp_path, "mvtec.json",
+           [{**common, "scheme": "patchcore", "category": c, "compression_ratio": 1.0, "coreset_fraction": 0.1,
+             "image_auroc": 0.99} for c in mvtec.CATEGORIES]
+           + [{**common, "scheme": "rd", "category": "bottle", "compression_ratio": 1.0, "budget_rule": "validation",
+               "epochs": 45, "image_auroc": 0.97}])
+    lines = mvtec.results_table(tmp_path / "mvtec.json").splitlines()
+    reference = mvtec.reference_of("patchcore")
+    for category in mvtec.CATEGORIES:
+        row = next(line for line in lines if line.startswith("| patchcore |") and f"| {category} |" in line)
+        assert row.endswith(" | " + " / ".join(f"{v:.4f}" for v in reference.figures[category]) + " |")
+    mean_row = next(line for line in lines if "**mean over 3 categories**" in line)
+    expected = [sum(reference.figures[c][i] for c in mvtec.CATEGORIES) / 3 for i in range(3)]
+    assert mean_row.endswith(" | " + " / ".join(f"{v:.4f}" for v in expected) + " |")
+    rd_row = next(line for line in lines if line.startswith("| rd |"))
+    assert "| validation: 45 epochs | bottle |" in rd_row and rd_row.endswith("| - |")
+    for ref in mvtec.REFERENCES:  # figures for every category, or a note saying why there are none
+        assert set(ref.figures) == set(mvtec.CATEGORIES) if ref.figures else ref.note
+        assert all(v is None or 0.0 <= v <= 1.0 for values in ref.figures.values() for v in values)
+    section = mvtec.references_section()
+    assert all(f"**{ref.scheme}**" in section for ref in mvtec.REFERENCES) and "not quoted" in section
