@@ -286,6 +286,20 @@ def setting_scores(records: list[dict[str, Any]], teacher: str) -> dict[str | No
     return scores
 
 
+def setting_spreads(records: list[dict[str, Any]], teacher: str) -> dict[str | None, float]:
+    """Beside rule 5: per setting, the standard error of its score, from the epoch-to-epoch spread
+    of the per-epoch score (mean of the budget metrics) over the same last epochs. It says how far
+    apart two settings must be before the ranking means more than which epochs were noisy; it
+    does not count the spread between seeds, which one study per setting cannot measure."""
+    last = range(STUDY_EPOCHS - REFERENCE_EPOCHS + 1, STUDY_EPOCHS + 1)
+    spreads = {}
+    for variant in setting_scores(records, teacher):
+        rows = {r["epoch"]: r for r in records if r.get("teacher_scheme") == teacher and r.get("variant") == variant}
+        per_epoch = [statistics.fmean(rows[e][metric] for metric in BUDGET_METRICS) for e in last]
+        spreads[variant] = statistics.stdev(per_epoch) / len(per_epoch) ** 0.5 if len(per_epoch) > 1 else 0.0
+    return spreads
+
+
 def preferred_setting(records: list[dict[str, Any]], teacher: str) -> str | None:
     """Rule 5: the studied setting with the highest validation mean (None: the default)."""
     scores = setting_scores(records, teacher)
@@ -575,9 +589,11 @@ def budget_table(path: Path) -> str:
         scores = setting_scores(records, teacher)
         ranked = sorted(scores, key=lambda variant: -scores[variant])
         preferred = ranked[0] if ranked else None
+        spreads = setting_spreads(records, teacher)
         lines.append("- Rule 5 (setting; mean of the two student figures over the last "
-                     f"{REFERENCE_EPOCHS} epochs of each study): "
-                     + "; ".join(f"{setting_name(v)} {scores[v]:.4f}"
+                     f"{REFERENCE_EPOCHS} epochs of each study, ± its standard error from the epoch-to-epoch "
+                     "spread over those epochs): "
+                     + "; ".join(f"{setting_name(v)} {scores[v]:.4f} ± {spreads[v]:.4f}"
                                  + (f", budget {choose_epochs(records, teacher, v)} epochs" if v else "")
                                  for v in ranked)
                      + f". Preferred: {setting_name(preferred)}.")

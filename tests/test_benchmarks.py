@@ -220,7 +220,7 @@ def test_a_stopped_budget_study_continues_from_its_checkpoint_into_the_same_run(
 
 
 def test_the_map_budget_rule_and_a_schedule_that_decays_over_the_run() -> None:
-    from benchmarks.map_regression import STUDY_EPOCHS, choose_epochs, preferred_setting
+    from benchmarks.map_regression import STUDY_EPOCHS, choose_epochs, preferred_setting, setting_spreads
 
     def study(variant: str | None, top: float = 0.75) -> list[dict]:  # a curve that levels off at epoch 30
         return [{"teacher_scheme": "patchcore", "variant": variant, "epoch": epoch,
@@ -236,3 +236,9 @@ def test_the_map_budget_rule_and_a_schedule_that_decays_over_the_run() -> None:
     records = study(None) + study("scheme.feature_weight=1.0", top=0.8) + study(cosine, top=0.9)[:-1]
     assert preferred_setting(records, "patchcore") == "scheme.feature_weight=1.0"
     assert preferred_setting(study(None), "patchcore") is None and preferred_setting([], "patchcore") is None
+    # beside it, the standard error of each score: zero on a flat tail, the epoch-to-epoch spread otherwise
+    assert setting_spreads(records, "patchcore") == {None: 0.0, "scheme.feature_weight=1.0": 0.0}
+    noisy = study(None)
+    for record, step in zip(noisy[-5:], (0.0, 0.1, 0.0, 0.1, 0.0)):
+        record["val_synthetic_image_auroc"] += 2 * step  # per-epoch scores 0, .1, 0, .1, 0 above the tail
+    assert setting_spreads(noisy, "patchcore")[None] == pytest.approx(0.0547723 / 5 ** 0.5, rel=1e-4)
