@@ -29,6 +29,10 @@ the plan runs in pieces, in the background, several processes into one file::
     nohup .venv/bin/python -m benchmarks.mvtec > logs/benchmarks/mvtec.log 2>&1 &
     .venv/bin/python -m benchmarks.mvtec --table
 
+On a GPU, ``--trainer gpu`` runs the same plan with the budgets the CPU study chose into
+``benchmarks/results/mvtec_gpu.json``; its records add ``peak_gpu_memory_bytes``
+(``torch.cuda.max_memory_allocated`` over the run) and ``gpu`` (the device's name).
+
 Epoch budget: the rule, fixed in this file before any RD or RD-with-Expert test figure at
 256 px exists (:func:`choose_budget`; ``--budget`` runs the study, ``--budget-table`` shows
 it and the budgets it gives):
@@ -66,7 +70,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import QUIET, ROOT, ResultsFile, base_parser, compose, now_utc
+from benchmarks.harness import QUIET, RESULTS, ROOT, ResultsFile, base_parser, compose, now_utc
 
 CATEGORIES = ("bottle", "screw", "transistor")
 IMAGE_SIZE = 256
@@ -164,6 +168,10 @@ def choose_budget(records: list[dict[str, Any]], category: str, image_size: int 
     return BUDGET_STUDY_EPOCHS
 
 
+#: the CPU plan's results file, and the GPU plan's (``--trainer gpu``: same plan, CPU-chosen budgets)
+CPU_RESULTS, GPU_RESULTS = "mvtec.json", "mvtec_gpu.json"
+
+
 def budget_path(output: Path) -> Path:
     """The study's file beside the results file (``mvtec.json`` -> ``mvtec_budget.json``)."""
     return output.with_name(f"{output.stem}_budget{output.suffix}")
@@ -224,6 +232,11 @@ def run_entry(entry: Entry, args: argparse.Namespace, epochs: int | None) -> dic
     run_dir = ROOT / "logs" / "benchmarks" / "mvtec" / entry.name.replace("/", "-")
     tag = f"mvtec-{entry.name.replace('/', '-')}-{os.getpid()}-{time.time_ns()}"
     cfg = compose(overrides(entry, args, epochs, tag, "benchmark"), output_dir=run_dir)
+    import torch
+
+    cuda = args.trainer != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     metrics = train(cfg)
     _, run = mlflow_run(tag, str(cfg.experiment_name))
     logged, params = run.data.metrics, run.data.params
@@ -252,6 +265,9 @@ def run_entry(entry: Entry, args: argparse.Namespace, epochs: int | None) -> dic
         "batch_size": int(cfg.data.batch_size),
         "mlflow_run_id": run.info.run_id,
     }
+    if cuda:  # the GPU plan: peak memory of the whole run (training and test), and which GPU
+        record["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+        record["gpu"] = torch.cuda.get_device_name(0)
     if entry.scheme != "patchcore":
         record["min_channels"] = int(cfg.scheme.min_channels)
     return record
@@ -420,6 +436,10 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} (n={len(values)})"
 
 
+def _gib(value: int | None) -> float | None:
+    return None if value is None else value / 2**30
+
+
 def _budget(rule: str, epochs: list) -> str:
     """The budget cell: how the epochs were set and how many (PatchCore: one pass, no budget)."""
     if rule == "-":
@@ -436,10 +456,11 @@ def results_table(path: Path) -> str:
         group = (run["scheme"], run["image_size"], run["compression_ratio"], run.get("coreset_fraction"),
                  run.get("budget_rule") or "-", run.get("device", "cpu"))
         groups.setdefault(group, {}).setdefault(run["category"], []).append(run)
+    gpu = any(run.get("peak_gpu_memory_bytes") is not None for run in runs)  # the GPU plan's file
     lines = ["| scheme | px | ratio / coreset | budget | category | seeds | image AUROC | pixel AUROC | AUPRO "
              "| deployed params | deployed MACs (PatchCore: encoder + search) | bank bytes | train img/s "
-             "| infer img/s | published image / pixel / AUPRO |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| infer img/s |" + (" peak GPU memory (GiB) |" if gpu else "") + " published image / pixel / AUPRO |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "") + "---|"]
     for (scheme, size, ratio, coreset, rule, device), by_category in sorted(
             groups.items(), key=lambda item: tuple(str(part) for part in item[0])):
         setting = f"coreset {coreset:g}" if coreset is not None else f"{ratio:g}"
@@ -459,14 +480,17 @@ def results_table(path: Path) -> str:
                 f"| {_cell(cells['pixel_auroc'])} | {_cell(cells['aupro'])} | {first.get('deployed_params') or '-'} "
                 f"| {_macs(deployed_macs_total(first))} | {first.get('memory_bank_bytes') or '-'} "
                 f"| {_cell([r.get('train_images_per_s') for r in rows])} "
-                f"| {_cell([r.get('infer_images_per_s') for r in rows])} | {_reference_cell(scheme, category)} |")
+                f"| {_cell([r.get('infer_images_per_s') for r in rows])} | "
+                + (f"{_cell([_gib(r.get('peak_gpu_memory_bytes')) for r in rows])} | " if gpu else "")
+                + f"{_reference_cell(scheme, category)} |")
         if len(by_category) > 1:
             mean_cells = " | ".join(
                 f"{statistics.fmean(v):.4f}" + (f" ({len(v)} categories)" if len(v) != len(by_category) else "")
                 if v else "-" for v in means.values())
             reference = _reference_cell(scheme, None) if set(by_category) == set(CATEGORIES) else "-"
             lines.append(f"| {scheme} | {size} | {setting} | {_budget(rule, [])} "
-                         f"| **mean over {len(by_category)} categories** | | {mean_cells} | | | | | | {reference} |")
+                         f"| **mean over {len(by_category)} categories** | | {mean_cells} | | | | | |"
+                         + (" |" if gpu else "") + f" {reference} |")
     return "\n".join(lines)
 
 
@@ -494,7 +518,7 @@ def budget_table(path: Path, image_size: int = IMAGE_SIZE) -> str:
 
 # -- main ------------------------------------------------------------------------------------------
 def main() -> None:
-    parser = base_parser(__doc__, output="mvtec.json")
+    parser = base_parser(__doc__, output=CPU_RESULTS)
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
                         help="image side (default 256, the papers' protocol; other sizes are recorded apart)")
@@ -510,15 +534,22 @@ def main() -> None:
     args = parser.parse_args()
     categories = tuple(args.categories)
     device = "cpu" if args.trainer == "cpu" else args.trainer
+    cpu_output = args.output
+    if device != "cpu":  # the same plan on a GPU: its own file, the budgets chosen by the CPU study
+        if args.budget:
+            parser.error("the epoch-budget study runs on the CPU plan (--trainer cpu); the GPU plan uses its budgets")
+        if args.output == RESULTS / CPU_RESULTS:
+            args.output = RESULTS / GPU_RESULTS
+        cpu_output = args.output.with_name(CPU_RESULTS)
     if args.table:
         print(results_table(args.output))
         return
     if args.budget_table:
-        print(budget_table(budget_path(args.output), args.image_size))
+        print(budget_table(budget_path(cpu_output), args.image_size))
         return
 
     results = ResultsFile(args.output)
-    budgets = ResultsFile(budget_path(args.output))
+    budgets = ResultsFile(budget_path(cpu_output))
     entries = select(plan(categories), args.only)
     if args.plan:
         for entry in entries:

@@ -410,11 +410,16 @@ def mvtec_page(results: Path) -> Page | None:
              "## Results (`benchmarks/results/mvtec.json`)", "", mvtec.results_table(results / "mvtec.json"), "",
              *[c.markdown() for c in charts], "", *([] if timed else [NO_LATENCY, ""]),
              "## Published figures and how the protocols differ", "", mvtec.references_section(), ""]
+    if load_runs(results, mvtec.GPU_RESULTS):  # the same plan with trainer=gpu
+        parts += [f"## The same plan on a GPU (`benchmarks/results/{mvtec.GPU_RESULTS}`)", "",
+                  "Budgets of the CPU study; images/s and peak memory (`torch.cuda.max_memory_allocated`, "
+                  "training and test of the run) on the GPU each record names.", "",
+                  mvtec.results_table(results / mvtec.GPU_RESULTS), ""]
     budget = mvtec.budget_path(results / "mvtec.json")
     if budget.exists():
         parts += [f"## Epoch budget chosen on validation data (`benchmarks/results/{budget.name}`)", "",
                   mvtec.budget_table(budget), ""]
-    parts += [provenance_section(results, ["mvtec.json", budget.name])]
+    parts += [provenance_section(results, ["mvtec.json", budget.name, mvtec.GPU_RESULTS])]
     return Page("mvtec", "\n".join(parts) + "\n", charts)
 
 

@@ -242,3 +242,13 @@ def test_the_map_budget_rule_and_a_schedule_that_decays_over_the_run() -> None:
     for record, step in zip(noisy[-5:], (0.0, 0.1, 0.0, 0.1, 0.0)):
         record["val_synthetic_image_auroc"] += 2 * step  # per-epoch scores 0, .1, 0, .1, 0 above the tail
     assert setting_spreads(noisy, "patchcore")[None] == pytest.approx(0.0547723 / 5 ** 0.5, rel=1e-4)
+
+
+def test_the_gpu_plan_refuses_a_budget_study_of_its_own(monkeypatch, capsys) -> None:
+    """The GPU plan uses the CPU study's budgets; ``--budget --trainer gpu`` stops with one line saying so."""
+    from benchmarks import mvtec
+
+    monkeypatch.setattr("sys.argv", ["mvtec", "--trainer", "gpu", "--budget"])
+    with pytest.raises(SystemExit) as stopped:
+        mvtec.main()
+    assert stopped.value.code == 2 and "the GPU plan uses its budgets" in capsys.readouterr().err

@@ -143,3 +143,21 @@ def test_mvtec_rows_stand_beside_the_published_figures_that_could_be_read(tmp_pa
         assert all(v is None or 0.0 <= v <= 1.0 for values in ref.figures.values() for v in values)
     section = mvtec.references_section()
     assert all(f"**{ref.scheme}**" in section for ref in mvtec.REFERENCES) and "not quoted" in section
+
+
+def test_the_gpu_plan_has_its_own_file_and_page_section_with_peak_memory(tmp_path: Path) -> None:
+    """``--trainer gpu`` records go to ``mvtec_gpu.json``; the page shows them apart, with peak memory."""
+    from benchmarks import mvtec
+
+    common = {"provenance": "record", "git_commit": "abc", "command": "python -m benchmarks.mvtec", "image_size": 256,
+              "seed": 0, "compression_ratio": 1.0, "image_auroc": 0.99, "pixel_auroc": 0.98, "aupro": 0.95}
+    _write(tmp_path, mvtec.CPU_RESULTS, [{**common, "scheme": "rd", "category": "bottle"}])
+    _write(tmp_path, mvtec.GPU_RESULTS, [{**common, "scheme": "rd", "category": "bottle", "device": "gpu",
+                                          "peak_gpu_memory_bytes": 3 * 2**30, "gpu": "NVIDIA H200"}])
+    assert "peak GPU memory" not in mvtec.results_table(tmp_path / mvtec.CPU_RESULTS)
+    gpu_table = mvtec.results_table(tmp_path / mvtec.GPU_RESULTS)
+    assert "peak GPU memory (GiB)" in gpu_table and "| 3.0000 |" in gpu_table
+    assert all(line.count("|") == gpu_table.splitlines()[0].count("|") for line in gpu_table.splitlines())
+    page = next(p for p in report.build(tmp_path) if p.name == "mvtec").markdown
+    assert f"## The same plan on a GPU (`benchmarks/results/{mvtec.GPU_RESULTS}`)" in page
+    assert f"`benchmarks/results/{mvtec.GPU_RESULTS}` | 1 | 1 |" in page
