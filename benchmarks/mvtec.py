@@ -21,7 +21,9 @@ The plan (``--plan`` lists it with what is done), most useful first:
 
 Entries are named ``scheme/category/r<ratio>/s<seed>`` (PatchCore: ``patchcore/category/
 c<coreset fraction>/s0``); ``--only`` takes shell patterns of them (``--only 'patchcore/*'``,
-``--only 'rd/screw/r1/s0'``). Resumable: an entry already in the results file is skipped, so
+``--only 'rd/screw/r1/s0'``). Resumable: an entry already in the results file is skipped, and
+an entry stopped part-way continues from the last checkpoint in its run folder
+(``logs/benchmarks/mvtec/<entry>``, same epochs only; its record says ``resumed: true``), so
 the plan runs in pieces, in the background, several processes into one file::
 
     nohup .venv/bin/python -m benchmarks.mvtec --only 'patchcore/*' > logs/benchmarks/mvtec_patchcore.log 2>&1 &
@@ -225,13 +227,39 @@ def _number(value: Any) -> float | int | None:
     return int(number) if number.is_integer() and abs(number) < 2**53 else number
 
 
+def resumable_run(run_dir: Path, prefix: str, settings: str | None = None) -> tuple[str, Path | None]:
+    """The benchmark tag of the run in ``run_dir`` and, when a stopped run of the same settings can
+    continue, its ``last.ckpt`` (else ``None``, and a new tag is written for a fresh run).
+
+    ``run_dir/benchmark_run.txt`` holds the tag (which finds the MLflow run again) and, on a
+    second line, ``settings`` (e.g. ``epochs=45``): a checkpoint of other settings is never
+    continued. ``settings=None`` accepts any (the budget study: one setting per folder)."""
+    tag_file, checkpoint = run_dir / "benchmark_run.txt", run_dir / "checkpoints" / "last.ckpt"
+    lines = tag_file.read_text().split("\n") if tag_file.is_file() else []
+    lines = [line.strip() for line in lines if line.strip()]
+    if lines and checkpoint.is_file() and (settings is None or lines[1:] == [settings]):
+        return lines[0], checkpoint
+    tag = f"{prefix}-{os.getpid()}-{time.time_ns()}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tag_file.write_text(tag + "\n" + (f"{settings}\n" if settings is not None else ""))
+    return tag, None
+
+
 def run_entry(entry: Entry, args: argparse.Namespace, epochs: int | None) -> dict[str, Any]:
-    """Train (or build) and test one entry through ``kd-train``'s code path; its record's fields."""
+    """Train (or build) and test one entry through ``kd-train``'s code path; its record's fields.
+
+    A run stopped part-way (hours of CPU for RD with Expert at 256 px) continues, the next time
+    its entry runs with the same epochs, from its run folder's ``last.ckpt`` into the same MLflow
+    run; its record says ``resumed: true`` and its speeds are those of the part that ran last."""
     from kd_experiments.train import train
 
     run_dir = ROOT / "logs" / "benchmarks" / "mvtec" / entry.name.replace("/", "-")
-    tag = f"mvtec-{entry.name.replace('/', '-')}-{os.getpid()}-{time.time_ns()}"
-    cfg = compose(overrides(entry, args, epochs, tag, "benchmark"), output_dir=run_dir)
+    tag, checkpoint = resumable_run(run_dir, f"mvtec-{entry.name.replace('/', '-')}", f"epochs={epochs}")
+    chosen = overrides(entry, args, epochs, tag, "benchmark")
+    if checkpoint is not None:
+        chosen.append(f"ckpt_path={checkpoint}")
+        print(f"[mvtec] {entry.name}: continues from {checkpoint}", flush=True)
+    cfg = compose(chosen, output_dir=run_dir)
     import torch
 
     cuda = args.trainer != "cpu" and torch.cuda.is_available()
@@ -264,6 +292,7 @@ def run_entry(entry: Entry, args: argparse.Namespace, epochs: int | None) -> dic
         "backbone": str(cfg.scheme.backbone),
         "batch_size": int(cfg.data.batch_size),
         "mlflow_run_id": run.info.run_id,
+        "resumed": checkpoint is not None,
     }
     if cuda:  # the GPU plan: peak memory of the whole run (training and test), and which GPU
         record["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
@@ -283,14 +312,8 @@ def study_budget(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict
     from kd_experiments.train import train
 
     run_dir = ROOT / "logs" / "benchmarks" / "mvtec" / f"budget-{entry.name.replace('/', '-')}"
-    tag_file, checkpoint = run_dir / "benchmark_run.txt", run_dir / "checkpoints" / "last.ckpt"
-    resumed = tag_file.is_file() and checkpoint.is_file()
-    if resumed:  # the stopped run's tag finds its MLflow run again
-        tag = tag_file.read_text().strip()
-    else:
-        tag = f"mvtec-budget-{entry.name.replace('/', '-')}-{os.getpid()}-{time.time_ns()}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tag_file.write_text(tag + "\n")
+    tag, checkpoint = resumable_run(run_dir, f"mvtec-budget-{entry.name.replace('/', '-')}")
+    resumed = checkpoint is not None
     chosen = overrides(entry, args, BUDGET_STUDY_EPOCHS, tag, "budget")
     chosen += ["test=false", "++scheme.val_synthetic_anomalies=true", "trainer.num_sanity_val_steps=0"]
     if resumed:

@@ -252,3 +252,26 @@ def test_the_gpu_plan_refuses_a_budget_study_of_its_own(monkeypatch, capsys) -> 
     with pytest.raises(SystemExit) as stopped:
         mvtec.main()
     assert stopped.value.code == 2 and "the GPU plan uses its budgets" in capsys.readouterr().err
+
+
+def test_a_stopped_mvtec_run_continues_only_with_the_same_settings(tmp_path: Path) -> None:
+    """``resumable_run``: a fresh folder gets a new tag; a stopped run of the same epochs continues
+    with its tag and checkpoint; one of other epochs starts afresh; a study folder written with the
+    tag alone (no settings line) still continues."""
+    from benchmarks import mvtec
+
+    run_dir = tmp_path / "rd-bottle-r1-s0"
+    tag, checkpoint = mvtec.resumable_run(run_dir, "mvtec-rd-bottle-r1-s0", "epochs=45")
+    assert checkpoint is None and tag.startswith("mvtec-rd-bottle-r1-s0-")
+    assert mvtec.resumable_run(run_dir, "x", "epochs=45")[1] is None  # no checkpoint yet: fresh again
+    tag, _ = mvtec.resumable_run(run_dir, "mvtec-rd-bottle-r1-s0", "epochs=45")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"stopped at epoch 20")
+    assert mvtec.resumable_run(run_dir, "other", "epochs=45") == (tag, run_dir / "checkpoints" / "last.ckpt")
+    other, checkpoint = mvtec.resumable_run(run_dir, "mvtec-rd-bottle-r1-s0", "epochs=30")
+    assert checkpoint is None and other != tag  # another budget: never continue that checkpoint
+    study = tmp_path / "budget-rd-bottle-r1-s0"
+    (study / "checkpoints").mkdir(parents=True)
+    (study / "checkpoints" / "last.ckpt").write_bytes(b"stopped")
+    (study / "benchmark_run.txt").write_text("mvtec-budget-old-1-2\n")
+    assert mvtec.resumable_run(study, "mvtec-budget") == ("mvtec-budget-old-1-2", study / "checkpoints" / "last.ckpt")
