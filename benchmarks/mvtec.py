@@ -521,6 +521,39 @@ def _value(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def retention_table(path: Path, image_size: int = IMAGE_SIZE) -> str:
+    """What a narrower student keeps: per scheme, category and ratio > 1, its pixel AUROC and AUPRO
+    over the same scheme's full-width figures (seed 0 of both, validation budgets, one image size),
+    and RD with Expert's full-width gap to RD (mean and standard error over the seeds both have)."""
+    runs = [r for r in (json.loads(path.read_text())["runs"] if path.exists() else [])
+            if r.get("image_size") == image_size and r.get("budget_rule") == "validation"
+            and r.get("scheme") != "patchcore"]
+    by_key = {(r["scheme"], r["category"], float(r["compression_ratio"]), r["seed"]): r for r in runs}
+    lines = ["| scheme | category | ratio | pixel AUROC (ratio / full width) | AUPRO (ratio / full width) |",
+             "|---|---|---|---|---|"]
+    for (scheme, category, ratio, seed), run in sorted(by_key.items()):
+        full = by_key.get((scheme, category, 1.0, seed))
+        if ratio == 1.0 or seed != 0 or full is None:
+            continue
+        cells = [f"{run[m]:.4f} / {full[m]:.4f} = {run[m] / full[m]:.4f}" if run.get(m) and full.get(m) else "-"
+                 for m in ("pixel_auroc", "aupro")]
+        lines.append(f"| {scheme} | {category} | {ratio:g} | {cells[0]} | {cells[1]} |")
+    if len(lines) == 2:
+        lines.append("| no ratio with its full-width run yet | | | | |")
+    lines.append("")
+    for metric, title in (("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO")):
+        gaps = [by_key[("rd_expert", c, 1.0, s)][metric] - by_key[("rd", c, 1.0, s)][metric]
+                for (scheme, c, ratio, s) in sorted(by_key) if scheme == "rd" and ratio == 1.0
+                and ("rd_expert", c, 1.0, s) in by_key]
+        if not gaps:
+            lines.append(f"- RD with Expert minus RD at full width, {title}: no pair of runs yet.")
+            continue
+        error = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else float("nan")
+        lines.append(f"- RD with Expert minus RD at full width, {title}: {statistics.fmean(gaps):+.4f} "
+                     f"± {error:.4f} (standard error over {len(gaps)} category-seed pairs)")
+    return "\n".join(lines)
+
+
 def budget_table(path: Path, image_size: int = IMAGE_SIZE) -> str:
     """The study's values at the candidate budgets and the budget the rule gives per category."""
     records = json.loads(path.read_text())["runs"] if path.exists() else []

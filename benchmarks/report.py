@@ -409,6 +409,8 @@ def mvtec_page(results: Path) -> Page | None:
     parts = [HEADER, "", "# MVTec AD at the papers' protocol", "", MVTEC_INTRO, "",
              "## Results (`benchmarks/results/mvtec.json`)", "", mvtec.results_table(results / "mvtec.json"), "",
              *[c.markdown() for c in charts], "", *([] if timed else [NO_LATENCY, ""]),
+             "## What a narrower student keeps (`benchmarks/results/mvtec.json`)", "",
+             mvtec.retention_table(results / "mvtec.json"), "",
              "## Published figures and how the protocols differ", "", mvtec.references_section(), ""]
     if load_runs(results, mvtec.GPU_RESULTS):  # the same plan with trainer=gpu
         parts += [f"## The same plan on a GPU (`benchmarks/results/{mvtec.GPU_RESULTS}`)", "",

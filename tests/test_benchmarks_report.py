@@ -161,3 +161,22 @@ def test_the_gpu_plan_has_its_own_file_and_page_section_with_peak_memory(tmp_pat
     page = next(p for p in report.build(tmp_path) if p.name == "mvtec").markdown
     assert f"## The same plan on a GPU (`benchmarks/results/{mvtec.GPU_RESULTS}`)" in page
     assert f"`benchmarks/results/{mvtec.GPU_RESULTS}` | 1 | 1 |" in page
+
+
+def test_mvtec_retention_sets_each_ratio_against_its_full_width_and_expert_against_rd(tmp_path: Path) -> None:
+    from benchmarks import mvtec
+
+    def run(scheme: str, ratio: float, seed: int, pixel: float, aupro: float, category: str = "bottle") -> dict:
+        return {"scheme": scheme, "category": category, "image_size": 256, "compression_ratio": ratio, "seed": seed,
+                "budget_rule": "validation", "image_auroc": 1.0, "pixel_auroc": pixel, "aupro": aupro}
+
+    _write(tmp_path, "mvtec.json", [
+        run("rd", 1, 0, 0.98, 0.96), run("rd", 16, 0, 0.97, 0.912), run("rd", 64, 1, 0.9, 0.9),  # 64: no seed-0 pair
+        run("rd_expert", 1, 0, 0.99, 0.95), run("rd", 1, 1, 0.96, 0.94), run("rd_expert", 1, 1, 0.98, 0.96),
+        {**run("rd", 16, 0, 0.5, 0.5, "screw"), "budget_rule": "fixed"}])  # a trial run: never compared
+    table = mvtec.retention_table(tmp_path / "mvtec.json")
+    assert "| rd | bottle | 16 | 0.9700 / 0.9800 = 0.9898 | 0.9120 / 0.9600 = 0.9500 |" in table
+    assert "| 64 |" not in table and "screw" not in table
+    # expert minus RD per (category, seed): pixel +0.01, +0.02; AUPRO -0.01, +0.02
+    assert "pixel AUROC: +0.0150 ± 0.0050 (standard error over 2 category-seed pairs)" in table
+    assert "AUPRO: +0.0050 ± 0.0150" in table
