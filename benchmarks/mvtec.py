@@ -365,8 +365,8 @@ REFERENCES: tuple[Reference, ...] = (
                 "`models/IM224_WR50_L2-3_P01_D1024-1024_PS-3_AN-1/results.csv` (commit 5adb469): columns "
                 "`instance_auroc`, `full_pixel_auroc` (every test image) and `anomaly_pro`"),
         protocol=("WideResNet-50-2 layers 2 and 3, resize 256 then centre crop 224 (maps and metrics at 224), "
-                  "coreset 10 % (`P01`), 3x3 patch neighbourhood, 1 nearest neighbour. `anomaly_pro` is the "
-                  "file's PRO on the anomalous test images; the file's `full_pro` is a different, much lower "
+                  "coreset 10 % (`P01`), 3x3 patch neighbourhood, 1 nearest neighbour. `anomaly_pro` is, by the "
+                  "file's naming (as its `anomaly_pixel_auroc`), PRO over the anomalous test images; the file's `full_pro` is a different, much lower "
                   "quantity and is not set beside our AUPRO."),
         figures={"bottle": (1.0, 0.9848, 0.9714), "screw": (0.9877, 0.9952, 0.9850),
                  "transistor": (0.9987, 0.9610, 0.8324)},
