@@ -274,30 +274,31 @@ def choose_teacher(records: list[dict[str, Any]]) -> str | None:
     return max(TEACHERS, key=lambda teacher: scores[teacher])
 
 
-def setting_scores(records: list[dict[str, Any]], teacher: str) -> dict[str | None, float]:
-    """Rule 5: per setting studied with ``teacher`` (None: the default), the mean of the budget
-    metrics over the last ``REFERENCE_EPOCHS`` epochs of its (complete) study."""
+def _scored_epochs(records: list[dict[str, Any]], teacher: str) -> dict[str | None, list[float]]:
+    """Per setting studied with ``teacher`` (None: the default) whose study is complete, the
+    per-epoch score (mean of the budget metrics) over its last ``REFERENCE_EPOCHS`` epochs."""
     last = range(STUDY_EPOCHS - REFERENCE_EPOCHS + 1, STUDY_EPOCHS + 1)
-    scores = {}
+    scored = {}
     for variant in {r.get("variant") for r in records if r.get("teacher_scheme") == teacher}:
         rows = {r["epoch"]: r for r in records if r.get("teacher_scheme") == teacher and r.get("variant") == variant}
         if all(epoch in rows for epoch in last):
-            scores[variant] = statistics.fmean(rows[e][metric] for e in last for metric in BUDGET_METRICS)
-    return scores
+            scored[variant] = [statistics.fmean(rows[e][metric] for metric in BUDGET_METRICS) for e in last]
+    return scored
+
+
+def setting_scores(records: list[dict[str, Any]], teacher: str) -> dict[str | None, float]:
+    """Rule 5: per setting studied with ``teacher`` (None: the default), the mean of the budget
+    metrics over the last ``REFERENCE_EPOCHS`` epochs of its (complete) study."""
+    return {variant: statistics.fmean(per_epoch) for variant, per_epoch in _scored_epochs(records, teacher).items()}
 
 
 def setting_spreads(records: list[dict[str, Any]], teacher: str) -> dict[str | None, float]:
     """Beside rule 5: per setting, the standard error of its score, from the epoch-to-epoch spread
-    of the per-epoch score (mean of the budget metrics) over the same last epochs. It says how far
-    apart two settings must be before the ranking means more than which epochs were noisy; it
-    does not count the spread between seeds, which one study per setting cannot measure."""
-    last = range(STUDY_EPOCHS - REFERENCE_EPOCHS + 1, STUDY_EPOCHS + 1)
-    spreads = {}
-    for variant in setting_scores(records, teacher):
-        rows = {r["epoch"]: r for r in records if r.get("teacher_scheme") == teacher and r.get("variant") == variant}
-        per_epoch = [statistics.fmean(rows[e][metric] for metric in BUDGET_METRICS) for e in last]
-        spreads[variant] = statistics.stdev(per_epoch) / len(per_epoch) ** 0.5 if len(per_epoch) > 1 else 0.0
-    return spreads
+    of the per-epoch score over the same last epochs. It says how far apart two settings must be
+    before the ranking means more than which epochs were noisy; it does not count the spread
+    between seeds, which one study per setting cannot measure."""
+    return {variant: statistics.stdev(per_epoch) / len(per_epoch) ** 0.5 if len(per_epoch) > 1 else 0.0
+            for variant, per_epoch in _scored_epochs(records, teacher).items()}
 
 
 def preferred_setting(records: list[dict[str, Any]], teacher: str) -> str | None:

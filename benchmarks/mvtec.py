@@ -251,6 +251,8 @@ def run_entry(entry: Entry, args: argparse.Namespace, epochs: int | None) -> dic
     A run stopped part-way (hours of CPU for RD with Expert at 256 px) continues, the next time
     its entry runs with the same epochs, from its run folder's ``last.ckpt`` into the same MLflow
     run; its record says ``resumed: true`` and its speeds are those of the part that ran last."""
+    import torch
+
     from kd_experiments.train import train
 
     run_dir = ROOT / "logs" / "benchmarks" / "mvtec" / entry.name.replace("/", "-")
@@ -260,8 +262,6 @@ def run_entry(entry: Entry, args: argparse.Namespace, epochs: int | None) -> dic
         chosen.append(f"ckpt_path={checkpoint}")
         print(f"[mvtec] {entry.name}: continues from {checkpoint}", flush=True)
     cfg = compose(chosen, output_dir=run_dir)
-    import torch
-
     cuda = args.trainer != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -517,10 +517,6 @@ def results_table(path: Path) -> str:
     return "\n".join(lines)
 
 
-def _value(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
 def retention_table(path: Path, image_size: int = IMAGE_SIZE) -> str:
     """What a narrower student keeps: per scheme, category and ratio > 1, its pixel AUROC and AUPRO
     over the same scheme's full-width figures (seed 0 of both, validation budgets, one image size),
@@ -535,7 +531,7 @@ def retention_table(path: Path, image_size: int = IMAGE_SIZE) -> str:
         full = by_key.get((scheme, category, 1.0, seed))
         if ratio == 1.0 or seed != 0 or full is None:
             continue
-        cells = [f"{run[m]:.4f} / {full[m]:.4f} = {run[m] / full[m]:.4f}" if run.get(m) and full.get(m) else "-"
+        cells = [f"{run[m]:.4f} / {full[m]:.4f} = {run[m] / full[m]:.4f}" if run.get(m) is not None and full.get(m) else "-"
                  for m in ("pixel_auroc", "aupro")]
         lines.append(f"| {scheme} | {category} | {ratio:g} | {cells[0]} | {cells[1]} |")
     if len(lines) == 2:
@@ -563,8 +559,8 @@ def budget_table(path: Path, image_size: int = IMAGE_SIZE) -> str:
                                                   r["epoch"])):
         if record["epoch"] in BUDGET_CANDIDATES and record.get("image_size") == image_size:
             lines.append(f"| {record['category']} | {record['scheme']} | {record['compression_ratio']:g} "
-                         f"| {record['seed']} | {record['epoch']} | {_value(record.get('val_synthetic_image_auroc'))} "
-                         f"| {_value(record.get('val_synthetic_pixel_auroc'))} | {_value(record.get('val_loss'))} |")
+                         f"| {record['seed']} | {record['epoch']} | {_cell([record.get('val_synthetic_image_auroc')])} "
+                         f"| {_cell([record.get('val_synthetic_pixel_auroc')])} | {_cell([record.get('val_loss')])} |")
     lines.append("")
     for category in sorted({r["category"] for r in records}):
         budget = choose_budget(records, category, image_size)

@@ -71,8 +71,6 @@ class StudentTrack:
         return (self.techniques.noise_std, self.outlier_exposure)
 
 
-
-
 def _adam(module: nn.Module, lr: float, weight_decay: float, total_steps: int, schedule: str = "cosine"):
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
