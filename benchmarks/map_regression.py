@@ -52,6 +52,10 @@ tested with ``--variant`` (without ``--budget``) at its own budget, rule 2 appli
 its records carry ``variant`` too and never stand for the default's. A variant whose learning rate
 decays over the run (``scheme.lr_schedule=cosine``) is tested at the study's length
 (``STUDY_EPOCHS``): its study curve at an earlier epoch is not what a run of that many epochs gives.
+A longer schedule is studied as a variant too (``--budget --variant trainer.max_epochs=120
+scheme.feature_weight=4.0``): its study runs that many epochs, rule 2 reads its own curve with
+candidates every ``LONG_CANDIDATE_STEP`` epochs beyond ``STUDY_EPOCHS``, and rule 5 compares the
+last ``REFERENCE_EPOCHS`` epochs of each study, whatever its length.
 
 5. **Setting** (which studied setting the results stand for): per setting studied with the chosen
    teacher (the default and each variant), the mean of ``val/synthetic_pixel_auroc`` and
@@ -97,6 +101,9 @@ EXTRA_SEEDS = (1, 2)
 # -- the rule (fixed before any test run; see the module docstring) ------------------------------
 STUDY_EPOCHS = 60
 BUDGET_CANDIDATES = (10, 15, 20, 25, 30, 40, 50, 60)
+#: a variant studied for longer (``trainer.max_epochs=N`` among its overrides, N > ``STUDY_EPOCHS``)
+#: adds candidates every ``LONG_CANDIDATE_STEP`` epochs after ``STUDY_EPOCHS``, and N itself
+LONG_CANDIDATE_STEP = 20
 BUDGET_TOLERANCE = 0.01
 REFERENCE_EPOCHS = 5
 BUDGET_METRICS = ("val_synthetic_pixel_auroc", "val_synthetic_image_auroc")
@@ -191,8 +198,32 @@ def student_overrides(entry: Entry, checkpoint: Path, args: argparse.Namespace, 
         f"data.category={entry.category}", f"data.image_size={IMAGE_SIZE}", f"seed={entry.seed}",
         f"scheme.teacher.scheme_target={TEACHER_TARGETS[entry.teacher]}", f"scheme.teacher.checkpoint={checkpoint}",
         f"scheme.deployed_mac_ratio={entry.ratio:g}", f"trainer.max_epochs={epochs}", *QUIET,
-        f"+tags.purpose={purpose}", f"+tags.benchmark_run={tag}", *(entry.variant.split() if entry.variant else []),
+        f"+tags.purpose={purpose}", f"+tags.benchmark_run={tag}", *variant_overrides(entry.variant),
     ]
+
+
+def study_epochs(variant: str | None) -> int:
+    """The length of a setting's study: ``STUDY_EPOCHS``, or the ``trainer.max_epochs=N`` of a
+    variant studied for longer (a longer schedule is a setting like any other: rule 5 compares
+    the last epochs of each study, rule 2 picks its budget from its own curve)."""
+    for override in (variant or "").split():
+        key, _, value = override.partition("=")
+        if key == "trainer.max_epochs":
+            return int(value)
+    return STUDY_EPOCHS
+
+
+def variant_overrides(variant: str | None) -> list[str]:
+    """A variant's overrides without its study length (the runs set ``trainer.max_epochs``)."""
+    return [o for o in (variant or "").split() if o.partition("=")[0] != "trainer.max_epochs"]
+
+
+def budget_candidates(variant: str | None) -> tuple[int, ...]:
+    """Rule 2's candidate budgets for a setting: ``BUDGET_CANDIDATES``, and for a longer study
+    one every ``LONG_CANDIDATE_STEP`` epochs up to its length."""
+    length = study_epochs(variant)
+    longer = range(STUDY_EPOCHS + LONG_CANDIDATE_STEP, length, LONG_CANDIDATE_STEP)
+    return tuple(sorted({*(c for c in BUDGET_CANDIDATES if c <= length), *longer, length}))
 
 
 def run_student(entry: Entry, args: argparse.Namespace, epochs: int) -> dict[str, Any]:
@@ -236,7 +267,7 @@ def study(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, f
     checkpoint, teacher_budget_used = build_teacher(entry.teacher, entry.category, args)
     tag = f"map-regression-budget-{entry.folder}-{os.getpid()}-{time.time_ns()}"
     run_dir = ROOT / "logs" / "benchmarks" / "map_regression" / f"budget-{entry.folder}"
-    chosen = [*student_overrides(entry, checkpoint, args, STUDY_EPOCHS, tag, "budget"), "test=false",
+    chosen = [*student_overrides(entry, checkpoint, args, study_epochs(entry.variant), tag, "budget"), "test=false",
               "trainer.num_sanity_val_steps=0", "deploy.measure=false", "deploy.log_model=false"]
     train(compose(chosen, output_dir=run_dir))
     client, run = mlflow_run(tag, "map_regression_bottle")
@@ -252,8 +283,9 @@ def study(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, f
 
 def record_study(entry: Entry, args: argparse.Namespace, budgets: ResultsFile) -> None:
     """Run the study of ``entry`` unless its records are there; one record per studied epoch."""
-    key = {**entry.key(), "max_epochs": STUDY_EPOCHS}
-    if budgets.has({**key, "epoch": STUDY_EPOCHS}):
+    length = study_epochs(entry.variant)
+    key = {**entry.key(), "max_epochs": length}
+    if budgets.has({**key, "epoch": length}):
         return
     started_at, started = now_utc(), time.perf_counter()
     epochs, teacher_figures = study(entry, args)
@@ -277,9 +309,10 @@ def choose_teacher(records: list[dict[str, Any]]) -> str | None:
 def _scored_epochs(records: list[dict[str, Any]], teacher: str) -> dict[str | None, list[float]]:
     """Per setting studied with ``teacher`` (None: the default) whose study is complete, the
     per-epoch score (mean of the budget metrics) over its last ``REFERENCE_EPOCHS`` epochs."""
-    last = range(STUDY_EPOCHS - REFERENCE_EPOCHS + 1, STUDY_EPOCHS + 1)
     scored = {}
     for variant in {r.get("variant") for r in records if r.get("teacher_scheme") == teacher}:
+        length = study_epochs(variant)
+        last = range(length - REFERENCE_EPOCHS + 1, length + 1)
         rows = {r["epoch"]: r for r in records if r.get("teacher_scheme") == teacher and r.get("variant") == variant}
         if all(epoch in rows for epoch in last):
             scored[variant] = [statistics.fmean(rows[e][metric] for metric in BUDGET_METRICS) for e in last]
@@ -322,16 +355,17 @@ def choose_epochs(records: list[dict[str, Any]], teacher: str, variant: str | No
     """Rule 2: the smallest candidate epoch within the tolerance of the last epochs' mean (of the
     default's study, or of ``variant``'s)."""
     rows = {r["epoch"]: r for r in records if r.get("teacher_scheme") == teacher and r.get("variant") == variant}
-    if STUDY_EPOCHS not in rows:
+    length = study_epochs(variant)
+    if length not in rows:
         return None
     if variant is not None and decays_over_the_run(variant):
-        return STUDY_EPOCHS
-    last = range(STUDY_EPOCHS - REFERENCE_EPOCHS + 1, STUDY_EPOCHS + 1)
+        return length
+    last = range(length - REFERENCE_EPOCHS + 1, length + 1)
     reference = {metric: statistics.fmean(rows[e][metric] for e in last) for metric in BUDGET_METRICS}
-    for candidate in BUDGET_CANDIDATES:
+    for candidate in budget_candidates(variant):
         if all(rows[candidate][metric] >= reference[metric] - BUDGET_TOLERANCE for metric in BUDGET_METRICS):
             return candidate
-    return STUDY_EPOCHS
+    return length
 
 
 # -- the comparison: a score-regression student of the same teacher at the same deployed size ---------
@@ -573,7 +607,7 @@ def budget_table(path: Path) -> str:
              "| student val synthetic pixel AUROC | student val synthetic image AUROC | val loss |",
              "|---|---|---|---|---|---|---|"]
     for record in sorted(records, key=lambda r: (r["teacher_scheme"], r.get("variant") or "", r["epoch"])):
-        if record["epoch"] in BUDGET_CANDIDATES:
+        if record["epoch"] in budget_candidates(record.get("variant")):
             teacher = " / ".join(f"{record[name.replace('/', '_')]:.4f}" if name.replace("/", "_") in record else "-"
                                  for name in TEACHER_METRICS)
             setting = setting_of(record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import multiprocessing
@@ -185,7 +186,6 @@ def test_a_stopped_budget_study_continues_from_its_checkpoint_into_the_same_run(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The MVTec budget study (hours of CPU per run): a second call after a stop passes the run
     folder's last.ckpt to kd-train and finds the first call's MLflow run by the tag it kept."""
-    import argparse
     from types import SimpleNamespace
 
     import kd_experiments.train
@@ -242,6 +242,33 @@ def test_the_map_budget_rule_and_a_schedule_that_decays_over_the_run() -> None:
     for record, step in zip(noisy[-5:], (0.0, 0.1, 0.0, 0.1, 0.0)):
         record["val_synthetic_image_auroc"] += 2 * step  # per-epoch scores 0, .1, 0, .1, 0 above the tail
     assert setting_spreads(noisy, "patchcore")[None] == pytest.approx(0.0547723 / 5 ** 0.5, rel=1e-4)
+
+
+def test_a_longer_schedule_is_a_studied_setting_with_its_own_length_and_candidates() -> None:
+    """``trainer.max_epochs=N`` in a variant: its study runs N epochs, rule 2 reads its own curve
+    (candidates beyond 60 every 20 epochs and N), rule 5 compares the last epochs of each study."""
+    from benchmarks.map_regression import (STUDY_EPOCHS, Entry, budget_candidates, choose_epochs, preferred_setting,
+                                           student_overrides, study_epochs)
+
+    longer = "trainer.max_epochs=120 scheme.feature_weight=4.0"
+    assert study_epochs(None) == STUDY_EPOCHS and study_epochs("scheme.feature_weight=4.0") == STUDY_EPOCHS
+    assert study_epochs(longer) == 120
+    assert budget_candidates(longer)[-4:] == (60, 80, 100, 120) and budget_candidates(None)[-1] == STUDY_EPOCHS
+
+    def study(variant: str | None, length: int, level: int, top: float) -> list[dict]:  # rises until `level`
+        return [{"teacher_scheme": "patchcore", "variant": variant, "epoch": epoch,
+                 "val_synthetic_pixel_auroc": min(epoch, level) / level * top, "val_synthetic_image_auroc": top}
+                for epoch in range(1, length + 1)]
+
+    records = study(None, STUDY_EPOCHS, 60, 0.7) + study(longer, 120, 100, 0.8)
+    assert choose_epochs(records, "patchcore", longer) == 100  # within 0.01 of its last epochs from 100 on
+    assert choose_epochs(records[:-1], "patchcore", longer) is None  # not ended
+    assert preferred_setting(records, "patchcore") == longer
+    # its runs take the length from the budget, not from the variant's own override
+    overrides = student_overrides(Entry("bottle", "patchcore", 30, 0, longer), Path("t.ckpt"),
+                                  argparse.Namespace(data_root=Path("d")), 100, "tag", "benchmark")
+    assert [o for o in overrides if o.startswith("trainer.max_epochs=")] == ["trainer.max_epochs=100"]
+    assert "scheme.feature_weight=4.0" in overrides
 
 
 def test_the_gpu_plan_refuses_a_budget_study_of_its_own(monkeypatch, capsys) -> None:
