@@ -51,7 +51,7 @@ records carry ``variant``); rules 1 and 2 read the default's records alone. A st
 tested with ``--variant`` (without ``--budget``) at its own budget, rule 2 applied to its own study;
 its records carry ``variant`` too and never stand for the default's. A variant whose learning rate
 decays over the run (``scheme.lr_schedule=cosine``) is tested at the study's length
-(``STUDY_EPOCHS``): its study curve at an earlier epoch is not what a run of that many epochs gives.
+(``STUDY_EPOCHS``, or its own, below): its study curve at an earlier epoch is not what a run of that many epochs gives.
 A longer schedule is studied as a variant too (``--budget --variant trainer.max_epochs=120
 scheme.feature_weight=4.0``): its study runs that many epochs, rule 2 reads its own curve with
 candidates every ``LONG_CANDIDATE_STEP`` epochs beyond ``STUDY_EPOCHS``, and rule 5 compares the
@@ -202,15 +202,18 @@ def student_overrides(entry: Entry, checkpoint: Path, args: argparse.Namespace, 
     ]
 
 
+def variant_value(variant: str | None, key: str) -> str | None:
+    """The value a variant (space-separated ``key=value`` overrides) gives ``key``, if any."""
+    values = dict(override.partition("=")[::2] for override in (variant or "").split())
+    return values.get(key)
+
+
 def study_epochs(variant: str | None) -> int:
     """The length of a setting's study: ``STUDY_EPOCHS``, or the ``trainer.max_epochs=N`` of a
     variant studied for longer (a longer schedule is a setting like any other: rule 5 compares
     the last epochs of each study, rule 2 picks its budget from its own curve)."""
-    for override in (variant or "").split():
-        key, _, value = override.partition("=")
-        if key == "trainer.max_epochs":
-            return int(value)
-    return STUDY_EPOCHS
+    length = variant_value(variant, "trainer.max_epochs")
+    return STUDY_EPOCHS if length is None else int(length)
 
 
 def variant_overrides(variant: str | None) -> list[str]:
@@ -348,7 +351,7 @@ def preferred_in(records: list[dict[str, Any]]) -> str | None:
 
 def decays_over_the_run(variant: str) -> bool:
     """Whether a variant's learning rate decays over the run's length (``scheme.lr_schedule=cosine``)."""
-    return any(override.split("=", 1) == ["scheme.lr_schedule", "cosine"] for override in variant.split())
+    return variant_value(variant, "scheme.lr_schedule") == "cosine"
 
 
 def choose_epochs(records: list[dict[str, Any]], teacher: str, variant: str | None = None) -> int | None:
