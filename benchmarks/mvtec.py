@@ -55,7 +55,9 @@ it and the budgets it gives):
   scores a test image.
 - A study run stopped part-way continues, the next time ``--budget`` runs, from the last
   checkpoint in its run folder (``logs/benchmarks/mvtec/budget-<entry>``) into the same MLflow
-  run; its records say ``resumed: true``. ``--epochs N`` overrides it for trial runs; such records carry
+  run; its records say ``resumed: true``. ``--only`` picks studied configurations by the same
+  names (``--budget --only 'rd_expert/screw/*'``), so two processes can study one category.
+  ``--epochs N`` overrides it for trial runs; such records carry
   ``budget_rule: "fixed"`` and are kept apart from the validation-chosen ones
   (``budget_rule: "validation"``).
 """
@@ -615,9 +617,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     use_project_mlflow_store()
     if args.budget:
+        studied = select([Entry(scheme, category, ratio, seed) for category in categories
+                          for scheme, ratio, seed in BUDGET_CONFIGS], args.only)
         for category in categories:
-            for scheme, ratio, seed in BUDGET_CONFIGS:
-                entry = Entry(scheme, category, ratio, seed)
+            for entry in (e for e in studied if e.category == category):
                 key = {**entry.key(args.image_size, device), "max_epochs": BUDGET_STUDY_EPOCHS}
                 if budgets.has({**key, "epoch": BUDGET_STUDY_EPOCHS}):
                     print(f"[mvtec] budget study {entry.name}: done", flush=True)
