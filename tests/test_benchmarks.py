@@ -302,3 +302,29 @@ def test_a_stopped_mvtec_run_continues_only_with_the_same_settings(tmp_path: Pat
     (study / "checkpoints" / "last.ckpt").write_bytes(b"stopped")
     (study / "benchmark_run.txt").write_text("mvtec-budget-old-1-2\n")
     assert mvtec.resumable_run(study, "mvtec-budget") == ("mvtec-budget-old-1-2", study / "checkpoints" / "last.ckpt")
+
+
+def test_the_mvtec_budget_study_runs_only_the_configurations_only_names(tmp_path: Path, monkeypatch) -> None:
+    """``--budget --only 'rd_expert/*'`` studies RD with Expert alone (a second process can take RD),
+    appends one record per studied epoch, and leaves the category's budget open until both are studied."""
+    import torch
+
+    from benchmarks import mvtec
+
+    studied = []
+
+    def fake_study(entry, args):
+        studied.append(entry.name)
+        return {epoch: {"val_synthetic_image_auroc": 0.9, "val_synthetic_pixel_auroc": 0.8}
+                for epoch in range(1, mvtec.BUDGET_STUDY_EPOCHS + 1)}, False
+
+    monkeypatch.setattr(mvtec, "study_budget", fake_study)
+    monkeypatch.setattr(mvtec, "use_project_mlflow_store", lambda: None)
+    output = tmp_path / "mvtec.json"
+    monkeypatch.setattr("sys.argv", ["mvtec", "--budget", "--categories", "screw", "--only", "rd_expert/*",
+                                     "--output", str(output), "--threads", str(torch.get_num_threads())])
+    mvtec.main()
+    assert studied == ["rd_expert/screw/r1/s0"]
+    records = json.loads(mvtec.budget_path(output).read_text())["runs"]
+    assert {r["scheme"] for r in records} == {"rd_expert"} and len(records) == mvtec.BUDGET_STUDY_EPOCHS
+    assert mvtec.choose_budget(records, "screw") is None  # RD not studied yet
