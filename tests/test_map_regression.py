@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
 from kd_experiments.anomaly_maps import gaussian_blur
+from kd_experiments.augmentation import random_views
 from kd_experiments.cache import TensorCache, digest, module_digest, tensor_digest
 from kd_experiments.checkpoints import load_scheme
 from kd_experiments.compression import count_macs
@@ -134,6 +135,25 @@ def test_map_teacher_refuses_a_score_only_model() -> None:
         MapTeacher(ScoreOnly())
 
 
+def test_random_views_are_seeded_mild_and_a_bad_setting_is_one_config_error() -> None:
+    images = torch.rand(3, 3, SIZE, SIZE)
+    first = random_views(images, torch.Generator().manual_seed(0))
+    assert first.shape == images.shape and 0.0 <= float(first.min()) and float(first.max()) <= 1.0
+    assert torch.equal(first, random_views(images, torch.Generator().manual_seed(0)))  # seeded
+    assert not torch.equal(first, random_views(images, torch.Generator().manual_seed(1)))
+    # reflection at the borders: a shifted bright image has no dark corners
+    shifted = random_views(torch.full((1, 3, SIZE, SIZE), 0.8), torch.Generator().manual_seed(0), degrees=20.0,
+                           translate=0.1, scale=0.1, colour=0.0)
+    assert torch.allclose(shifted, torch.full_like(shifted, 0.8), atol=1e-5)
+    # no change asked: the images come back
+    same = random_views(images, torch.Generator().manual_seed(0), degrees=0.0, translate=0.0, scale=0.0, colour=0.0)
+    assert torch.allclose(same, images, atol=1e-5)
+    with pytest.raises(ConfigError, match="scheme.augment_degrees"):
+        random_views(images, torch.Generator(), degrees=-1.0)
+    with pytest.raises(ConfigError, match="scheme.augment_per_image"):
+        MapRegressionScheme((3, SIZE, SIZE), width=4, augment_per_image=-1)
+
+
 # -- learning ------------------------------------------------------------------------------------
 def test_the_loss_learns_and_a_planted_anomaly_scores_above_normal_pixels() -> None:
     """On grey images with a brighter square, the student learns the teacher's map: the loss
@@ -204,11 +224,16 @@ def test_a_run_logs_quality_sizes_and_reuses_the_teacher_maps(patchcore_teacher)
     train_in_process([*common, "scheme.learning_rate=0.001", "scheme.lr_schedule=cosine"], env, root / "second")
     # the teacher-feature switch: a second target, trained beside the student and never shipped
     train_in_process([*common, "scheme.feature_weight=1.0", *NO_DEPLOY], env, root / "features")
+    # teacher-labelled views beside the feature target: another entry, trained and tested
+    train_in_process([*common, "scheme.feature_weight=1.0", "scheme.augment_per_image=2", *NO_DEPLOY], env,
+                     root / "views")
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("map_regression_smoke").experiment_id],
                               order_by=["attributes.start_time ASC"])
-    assert [run.info.status for run in runs] == ["FINISHED", "FINISHED", "FINISHED"]
-    first, second, features = runs
+    assert [run.info.status for run in runs] == ["FINISHED"] * 4
+    first, second, features, views = runs
+    assert views.data.metrics["teacher_map_cache_hit"] == 0.0  # the views are in the key
+    assert "test/pixel_auroc" in views.data.metrics and int(views.data.params["scheme.augment_per_image"]) == 2
     assert features.data.metrics["teacher_map_cache_hit"] == 0.0  # the maps plus the features: a new entry
     assert features.data.metrics["train/feature_loss"] > 0 and "test/pixel_auroc" in features.data.metrics
     assert features.data.params["deployed_params"] == first.data.params["deployed_params"]

@@ -16,6 +16,13 @@ What it learns from (computed once per run, cached on disk by teacher and data,
   masks with procedural or in-set textures, the DRAEM recipe the RD-with-Expert scheme
   also uses: :mod:`kd_experiments.synthetic_anomalies`), so that the high teacher scores
   a defect causes are seen in training;
+- with ``augment_per_image > 0`` (off by default), on that many random views of each
+  training image too (a small rotation, shift, scale and brightness / contrast change,
+  :func:`kd_experiments.augmentation.random_views`), labelled by the teacher: the
+  student is not limited to the training images, since the teacher scores any image
+  (Pol et al.'s point). A training step shows each image as the original or one of its
+  views, drawn at random, beside one of its synthetic anomalies; synthetic copy ``j`` is
+  made from view ``j mod (1 + augment_per_image)`` (view 0: the original);
 - with ``feature_weight > 0`` (a switch, off by default), also the teacher's intermediate
   features: level ``feature_level`` of its pretrained encoder
   (:class:`~kd_experiments.backbones.FeatureEncoder`), standardised per channel over the
@@ -55,6 +62,7 @@ from torch import nn
 
 from kd_experiments import metrics as kd_metrics
 from kd_experiments.anomaly_maps import upsample
+from kd_experiments.augmentation import check_view_settings, random_views
 from kd_experiments.cache import TensorCache, digest, module_digest, tensor_digest
 from kd_experiments.compression import count_macs, count_parameters, size_summary
 from kd_experiments.deployable import DeployableModel, Preprocessing, deployed_sizes
@@ -89,7 +97,11 @@ class MapRegressionScheme(AnomalyScheme):
         anomaly_weight: extra weight of anomalous pixels (0: plain mean).
         synthetic_per_image: synthetic anomalies made from each training image.
         texture_source, anomaly_beta_max: the synthetic anomalies' textures and opacity.
-        synthetic_seed: seed of the (cached) synthetic anomalies.
+        synthetic_seed: seed of the (cached) synthetic anomalies and views.
+        augment_per_image: random views of each training image labelled by the teacher (0: none).
+        augment_degrees, augment_translate, augment_scale, augment_colour: the views' largest
+            rotation (degrees), shift and scale change (fractions of the side) and brightness /
+            contrast change (fraction); see :func:`kd_experiments.augmentation.random_views`.
         learning_rate, weight_decay: AdamW.
         lr_schedule: ``constant`` (the rate throughout) or ``cosine`` (per-step cosine decay
             over the run to ``COSINE_FLOOR`` of the rate, so the final weights, the ones
@@ -123,6 +135,11 @@ class MapRegressionScheme(AnomalyScheme):
         texture_source: str = "mixed",
         anomaly_beta_max: float = 0.8,
         synthetic_seed: int = 0,
+        augment_per_image: int = 0,
+        augment_degrees: float = 10.0,
+        augment_translate: float = 0.04,
+        augment_scale: float = 0.08,
+        augment_colour: float = 0.1,
         learning_rate: float = 2e-3,
         weight_decay: float = 1e-5,
         lr_schedule: str = "constant",
@@ -146,6 +163,9 @@ class MapRegressionScheme(AnomalyScheme):
             raise ConfigError(f"scheme.texture_source must be one of {TEXTURE_SOURCES}, got {texture_source!r}")
         if not isinstance(synthetic_per_image, int) or synthetic_per_image < 1:
             raise ConfigError(f"scheme.synthetic_per_image must be an integer >= 1, got {synthetic_per_image!r}")
+        if not isinstance(augment_per_image, int) or augment_per_image < 0:
+            raise ConfigError(f"scheme.augment_per_image must be an integer >= 0, got {augment_per_image!r}")
+        check_view_settings(augment_degrees, augment_translate, augment_scale, augment_colour)
         if not 0.5 <= float(map_scale_quantile) < 1.0:
             raise ConfigError(f"scheme.map_scale_quantile must be in [0.5, 1), got {map_scale_quantile}")
         if lr_schedule not in LR_SCHEDULES:
@@ -281,16 +301,30 @@ class MapRegressionScheme(AnomalyScheme):
         stacked[order] = torch.stack(images).float()
         return stacked, order
 
-    def _synthetic(self, images: torch.Tensor, copies: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _synthetic(self, bases: Sequence[torch.Tensor], copies: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``copies`` synthetic anomalies of each image, copy ``j`` made from ``bases[j % len(bases)]``."""
         preprocessing = self.deployment_preprocessing()
         maker = SyntheticAnomalies(preprocessing.mean, preprocessing.std, self.hparams.texture_source,
                                    self.hparams.anomaly_beta_max, seed=seed)
         anomalous, masks = [], []
-        for _ in range(copies):
+        for copy in range(copies):
+            images = bases[copy % len(bases)]
             parts = [maker(images[start:start + 16]) for start in range(0, len(images), 16)]
             anomalous.append(torch.cat([part[0] for part in parts]))
             masks.append(torch.cat([part[1] for part in parts]))
         return torch.stack(anomalous), torch.stack(masks)
+
+    def _views(self, images: torch.Tensor) -> torch.Tensor:
+        """``augment_per_image`` random views of the normalised ``images``, ``(k, N, C, H, W)``, normalised."""
+        hp = self.hparams
+        generator = torch.Generator().manual_seed(int(hp.synthetic_seed) + 7919)
+        preprocessing = self.deployment_preprocessing()
+        raw = preprocessing.to_raw(images).clamp(0.0, 1.0)
+        views = [preprocessing.normalise(torch.cat([
+            random_views(raw[start:start + 64], generator, hp.augment_degrees, hp.augment_translate,
+                         hp.augment_scale, hp.augment_colour) for start in range(0, len(raw), 64)]))
+            for _ in range(int(hp.augment_per_image))]
+        return torch.stack(views) if views else images.new_zeros(0, *images.shape)
 
     @torch.no_grad()
     def _teacher_maps(self, images: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -330,8 +364,9 @@ class MapRegressionScheme(AnomalyScheme):
         train, train_index = self._stack(datamodule.train_dataset)
         val, val_index = self._stack(datamodule.val_dataset)
         copies = self.hparams.synthetic_per_image
-        train_synthetic, train_masks = self._synthetic(train, copies, self.hparams.synthetic_seed)
-        val_synthetic, val_masks = self._synthetic(val, 1, self.hparams.synthetic_seed + 104729)
+        train_views = self._views(train)
+        train_synthetic, train_masks = self._synthetic([train, *train_views], copies, self.hparams.synthetic_seed)
+        val_synthetic, val_masks = self._synthetic([val], 1, self.hparams.synthetic_seed + 104729)
         parts = {
             "teacher": module_digest(self.teacher.model),
             "train": tensor_digest(train), "val": tensor_digest(val),
@@ -341,6 +376,9 @@ class MapRegressionScheme(AnomalyScheme):
         }
         if self.uses_features:  # an entry with the feature targets too (entries without them keep their keys)
             parts["feature_level"] = self.hparams.feature_level
+        if len(train_views):  # likewise for the views
+            parts["views"] = [len(train_views), *(float(self.hparams[name]) for name in (
+                "augment_degrees", "augment_translate", "augment_scale", "augment_colour"))]
         key = digest(parts)
         cache = TensorCache(self.hparams.cache_dir) if self.hparams.cache_dir else None
         entry = None
@@ -348,19 +386,19 @@ class MapRegressionScheme(AnomalyScheme):
             if self.trainer.is_global_zero:
                 entry = cache.load(key)
                 if entry is None:
-                    entry = self._compute_targets(train, train_synthetic, val, val_synthetic, val_masks)
+                    entry = self._compute_targets(train, train_views, train_synthetic, val, val_synthetic, val_masks)
                     cache.save(key, entry)
             self.trainer.strategy.barrier("map_regression_targets")
             if entry is None:  # other ranks read what rank 0 wrote
                 entry = cache.load(key)
             self.cache_status = "hit" if cache.last == "hit" else "miss"
         if entry is None:
-            entry = self._compute_targets(train, train_synthetic, val, val_synthetic, val_masks)
+            entry = self._compute_targets(train, train_views, train_synthetic, val, val_synthetic, val_masks)
         self.map_scale.fill_(float(entry["map_scale"]))
         scale = self.map_scale.cpu()
         size = (self.input_shape[1] // MAP_STRIDE, self.input_shape[2] // MAP_STRIDE)
         self._targets = {
-            "train_images": train, "train_synthetic": train_synthetic,
+            "train_images": train, "train_views": train_views, "train_synthetic": train_synthetic,
             "train_masks": torch.stack([downsample_mask(m, size) for m in train_masks]),
             "train_targets": entry["train_targets"] / scale,
             "val_synthetic": val_synthetic[0], "val_masks": val_masks[0],
@@ -374,10 +412,12 @@ class MapRegressionScheme(AnomalyScheme):
         self._teacher_val = {k: float(entry[k]) for k in ("teacher_synthetic_pixel_auroc",
                                                           "teacher_synthetic_image_auroc")}
 
-    def _compute_targets(self, train, train_synthetic, val, val_synthetic, val_masks) -> dict[str, torch.Tensor]:
+    def _compute_targets(self, train, train_views, train_synthetic, val, val_synthetic,
+                         val_masks) -> dict[str, torch.Tensor]:
         pool = MAP_STRIDE
         features: list[torch.Tensor] | None = [] if self.uses_features else None
         normal = F.avg_pool2d(self._teacher_maps(train, features), pool)
+        views = [F.avg_pool2d(self._teacher_maps(view, features), pool) for view in train_views]
         synthetic = torch.stack([F.avg_pool2d(self._teacher_maps(copy, features), pool) for copy in train_synthetic])
         val_normal_full = self._teacher_maps(val)
         val_synthetic_full = self._teacher_maps(val_synthetic[0])
@@ -389,7 +429,7 @@ class MapRegressionScheme(AnomalyScheme):
         extra = {"train_features": torch.stack(features)} if features is not None else {}
         return {
             **extra,
-            "train_targets": torch.cat([normal.unsqueeze(0), synthetic]),
+            "train_targets": torch.cat([normal.unsqueeze(0), *(view.unsqueeze(0) for view in views), synthetic]),
             "val_targets": torch.stack([F.avg_pool2d(val_normal_full, pool), F.avg_pool2d(val_synthetic_full, pool)]),
             "map_scale": scale,
             "teacher_synthetic_pixel_auroc": torch.tensor(kd_metrics.pixel_auroc(maps, masks)),
@@ -422,10 +462,18 @@ class MapRegressionScheme(AnomalyScheme):
         index = batch["index"].long().cpu()
         targets = self._targets
         copies = targets["train_synthetic"].shape[0]
+        views = 1 + targets["train_views"].shape[0]  # the original and its views
         pick = torch.randint(copies, (len(index),), generator=self._generator)
         normal = batch["image"]
+        view = torch.zeros_like(pick)
+        if views > 1:
+            view = torch.randint(views, (len(index),), generator=self._generator)
+            shown = (view > 0).nonzero().flatten()
+            if len(shown):
+                normal = normal.clone()
+                normal[shown] = targets["train_views"][view[shown] - 1, index[shown]].to(normal)
         synthetic = targets["train_synthetic"][pick, index].to(normal.device)
-        target = torch.cat([targets["train_targets"][0, index], targets["train_targets"][1 + pick, index]])
+        target = torch.cat([targets["train_targets"][view, index], targets["train_targets"][views + pick, index]])
         masks = torch.cat([torch.zeros_like(targets["train_masks"][pick, index]), targets["train_masks"][pick, index]])
         images = torch.cat([normal, synthetic])
         features = self.student.features(images)
@@ -433,7 +481,7 @@ class MapRegressionScheme(AnomalyScheme):
         loss = map_loss(predicted, target.to(predicted.device), masks.to(predicted.device),
                         self.hparams.loss, self.hparams.anomaly_weight)
         if self.uses_features:
-            wanted = torch.cat([targets["train_features"][0, index], targets["train_features"][1 + pick, index]])
+            wanted = torch.cat([targets["train_features"][view, index], targets["train_features"][views + pick, index]])
             wanted = wanted.to(features.device)
             guessed = self.feature_head(F.adaptive_avg_pool2d(features, wanted.shape[-2:]))
             feature_loss = F.mse_loss(guessed, wanted)
