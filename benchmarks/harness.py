@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import datetime
 import fcntl
+import fnmatch
 import json
 import os
 import platform
@@ -285,6 +286,18 @@ def base_parser(doc: str | None, output: str | None = None, threads: bool = True
     if threads:
         parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     return parser
+
+
+def select(entries: list[Any], patterns: Sequence[str] | None) -> list[Any]:
+    """The plan entries whose ``name`` matches one of the shell patterns of ``--only`` (all when
+    ``patterns`` is ``None``); patterns that match nothing stop the benchmark with one line, rather
+    than a run that does nothing."""
+    if patterns is None:
+        return entries
+    chosen = [e for e in entries if any(fnmatch.fnmatchcase(e.name, p) for p in patterns)]
+    if not chosen:
+        raise SystemExit(f"--only {' '.join(shlex.quote(p) for p in patterns)} matches no plan entry; see --plan")
+    return chosen
 
 
 def mark_all(paths: Sequence[Path]) -> None:

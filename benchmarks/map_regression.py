@@ -76,7 +76,6 @@ Resumable: a record already in the file is skipped::
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import re
@@ -86,7 +85,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import QUIET, ROOT, ResultsFile, base_parser, compose, now_utc
+from benchmarks.harness import QUIET, ROOT, ResultsFile, base_parser, compose, now_utc, select
 from benchmarks.mvtec import budget_path, choose_budget, mlflow_run, use_project_mlflow_store
 
 CATEGORIES = ("bottle", "screw", "transistor")
@@ -694,8 +693,7 @@ def main() -> None:
             raise SystemExit(f"the variant {variant!r} is tested at its own budget: run --budget --variant first")
         print(f"[map_regression] variant {variant}: budget {epochs}", flush=True)
     entries = plan(teacher, tuple(args.categories), variant)
-    if args.only:
-        entries = [e for e in entries if any(fnmatch.fnmatch(e.name, pattern) for pattern in args.only)]
+    entries = select(entries, args.only)
     for entry in entries:
         done = map_run_done(results, entry)
         if args.plan:

@@ -65,7 +65,6 @@ it and the budgets it gives):
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import statistics
@@ -74,7 +73,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import QUIET, RESULTS, ROOT, ResultsFile, base_parser, compose, now_utc
+from benchmarks.harness import QUIET, RESULTS, ROOT, ResultsFile, base_parser, compose, now_utc, select
 
 CATEGORIES = ("bottle", "screw", "transistor")
 IMAGE_SIZE = 256
@@ -136,16 +135,6 @@ def plan(categories: tuple[str, ...] = CATEGORIES) -> list[Entry]:
     entries += [Entry(scheme, c, 1.0, seed) for seed in EXTRA_SEEDS for scheme in ("rd", "rd_expert")
                 for c in categories]
     return entries
-
-
-def select(entries: list[Entry], patterns: list[str] | None) -> list[Entry]:
-    """The entries whose name matches one of the shell patterns (all when ``patterns`` is ``None``)."""
-    if patterns is None:
-        return entries
-    chosen = [e for e in entries if any(fnmatch.fnmatchcase(e.name, p) for p in patterns)]
-    if not chosen:
-        raise SystemExit(f"--only {' '.join(patterns)} matches no plan entry; see --plan")
-    return chosen
 
 
 # -- the epoch budget ------------------------------------------------------------------------------

@@ -328,3 +328,17 @@ def test_the_mvtec_budget_study_runs_only_the_configurations_only_names(tmp_path
     records = json.loads(mvtec.budget_path(output).read_text())["runs"]
     assert {r["scheme"] for r in records} == {"rd_expert"} and len(records) == mvtec.BUDGET_STUDY_EPOCHS
     assert mvtec.choose_budget(records, "screw") is None  # RD not studied yet
+
+
+def test_only_patterns_that_match_no_plan_entry_stop_with_one_line() -> None:
+    """A plan entry of a variant is named ``<category>/<teacher>/m<ratio>/s<seed>/<variant>``: a pattern
+    without the variant part matches nothing, and says so instead of running nothing."""
+    from benchmarks.harness import select
+    from benchmarks.map_regression import plan
+
+    entries = plan("patchcore", ("bottle",), "scheme.feature_level=0")
+    assert [e.name for e in select(entries, ["bottle/patchcore/m30/s0/*"])] == [
+        "bottle/patchcore/m30/s0/scheme.feature_level=0"]
+    assert select(entries, None) == entries
+    with pytest.raises(SystemExit, match="matches no plan entry; see --plan"):
+        select(entries, ["bottle/patchcore/m30/s0"])
