@@ -136,10 +136,6 @@ class Preprocessing:
         """The datamodule's normalised tensor back in [0, 1] (``x * std + mean``)."""
         return normalised * self._view(self.std, normalised) + self._view(self.mean, normalised)
 
-    def normalise(self, raw: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] as the datamodule gives them (``(x - mean) / std``; the inverse of :meth:`to_raw`)."""
-        return (raw - self._view(self.mean, raw)) / self._view(self.std, raw)
-
 
 class Preprocessor(nn.Module):
     """Raw images (``uint8`` or [0, 1]) -> the normalised tensor the networks were trained on."""

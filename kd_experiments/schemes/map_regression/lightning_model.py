@@ -65,6 +65,7 @@ from kd_experiments.anomaly_maps import upsample
 from kd_experiments.augmentation import check_view_settings, random_views
 from kd_experiments.cache import TensorCache, digest, module_digest, tensor_digest
 from kd_experiments.compression import count_macs, count_parameters, size_summary
+from kd_experiments.data.common import normalize
 from kd_experiments.deployable import DeployableModel, Preprocessing, deployed_sizes
 from kd_experiments.errors import ConfigError
 from kd_experiments.schedules import LR_SCHEDULES, cosine_decay
@@ -320,9 +321,10 @@ class MapRegressionScheme(AnomalyScheme):
         generator = torch.Generator().manual_seed(int(hp.synthetic_seed) + 7919)
         preprocessing = self.deployment_preprocessing()
         raw = preprocessing.to_raw(images).clamp(0.0, 1.0)
-        views = [preprocessing.normalise(torch.cat([
+        views = [normalize(torch.cat([
             random_views(raw[start:start + 64], generator, hp.augment_degrees, hp.augment_translate,
-                         hp.augment_scale, hp.augment_colour) for start in range(0, len(raw), 64)]))
+                         hp.augment_scale, hp.augment_colour) for start in range(0, len(raw), 64)]),
+            preprocessing.mean, preprocessing.std)  # as the datamodule normalises
             for _ in range(int(hp.augment_per_image))]
         return torch.stack(views) if views else images.new_zeros(0, *images.shape)
 
