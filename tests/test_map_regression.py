@@ -127,6 +127,33 @@ def test_the_cosine_schedule_decays_to_its_floor_and_a_wrong_schedule_is_one_con
         MapRegressionScheme((3, SIZE, SIZE), width=4, lr_schedule="step")
 
 
+@pytest.mark.parametrize("level", [-1, [], [0, 0], [0, "1"], True, "0"])
+def test_a_wrong_feature_level_is_one_config_error(level) -> None:
+    with pytest.raises(ConfigError, match="scheme.feature_level"):
+        MapRegressionScheme((3, SIZE, SIZE), width=4, feature_level=level)
+
+
+def test_one_feature_head_serves_several_levels_through_its_channel_slices() -> None:
+    scheme = MapRegressionScheme((3, SIZE, SIZE), width=4, feature_weight=1.0, feature_level=[0, 2],
+                                 feature_channels=5)
+    assert scheme.hparams.feature_level == [0, 2] and scheme._feature_keys() == ["train_features_0",
+                                                                                   "train_features_2"]
+    # level 0: 2 channels on a 16x16 grid, level 2: 3 channels on 4x4; rows: [normal, synthetic copy] x 2 images
+    generator = torch.Generator().manual_seed(0)
+    scheme._feature_targets = [torch.randn(2, 2, 2, 16, 16, generator=generator),
+                               torch.randn(2, 2, 3, 4, 4, generator=generator)]
+    features = scheme.student.features(grey_images(4, 1))
+    index, normal, synthetic = torch.tensor([0, 1]), torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.long)
+    loss = scheme._feature_loss(features, normal, synthetic, index)
+    guessed = [scheme.feature_head(F.adaptive_avg_pool2d(features, size)) for size in (16, 4)]
+    expected = (F.mse_loss(guessed[0][:, :2], torch.cat([scheme._feature_targets[0][0], scheme._feature_targets[0][1]]))
+                + F.mse_loss(guessed[1][:, 2:], torch.cat([scheme._feature_targets[1][0],
+                                                            scheme._feature_targets[1][1]]))) / 2
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert scheme.feature_head.weight.grad.abs().sum() > 0
+
+
 def test_map_teacher_refuses_a_score_only_model() -> None:
     class ScoreOnly(torch.nn.Module):
         produces_map = False
@@ -222,8 +249,9 @@ def test_a_run_logs_quality_sizes_and_reuses_the_teacher_maps(patchcore_teacher)
     train_in_process(common, env, root / "first")
     # same data and teacher, another schedule
     train_in_process([*common, "scheme.learning_rate=0.001", "scheme.lr_schedule=cosine"], env, root / "second")
-    # the teacher-feature switch: a second target, trained beside the student and never shipped
-    train_in_process([*common, "scheme.feature_weight=1.0", *NO_DEPLOY], env, root / "features")
+    # the teacher-feature switch: more targets (two encoder levels), trained beside the student, never shipped
+    train_in_process([*common, "scheme.feature_weight=1.0", "scheme.feature_level=[0,1]", *NO_DEPLOY], env,
+                     root / "features")
     # teacher-labelled views beside the feature target: another entry, trained and tested
     train_in_process([*common, "scheme.feature_weight=1.0", "scheme.augment_per_image=2", *NO_DEPLOY], env,
                      root / "views")
@@ -237,10 +265,13 @@ def test_a_run_logs_quality_sizes_and_reuses_the_teacher_maps(patchcore_teacher)
     assert features.data.metrics["teacher_map_cache_hit"] == 0.0  # the maps plus the features: a new entry
     assert features.data.metrics["train/feature_loss"] > 0 and "test/pixel_auroc" in features.data.metrics
     assert features.data.params["deployed_params"] == first.data.params["deployed_params"]
-    assert int(features.data.params["scheme.feature_level"]) == 1
+    assert features.data.params["scheme.feature_level"] == "[0, 1]"
+    assert int(views.data.params["scheme.feature_level"]) == 1  # the default: one level
     rebuilt = load_scheme("kd_experiments.schemes.map_regression.MapRegressionScheme",
                           root / "features" / "checkpoints" / "last.ckpt")  # strict: the head is rebuilt too
     assert rebuilt.feature_head is not None and rebuilt.teacher is None
+    assert rebuilt.hparams.feature_level == [0, 1]  # one head writes both levels' channels
+    assert rebuilt.feature_head.out_channels == rebuilt.hparams.feature_channels > 0
     assert "feature_head" not in dict(rebuilt.deployable_model().named_children())
     assert first.data.metrics["teacher_map_cache_hit"] == 0.0 and second.data.metrics["teacher_map_cache_hit"] == 1.0
     assert second.data.params["scheme.lr_schedule"] == "cosine" and second.info.status == "FINISHED"

@@ -25,11 +25,12 @@ What it learns from (computed once per run, cached on disk by teacher and data,
   made from view ``j mod (1 + augment_per_image)`` (view 0: the original);
 - with ``feature_weight > 0`` (a switch, off by default), also the teacher's intermediate
   features: level ``feature_level`` of its pretrained encoder
-  (:class:`~kd_experiments.backbones.FeatureEncoder`), standardised per channel over the
-  normal training images, regressed by a 1x1 head on the student's fused features pooled
-  to that level's grid (mean squared error, weight ``feature_weight``), the way EfficientAD's
-  patch network learns a pretrained network's features. The head only shapes training: it
-  is not part of the deployed model.
+  (:class:`~kd_experiments.backbones.FeatureEncoder`), or several levels (a list, e.g.
+  ``[0, 1]``: the stride-4 and stride-8 features, as EfficientAD's patch network learns the
+  concatenation of two levels of a pretrained network), each standardised per channel over
+  the normal training images and regressed by a 1x1 head on the student's fused features
+  pooled to that level's grid (mean squared error averaged over the levels, weight
+  ``feature_weight``). The head only shapes training: it is not part of the deployed model.
 
 Maps are compared at stride 4 (the teacher's final, smoothed map average-pooled) in units
 of the teacher's normal-image scale (its ``map_scale_quantile`` quantile over the normal
@@ -82,6 +83,20 @@ from kd_experiments.schemes.map_regression.torch_model import (
 from kd_experiments.synthetic_anomalies import TEXTURE_SOURCES, SyntheticAnomalies
 
 
+def feature_levels(feature_level: Any) -> tuple[int, ...]:
+    """``scheme.feature_level`` (one level or a list of them) as a tuple of distinct levels >= 0."""
+    levels = [feature_level] if isinstance(feature_level, int) else feature_level
+    try:
+        levels = list(levels)
+    except TypeError:
+        levels = None
+    if (not levels or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in levels)
+            or len(set(levels)) != len(levels)):
+        raise ConfigError("scheme.feature_level must be an integer >= 0 or a non-empty list of distinct ones, "
+                          f"got {feature_level!r}")
+    return tuple(int(v) for v in levels)
+
+
 class MapRegressionScheme(AnomalyScheme):
     """Teacher (any map-producing detector, frozen) -> encoder-free map student.
 
@@ -115,9 +130,10 @@ class MapRegressionScheme(AnomalyScheme):
         cache_dir: folder of the teacher-map cache (``null``: no cache, always computed).
         measure_teacher: also score the test split with the teacher (``test/teacher_*``).
         feature_weight: weight of the teacher-feature target (0: off).
-        feature_level: which level of the teacher encoder's outputs is the feature target.
-        feature_channels: that level's channels (set from the teacher; a checkpoint rebuilds
-            the feature head without it).
+        feature_level: which level of the teacher encoder's outputs is the feature target, or
+            a list of levels (each its own target; one 1x1 head writes their channels side by side).
+        feature_channels: that level's channels, or the levels' total (set from the teacher; a
+            checkpoint rebuilds the feature head without it).
     """
 
     scheme_name = "map_regression"
@@ -150,7 +166,7 @@ class MapRegressionScheme(AnomalyScheme):
         cache_dir: str | None = None,
         measure_teacher: bool = True,
         feature_weight: float = 0.0,
-        feature_level: int = 1,
+        feature_level: int | Sequence[int] = 1,
         feature_channels: int | None = None,
     ) -> None:
         super().__init__()
@@ -175,8 +191,9 @@ class MapRegressionScheme(AnomalyScheme):
             raise ConfigError(f"scheme.anomaly_weight must be >= 0, got {anomaly_weight}")
         if not float(feature_weight) >= 0:
             raise ConfigError(f"scheme.feature_weight must be >= 0 (0: off), got {feature_weight}")
-        if not isinstance(feature_level, int) or feature_level < 0:
-            raise ConfigError(f"scheme.feature_level must be an integer >= 0, got {feature_level!r}")
+        self._levels = feature_levels(feature_level)
+        if not isinstance(feature_level, int):  # a plain list in the checkpoint and the cache key
+            self.hparams["feature_level"] = list(self._levels)
         height, width_pixels = self.input_shape[1:]
         if height % (4 * MAP_STRIDE) or width_pixels % (4 * MAP_STRIDE):
             raise ConfigError(
@@ -200,11 +217,12 @@ class MapRegressionScheme(AnomalyScheme):
             if feature_channels is None:
                 if teacher is None:
                     raise ConfigError("scheme.feature_weight > 0 needs scheme.teacher (its encoder's features)")
-                feature_channels = self._teacher_level_channels()
+                feature_channels = sum(self._teacher_level_channels())
                 self.hparams["feature_channels"] = int(feature_channels)
             # trained beside the student, never shipped (deployable_model() holds the student alone)
             self.feature_head = nn.Conv2d(self.student.feature_channels, int(feature_channels), 1)
         self._targets: dict[str, torch.Tensor] = {}
+        self._feature_targets: list[torch.Tensor] = []
         self._generator = torch.Generator().manual_seed(int(synthetic_seed))
         self._val: dict[str, list[torch.Tensor]] = {}
         self._summary: dict[str, Any] | None = None
@@ -224,16 +242,40 @@ class MapRegressionScheme(AnomalyScheme):
             )
         return encoder
 
-    def _teacher_level_channels(self) -> int:
+    def _teacher_level_channels(self) -> list[int]:
+        """The channels of each feature level, in ``feature_level``'s order."""
         channels = list(self._teacher_encoder().out_channels)
-        if self.hparams.feature_level >= len(channels):
-            raise ConfigError(f"scheme.feature_level={self.hparams.feature_level}: the teacher's encoder has "
-                              f"{len(channels)} levels (0..{len(channels) - 1})")
-        return int(channels[self.hparams.feature_level])
+        for level in self._levels:
+            if level >= len(channels):
+                raise ConfigError(f"scheme.feature_level={self.hparams.feature_level}: the teacher's encoder has "
+                                  f"{len(channels)} levels (0..{len(channels) - 1})")
+        return [int(channels[level]) for level in self._levels]
 
     @property
     def uses_features(self) -> bool:
         return self.feature_head is not None
+
+    def _feature_keys(self) -> list[str]:
+        """The cache entry's keys of the feature targets (one level keeps the original key)."""
+        if isinstance(self.hparams.feature_level, int):
+            return ["train_features"]
+        return [f"train_features_{level}" for level in self._levels]
+
+    def _feature_loss(self, features: torch.Tensor, normal: torch.Tensor, synthetic: torch.Tensor,
+                      index: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the feature head against each level's standardised teacher features,
+        averaged over the levels; ``normal`` / ``synthetic`` pick the rows (original or view, and the
+        synthetic copy) of the batch's images. A 1x1 head commutes with average pooling, so the
+        head reads the student's features pooled to each level's grid and that level's channels
+        are its slice of the output."""
+        losses, start = [], 0
+        for targets in self._feature_targets:
+            wanted = torch.cat([targets[normal, index], targets[synthetic, index]]).to(features.device)
+            stop = start + wanted.shape[1]
+            guessed = self.feature_head(F.adaptive_avg_pool2d(features, wanted.shape[-2:]))[:, start:stop]
+            losses.append(F.mse_loss(guessed, wanted))
+            start = stop
+        return torch.stack(losses).mean()
 
     # -- sizes -----------------------------------------------------------------------------
     def _deployed_macs_of(self, width: int) -> int:
@@ -329,17 +371,18 @@ class MapRegressionScheme(AnomalyScheme):
         return torch.stack(views) if views else images.new_zeros(0, *images.shape)
 
     @torch.no_grad()
-    def _teacher_maps(self, images: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def _teacher_maps(self, images: torch.Tensor, features: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
         """The teacher's final maps ``(N, 1, H, W)`` at the data's size, on the CPU; with a list
-        as ``features``, the encoder's level ``feature_level`` of the same calls is appended to it."""
+        of lists (one per level of ``feature_level``) as ``features``, the encoder's levels of the
+        same calls are appended to them."""
         assert self.teacher is not None
         device = self._teacher_device()
-        captured: list[torch.Tensor] = []
+        captured: list[list[torch.Tensor]] = []
         hook = None
         if features is not None:
-            level = self.hparams.feature_level
+            levels = self._levels
             hook = self._teacher_encoder().register_forward_hook(
-                lambda module, inputs, outputs: captured.append(outputs[level].float().cpu()))
+                lambda module, inputs, outputs: captured.append([outputs[level].float().cpu() for level in levels]))
         maps = []
         try:
             for start in range(0, len(images), self.hparams.teacher_batch_size):
@@ -355,7 +398,8 @@ class MapRegressionScheme(AnomalyScheme):
             if len(captured) != len(maps):
                 raise ConfigError(f"the teacher's encoder ran {len(captured)} times for {len(maps)} batches; "
                                   "its features cannot be matched to its maps (scheme.feature_weight)")
-            features.append(torch.cat(captured))
+            for position, level_features in enumerate(features):
+                level_features.append(torch.cat([call[position] for call in captured]))
         return torch.cat(maps)
 
     def _prepare_targets(self) -> None:
@@ -407,17 +451,19 @@ class MapRegressionScheme(AnomalyScheme):
             "val_targets": entry["val_targets"] / scale,
         }
         if self.uses_features:
-            features = entry["train_features"]
-            mean = features[0].mean(dim=(0, 2, 3), keepdim=True)
-            std = features[0].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-            self._targets["train_features"] = (features - mean) / std  # per channel, over the normal images
+            self._feature_targets = []
+            for key in self._feature_keys():
+                features = entry[key]
+                mean = features[0].mean(dim=(0, 2, 3), keepdim=True)
+                std = features[0].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+                self._feature_targets.append((features - mean) / std)  # per channel, over the normal images
         self._teacher_val = {k: float(entry[k]) for k in ("teacher_synthetic_pixel_auroc",
                                                           "teacher_synthetic_image_auroc")}
 
     def _compute_targets(self, train, train_views, train_synthetic, val, val_synthetic,
                          val_masks) -> dict[str, torch.Tensor]:
         pool = MAP_STRIDE
-        features: list[torch.Tensor] | None = [] if self.uses_features else None
+        features: list[list[torch.Tensor]] | None = [[] for _ in self._levels] if self.uses_features else None
         normal = F.avg_pool2d(self._teacher_maps(train, features), pool)
         views = [F.avg_pool2d(self._teacher_maps(view, features), pool) for view in train_views]
         synthetic = torch.stack([F.avg_pool2d(self._teacher_maps(copy, features), pool) for copy in train_synthetic])
@@ -428,7 +474,8 @@ class MapRegressionScheme(AnomalyScheme):
         masks = torch.cat([torch.zeros_like(val_masks[0]), val_masks[0]]).squeeze(1) > 0.5
         maps = torch.cat([val_normal_full, val_synthetic_full]).squeeze(1)
         labels = masks.flatten(1).any(1).long()
-        extra = {"train_features": torch.stack(features)} if features is not None else {}
+        extra = ({key: torch.stack(level) for key, level in zip(self._feature_keys(), features)}
+                 if features is not None else {})
         return {
             **extra,
             "train_targets": torch.cat([normal.unsqueeze(0), *(view.unsqueeze(0) for view in views), synthetic]),
@@ -483,10 +530,7 @@ class MapRegressionScheme(AnomalyScheme):
         loss = map_loss(predicted, target.to(predicted.device), masks.to(predicted.device),
                         self.hparams.loss, self.hparams.anomaly_weight)
         if self.uses_features:
-            wanted = torch.cat([targets["train_features"][view, index], targets["train_features"][views + pick, index]])
-            wanted = wanted.to(features.device)
-            guessed = self.feature_head(F.adaptive_avg_pool2d(features, wanted.shape[-2:]))
-            feature_loss = F.mse_loss(guessed, wanted)
+            feature_loss = self._feature_loss(features, view, views + pick, index)
             self.check_finite("train/feature_loss", feature_loss)
             self.log("train/feature_loss", feature_loss, on_step=False, on_epoch=True, batch_size=len(index))
             loss = loss + float(self.hparams.feature_weight) * feature_loss
