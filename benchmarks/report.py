@@ -459,13 +459,24 @@ def map_regression_page(results: Path) -> Page | None:
                   "score regression whose deployed MACs are closest to the seed-0 ratio-30 map student's, "
                   "regressing the teacher's image score: image AUROC only (it writes no map). Latency: ONNX "
                   "Runtime, batch 1, one thread.", "", comparison, ""]
+    shift = load_runs(results, "map_regression_shift.json")
+    if shift:
+        columns = [("category", "category"), ("seed", "seed"), ("model", "model"), ("split_seed", "split seed"),
+                   ("test_normal_auroc", "test-normal vs held-out AUROC"),
+                   *((f"brightness_auroc_{f:g}", f"brightness x{f:g} AUROC") for f in (0.9, 1.1)),
+                   ("val_mean_grey", "held-out mean grey"), ("test_normal_mean_grey", "test-normal mean grey"),
+                   ("test_image_auroc", "test image AUROC"), ("test_pixel_auroc", "test pixel AUROC")]
+        parts += ["## Shift sensitivity on normal images (`benchmarks/results/map_regression_shift.json`)", "",
+                  SHIFT_INTRO, "", generic_table(sorted(shift, key=lambda r: (r.get("category"), r.get("seed"),
+                                                                                r.get("model"))), columns), ""]
     if budget:
         parts += ["## Teacher and epoch budget chosen on validation data "
                   "(`benchmarks/results/map_regression_budget.json`)", "",
                   "Bottle, deployed MAC ratio 30, seed 0, `test=false`: validation images are held-out normal "
                   "training images and the same images with fixed synthetic anomalies; epochs listed are the "
                   "rule's candidates.", "", map_regression.budget_table(results / "map_regression_budget.json"), ""]
-    parts += [provenance_section(results, ["map_regression.json", "map_regression_budget.json"])]
+    parts += [provenance_section(results, ["map_regression.json", "map_regression_budget.json",
+                                           "map_regression_shift.json"])]
     return Page("map_regression", "\n".join(parts) + "\n", charts)
 
 
@@ -899,6 +910,15 @@ the same run. Budgets are chosen on validation data only. Settings other than th
 in the "setting" column) are studied on validation data first, and the retention line leads with the
 setting validation prefers (rule 5 of `benchmarks/map_regression.py`; the ranking is under the budget
 table). Each record's own `command` (listed under "Records and provenance") reproduces it."""
+
+
+SHIFT_INTRO = """\
+Normal images only (`python -m benchmarks.map_regression_shift`): each model's image AUROC of the
+test split's normal images against normal training images it never trained on (its own validation
+split), and of those held-out images with every pixel scaled by 0.9 or 1.1 against the same images
+unchanged. 0.5: the model scores them alike; 1.0: the shift alone puts every shifted image above
+every original. The last two columns are the records' test figures (with anomalies), for reference.
+Nothing here selects a model or a setting."""
 
 
 if __name__ == "__main__":
