@@ -18,6 +18,11 @@ normal images only (no anomaly label or mask is read):
 - ``brightness_auroc_<f>``: the image AUROC of those held-out normal training images with every
   pixel multiplied by ``f`` (clamped to [0, 1]) against the same images unchanged, for ``f`` in
   ``BRIGHTNESS``: the same question asked of a controlled global brightness change.
+- ``map_grey_correlation``: the median, over the test split's normal images, of the Pearson
+  correlation between the model's map and the image's grey level (channels averaged), pixel by
+  pixel: near 0, the map does not follow the image's brightness; strongly negative or positive,
+  the map draws the object (dark object, bright background or the reverse) rather than its
+  defects, and a defect on the object scores like the object.
 - ``val_mean_grey`` / ``test_normal_mean_grey``: the mean pixel value (0..255, channels
   averaged) of the two sets of normal images, a fact of the data.
 
@@ -67,6 +72,26 @@ def _scores(model, images) -> Any:
                           for start in range(0, len(images), BATCH)])
 
 
+def _map_grey_correlation(model, images) -> float:
+    """The median over ``images`` of the pixel-wise Pearson correlation of map and grey level."""
+    import torch
+    import torch.nn.functional as F
+
+    values = []
+    with torch.no_grad():
+        for start in range(0, len(images), BATCH):
+            batch = images[start:start + BATCH]
+            maps = model(batch)[1].float()
+            maps = maps.reshape(len(batch), -1, *maps.shape[-2:])[:, :1]
+            grey = batch.mean(dim=1, keepdim=True)
+            if tuple(maps.shape[-2:]) != tuple(grey.shape[-2:]):
+                maps = F.interpolate(maps, size=grey.shape[-2:], mode="bilinear", align_corners=False)
+            a = maps.flatten(1) - maps.flatten(1).mean(1, keepdim=True)
+            b = grey.flatten(1) - grey.flatten(1).mean(1, keepdim=True)
+            values.append((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12))
+    return float(torch.cat(values).median())
+
+
 def _auroc(positives, negatives) -> float:
     import torch
 
@@ -108,7 +133,8 @@ def measure(record: dict[str, Any], data_root: Path) -> list[dict[str, Any]]:
         figures = {"model": role, "split_seed": int(data_config.data.seed), "val_images": len(held_out),
                    "test_normal_images": len(test_normal), "val_mean_grey": float(held_out.mean() * 255),
                    "test_normal_mean_grey": float(test_normal.mean() * 255),
-                   "test_normal_auroc": _auroc(_scores(model, test_normal), base)}
+                   "test_normal_auroc": _auroc(_scores(model, test_normal), base),
+                   "map_grey_correlation": _map_grey_correlation(model, test_normal)}
         for factor in BRIGHTNESS:
             figures[f"brightness_auroc_{factor:g}"] = _auroc(_scores(model, (held_out * factor).clamp(0.0, 1.0)), base)
         figures["test_image_auroc"] = record["image_auroc"] if role == "student" else record["teacher_image_auroc"]

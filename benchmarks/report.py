@@ -464,6 +464,7 @@ def map_regression_page(results: Path) -> Page | None:
         columns = [("category", "category"), ("seed", "seed"), ("model", "model"), ("split_seed", "split seed"),
                    ("test_normal_auroc", "test-normal vs held-out AUROC"),
                    *((f"brightness_auroc_{f:g}", f"brightness x{f:g} AUROC") for f in (0.9, 1.1)),
+                   ("map_grey_correlation", "map-grey correlation"),
                    ("val_mean_grey", "held-out mean grey"), ("test_normal_mean_grey", "test-normal mean grey"),
                    ("test_image_auroc", "test image AUROC"), ("test_pixel_auroc", "test pixel AUROC")]
         parts += ["## Shift sensitivity on normal images (`benchmarks/results/map_regression_shift.json`)", "",
@@ -917,7 +918,9 @@ Normal images only (`python -m benchmarks.map_regression_shift`): each model's i
 test split's normal images against normal training images it never trained on (its own validation
 split), and of those held-out images with every pixel scaled by 0.9 or 1.1 against the same images
 unchanged. 0.5: the model scores them alike; 1.0: the shift alone puts every shifted image above
-every original. The last two columns are the records' test figures (with anomalies), for reference.
+every original. Map-grey correlation: the median over the test split's normal images of the
+pixel-wise correlation between the map and the image's grey level (near 0: the map does not draw the
+object; far from 0: it does, and a defect on the object scores like the object). The last two columns are the records' test figures (with anomalies), for reference.
 Nothing here selects a model or a setting."""
 
 
