@@ -910,7 +910,11 @@ student's; latencies are ONNX Runtime, batch 1, 1 thread, student and teacher me
 the same run. Budgets are chosen on validation data only. Settings other than the default (the overrides
 in the "setting" column) are studied on validation data first, and the retention line leads with the
 setting validation prefers (rule 5 of `benchmarks/map_regression.py`; the ranking is under the budget
-table). Each record's own `command` (listed under "Records and provenance") reproduces it."""
+table). Teachers are built once per category with seed 0, and a run's train / validation split of
+`train/good` follows its own seed: for seeds 1 and 2 about a tenth of the student's training images
+are images its teacher held out, and most of its validation images are in a PatchCore teacher's memory
+bank (so their teacher maps are those of memorised images); the test split is the same for every seed.
+Each record's own `command` (listed under "Records and provenance") reproduces it."""
 
 
 SHIFT_INTRO = """\
