@@ -912,8 +912,9 @@ in the "setting" column) are studied on validation data first, and the retention
 setting validation prefers (rule 5 of `benchmarks/map_regression.py`; the ranking is under the budget
 table). Teachers are built once per category with seed 0, and a run's train / validation split of
 `train/good` follows its own seed: for seeds 1 and 2 about a tenth of the student's training images
-are images its teacher held out, and most of its validation images are in a PatchCore teacher's memory
-bank (so their teacher maps are those of memorised images); the test split is the same for every seed.
+are images its teacher held out, and most of its validation images are among those a PatchCore teacher
+built its memory bank from (their teacher maps are those of memorised images); the test split is the
+same for every seed.
 Each record's own `command` (listed under "Records and provenance") reproduces it."""
 
 
