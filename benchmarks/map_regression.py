@@ -164,11 +164,26 @@ def teacher_budget(teacher: str, category: str, args: argparse.Namespace) -> dic
     return {"teacher_epochs": epochs, "teacher_budget_rule": "validation"}
 
 
+def _bank_records_sources(checkpoint: Path) -> bool:
+    """Whether a PatchCore checkpoint's bank records its source images."""
+    from kd_experiments.checkpoints import load_checkpoint
+
+    return "memory_bank_sources" in load_checkpoint(checkpoint).get("state_dict", {})
+
+
 def build_teacher(teacher: str, category: str, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """Train (RD) or build (PatchCore) the teacher of a category once: its checkpoint and its
     budget (kept beside the checkpoint, so later records name the budget it was built with)."""
     checkpoint = teacher_checkpoint(teacher, category)
     info = checkpoint.parents[1] / "teacher_budget.json"
+    if teacher == "patchcore" and checkpoint.is_file() and not _bank_records_sources(checkpoint):
+        # built before banks recorded their source images: the same bank is built again (the
+        # coreset is seeded), now with them (scheme.teacher_leave_one_out needs them)
+        kept = checkpoint.parent.with_name("checkpoints-without-bank-sources")
+        if not kept.exists():
+            checkpoint.parent.rename(kept)
+        else:
+            checkpoint.unlink()
     if checkpoint.is_file():
         budget = json.loads(info.read_text()) if info.is_file() else teacher_budget(teacher, category, args)
         return checkpoint, budget

@@ -23,6 +23,9 @@ normal images only (no anomaly label or mask is read):
   pixel: near 0, the map does not follow the image's brightness; strongly negative or positive,
   the map draws the object (dark object, bright background or the reverse) rather than its
   defects, and a defect on the object scores like the object.
+- ``train_map_grey_correlation``: the same on the first ``TRAIN_IMAGES`` images the model trained
+  on (its own split's training images: for a PatchCore teacher, images of its memory bank), i.e.
+  what a map student sees as its targets.
 - ``val_mean_grey`` / ``test_normal_mean_grey``: the mean pixel value (0..255, channels
   averaged) of the two sets of normal images, a fact of the data.
 
@@ -48,6 +51,8 @@ from benchmarks.map_regression import TEACHER_TARGETS, teacher_checkpoint, use_p
 #: global brightness factors applied to the held-out normal training images
 BRIGHTNESS = (0.9, 1.1)
 BATCH = 8
+#: training images the training-image correlation reads
+TRAIN_IMAGES = 32
 #: the seed the map_regression benchmark builds its teachers with (their train / validation split)
 TEACHER_SEED = 0
 
@@ -110,6 +115,8 @@ def measure(record: dict[str, Any], data_root: Path) -> list[dict[str, Any]]:
     PatchCore teacher is never scored on images of its own memory bank."""
     import copy
 
+    from torch.utils.data import Subset
+
     from kd_experiments.export import load_run_student, run_datamodule
     from kd_experiments.schemes.map_regression.teachers import load_map_teacher
 
@@ -129,12 +136,14 @@ def measure(record: dict[str, Any], data_root: Path) -> list[dict[str, Any]]:
         datamodule = run_datamodule(data_config)
         held_out = _normal_images(datamodule.val_dataset, datamodule)
         test_normal = _normal_images(datamodule.test_dataset, datamodule)
+        trained_on = Subset(datamodule.train_dataset, range(min(TRAIN_IMAGES, len(datamodule.train_dataset))))
         base = _scores(model, held_out)
         figures = {"model": role, "split_seed": int(data_config.data.seed), "val_images": len(held_out),
                    "test_normal_images": len(test_normal), "val_mean_grey": float(held_out.mean() * 255),
                    "test_normal_mean_grey": float(test_normal.mean() * 255),
                    "test_normal_auroc": _auroc(_scores(model, test_normal), base),
-                   "map_grey_correlation": _map_grey_correlation(model, test_normal)}
+                   "map_grey_correlation": _map_grey_correlation(model, test_normal),
+                   "train_map_grey_correlation": _map_grey_correlation(model, _normal_images(trained_on, datamodule))}
         for factor in BRIGHTNESS:
             figures[f"brightness_auroc_{factor:g}"] = _auroc(_scores(model, (held_out * factor).clamp(0.0, 1.0)), base)
         figures["test_image_auroc"] = record["image_auroc"] if role == "student" else record["teacher_image_auroc"]

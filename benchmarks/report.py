@@ -465,6 +465,7 @@ def map_regression_page(results: Path) -> Page | None:
                    ("test_normal_auroc", "test-normal vs held-out AUROC"),
                    *((f"brightness_auroc_{f:g}", f"brightness x{f:g} AUROC") for f in (0.9, 1.1)),
                    ("map_grey_correlation", "map-grey correlation"),
+                   ("train_map_grey_correlation", "same, on its training images"),
                    ("val_mean_grey", "held-out mean grey"), ("test_normal_mean_grey", "test-normal mean grey"),
                    ("test_image_auroc", "test image AUROC"), ("test_pixel_auroc", "test pixel AUROC")]
         parts += ["## Shift sensitivity on normal images (`benchmarks/results/map_regression_shift.json`)", "",
@@ -925,7 +926,9 @@ split), and of those held-out images with every pixel scaled by 0.9 or 1.1 again
 unchanged. 0.5: the model scores them alike; 1.0: the shift alone puts every shifted image above
 every original. Map-grey correlation: the median over the test split's normal images of the
 pixel-wise correlation between the map and the image's grey level (near 0: the map does not draw the
-object; far from 0: it does, and a defect on the object scores like the object). The last two columns are the records' test figures (with anomalies), for reference.
+object; far from 0: it does, and a defect on the object scores like the object); the next column, the
+same on 32 images the model trained on (a PatchCore teacher's own bank images, which a map student sees
+as targets). The last two columns are the records' test figures (with anomalies), for reference.
 Nothing here selects a model or a setting."""
 
 

@@ -162,6 +162,16 @@ def test_map_teacher_refuses_a_score_only_model() -> None:
         MapTeacher(ScoreOnly())
 
 
+def test_leave_one_out_needs_a_teacher_that_can_and_a_boolean() -> None:
+    """A teacher without a source-recording bank cannot score leaving images out: one error naming it."""
+    teacher = MapTeacher(BrightnessTeacher())
+    assert not teacher.can_leave_out
+    with pytest.raises(ConfigError, match="cannot score leaving"):
+        teacher(grey_images(2, 0), torch.tensor([1, 2]))
+    with pytest.raises(ConfigError, match="teacher_leave_one_out must be true or false"):
+        MapRegressionScheme((3, SIZE, SIZE), teacher=teacher, width=8, teacher_leave_one_out="yes")
+
+
 def test_random_views_are_seeded_mild_and_a_bad_setting_is_one_config_error() -> None:
     images = torch.rand(3, 3, SIZE, SIZE)
     first = random_views(images, torch.Generator().manual_seed(0))
@@ -255,11 +265,16 @@ def test_a_run_logs_quality_sizes_and_reuses_the_teacher_maps(patchcore_teacher)
     # teacher-labelled views beside the feature target: another entry, trained and tested
     train_in_process([*common, "scheme.feature_weight=1.0", "scheme.augment_per_image=2", *NO_DEPLOY], env,
                      root / "views")
+    # targets scored leaving each training image out of the PatchCore teacher's bank: another entry
+    train_in_process([*common, "scheme.teacher_leave_one_out=true", *NO_DEPLOY], env, root / "leave_out")
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("map_regression_smoke").experiment_id],
                               order_by=["attributes.start_time ASC"])
-    assert [run.info.status for run in runs] == ["FINISHED"] * 4
-    first, second, features, views = runs
+    assert [run.info.status for run in runs] == ["FINISHED"] * 5
+    first, second, features, views, leave_out = runs
+    assert leave_out.data.metrics["teacher_map_cache_hit"] == 0.0 and "test/pixel_auroc" in leave_out.data.metrics
+    # the bank's own images, scored as unseen ones, set a larger unit for the maps
+    assert leave_out.data.metrics["map_scale"] > first.data.metrics["map_scale"]
     assert views.data.metrics["teacher_map_cache_hit"] == 0.0  # the views are in the key
     assert "test/pixel_auroc" in views.data.metrics and int(views.data.params["scheme.augment_per_image"]) == 2
     assert features.data.metrics["teacher_map_cache_hit"] == 0.0  # the maps plus the features: a new entry

@@ -10,6 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from kd_experiments.data.common import sample_id, sample_ids
 from kd_experiments.errors import CheckpointError, ConfigError
 from kd_experiments.schemes.patchcore import PatchCoreDeployable, PatchCoreScheme
 from kd_experiments.schemes.patchcore import torch_model as patchcore_model
@@ -40,7 +41,7 @@ def _scheme(**overrides) -> PatchCoreScheme:
     return model
 
 
-def _fit(model: PatchCoreScheme, images: torch.Tensor, batch_size: int = 4) -> None:
+def _fit(model: PatchCoreScheme, images: torch.Tensor, batch_size: int = 4, paths: list[str] | None = None) -> None:
     """What one Lightning epoch does: every training batch embedded, then the bank built."""
     model.on_train_epoch_start()
     raw_to_data = model.deployment_preprocessing()
@@ -49,6 +50,8 @@ def _fit(model: PatchCoreScheme, images: torch.Tensor, batch_size: int = 4) -> N
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         batch = {"image": (chunk - mean) / std, "index": torch.arange(start, start + len(chunk))}
+        if paths is not None:
+            batch["path"] = paths[start : start + batch_size]
         model.training_step(batch, start // batch_size)
     model.build_memory_bank()
 
@@ -181,6 +184,68 @@ def test_state_dict_round_trip_keeps_the_bank(normal_images: torch.Tensor) -> No
         for a, b in zip(deployable(test_images), restored(test_images), strict=True):
             assert torch.equal(a, b)
     assert isinstance(restored, PatchCoreDeployable) and restored.produces_map
+
+
+# -- leave-one-image-out scoring (a map student's targets on the bank's own images) -------------
+def _paths(count: int, folder: str = "good") -> list[str]:
+    return [f"/data/bottle/train/{folder}/{i:03d}.png" for i in range(count)]
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_leaving_an_image_out_scores_it_as_a_bank_built_without_it(normal_images: torch.Tensor,
+                                                                   fraction: float) -> None:
+    """A bank image scored leaving itself out gets the map a bank of the other images gives it
+    (exactly, with the whole bank; with a coreset, the coreset's patches of the other images)."""
+    paths = _paths(len(normal_images))
+    model = _scheme(coreset_fraction=fraction)
+    _fit(model, normal_images, paths=paths)
+    assert model.knows_bank_sources
+    sources = model.memory_bank_sources
+    assert sources.shape == (model.patchcore.memory_bank.shape[0],)
+    ids = sample_ids(paths, len(paths))
+    assert set(sources.tolist()) <= set(ids.tolist())
+    # the same image under another data root has the same id; another file has another
+    assert sample_id("/elsewhere/train/good/003.png") == int(ids[3]) != int(ids[4])
+
+    chosen = [2, 7]
+    left_out = model.score_leaving_out(normal_images[chosen], ids[chosen])
+    plain = model.deployable_model().eval()(normal_images[chosen])
+    assert bool((plain[0] < left_out[0]).all())  # memorised images score lower than they do left out
+    for position, image in enumerate(chosen):
+        without = _scheme(coreset_fraction=1.0)
+        keep = model.memory_bank_sources != ids[image]
+        without.patchcore.set_memory_bank(model.patchcore.memory_bank[keep])
+        expected = without.deployable_model().eval()(normal_images[image:image + 1])
+        assert torch.allclose(left_out[1][position], expected[1][0], rtol=1e-4, atol=1e-4)
+        assert torch.allclose(left_out[0][position], expected[0][0], rtol=1e-4, atol=1e-4)
+    # an image that is not in the bank scores as usual
+    other = _textures(1, seed=9)
+    assert torch.allclose(model.score_leaving_out(other, torch.tensor([sample_id("/x/test/good/000.png")]))[1],
+                          model.deployable_model().eval()(other)[1])
+
+
+def test_a_bank_without_source_ids_scores_but_refuses_to_leave_images_out(normal_images: torch.Tensor) -> None:
+    """Banks built from items without a path, and checkpoints written before banks recorded their
+    sources (no ``memory_bank_sources``), still load and score; leaving images out is one error."""
+    model = _scheme(coreset_fraction=0.5)
+    _fit(model, normal_images)  # no paths
+    assert not model.knows_bank_sources
+    with pytest.raises(ConfigError, match="does not record its source images"):
+        model.score_leaving_out(normal_images[:1], torch.tensor([1]))
+
+    with_sources = _scheme(coreset_fraction=0.5)
+    _fit(with_sources, normal_images, paths=_paths(len(normal_images)))
+    state = with_sources.state_dict()
+    old = {k: v for k, v in state.items() if k != "memory_bank_sources"}  # an older checkpoint
+    restored = _scheme(coreset_fraction=0.5)
+    restored.load_state_dict(old, strict=True)
+    assert torch.equal(restored.patchcore.memory_bank, with_sources.patchcore.memory_bank)
+    assert not restored.knows_bank_sources and bool((restored.memory_bank_sources == -1).all())
+    again = _scheme(coreset_fraction=0.5)
+    again.load_state_dict(state, strict=True)
+    assert again.knows_bank_sources and torch.equal(again.memory_bank_sources, with_sources.memory_bank_sources)
+    # what ships is unchanged: the deployed model's state holds no source ids
+    assert not any("sources" in key for key in with_sources.deployable_model().state_dict())
 
 
 def test_empty_bank_and_bad_settings_raise_one_clear_error() -> None:

@@ -143,6 +143,24 @@ def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
+def sample_id(path: str | Path) -> int:
+    """A stable 63-bit id of an image file: a digest of its folder and file name
+    (``good/000.png``), so the same image has the same id whatever the data root, the split
+    or the seed (e.g. a PatchCore bank's source images, recognised again by a map student)."""
+    import hashlib
+
+    name = "/".join(Path(path).parts[-2:])
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") & (2**63 - 1)
+
+
+def sample_ids(paths: Sequence[str | Path] | None, count: int) -> torch.Tensor:
+    """The :func:`sample_id` of each of ``count`` items as a long tensor (-1 each when the
+    items carry no ``path``)."""
+    if paths is None:
+        return torch.full((count,), -1, dtype=torch.long)
+    return torch.tensor([sample_id(path) for path in paths], dtype=torch.long)
+
+
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Return ``(images - mean) / std`` per channel.
 

@@ -32,6 +32,15 @@ What it learns from (computed once per run, cached on disk by teacher and data,
   pooled to that level's grid (mean squared error averaged over the levels, weight
   ``feature_weight``). The head only shapes training: it is not part of the deployed model.
 
+A teacher scores the images it was built from unlike the images it will be tested on: a
+PatchCore bank holds their patches, so their maps are near zero where every other image's are
+not, and on MVTec *screw* the bank's own images even reverse the sign of the map's relation to the
+object (``benchmarks/map_regression_shift.py``). With ``teacher_leave_one_out`` (a switch, off by
+default), each training image, its views and its synthetic anomalies are scored against the bank
+less that image's own patches (:meth:`PatchCoreScheme.score_leaving_out
+<kd_experiments.schemes.patchcore.PatchCoreScheme.score_leaving_out>`, images recognised by
+:func:`~kd_experiments.data.common.sample_id`), i.e. as images the teacher never saw.
+
 Maps are compared at stride 4 (the teacher's final, smoothed map average-pooled) in units
 of the teacher's normal-image scale (its ``map_scale_quantile`` quantile over the normal
 training maps), with the loss of :mod:`.loss` (L1 by default, anomalous pixels weighted
@@ -66,7 +75,7 @@ from kd_experiments.anomaly_maps import upsample
 from kd_experiments.augmentation import check_view_settings, random_views
 from kd_experiments.cache import TensorCache, digest, module_digest, tensor_digest
 from kd_experiments.compression import count_macs, count_parameters, size_summary
-from kd_experiments.data.common import normalize
+from kd_experiments.data.common import normalize, sample_id
 from kd_experiments.deployable import DeployableModel, Preprocessing, deployed_sizes
 from kd_experiments.errors import ConfigError
 from kd_experiments.schedules import LR_SCHEDULES, cosine_decay
@@ -134,6 +143,10 @@ class MapRegressionScheme(AnomalyScheme):
             a list of levels (each its own target; one 1x1 head writes their channels side by side).
         feature_channels: that level's channels, or the levels' total (set from the teacher; a
             checkpoint rebuilds the feature head without it).
+        teacher_leave_one_out: score each training image (its views and synthetic anomalies too)
+            with the teacher's memory bank less the patches of that image (a PatchCore teacher
+            built by this version), so that the targets are the teacher's maps of images it has
+            not memorised, as every test image is.
     """
 
     scheme_name = "map_regression"
@@ -168,6 +181,7 @@ class MapRegressionScheme(AnomalyScheme):
         feature_weight: float = 0.0,
         feature_level: int | Sequence[int] = 1,
         feature_channels: int | None = None,
+        teacher_leave_one_out: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["teacher"])
@@ -189,6 +203,8 @@ class MapRegressionScheme(AnomalyScheme):
             raise ConfigError(f"scheme.lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if anomaly_weight < 0:
             raise ConfigError(f"scheme.anomaly_weight must be >= 0, got {anomaly_weight}")
+        if not isinstance(teacher_leave_one_out, bool):
+            raise ConfigError(f"scheme.teacher_leave_one_out must be true or false, got {teacher_leave_one_out!r}")
         if not float(feature_weight) >= 0:
             raise ConfigError(f"scheme.feature_weight must be >= 0 (0: off), got {feature_weight}")
         self._levels = feature_levels(feature_level)
@@ -333,16 +349,21 @@ class MapRegressionScheme(AnomalyScheme):
 
     # -- targets -----------------------------------------------------------------------------
     @staticmethod
-    def _stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        images, indices = [], []
+    def _stack(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The dataset's images by ``index``, the indices, and each image's source id
+        (:func:`~kd_experiments.data.common.sample_id` of its ``path``; -1 without one)."""
+        images, indices, ids = [], [], []
         for position in range(len(dataset)):
             item = dataset[position]
             images.append(item["image"])
             indices.append(int(item.get("index", position)))
+            ids.append(sample_id(item["path"]) if item.get("path") else -1)
         order = torch.as_tensor(indices)
         stacked = torch.zeros(int(order.max()) + 1, *images[0].shape)
         stacked[order] = torch.stack(images).float()
-        return stacked, order
+        stacked_ids = torch.full((len(stacked),), -1, dtype=torch.long)
+        stacked_ids[order] = torch.as_tensor(ids, dtype=torch.long)
+        return stacked, order, stacked_ids
 
     def _synthetic(self, bases: Sequence[torch.Tensor], copies: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``copies`` synthetic anomalies of each image, copy ``j`` made from ``bases[j % len(bases)]``."""
@@ -371,10 +392,13 @@ class MapRegressionScheme(AnomalyScheme):
         return torch.stack(views) if views else images.new_zeros(0, *images.shape)
 
     @torch.no_grad()
-    def _teacher_maps(self, images: torch.Tensor, features: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
+    def _teacher_maps(self, images: torch.Tensor, features: list[list[torch.Tensor]] | None = None,
+                      ids: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher's final maps ``(N, 1, H, W)`` at the data's size, on the CPU; with a list
         of lists (one per level of ``feature_level``) as ``features``, the encoder's levels of the
-        same calls are appended to them."""
+        same calls are appended to them. With the images' source ``ids`` ``(N,)``
+        (``teacher_leave_one_out``), each image is scored leaving its own source image out of the
+        teacher's memory bank."""
         assert self.teacher is not None
         device = self._teacher_device()
         captured: list[list[torch.Tensor]] = []
@@ -385,9 +409,10 @@ class MapRegressionScheme(AnomalyScheme):
                 lambda module, inputs, outputs: captured.append([outputs[level].float().cpu() for level in levels]))
         maps = []
         try:
-            for start in range(0, len(images), self.hparams.teacher_batch_size):
-                raw = self.raw_images(images[start:start + self.hparams.teacher_batch_size]).clamp(0.0, 1.0)
-                _, batch_maps = self.teacher(raw.to(device))
+            step = self.hparams.teacher_batch_size
+            for start in range(0, len(images), step):
+                raw = self.raw_images(images[start:start + step]).clamp(0.0, 1.0)
+                _, batch_maps = self.teacher(raw.to(device), None if ids is None else ids[start:start + step])
                 if tuple(batch_maps.shape[-2:]) != tuple(images.shape[-2:]):
                     batch_maps = upsample(batch_maps, images.shape[-2:])
                 maps.append(batch_maps.float().cpu())
@@ -407,8 +432,19 @@ class MapRegressionScheme(AnomalyScheme):
         if self.teacher is None:
             raise ConfigError("map_regression needs scheme.teacher to fit (a map-producing detector)")
         datamodule = self.trainer.datamodule
-        train, train_index = self._stack(datamodule.train_dataset)
-        val, val_index = self._stack(datamodule.val_dataset)
+        train, _, train_ids = self._stack(datamodule.train_dataset)
+        val, _, val_ids = self._stack(datamodule.val_dataset)
+        if self.hparams.teacher_leave_one_out:
+            if not self.teacher.can_leave_out:
+                raise ConfigError(
+                    f"scheme.teacher_leave_one_out=true needs a PatchCore teacher whose memory bank records its "
+                    f"source images; the {self.teacher.scheme_name} teacher cannot leave its training images out "
+                    "(rebuild a PatchCore teacher with this version, or set scheme.teacher_leave_one_out=false)")
+            if bool((train_ids < 0).any()) or bool((val_ids < 0).any()):
+                raise ConfigError("scheme.teacher_leave_one_out=true needs the datamodule's items to carry their "
+                                  "image 'path' (MVTec-style folders do)")
+        else:
+            train_ids = val_ids = None
         copies = self.hparams.synthetic_per_image
         train_views = self._views(train)
         train_synthetic, train_masks = self._synthetic([train, *train_views], copies, self.hparams.synthetic_seed)
@@ -422,6 +458,8 @@ class MapRegressionScheme(AnomalyScheme):
         }
         if self.uses_features:  # an entry with the feature targets too (entries without them keep their keys)
             parts["feature_level"] = self.hparams.feature_level
+        if self.hparams.teacher_leave_one_out:  # likewise for leave-one-image-out targets
+            parts["leave_one_out"] = True
         if len(train_views):  # likewise for the views
             parts["views"] = [len(train_views), *(float(self.hparams[name]) for name in (
                 "augment_degrees", "augment_translate", "augment_scale", "augment_colour"))]
@@ -432,14 +470,16 @@ class MapRegressionScheme(AnomalyScheme):
             if self.trainer.is_global_zero:
                 entry = cache.load(key)
                 if entry is None:
-                    entry = self._compute_targets(train, train_views, train_synthetic, val, val_synthetic, val_masks)
+                    entry = self._compute_targets(train, train_views, train_synthetic, val, val_synthetic, val_masks,
+                                                  train_ids, val_ids)
                     cache.save(key, entry)
             self.trainer.strategy.barrier("map_regression_targets")
             if entry is None:  # other ranks read what rank 0 wrote
                 entry = cache.load(key)
             self.cache_status = "hit" if cache.last == "hit" else "miss"
         if entry is None:
-            entry = self._compute_targets(train, train_views, train_synthetic, val, val_synthetic, val_masks)
+            entry = self._compute_targets(train, train_views, train_synthetic, val, val_synthetic, val_masks,
+                                          train_ids, val_ids)
         self.map_scale.fill_(float(entry["map_scale"]))
         scale = self.map_scale.cpu()
         size = (self.input_shape[1] // MAP_STRIDE, self.input_shape[2] // MAP_STRIDE)
@@ -460,15 +500,19 @@ class MapRegressionScheme(AnomalyScheme):
         self._teacher_val = {k: float(entry[k]) for k in ("teacher_synthetic_pixel_auroc",
                                                           "teacher_synthetic_image_auroc")}
 
-    def _compute_targets(self, train, train_views, train_synthetic, val, val_synthetic,
-                         val_masks) -> dict[str, torch.Tensor]:
+    def _compute_targets(self, train, train_views, train_synthetic, val, val_synthetic, val_masks,
+                         train_ids=None, val_ids=None) -> dict[str, torch.Tensor]:
+        """The teacher's pooled maps (and features) on every training and validation image; with
+        source ids, each image (or its view, or a synthetic anomaly made from it) is scored
+        leaving its source image out of the teacher's bank."""
         pool = MAP_STRIDE
         features: list[list[torch.Tensor]] | None = [[] for _ in self._levels] if self.uses_features else None
-        normal = F.avg_pool2d(self._teacher_maps(train, features), pool)
-        views = [F.avg_pool2d(self._teacher_maps(view, features), pool) for view in train_views]
-        synthetic = torch.stack([F.avg_pool2d(self._teacher_maps(copy, features), pool) for copy in train_synthetic])
-        val_normal_full = self._teacher_maps(val)
-        val_synthetic_full = self._teacher_maps(val_synthetic[0])
+        normal = F.avg_pool2d(self._teacher_maps(train, features, train_ids), pool)
+        views = [F.avg_pool2d(self._teacher_maps(view, features, train_ids), pool) for view in train_views]
+        synthetic = torch.stack([F.avg_pool2d(self._teacher_maps(copy, features, train_ids), pool)
+                                 for copy in train_synthetic])
+        val_normal_full = self._teacher_maps(val, ids=val_ids)
+        val_synthetic_full = self._teacher_maps(val_synthetic[0], ids=val_ids)
         scale = torch.quantile(normal.flatten().double(), float(self.hparams.map_scale_quantile)).float()
         scale = scale if scale > 0 else torch.tensor(1.0)
         masks = torch.cat([torch.zeros_like(val_masks[0]), val_masks[0]]).squeeze(1) > 0.5

@@ -23,10 +23,17 @@ from kd_experiments.errors import ConfigError
 
 
 class MapTeacher(nn.Module):
-    """A frozen map-producing deployable model; ``forward(raw images)`` -> ``(scores, maps)``."""
+    """A frozen map-producing deployable model; ``forward(raw images)`` -> ``(scores, maps)``.
 
-    def __init__(self, model: nn.Module, scheme_name: str = "external") -> None:
+    ``leave_out``: optional ``(raw images, ids) -> (scores, maps)`` that scores each image as one
+    the teacher never trained on (a PatchCore bank without the image's own patches,
+    :meth:`~kd_experiments.schemes.patchcore.PatchCoreScheme.score_leaving_out`); ``forward``
+    uses it when given ``ids``.
+    """
+
+    def __init__(self, model: nn.Module, scheme_name: str = "external", leave_out=None) -> None:
         super().__init__()
+        self.__dict__["leave_out"] = leave_out  # a bound method of the trained scheme, not a submodule
         if not isinstance(model, nn.Module) or not getattr(model, "produces_map", False):
             raise ConfigError(
                 f"scheme.teacher must be a map-producing deployable model (produces_map=True), got "
@@ -50,9 +57,19 @@ class MapTeacher(nn.Module):
     def input_channels(self) -> int:
         return int(self.model.input_channels)
 
+    @property
+    def can_leave_out(self) -> bool:
+        return self.leave_out is not None
+
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, maps = self.model(images)
+    def forward(self, images: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if ids is not None:
+            if self.leave_out is None:
+                raise ConfigError(f"the {self.scheme_name} teacher cannot score leaving its training images out "
+                                  "(only a PatchCore memory bank that records its source images can)")
+            scores, maps = self.leave_out(images, ids)
+        else:
+            scores, maps = self.model(images)
         if maps.dim() == 3:
             maps = maps.unsqueeze(1)
         return scores, maps
@@ -71,4 +88,5 @@ def load_map_teacher(scheme_target: str, checkpoint: str | Path) -> MapTeacher:
             f"scheme.teacher: {scheme_target} produces image scores only; a map teacher needs anomaly maps "
             "(reverse distillation, RD with Expert, PatchCore)"
         )
-    return MapTeacher(model, getattr(scheme, "scheme_name", type(scheme).__name__))
+    leave_out = scheme.score_leaving_out if getattr(scheme, "knows_bank_sources", False) else None
+    return MapTeacher(model, getattr(scheme, "scheme_name", type(scheme).__name__), leave_out)

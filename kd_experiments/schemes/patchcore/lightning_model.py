@@ -47,7 +47,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from kd_experiments.backbones import FeatureEncoder, input_statistics
 from kd_experiments.compression import count_macs, count_parameters, size_summary
-from kd_experiments.deployable import DeployableModel, Preprocessing
+from kd_experiments.data.common import sample_ids
+from kd_experiments.deployable import DeployableModel, Preprocessing, Preprocessor
 from kd_experiments.errors import ConfigError
 from kd_experiments.schemes.base import AnomalyScheme, gather_and_deduplicate
 from kd_experiments.schemes.patchcore.torch_model import PatchCore, PatchCoreDeployable
@@ -162,6 +163,11 @@ class PatchCoreScheme(AnomalyScheme):
             input_std=self.input_std, in_channels=self.input_shape[0],
         )
         self.patchcore = PatchCore(encoder, grid_level, blur_sigma, image_score, num_neighbors)
+        # the source image of each bank patch (kd_experiments.data.common.sample_id; -1: unknown), kept
+        # in the checkpoint, not in the deployed model: it serves leave-one-image-out scoring
+        # (score_leaving_out), which a map student's targets on the bank's own images need
+        self.memory_bank_sources: torch.Tensor
+        self.register_buffer("memory_bank_sources", torch.empty(0, dtype=torch.long))
         self._features: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._bank_metrics: dict[str, float] = {}
         self._summary: dict[str, Any] | None = None
@@ -226,6 +232,7 @@ class PatchCoreScheme(AnomalyScheme):
         self._embed_images += images.shape[0]
         count, dims = embedding.shape[:2]
         self._features["index"].append(batch["index"].detach().cpu())
+        self._features["source"].append(sample_ids(batch.get("path"), count))
         self._features["patches"].append(self.patchcore.patches(embedding).view(count, -1, dims).cpu())
 
     def build_memory_bank(self) -> None:
@@ -237,13 +244,16 @@ class PatchCoreScheme(AnomalyScheme):
         patches = records["patches"]
         per_image = patches.shape[1]
         bank = patches.reshape(-1, patches.shape[2])
+        sources = records["source"].long().repeat_interleave(per_image)
         started = time.perf_counter()
         fraction = float(self.hparams.coreset_fraction)
         if fraction < 1:
             count = max(1, int(bank.shape[0] * fraction))
-            bank = bank[greedy_coreset(bank.to(self.device), count, self.hparams.coreset_seed).cpu()]
+            chosen = greedy_coreset(bank.to(self.device), count, self.hparams.coreset_seed).cpu()
+            bank, sources = bank[chosen], sources[chosen]
         coreset_seconds = time.perf_counter() - started
         self.patchcore.set_memory_bank(bank)
+        self.memory_bank_sources = sources.to(self.memory_bank_sources.device)
         self._bank_metrics = {
             "memory_bank_bytes": float(self.patchcore.memory_bank_bytes),
             "memory_bank_patches": float(bank.shape[0]),
@@ -251,6 +261,37 @@ class PatchCoreScheme(AnomalyScheme):
             "coreset_seconds": coreset_seconds,
             "nearest_neighbour_macs": float(per_image * bank.shape[0] * bank.shape[1]),
         }
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Take a bank's source ids of any length; a checkpoint written before banks recorded them
+        loads with every source unknown (-1), so it still scores, but not leaving images out."""
+        key = prefix + "memory_bank_sources"
+        if key not in state_dict:
+            bank = state_dict.get(prefix + "patchcore.memory_bank")
+            state_dict[key] = torch.full((0 if bank is None else bank.shape[0],), -1, dtype=torch.long)
+        self.memory_bank_sources = torch.empty(state_dict[key].shape, dtype=torch.long,
+                                               device=self.memory_bank_sources.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def knows_bank_sources(self) -> bool:
+        """Whether the bank records the source image of its patches (banks built from items with a ``path``)."""
+        sources = self.memory_bank_sources
+        return sources.numel() == self.patchcore.memory_bank.shape[0] > 0 and bool((sources >= 0).all())
+
+    @torch.no_grad()
+    def score_leaving_out(self, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What :meth:`deployable_model` gives for raw ``images`` ``(N, C, H, W)``, each scored against
+        the bank without the patches of its own source image (``ids`` ``(N,)``, :func:`sample_id`):
+        on an image the bank was built from, the map of an image it never saw rather than the
+        near-zero one of a memorised image. Images not in the bank score as usual."""
+        if not self.knows_bank_sources:
+            raise ConfigError(
+                "this PatchCore bank does not record its source images (a checkpoint written before banks "
+                "did, or training items without a 'path'): rebuild it to score leaving images out"
+            )
+        preprocess = Preprocessor(self.deployment_preprocessing()).to(images.device)  # as the deployed model's
+        return self.patchcore(preprocess(images), ids, self.memory_bank_sources)
 
     def bank_metrics(self) -> dict[str, float]:
         """The bank's size figures (those of a loaded bank when it was not built in this process)."""

@@ -145,11 +145,14 @@ class PatchCore(nn.Module):
         return embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
 
     # -- search --------------------------------------------------------------------------------
-    def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def nearest(self, queries: torch.Tensor, exclude: torch.Tensor | None = None,
+                bank_sources: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Euclidean distance to, and index of, the nearest bank patch of every query ``(Q, D)``.
 
         Exact and brute force, in chunks of the bank so that one distance matrix holds at
-        most :data:`SEARCH_ELEMENTS` elements whatever the batch.
+        most :data:`SEARCH_ELEMENTS` elements whatever the batch. With ``exclude`` ``(Q,)``
+        and ``bank_sources`` ``(M,)`` (the source image id of each bank patch), a query never
+        matches a bank patch of its own source image (leave-one-image-out scoring).
         """
         bank = self.memory_bank
         if bank.shape[0] == 0:
@@ -159,8 +162,15 @@ class PatchCore(nn.Module):
             )
         chunk = max(1, SEARCH_ELEMENTS // max(1, queries.shape[0]))
         best = best_index = None
+        leave_out = exclude is not None and bank_sources is not None
+        if leave_out:
+            exclude = exclude.to(queries.device).view(-1, 1)
+            bank_sources = bank_sources.to(queries.device)
         for start in range(0, bank.shape[0], chunk):
-            distance, index = ranking_distances(queries, bank[start:start + chunk]).min(dim=1)
+            ranking = ranking_distances(queries, bank[start:start + chunk])
+            if leave_out:
+                ranking = ranking.masked_fill(bank_sources[start:start + chunk].view(1, -1) == exclude, float("inf"))
+            distance, index = ranking.min(dim=1)
             index = index + start
             if best is None:
                 best, best_index = distance, index
@@ -168,6 +178,9 @@ class PatchCore(nn.Module):
                 closer = distance < best
                 best = torch.where(closer, distance, best)
                 best_index = torch.where(closer, index, best_index)
+        if leave_out and bool(torch.isinf(best).any()):
+            raise ConfigError("leave-one-image-out scoring left a query no bank patch: every patch of the bank "
+                              "comes from the query's own image")
         return (queries - bank[best_index]).norm(dim=1), best_index
 
     def reweighted_scores(self, patch_scores: torch.Tensor, locations: torch.Tensor,
@@ -185,12 +198,19 @@ class PatchCore(nn.Module):
         weights = 1.0 - F.softmax(distances, dim=1)[:, 0]
         return weights * score
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image scores ``(N,)`` and smoothed anomaly maps ``(N, 1, H, W)`` at the images' size."""
+    def forward(self, images: torch.Tensor, exclude: torch.Tensor | None = None,
+                bank_sources: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores ``(N,)`` and smoothed anomaly maps ``(N, 1, H, W)`` at the images' size.
+
+        ``exclude`` ``(N,)`` with ``bank_sources`` ``(M,)``: each image is scored against the bank
+        without the patches of its own source image (see :meth:`nearest`); the re-weighted image
+        score still reads the whole bank."""
         embedding = self.embed(images)
         count, _, height, width = embedding.shape
         patches = self.patches(embedding)
-        distances, locations = self.nearest(patches)
+        if exclude is not None:
+            exclude = exclude.to(patches.device).repeat_interleave(height * width)
+        distances, locations = self.nearest(patches, exclude, bank_sources)
         patch_map = distances.view(count, 1, height, width)
         maps = gaussian_blur(upsample(patch_map, images.shape[-2:]), self.blur_sigma)
         if self.image_score == "max":
