@@ -26,6 +26,9 @@ normal images only (no anomaly label or mask is read):
 - ``train_map_grey_correlation``: the same on the first ``TRAIN_IMAGES`` images the model trained
   on (its own split's training images: for a PatchCore teacher, images of its memory bank), i.e.
   what a map student sees as its targets.
+- ``train_map_grey_correlation_leave_one_out`` (a PatchCore teacher whose bank records its
+  source images): the same training images scored against the bank less each image's own
+  patches (what ``scheme.teacher_leave_one_out`` gives a map student as targets).
 - ``val_mean_grey`` / ``test_normal_mean_grey``: the mean pixel value (0..255, channels
   averaged) of the two sets of normal images, a fact of the data.
 
@@ -97,6 +100,18 @@ def _map_grey_correlation(model, images) -> float:
     return float(torch.cat(values).median())
 
 
+class _LeavingOut:
+    """A map teacher called on consecutive batches of known images, each scored leaving itself out."""
+
+    def __init__(self, teacher, ids) -> None:
+        self.teacher, self.ids, self.done = teacher, ids, 0
+
+    def __call__(self, images):
+        ids = self.ids[self.done:self.done + len(images)]
+        self.done += len(images)
+        return self.teacher(images, ids)
+
+
 def _auroc(positives, negatives) -> float:
     import torch
 
@@ -117,6 +132,7 @@ def measure(record: dict[str, Any], data_root: Path) -> list[dict[str, Any]]:
 
     from torch.utils.data import Subset
 
+    from kd_experiments.data.common import sample_ids
     from kd_experiments.export import load_run_student, run_datamodule
     from kd_experiments.schemes.map_regression.teachers import load_map_teacher
 
@@ -144,6 +160,10 @@ def measure(record: dict[str, Any], data_root: Path) -> list[dict[str, Any]]:
                    "test_normal_auroc": _auroc(_scores(model, test_normal), base),
                    "map_grey_correlation": _map_grey_correlation(model, test_normal),
                    "train_map_grey_correlation": _map_grey_correlation(model, _normal_images(trained_on, datamodule))}
+        if role == "teacher" and model.can_leave_out:
+            ids = sample_ids([trained_on[i]["path"] for i in range(len(trained_on))], len(trained_on))
+            figures["train_map_grey_correlation_leave_one_out"] = _map_grey_correlation(
+                _LeavingOut(model, ids), _normal_images(trained_on, datamodule))
         for factor in BRIGHTNESS:
             figures[f"brightness_auroc_{factor:g}"] = _auroc(_scores(model, (held_out * factor).clamp(0.0, 1.0)), base)
         figures["test_image_auroc"] = record["image_auroc"] if role == "student" else record["teacher_image_auroc"]

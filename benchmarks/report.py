@@ -466,6 +466,7 @@ def map_regression_page(results: Path) -> Page | None:
                    *((f"brightness_auroc_{f:g}", f"brightness x{f:g} AUROC") for f in (0.9, 1.1)),
                    ("map_grey_correlation", "map-grey correlation"),
                    ("train_map_grey_correlation", "same, on its training images"),
+                   ("train_map_grey_correlation_leave_one_out", "same, each left out of the bank"),
                    ("val_mean_grey", "held-out mean grey"), ("test_normal_mean_grey", "test-normal mean grey"),
                    ("test_image_auroc", "test image AUROC"), ("test_pixel_auroc", "test pixel AUROC")]
         parts += ["## Shift sensitivity on normal images (`benchmarks/results/map_regression_shift.json`)", "",
@@ -928,7 +929,8 @@ every original. Map-grey correlation: the median over the test split's normal im
 pixel-wise correlation between the map and the image's grey level (near 0: the map does not draw the
 object; far from 0: it does, and a defect on the object scores like the object); the next column, the
 same on 32 images the model trained on (a PatchCore teacher's own bank images, which a map student sees
-as targets). The last two columns are the records' test figures (with anomalies), for reference.
+as targets), and for a PatchCore teacher whose bank records its source images, those images each
+scored against the bank less its own patches (`scheme.teacher_leave_one_out`). The last two columns are the records' test figures (with anomalies), for reference.
 Nothing here selects a model or a setting."""
 
 
