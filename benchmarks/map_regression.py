@@ -79,6 +79,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -164,11 +165,20 @@ def teacher_budget(teacher: str, category: str, args: argparse.Namespace) -> dic
     return {"teacher_epochs": epochs, "teacher_budget_rule": "validation"}
 
 
-def _bank_records_sources(checkpoint: Path) -> bool:
-    """Whether a PatchCore checkpoint's bank records its source images."""
-    from kd_experiments.checkpoints import load_checkpoint
+def _bank_records_sources(checkpoint: Path, category: str, args: argparse.Namespace) -> bool:
+    """Whether a PatchCore checkpoint's bank records its source images by the current
+    :func:`~kd_experiments.data.common.sample_id` rule (one of the category's training images is
+    among them)."""
+    import torch
 
-    return "memory_bank_sources" in load_checkpoint(checkpoint).get("state_dict", {})
+    from kd_experiments.checkpoints import load_checkpoint
+    from kd_experiments.data.common import list_images, sample_id
+
+    sources = load_checkpoint(checkpoint).get("state_dict", {}).get("memory_bank_sources")
+    if sources is None:
+        return False
+    wanted = torch.tensor([sample_id(p) for p in list_images(args.data_root / "mvtec_ad" / category / "train" / "good")])
+    return bool(torch.isin(wanted, sources).any())
 
 
 def build_teacher(teacher: str, category: str, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
@@ -176,14 +186,13 @@ def build_teacher(teacher: str, category: str, args: argparse.Namespace) -> tupl
     budget (kept beside the checkpoint, so later records name the budget it was built with)."""
     checkpoint = teacher_checkpoint(teacher, category)
     info = checkpoint.parents[1] / "teacher_budget.json"
-    if teacher == "patchcore" and checkpoint.is_file() and not _bank_records_sources(checkpoint):
-        # built before banks recorded their source images: the same bank is built again (the
-        # coreset is seeded), now with them (scheme.teacher_leave_one_out needs them)
+    if teacher == "patchcore" and checkpoint.is_file() and not _bank_records_sources(checkpoint, category, args):
+        # built before banks recorded their source images (or by an older id rule): the same bank
+        # is built again (the coreset is seeded), now with them (scheme.teacher_leave_one_out needs them)
         kept = checkpoint.parent.with_name("checkpoints-without-bank-sources")
-        if not kept.exists():
-            checkpoint.parent.rename(kept)
-        else:
-            checkpoint.unlink()
+        if kept.exists():
+            shutil.rmtree(kept)
+        checkpoint.parent.rename(kept)
     if checkpoint.is_file():
         budget = json.loads(info.read_text()) if info.is_file() else teacher_budget(teacher, category, args)
         return checkpoint, budget

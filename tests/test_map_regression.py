@@ -168,6 +168,10 @@ def test_leave_one_out_needs_a_teacher_that_can_and_a_boolean() -> None:
     assert not teacher.can_leave_out
     with pytest.raises(ConfigError, match="cannot score leaving"):
         teacher(grey_images(2, 0), torch.tensor([1, 2]))
+    assert not teacher.built_from(torch.tensor([1, 2])).any()  # no bank: built from nothing known
+    known = MapTeacher(BrightnessTeacher(), leave_out=lambda images, ids: (images.mean((1, 2, 3)), images[:, :1]),
+                       bank_ids=torch.tensor([5, 5, 9]))
+    assert known.can_leave_out and known.built_from(torch.tensor([1, 5, 9])).tolist() == [False, True, True]
     with pytest.raises(ConfigError, match="teacher_leave_one_out must be true or false"):
         MapRegressionScheme((3, SIZE, SIZE), teacher=teacher, width=8, teacher_leave_one_out="yes")
 
@@ -273,6 +277,7 @@ def test_a_run_logs_quality_sizes_and_reuses_the_teacher_maps(patchcore_teacher)
     assert [run.info.status for run in runs] == ["FINISHED"] * 5
     first, second, features, views, leave_out = runs
     assert leave_out.data.metrics["teacher_map_cache_hit"] == 0.0 and "test/pixel_auroc" in leave_out.data.metrics
+    assert leave_out.data.metrics["teacher_bank_overlap"] == 1.0  # same data and seed: every image is in the bank
     # the bank's own images, scored as unseen ones, set a larger unit for the maps
     assert leave_out.data.metrics["map_scale"] > first.data.metrics["map_scale"]
     assert views.data.metrics["teacher_map_cache_hit"] == 0.0  # the views are in the key

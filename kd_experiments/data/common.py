@@ -144,12 +144,13 @@ def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def sample_id(path: str | Path) -> int:
-    """A stable 63-bit id of an image file: a digest of its folder and file name
-    (``good/000.png``), so the same image has the same id whatever the data root, the split
-    or the seed (e.g. a PatchCore bank's source images, recognised again by a map student)."""
+    """A stable 63-bit id of an image file: a digest of its last three path parts
+    (``train/good/000.png``, unlike ``test/good/000.png``), so the same image has the same id
+    whatever the data root, the split or the seed (e.g. a PatchCore bank's source images,
+    recognised again by a map student); renaming those folders changes it."""
     import hashlib
 
-    name = "/".join(Path(path).parts[-2:])
+    name = "/".join(Path(path).parts[-3:])
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") & (2**63 - 1)
 
 

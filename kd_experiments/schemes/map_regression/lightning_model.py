@@ -243,6 +243,8 @@ class MapRegressionScheme(AnomalyScheme):
         self._val: dict[str, list[torch.Tensor]] = {}
         self._summary: dict[str, Any] | None = None
         self.cache_status: str = "none"
+        #: share of the training images the teacher's bank was built from (teacher_leave_one_out)
+        self.teacher_bank_overlap: float | None = None
 
     # -- the teacher-feature target ------------------------------------------------------------
     def _teacher_encoder(self) -> nn.Module:
@@ -443,6 +445,12 @@ class MapRegressionScheme(AnomalyScheme):
             if bool((train_ids < 0).any()) or bool((val_ids < 0).any()):
                 raise ConfigError("scheme.teacher_leave_one_out=true needs the datamodule's items to carry their "
                                   "image 'path' (MVTec-style folders do)")
+            self.teacher_bank_overlap = float(self.teacher.built_from(train_ids).float().mean())
+            if self.teacher_bank_overlap == 0.0:
+                raise ConfigError(
+                    "scheme.teacher_leave_one_out=true: none of the training images is one the teacher's bank was "
+                    "built from (another data set, renamed folders, or a bank built before image ids read "
+                    "three path parts): leaving them out would change nothing; rebuild the teacher on this data")
         else:
             train_ids = val_ids = None
         copies = self.hparams.synthetic_per_image
@@ -535,7 +543,8 @@ class MapRegressionScheme(AnomalyScheme):
         self._teacher_to_device()
         self._prepare_targets()
         if self.logger is not None and self.trainer.is_global_zero:
-            self.logger.log_metrics({"map_scale": float(self.map_scale),
+            overlap = {} if self.teacher_bank_overlap is None else {"teacher_bank_overlap": self.teacher_bank_overlap}
+            self.logger.log_metrics({"map_scale": float(self.map_scale), **overlap,
                                      "teacher_map_cache_hit": float(self.cache_status == "hit"),
                                      **{f"val/{k}": v for k, v in self._teacher_val.items()}}, step=0)
 

@@ -31,9 +31,12 @@ class MapTeacher(nn.Module):
     uses it when given ``ids``.
     """
 
-    def __init__(self, model: nn.Module, scheme_name: str = "external", leave_out=None) -> None:
+    def __init__(self, model: nn.Module, scheme_name: str = "external", leave_out=None,
+                 bank_ids: torch.Tensor | None = None) -> None:
         super().__init__()
         self.__dict__["leave_out"] = leave_out  # a bound method of the trained scheme, not a submodule
+        #: the ids of the images the teacher was built from (those ``leave_out`` can leave out)
+        self.bank_ids = None if bank_ids is None else torch.unique(bank_ids.detach().cpu())
         if not isinstance(model, nn.Module) or not getattr(model, "produces_map", False):
             raise ConfigError(
                 f"scheme.teacher must be a map-producing deployable model (produces_map=True), got "
@@ -60,6 +63,12 @@ class MapTeacher(nn.Module):
     @property
     def can_leave_out(self) -> bool:
         return self.leave_out is not None
+
+    def built_from(self, ids: torch.Tensor) -> torch.Tensor:
+        """Which of the images ``ids`` ``(N,)`` the teacher was built from (all ``False`` when unknown)."""
+        if self.bank_ids is None:
+            return torch.zeros(len(ids), dtype=torch.bool)
+        return torch.isin(ids.cpu(), self.bank_ids)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,5 +97,6 @@ def load_map_teacher(scheme_target: str, checkpoint: str | Path) -> MapTeacher:
             f"scheme.teacher: {scheme_target} produces image scores only; a map teacher needs anomaly maps "
             "(reverse distillation, RD with Expert, PatchCore)"
         )
-    leave_out = scheme.score_leaving_out if getattr(scheme, "knows_bank_sources", False) else None
-    return MapTeacher(model, getattr(scheme, "scheme_name", type(scheme).__name__), leave_out)
+    known = getattr(scheme, "knows_bank_sources", False)
+    return MapTeacher(model, getattr(scheme, "scheme_name", type(scheme).__name__),
+                      scheme.score_leaving_out if known else None, scheme.memory_bank_sources if known else None)
