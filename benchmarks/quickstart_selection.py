@@ -46,6 +46,10 @@ CANDIDATES: dict[str, list[str]] = {
     "warp_copies=2": ["scheme.corruption_exposure.warp_copies=2"],
     "warp_copies=2,student_schedule=cosine": ["scheme.corruption_exposure.warp_copies=2",
                                               "scheme.student_schedule=cosine"],
+    "warp_copies=2,student_average=0.95": ["scheme.corruption_exposure.warp_copies=2",
+                                           "scheme.student_average=0.95"],
+    "warp_copies=2,student_average=0.99": ["scheme.corruption_exposure.warp_copies=2",
+                                           "scheme.student_average=0.99"],
 }
 RATIOS = (8, 32, 128, 640)  # the demo sweep's (sweeps/quickstart_compression.yaml; a test keeps them equal)
 SEEDS = (0, 1, 2)

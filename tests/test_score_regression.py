@@ -289,6 +289,53 @@ def test_student_restarts_keep_the_candidate_of_least_validation_loss() -> None:
         ScoreRegressionScheme(SHAPE, student="A", compression_ratio=None, student_restarts=0)
 
 
+def test_student_average_is_the_moving_average_of_the_student_steps_and_ships() -> None:
+    """student_average=0.8: after every student step the averaged copy moves to 0.8 * itself + 0.2 *
+    the student (the first step copies); validation, test and the deployable score with the average
+    while the student keeps its own weights; the average survives a state-dict round trip; a decay
+    outside [0, 1) and a combination with restarts are refused in one line."""
+    class RecordStudent(L.Callback):
+        def __init__(self) -> None:
+            self.steps: list[list[torch.Tensor]] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            if not module.in_teacher_phase(batch_idx):
+                self.steps.append(_snapshot(module.student))
+
+    torch.manual_seed(0)
+    scheme = ScoreRegressionScheme(SHAPE, student="B", compression_ratio=None, student_lr=0.01,
+                                   teacher_fraction=0.25, student_average=0.8)
+    assert scheme.scoring_student() is scheme.student  # nothing averaged yet
+    recorder = RecordStudent()
+    _trainer(max_epochs=2, limit_val_batches=0, callbacks=[recorder]).fit(scheme, datamodule=_digits(batch_size=8))
+    assert len(recorder.steps) >= 8 and int(scheme.student_averaged.n_averaged) == len(recorder.steps)
+    expected = recorder.steps[0]
+    for step in recorder.steps[1:]:
+        expected = [0.8 * e + 0.2 * p for e, p in zip(expected, step, strict=True)]
+    averaged = scheme.scoring_student()
+    assert averaged is scheme.student_averaged.module and averaged is not scheme.student
+    for want, got in zip(expected, averaged.parameters(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert _changed(recorder.steps[-1], averaged)  # the student's last weights are not what ships
+    assert not _changed(recorder.steps[-1], scheme.student)
+    assert not any(p.requires_grad for p in averaged.parameters())  # no optimiser or DDP sees the copy
+    scheme.eval()
+    images = torch.rand(5, *SHAPE)
+    deployable = scheme.deployable_model()
+    with torch.no_grad():
+        torch.testing.assert_close(deployable(images), averaged(images))
+        reloaded = ScoreRegressionScheme(SHAPE, student="B", compression_ratio=None, student_average=0.8)
+        reloaded.load_state_dict(scheme.state_dict())
+        reloaded.eval()
+        torch.testing.assert_close(reloaded.deployable_model()(images), deployable(images))
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(ConfigError, match="student_average is an average's decay in \\[0, 1\\)"):
+            ScoreRegressionScheme(SHAPE, student="B", compression_ratio=None, student_average=bad)
+    with pytest.raises(ConfigError, match="student_average and scheme.student_restarts > 1 do not combine"):
+        ScoreRegressionScheme(SHAPE, student="B", compression_ratio=None, student_average=0.9, student_restarts=2)
+    assert ScoreRegressionScheme(SHAPE, student="B", compression_ratio=None).student_averaged is None
+
+
 def test_family_loop_trains_all_students_with_the_scheme_scores() -> None:
     torch.manual_seed(0)
     images = torch.rand(40, *SHAPE)

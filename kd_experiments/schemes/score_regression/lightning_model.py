@@ -51,6 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from kd_experiments import metrics as kd_metrics
 from kd_experiments.compression import count_macs, count_parameters, size_summary
@@ -136,6 +137,12 @@ class ScoreRegressionScheme(AnomalyScheme):
         student_schedule: ``constant`` (``student_lr`` throughout) or ``cosine`` (decayed
             from ``student_lr`` to 0 over the student's steps: the final weights are those
             of a small step size, so they vary less from seed to seed).
+        student_average: decay of an exponential moving average of the student's weights
+            (Polyak averaging, ``torch.optim.swa_utils.AveragedModel``), updated after every
+            student step; the average is what validates, tests and ships, while the student
+            keeps training at ``student_lr``. 0: off (the last step's weights). 0.99 averages
+            over about the last 100 student steps, which smooths the step-to-step noise of a
+            constant, high learning rate.
         teacher_model: a trained detector as teacher (a callable ``images -> (B,)`` or a
             :class:`~kd_experiments.schemes.score_regression.teachers.ScoreTeacher`);
             replaces ``teacher``.
@@ -163,6 +170,7 @@ class ScoreRegressionScheme(AnomalyScheme):
         corruption_exposure: dict | None = None,
         student_schedule: str = "constant",
         student_restarts: int = 1,
+        student_average: float = 0.0,
     ) -> None:
         super().__init__()
         input_shape = tuple(int(v) for v in input_shape)
@@ -172,6 +180,11 @@ class ScoreRegressionScheme(AnomalyScheme):
             raise ConfigError(f"scheme.student_restarts must be an integer >= 1, got {student_restarts!r}")
         if student_schedule not in STUDENT_SCHEDULES:
             raise ConfigError(f"scheme.student_schedule={student_schedule!r}: use one of {list(STUDENT_SCHEDULES)}")
+        if isinstance(student_average, bool) or not 0.0 <= float(student_average) < 1.0:
+            raise ConfigError(f"scheme.student_average is an average's decay in [0, 1) (0: off), got {student_average!r}")
+        if float(student_average) > 0 and int(student_restarts) > 1:
+            raise ConfigError("scheme.student_average and scheme.student_restarts > 1 do not combine: "
+                              "the restarts are ranked by their own last weights; use one of them")
         self.save_hyperparameters(ignore=["teacher_model"])
         self.automatic_optimization = False
         self.input_shape = input_shape
@@ -191,6 +204,12 @@ class ScoreRegressionScheme(AnomalyScheme):
         self.student_restarts = nn.ModuleList(
             [build_student(self.student_spec, input_shape) for _ in range(int(student_restarts) - 1)])
         self._restart_losses: list[torch.Tensor] = []
+        # the averaged student (a copy that no optimiser sees): validates, tests and ships
+        self.student_averaged = (
+            AveragedModel(self.student, multi_avg_fn=get_ema_multi_avg_fn(float(student_average)), use_buffers=True)
+            if float(student_average) > 0 else None)
+        if self.student_averaged is not None:
+            self.student_averaged.requires_grad_(False)
 
         noise = _options(noise_exposure, "noise_exposure", {"std": 0.0, "clip": [0.0, 1.0]})
         tail = _options(tail_reweighting, "tail_reweighting", {"strength": 0.0})
@@ -259,9 +278,16 @@ class ScoreRegressionScheme(AnomalyScheme):
         }
 
     # -- deployment -----------------------------------------------------------------------
+    def scoring_student(self) -> nn.Module:
+        """The student that validates, tests and ships: the averaged weights with
+        ``student_average`` (once a student step has been averaged), else the student."""
+        if self.student_averaged is not None and int(self.student_averaged.n_averaged) > 0:
+            return self.student_averaged.module
+        return self.student
+
     def deployable_model(self) -> DeployableModel:
         """The student behind the datamodule's preprocessing: raw images -> scores ``(N,)``."""
-        return ScoreRegressionDeployable(self.deployment_preprocessing(), self.student).to(self.device)
+        return ScoreRegressionDeployable(self.deployment_preprocessing(), self.scoring_student()).to(self.device)
 
     def teacher_deployable_model(self) -> DeployableModel:
         """The teacher in the same form (its ``log(1 + MSE)``, or the external teacher's score)."""
@@ -391,6 +417,8 @@ class ScoreRegressionScheme(AnomalyScheme):
             student_optimizer.zero_grad()
             self.manual_backward(student_loss)
             student_optimizer.step()
+            if self.student_averaged is not None:
+                self.student_averaged.update_parameters(self.student)
             self.log("train/student_loss", student_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/teacher_phase", float(train_teacher and not train_student), on_step=False, on_epoch=True)
 
@@ -399,7 +427,7 @@ class ScoreRegressionScheme(AnomalyScheme):
         if len(images) == 0:
             return
         teacher_score = self.teacher_score(images)
-        student_score = self.student(images)
+        student_score = self.scoring_student()(images)
         student_loss = F.l1_loss(student_score, teacher_score)
         if self.external_teacher:
             teacher_loss = torch.zeros((), device=images.device)
