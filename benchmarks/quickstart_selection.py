@@ -50,6 +50,9 @@ CANDIDATES: dict[str, list[str]] = {
                                            "scheme.student_average=0.95"],
     "warp_copies=2,student_average=0.99": ["scheme.corruption_exposure.warp_copies=2",
                                            "scheme.student_average=0.99"],
+    # one teacher and one data order for every seed: the seed varies the student alone
+    "warp_copies=2,teacher_seed=0,data.seed=0": ["scheme.corruption_exposure.warp_copies=2",
+                                                 "scheme.teacher_seed=0", "data.seed=0"],
 }
 RATIOS = (8, 32, 128, 640)  # the demo sweep's (sweeps/quickstart_compression.yaml; a test keeps them equal)
 SEEDS = (0, 1, 2)

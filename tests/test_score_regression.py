@@ -336,6 +336,29 @@ def test_student_average_is_the_moving_average_of_the_student_steps_and_ships() 
     assert ScoreRegressionScheme(SHAPE, student="B", compression_ratio=None).student_averaged is None
 
 
+def test_teacher_seed_trains_one_teacher_for_every_run_seed_and_leaves_the_student_to_the_seed() -> None:
+    """teacher_seed=5 with the data's order fixed: runs of seeds 0 and 1 train the same teacher
+    (equal weights after the teacher phase) and different students; without it the teachers
+    differ; a bad value, or a seed beside an external teacher, is one ConfigError."""
+    def fit(seed: int, teacher_seed: int | None) -> ScoreRegressionScheme:
+        L.seed_everything(seed, verbose=False)
+        scheme = ScoreRegressionScheme(SHAPE, student="B", compression_ratio=None, teacher_fraction=0.5,
+                                       teacher_seed=teacher_seed)
+        _trainer(max_epochs=2, limit_val_batches=0).fit(scheme, datamodule=_digits(batch_size=16))
+        return scheme
+
+    first, second = fit(0, 5), fit(1, 5)
+    assert not _changed(_snapshot(first.teacher), second.teacher)
+    assert _changed(_snapshot(first.student), second.student)
+    assert _changed(_snapshot(fit(0, None).teacher), fit(1, None).teacher)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="teacher_seed must be a non-negative integer or null"):
+            ScoreRegressionScheme(SHAPE, student="B", compression_ratio=None, teacher_seed=bad)
+    with pytest.raises(ConfigError, match="an external scheme.teacher_model is already trained"):
+        ScoreRegressionScheme(SHAPE, student="B", compression_ratio=None, teacher_seed=0,
+                              teacher_model=lambda images: images.mean(dim=(1, 2, 3)))
+
+
 def test_family_loop_trains_all_students_with_the_scheme_scores() -> None:
     torch.manual_seed(0)
     images = torch.rand(40, *SHAPE)

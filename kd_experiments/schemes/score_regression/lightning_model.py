@@ -143,6 +143,13 @@ class ScoreRegressionScheme(AnomalyScheme):
             keeps training at ``student_lr``. 0: off (the last step's weights). 0.99 averages
             over about the last 100 student steps, which smooths the step-to-step noise of a
             constant, high learning rate.
+        teacher_seed: the seed of the teacher's initial weights, apart from the run's seed
+            (``None``: the run's). With the data's order fixed too (``data.seed``), the
+            autoencoder teacher of the baseline schedule is then the same network in every
+            run of a sweep, and the seed varies the student alone (its initial weights and
+            its draws of outliers and corruptions): a chart over compression ratios then shows
+            what the student's size costs, not which teacher a seed happened to train. A VAE
+            teacher's sampling noise still follows the run's seed.
         teacher_model: a trained detector as teacher (a callable ``images -> (B,)`` or a
             :class:`~kd_experiments.schemes.score_regression.teachers.ScoreTeacher`);
             replaces ``teacher``.
@@ -171,6 +178,7 @@ class ScoreRegressionScheme(AnomalyScheme):
         student_schedule: str = "constant",
         student_restarts: int = 1,
         student_average: float = 0.0,
+        teacher_seed: int | None = None,
     ) -> None:
         super().__init__()
         input_shape = tuple(int(v) for v in input_shape)
@@ -182,6 +190,12 @@ class ScoreRegressionScheme(AnomalyScheme):
             raise ConfigError(f"scheme.student_schedule={student_schedule!r}: use one of {list(STUDENT_SCHEDULES)}")
         if isinstance(student_average, bool) or not 0.0 <= float(student_average) < 1.0:
             raise ConfigError(f"scheme.student_average is an average's decay in [0, 1) (0: off), got {student_average!r}")
+        if teacher_seed is not None and (isinstance(teacher_seed, bool) or int(teacher_seed) != teacher_seed
+                                         or teacher_seed < 0):
+            raise ConfigError(f"scheme.teacher_seed must be a non-negative integer or null, got {teacher_seed!r}")
+        if teacher_seed is not None and teacher_model is not None:
+            raise ConfigError("scheme.teacher_seed seeds the teacher this run trains; an external "
+                              "scheme.teacher_model is already trained: set teacher_seed to null")
         if float(student_average) > 0 and int(student_restarts) > 1:
             raise ConfigError("scheme.student_average and scheme.student_restarts > 1 do not combine: "
                               "the restarts are ranked by their own last weights; use one of them")
@@ -195,7 +209,11 @@ class ScoreRegressionScheme(AnomalyScheme):
             self.teacher = teacher_model if isinstance(teacher_model, ScoreTeacher) else ScoreTeacher(teacher_model)
             teacher_params = self.teacher.num_parameters()
         else:
-            self.teacher = build_teacher(teacher, input_shape, latent_dim)
+            # with teacher_seed, from a stream of its own: the run's stream is not advanced by it
+            with torch.random.fork_rng(devices=[], enabled=teacher_seed is not None):
+                if teacher_seed is not None:
+                    torch.manual_seed(int(teacher_seed))
+                self.teacher = build_teacher(teacher, input_shape, latent_dim)
             teacher_params = count_parameters(self.teacher)
         self.student_spec = resolve_student_spec(student, compression_ratio, teacher_params, input_shape)
         self.student = build_student(self.student_spec, input_shape)
