@@ -472,6 +472,21 @@ def map_regression_page(results: Path) -> Page | None:
         parts += ["## Shift sensitivity on normal images (`benchmarks/results/map_regression_shift.json`)", "",
                   SHIFT_INTRO, "", generic_table(sorted(shift, key=lambda r: (r.get("category"), r.get("seed"),
                                                                                 r.get("model"))), columns), ""]
+    regions = load_runs(results, "map_regression_regions.json")
+    if regions:
+        from benchmarks.map_regression_regions import DIAGNOSTIC_FPR, FPRS, REGION_BINS
+
+        bins = [f"{low}_{high if high is not None else 'up'}" for low, high in REGION_BINS]
+        columns = [("category", "category"), ("seed", "seed"), ("variant", "setting"), ("model", "model"),
+                   ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"),
+                   *((f"pro_at_fpr_{f:g}", f"PRO at FPR {f:g}") for f in FPRS),
+                   ("fp_share_good_images", f"FP share on good images (FPR {DIAGNOSTIC_FPR:g})"),
+                   ("fp_share_near_defect", "FP share near a defect"),
+                   *((f"overlap_regions_{b}", f"overlap, regions {b.replace('_', '-')} px") for b in bins)]
+        parts += ["## Where AUPRO goes: per-region overlap and false positives "
+                  "(`benchmarks/results/map_regression_regions.json`)", "",
+                  REGIONS_INTRO, "", generic_table(sorted(regions, key=lambda r: (
+                      r.get("category"), str(r.get("variant")), r.get("seed"), r.get("model"))), columns), ""]
     if budget:
         parts += ["## Teacher and epoch budget chosen on validation data "
                   "(`benchmarks/results/map_regression_budget.json`)", "",
@@ -479,7 +494,7 @@ def map_regression_page(results: Path) -> Page | None:
                   "training images and the same images with fixed synthetic anomalies; epochs listed are the "
                   "rule's candidates.", "", map_regression.budget_table(results / "map_regression_budget.json"), ""]
     parts += [provenance_section(results, ["map_regression.json", "map_regression_budget.json",
-                                           "map_regression_shift.json"])]
+                                           "map_regression_shift.json", "map_regression_regions.json"])]
     return Page("map_regression", "\n".join(parts) + "\n", charts)
 
 
@@ -932,6 +947,16 @@ same on 32 images the model trained on (a PatchCore teacher's own bank images, w
 as targets), and for a PatchCore teacher whose bank records its source images, those images each
 scored against the bank less its own patches (`scheme.teacher_leave_one_out`). The last two columns are the records' test figures (with anomalies), for reference.
 Nothing here selects a model or a setting."""
+
+
+REGIONS_INTRO = """\
+The test split, scored by the student of each record and by its teacher (`python -m
+benchmarks.map_regression_regions`). PRO at FPR f: the mean share of each defect region (a connected
+component of the masks) above the threshold that a share f of all normal test pixels exceeds, the
+points of the curve AUPRO integrates up to 0.3. At FPR 0.03: the share of the false-positive pixels
+that lie in defect-free images, the share that lie within 16 pixels of a defect in a defective image
+(the rest lie farther from it), and the mean overlap of the regions by size in pixels at 256 px.
+Nothing here selects a model or a setting: it reads the test split to explain recorded results."""
 
 
 if __name__ == "__main__":

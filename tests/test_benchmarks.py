@@ -342,3 +342,31 @@ def test_only_patterns_that_match_no_plan_entry_stop_with_one_line() -> None:
     assert select(entries, None) == entries
     with pytest.raises(SystemExit, match="matches no plan entry; see --plan"):
         select(entries, ["bottle/patchcore/m30/s0"])
+
+
+def test_region_figures_read_the_overlap_curve_and_where_false_positives_lie() -> None:
+    """benchmarks.map_regression_regions: a map that marks each defect exactly covers every region at
+    every false-positive rate, with no false positive near it; a map that also lights a ring around
+    each defect puts its false positives there; a map that lights a defect-free image puts them
+    there; regions are binned by size."""
+    import numpy as np
+
+    from benchmarks.map_regression_regions import FPRS, region_figures
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((4, 64, 64), dtype=np.float32)
+    masks[0, 10:20, 10:20] = 1  # 100 pixels
+    masks[1, 20:50, 20:50] = 1  # 900 pixels
+    background = rng.uniform(0.0, 0.1, masks.shape).astype(np.float32)
+    exact = figures = region_figures(background + masks, masks)  # defects at 1.0-1.1, the rest below 0.1
+    assert exact["regions"] == 2 and exact["regions_0_500"] == 1 and exact["regions_500_2000"] == 1
+    assert all(figures[f"pro_at_fpr_{f:g}"] == 1.0 for f in FPRS) and figures["aupro"] > 0.99
+    ring = background.copy()
+    ring[0, 4:26, 4:26] += 0.5  # a halo 6 pixels wide around the first defect
+    ring[1, 14:56, 14:56] += 0.5
+    halo = region_figures(ring + masks, masks)
+    assert halo["fp_share_near_defect"] == 1.0 and halo["fp_share_good_images"] == 0.0
+    lit = background.copy()
+    lit[3, 20:45, 20:45] += 2.0  # a bright patch on a defect-free image (more than 3 % of the normal pixels)
+    figures = region_figures(lit + masks, masks)
+    assert figures["fp_share_good_images"] == 1.0 and figures["pro_at_fpr_0.005"] < 0.5
