@@ -31,11 +31,10 @@ recorded.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from benchmarks.harness import RESULTS, ResultsFile, base_parser, now_utc
-from benchmarks.map_regression import TEACHER_TARGETS, teacher_checkpoint, use_project_mlflow_store
+from benchmarks.map_regression import TEACHER_TARGETS, teacher_checkpoint
+from benchmarks.map_regression_shift import diagnose_records
 
 #: pixel false-positive rates at which the per-region overlap is read
 FPRS = (0.005, 0.01, 0.03, 0.1, 0.3)
@@ -135,40 +134,8 @@ def measure(record: dict[str, Any], data_root) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    import torch
-
-    from benchmarks import map_regression
-    from kd_experiments.errors import TrackingError
-
-    parser = base_parser(__doc__, output="map_regression_regions.json")
-    parser.add_argument("--variant", default=None, help="the map_regression setting whose records to diagnose "
-                                                         "(its overrides, as in its records' 'variant')")
-    parser.add_argument("--ratio", type=int, default=map_regression.SEED_RATIO, help="requested deployed MAC ratio")
-    parser.add_argument("--categories", nargs="+", default=list(map_regression.CATEGORIES))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    use_project_mlflow_store()
-    source = ResultsFile(RESULTS / "map_regression.json")
-    results = ResultsFile(args.output, key_fields=("mlflow_run_id", "model"))
-    targets = [r for r in source.runs if map_regression.is_map_student(r) and r.get("variant") == args.variant
-               and r.get("requested_mac_ratio") == args.ratio and r.get("category") in args.categories]
-    if not targets:
-        raise SystemExit(f"no map_regression record at ratio {args.ratio} with variant {args.variant!r}")
-    for record in targets:
-        if all(results.has(mlflow_run_id=record["mlflow_run_id"], model=m) for m in ("student", "teacher")):
-            print(f"[regions] {record['category']} seed {record['seed']}: done")
-            continue
-        started_at, started = now_utc(), time.perf_counter()
-        try:
-            rows = measure(record, args.data_root)
-        except TrackingError as error:  # a run logged to another machine's store
-            print(f"[regions] {record['category']} seed {record['seed']}: skipped, {error}")
-            continue
-        wall = time.perf_counter() - started
-        for row in rows:
-            results.append(row, started_at=started_at, wall_s=wall, skip_if_present=True)
-            print(f"[regions] {row['category']} seed {row['seed']} {row['model']}: AUPRO {row['aupro']:.4f}, "
-                  + ", ".join(f"PRO@{f:g} {row[f'pro_at_fpr_{f:g}']:.3f}" for f in FPRS), flush=True)
+    diagnose_records(__doc__, "map_regression_regions.json", "regions", measure, lambda row: (
+        f"AUPRO {row['aupro']:.4f}, " + ", ".join(f"PRO@{f:g} {row[f'pro_at_fpr_{f:g}']:.3f}" for f in FPRS)))
 
 
 if __name__ == "__main__":

@@ -172,13 +172,17 @@ def measure(record: dict[str, Any], data_root: Path) -> list[dict[str, Any]]:
     return out
 
 
-def main() -> None:
+def diagnose_records(doc: str, output: str, label: str, measure_one, describe) -> None:
+    """The command line shared by the map-regression diagnostics: the ratio-``--ratio`` test
+    records of ``--variant`` in ``--categories``, each measured once by ``measure_one(record,
+    data_root)`` (rows keyed by MLflow run and model, appended to ``output``), each row printed
+    with ``describe(row)``; records whose MLflow run is not in this checkout's store are skipped."""
     import torch
 
     from benchmarks import map_regression
     from kd_experiments.errors import TrackingError
 
-    parser = base_parser(__doc__, output="map_regression_shift.json")
+    parser = base_parser(doc, output=output)
     parser.add_argument("--variant", default=None, help="the map_regression setting whose records to diagnose "
                                                          "(its overrides, as in its records' 'variant')")
     parser.add_argument("--ratio", type=int, default=map_regression.SEED_RATIO, help="requested deployed MAC ratio")
@@ -189,25 +193,29 @@ def main() -> None:
     source = ResultsFile(RESULTS / "map_regression.json")
     results = ResultsFile(args.output, key_fields=("mlflow_run_id", "model"))
     targets = [r for r in source.runs if map_regression.is_map_student(r) and r.get("variant") == args.variant
-               and r.get("requested_mac_ratio") == args.ratio
-               and r.get("category") in args.categories]
+               and r.get("requested_mac_ratio") == args.ratio and r.get("category") in args.categories]
     if not targets:
         raise SystemExit(f"no map_regression record at ratio {args.ratio} with variant {args.variant!r}")
     for record in targets:
         if all(results.has(mlflow_run_id=record["mlflow_run_id"], model=m) for m in ("student", "teacher")):
-            print(f"[shift] {record['category']}: done")
+            print(f"[{label}] {record['category']} seed {record['seed']}: done")
             continue
         started_at, started = now_utc(), time.perf_counter()
         try:
-            rows = measure(record, args.data_root)
+            rows = measure_one(record, args.data_root)
         except TrackingError as error:  # a run logged to another machine's store
-            print(f"[shift] {record['category']} seed {record['seed']}: skipped, {error}")
+            print(f"[{label}] {record['category']} seed {record['seed']}: skipped, {error}")
             continue
         wall = time.perf_counter() - started
         for row in rows:
             results.append(row, started_at=started_at, wall_s=wall, skip_if_present=True)
-            print(f"[shift] {row['category']} {row['model']}: test-normal AUROC {row['test_normal_auroc']:.3f}, "
-                  + ", ".join(f"x{f:g} {row[f'brightness_auroc_{f:g}']:.3f}" for f in BRIGHTNESS))
+            print(f"[{label}] {row['category']} seed {row['seed']} {row['model']}: {describe(row)}", flush=True)
+
+
+def main() -> None:
+    diagnose_records(__doc__, "map_regression_shift.json", "shift", measure, lambda row: (
+        f"test-normal AUROC {row['test_normal_auroc']:.3f}, "
+        + ", ".join(f"x{f:g} {row[f'brightness_auroc_{f:g}']:.3f}" for f in BRIGHTNESS)))
 
 
 if __name__ == "__main__":
