@@ -50,7 +50,8 @@ BATCH = 8
 def _test_maps(model, images) -> Any:
     """``(N, H, W)`` maps of ``images`` at their own size, through the model's deployable forward."""
     import torch
-    import torch.nn.functional as F
+
+    from kd_experiments.anomaly_maps import upsample
 
     out = []
     with torch.no_grad():
@@ -58,7 +59,7 @@ def _test_maps(model, images) -> Any:
             maps = model(images[start:start + BATCH])[1].float()
             maps = maps.reshape(maps.shape[0], -1, *maps.shape[-2:])[:, :1]
             if tuple(maps.shape[-2:]) != tuple(images.shape[-2:]):
-                maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+                maps = upsample(maps, images.shape[-2:])
             out.append(maps[:, 0])
     return torch.cat(out).numpy()
 

@@ -83,7 +83,8 @@ def _scores(model, images) -> Any:
 def _map_grey_correlation(model, images) -> float:
     """The median over ``images`` of the pixel-wise Pearson correlation of map and grey level."""
     import torch
-    import torch.nn.functional as F
+
+    from kd_experiments.anomaly_maps import upsample
 
     values = []
     with torch.no_grad():
@@ -93,7 +94,7 @@ def _map_grey_correlation(model, images) -> float:
             maps = maps.reshape(len(batch), -1, *maps.shape[-2:])[:, :1]
             grey = batch.mean(dim=1, keepdim=True)
             if tuple(maps.shape[-2:]) != tuple(grey.shape[-2:]):
-                maps = F.interpolate(maps, size=grey.shape[-2:], mode="bilinear", align_corners=False)
+                maps = upsample(maps, grey.shape[-2:])
             a = maps.flatten(1) - maps.flatten(1).mean(1, keepdim=True)
             b = grey.flatten(1) - grey.flatten(1).mean(1, keepdim=True)
             values.append((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12))
