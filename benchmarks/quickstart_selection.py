@@ -50,6 +50,10 @@ CANDIDATES: dict[str, list[str]] = {
                                            "scheme.student_average=0.95"],
     "warp_copies=2,student_average=0.99": ["scheme.corruption_exposure.warp_copies=2",
                                            "scheme.student_average=0.99"],
+    # students from other initialisations trained side by side, the one of least validation
+    # regression loss (normal images, their corrupted copies, pseudo outliers) kept
+    "warp_copies=2,student_restarts=2": ["scheme.corruption_exposure.warp_copies=2", "scheme.student_restarts=2"],
+    "warp_copies=2,student_restarts=4": ["scheme.corruption_exposure.warp_copies=2", "scheme.student_restarts=4"],
     # one teacher and one data order for every seed: the seed varies the student alone
     "warp_copies=2,teacher_seed=0,data.seed=0": ["scheme.corruption_exposure.warp_copies=2",
                                                  "scheme.teacher_seed=0", "data.seed=0"],
