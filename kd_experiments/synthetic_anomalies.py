@@ -18,8 +18,13 @@ downloaded here. Textures are
 chosen per image (``mixed``: half each). Everything runs on tensors on the
 images' device, with an explicit ``torch.Generator`` (deterministic given the seed).
 Shared by every scheme that trains on synthetic anomalies (RD with Expert, map regression).
-Unlike URD we do not restrict masks to a foreground estimate (its
-``get_forehead_mask``): for bottle the object fills the frame.
+``foreground`` restricts the masks to an estimate of the object, as URD does for object
+categories (its ``get_forehead_mask``): ``dark`` keeps the pixels at or below the image's
+Otsu threshold of grey intensity (URD's rule for screw and capsule, dark parts on a bright
+background), ``bright`` those above it; ``none`` (the default) blends anywhere. On a plain
+background, anomalies drawn there teach a trainable teacher to react to the background
+itself. URD's GrabCut estimate for the other object categories needs OpenCV and is not
+offered; for bottle the object fills the frame.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import torch
 from kd_experiments.errors import ConfigError
 
 TEXTURE_SOURCES = ("procedural", "in_set", "mixed")
+#: where masks may fall: anywhere, or on the pixels darker / brighter than the Otsu threshold
+FOREGROUND_RULES = ("none", "dark", "bright")
 
 
 def _fade(t: torch.Tensor) -> torch.Tensor:
@@ -69,15 +76,49 @@ def _random_resolution(max_scale: int, generator: torch.Generator) -> tuple[int,
 def perlin_mask(
     height: int, width: int, generator: torch.Generator, max_scale: int = 6, threshold: float = 0.5,
     device: torch.device | str = "cpu", min_fraction: float = 0.002, attempts: int = 8,
+    region: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A binary ``(height, width)`` anomaly mask: thresholded Perlin noise (retried when empty)."""
+    """A binary ``(height, width)`` anomaly mask: thresholded Perlin noise, inside ``region`` (a
+    ``(height, width)`` 0/1 tensor) when given; drawn again while it covers less than
+    ``min_fraction`` of the image (at most ``attempts`` times)."""
     mask = torch.zeros(height, width, device=device)
     for _ in range(attempts):
         noise = perlin_noise(height, width, _random_resolution(max_scale, generator), generator, device)
         mask = (noise > threshold).float()
+        if region is not None:
+            mask = mask * region
         if mask.mean() >= min_fraction:
             break
     return mask
+
+
+def otsu_threshold(grey: torch.Tensor, bins: int = 256) -> float:
+    """Otsu's threshold of values in [0, 1]: the bin edge that maximises the between-class
+    variance of the histogram (values at or below it form one class)."""
+    histogram = torch.histc(grey.detach().float().flatten().cpu(), bins=bins, min=0.0, max=1.0).double()
+    total = histogram.sum()
+    if total == 0:
+        return 0.5
+    probability = histogram / total
+    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+    weight_low = probability.cumsum(0)
+    mass_low = (probability * centres).cumsum(0)
+    weight_high = 1.0 - weight_low
+    mean_low = mass_low / weight_low.clamp_min(1e-12)
+    mean_high = (mass_low[-1] - mass_low) / weight_high.clamp_min(1e-12)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    between[(weight_low <= 0) | (weight_high <= 0)] = -1.0
+    return float((int(torch.argmax(between)) + 1) / bins)
+
+
+def foreground_mask(pixels: torch.Tensor, rule: str) -> torch.Tensor | None:
+    """The ``(height, width)`` 0/1 foreground estimate of one ``(C, H, W)`` image in [0, 1] by
+    ``rule`` (see :data:`FOREGROUND_RULES`), or ``None`` for ``none`` (the whole image)."""
+    if rule == "none":
+        return None
+    grey = pixels.mean(0)
+    threshold = otsu_threshold(grey)
+    return (grey <= threshold).float() if rule == "dark" else (grey > threshold).float()
 
 
 def procedural_texture(
@@ -111,6 +152,7 @@ class SyntheticAnomalies:
         beta_max: upper bound of the opacity of the original image inside the mask.
         max_scale: Perlin lattice resolutions are ``2**a``, ``a < max_scale``.
         seed: seed of the generator (each DDP rank should pass its own).
+        foreground: where masks may fall, one of :data:`FOREGROUND_RULES` (see the module docstring).
     """
 
     def __init__(
@@ -121,7 +163,10 @@ class SyntheticAnomalies:
         beta_max: float = 0.8,
         max_scale: int = 6,
         seed: int = 0,
+        foreground: str = "none",
     ) -> None:
+        if foreground not in FOREGROUND_RULES:
+            raise ConfigError(f"scheme.synthetic_foreground must be one of {FOREGROUND_RULES}, got {foreground!r}")
         if texture_source not in TEXTURE_SOURCES:
             raise ConfigError(f"scheme.texture_source must be one of {TEXTURE_SOURCES}, got {texture_source!r}")
         if not 0.0 <= beta_max < 1.0:
@@ -131,6 +176,7 @@ class SyntheticAnomalies:
         self.texture_source = texture_source
         self.beta_max = beta_max
         self.max_scale = max_scale
+        self.foreground = foreground
         self.generator = torch.Generator().manual_seed(int(seed))
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +186,8 @@ class SyntheticAnomalies:
         mean, std = self.mean.to(device), self.std.to(device)
         pixels = (images * std + mean).clamp(0.0, 1.0)
         masks = torch.stack(
-            [perlin_mask(height, width, self.generator, self.max_scale, device=device) for _ in range(batch)]
+            [perlin_mask(height, width, self.generator, self.max_scale, device=device,
+                         region=foreground_mask(pixels[index], self.foreground)) for index in range(batch)]
         ).unsqueeze(1)
         textures = []
         for index in range(batch):

@@ -15,6 +15,7 @@ from kd_experiments.schemes.reverse_distillation import loss as rd_loss
 from kd_experiments.schemes.reverse_distillation.lightning_model import defect_type_of
 from kd_experiments.synthetic_anomalies import (
     SyntheticAnomalies,
+    otsu_threshold,
     perlin_noise,
 )
 from kd_experiments.schemes.reverse_distillation.torch_model import BottleneckBlock, ReverseStudent
@@ -261,6 +262,25 @@ def test_synthetic_anomalies_change_only_the_masked_pixels() -> None:
         assert changed.shape == images.shape and torch.isfinite(changed).all()
     with pytest.raises(ConfigError, match="texture_source"):
         SyntheticAnomalies(mean, std, texture_source="dtd")
+
+
+def test_synthetic_anomalies_fall_on_the_foreground_when_asked() -> None:
+    """URD's rule for an object on a plain background: masks only on the pixels darker than the
+    image's Otsu threshold (a dark disc on a bright, noisy ground here); bright: the ground only."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ys, xs = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    disc = (((ys - 32) ** 2 + (xs - 28) ** 2) < 15**2).float()
+    pixels = (0.85 - 0.6 * disc + 0.05 * torch.rand(4, 1, 64, 64)).clamp(0, 1).expand(4, 3, 64, 64)
+    images = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert 0.3 < otsu_threshold(pixels[0].mean(0)) < 0.75
+    _, anywhere = SyntheticAnomalies(mean, std, seed=1)(images)
+    _, on_object = SyntheticAnomalies(mean, std, seed=1, foreground="dark")(images)
+    _, on_ground = SyntheticAnomalies(mean, std, seed=1, foreground="bright")(images)
+    assert (anywhere * (1 - disc)).sum() > 0  # without the rule masks also cover the ground
+    assert (on_object.flatten(1).sum(1) > 0).all() and (on_object * (1 - disc)).sum() == 0
+    assert (on_ground * disc).sum() == 0 and on_ground.sum() > 0
+    with pytest.raises(ConfigError, match="synthetic_foreground"):
+        SyntheticAnomalies(mean, std, foreground="grabcut")
 
 
 def test_perlin_noise_is_smooth_and_bounded() -> None:

@@ -115,6 +115,10 @@ class ReverseDistillationScheme(AnomalyScheme):
         map_mode: ``add`` (RD's sum over levels) or ``multiply``.
         input_normalization: how the data was normalised (``imagenet`` or ``none``).
         texture_source, anomaly_beta_max: synthetic anomaly settings.
+        synthetic_foreground: where synthetic anomalies fall, in training and in validation:
+            ``none`` (anywhere), ``dark`` / ``bright`` (the pixels below / above the image's
+            Otsu threshold: URD's foreground rule for objects on a plain background, e.g.
+            ``dark`` for screw); see :mod:`kd_experiments.synthetic_anomalies`.
         val_synthetic_anomalies: also score the validation images with synthetic
             anomalies pasted in (the same anomalies every epoch) and log
             ``val/synthetic_pixel_auroc`` and ``val/synthetic_image_auroc``: a quality
@@ -154,6 +158,7 @@ class ReverseDistillationScheme(AnomalyScheme):
         texture_source: str = "mixed",
         anomaly_beta_max: float = 0.8,
         val_synthetic_anomalies: bool = True,
+        synthetic_foreground: str = "none",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -201,11 +206,13 @@ class ReverseDistillationScheme(AnomalyScheme):
         self._build_student = build_student
         self.student = build_student(self.width_multiplier)
         self.anomalies = (
-            SyntheticAnomalies(self.input_mean, self.input_std, texture_source, anomaly_beta_max)
+            SyntheticAnomalies(self.input_mean, self.input_std, texture_source, anomaly_beta_max,
+                               foreground=synthetic_foreground)
             if synthetic_anomalies else None
         )
         self.val_anomalies = (
-            SyntheticAnomalies(self.input_mean, self.input_std, texture_source, anomaly_beta_max)
+            SyntheticAnomalies(self.input_mean, self.input_std, texture_source, anomaly_beta_max,
+                               foreground=synthetic_foreground)
             if val_synthetic_anomalies else None
         )
         self._val: dict[str, list[torch.Tensor]] = {}
