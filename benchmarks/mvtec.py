@@ -407,7 +407,10 @@ REFERENCES: tuple[Reference, ...] = (
         method="RD with Expert / URD (Liu et al., AAAI 2025)",
         source="the paper's per-category table (arXiv 2412.07579)",
         protocol=("WideResNet-50-2 expert and teacher, 256x256 inputs, 5000 iterations (10000 for transistor), "
-                  "batch 16, synthetic anomalies from the DTD texture set; the authors' code (hito2448/URD "
+                  "batch 16, synthetic anomalies from the DTD texture set (on an Otsu foreground for screw and "
+                  "capsule, a GrabCut foreground for the other objects, anywhere on textures and transistor; this "
+                  "benchmark: procedural and in-set textures, the Otsu foreground on screw, anywhere on bottle "
+                  "and transistor); the authors' code (hito2448/URD "
                   "`train.py`, commit 762b7d4) scores the test split every epoch and reports the epoch with the "
                   "highest test pixel AUROC + AUPRO, a selection on the test split that this benchmark does not "
                   "make."),
