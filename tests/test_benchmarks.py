@@ -330,6 +330,36 @@ def test_the_mvtec_budget_study_runs_only_the_configurations_only_names(tmp_path
     assert mvtec.choose_budget(records, "screw") is None  # RD not studied yet
 
 
+def test_the_mvtec_plan_draws_rd_expert_anomalies_on_the_screw_and_keeps_other_settings_apart(
+        tmp_path: Path) -> None:
+    """RD with Expert on screw runs with URD's foreground rule (its own run folder and key); a record
+    drawn anywhere stays in the file, out of the results and gap tables, in a table of its own."""
+    from benchmarks import mvtec
+
+    screw = [e for e in mvtec.plan() if e.scheme == "rd_expert" and e.category == "screw"]
+    assert screw and all(e.foreground == "dark" and e.name.endswith("/fg-dark") for e in screw)
+    assert all(e.foreground is None for e in mvtec.plan() if e.category != "screw" or e.scheme != "rd_expert")
+    args = argparse.Namespace(data_root=tmp_path, image_size=256, trainer="cpu")
+    assert "scheme.synthetic_foreground=dark" in mvtec.overrides(screw[0], args, 20, "t", "benchmark")
+    assert screw[0].key(256, "cpu", "validation")["synthetic_foreground"] == "dark"
+    assert "synthetic_foreground" not in mvtec.Entry("rd", "screw", 1.0, 0).key(256, "cpu", "validation")
+
+    def run(scheme: str, pixel: float, **extra) -> dict:
+        return {"scheme": scheme, "category": "screw", "image_size": 256, "compression_ratio": 1.0, "seed": 0,
+                "budget_rule": "validation", "image_auroc": 0.9, "pixel_auroc": pixel, "aupro": 0.9, **extra}
+
+    path = tmp_path / "mvtec.json"
+    path.write_text(json.dumps({"runs": [run("rd", 0.98), run("rd_expert", 0.85),
+                                         run("rd_expert", 0.99, synthetic_foreground="dark")]}))
+    table = mvtec.results_table(path)
+    assert "0.9900" in table and "0.8500" not in table and "dark foreground" in table
+    assert "+0.0100" in mvtec.retention_table(path)  # the gap pairs the plan's run with RD's
+    others = mvtec.other_settings_table(path)
+    assert "| anywhere | 0.9000 | 0.8500 |" in others and "0.9000 / 0.9900 / 0.9000" in others
+    path.write_text(json.dumps({"runs": [run("rd", 0.98)]}))
+    assert mvtec.other_settings_table(path) == ""
+
+
 def test_only_patterns_that_match_no_plan_entry_stop_with_one_line() -> None:
     """A plan entry of a variant is named ``<category>/<teacher>/m<ratio>/s<seed>/<variant>``: a pattern
     without the variant part matches nothing, and says so instead of running nothing."""

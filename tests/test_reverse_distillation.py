@@ -281,6 +281,10 @@ def test_synthetic_anomalies_fall_on_the_foreground_when_asked() -> None:
     assert (on_ground * disc).sum() == 0 and on_ground.sum() > 0
     with pytest.raises(ConfigError, match="synthetic_foreground"):
         SyntheticAnomalies(mean, std, foreground="grabcut")
+    scheme = _scheme(expert=True, synthetic_anomalies=True, synthetic_foreground="dark")
+    assert scheme.anomalies.foreground == "dark" and scheme.val_anomalies.foreground == "dark"
+    with pytest.raises(ConfigError, match="synthetic_foreground"):
+        _scheme(synthetic_foreground="otsu")
 
 
 def test_perlin_noise_is_smooth_and_bounded() -> None:
