@@ -85,12 +85,10 @@ RD_RATIOS = (1, 16, 64)
 RD_EXPERT_RATIOS = (1, 16)
 EXTRA_SEEDS = (1, 2)
 #: where RD with Expert draws its synthetic anomalies, per category (``scheme.synthetic_foreground``;
-#: none elsewhere): URD's train.py restricts them to an Otsu foreground (dark on bright) for screw and
-#: capsule, to a GrabCut foreground for the other objects (not offered here: OpenCV; bottle fills the
-#: frame), and draws anywhere for textures and transistor. Drawn anywhere on screw, they teach the
-#: trainable teacher to react to the plain background: test image AUROC 0.6432 against RD's 0.8532
-#: (seed 0), though validation anomalies drawn the same way scored 1.0. Records without the field
-#: were drawn anywhere; the tables keep the plan's setting apart from other settings.
+#: none elsewhere), as URD's train.py does: an Otsu foreground (dark on bright) for screw and capsule,
+#: a GrabCut foreground for the other objects (not offered here: OpenCV; bottle fills the frame),
+#: anywhere on textures and transistor. Set from the paper's protocol, before any run with it; records
+#: drawn anywhere on screw are kept, and the tables keep the plan's setting apart from other settings.
 SYNTHETIC_FOREGROUND = {"screw": "dark"}
 #: timed calls of PatchCore's deployed model (encoder + bank): a batch-1 call of the full bank is
 #: about 77 GFLOP at 256 px (1,024 queries x 214,016 bank patches x 176 channels), so the

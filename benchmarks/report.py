@@ -927,9 +927,8 @@ OTHER_SETTINGS_INTRO = """\
 Runs whose settings the plan has since changed, kept as they were recorded and left out of the tables
 above. RD with Expert draws its synthetic anomalies where URD does: on screw, on the pixels darker than
 each image's Otsu threshold (`scheme.synthetic_foreground=dark`, `SYNTHETIC_FOREGROUND` in
-`benchmarks/mvtec.py`); drawn anywhere, they also fall on the plain background, and the trainable
-teacher learns to react to it (on the seed-0 screw model, the mean map on good test images is higher
-on the background than on the screw)."""
+`benchmarks/mvtec.py`), a setting taken from the paper's protocol before any run with it. On screw
+neither setting comes near RD's figures on the same seed, and why is not known yet."""
 
 MAP_INTRO = """\
 Encoder-free students distilled from a map-producing teacher's anomaly maps (Pol et al.'s

@@ -21,9 +21,7 @@ Shared by every scheme that trains on synthetic anomalies (RD with Expert, map r
 ``foreground`` restricts the masks to an estimate of the object, as URD does for object
 categories (its ``get_forehead_mask``): ``dark`` keeps the pixels at or below the image's
 Otsu threshold of grey intensity (URD's rule for screw and capsule, dark parts on a bright
-background), ``bright`` those above it; ``none`` (the default) blends anywhere. On a plain
-background, anomalies drawn there teach a trainable teacher to react to the background
-itself. URD's GrabCut estimate for the other object categories needs OpenCV and is not
+background), ``bright`` those above it; ``none`` (the default) blends anywhere. URD's GrabCut estimate for the other object categories needs OpenCV and is not
 offered; for bottle the object fills the frame.
 """
 
