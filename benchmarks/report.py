@@ -415,6 +415,11 @@ def mvtec_page(results: Path) -> Page | None:
     if others:
         parts += ["## Records of other settings (`benchmarks/results/mvtec.json`)", "", OTHER_SETTINGS_INTRO, "",
                   others, ""]
+    if load_runs(results, "rd_expert_reference.json"):
+        from benchmarks import rd_expert_reference
+
+        parts += ["## What RD with Expert's map compares (`benchmarks/results/rd_expert_reference.json`)", "",
+                  REFERENCE_INTRO, "", rd_expert_reference.table(results / "rd_expert_reference.json"), ""]
     parts += ["## Published figures and how the protocols differ", "", mvtec.references_section(), ""]
     if load_runs(results, mvtec.GPU_RESULTS):  # the same plan with trainer=gpu
         parts += [f"## The same plan on a GPU (`benchmarks/results/{mvtec.GPU_RESULTS}`)", "",
@@ -425,7 +430,7 @@ def mvtec_page(results: Path) -> Page | None:
     if budget.exists():
         parts += [f"## Epoch budget chosen on validation data (`benchmarks/results/{budget.name}`)", "",
                   mvtec.budget_table(budget), ""]
-    parts += [provenance_section(results, ["mvtec.json", budget.name, mvtec.GPU_RESULTS])]
+    parts += [provenance_section(results, ["mvtec.json", budget.name, mvtec.GPU_RESULTS, "rd_expert_reference.json"])]
     return Page("mvtec", "\n".join(parts) + "\n", charts)
 
 
@@ -929,6 +934,14 @@ above. RD with Expert draws its synthetic anomalies where URD does: on screw, on
 each image's Otsu threshold (`scheme.synthetic_foreground=dark`, `SYNTHETIC_FOREGROUND` in
 `benchmarks/mvtec.py`), a setting taken from the paper's protocol before any run with it. On screw
 neither setting comes near RD's figures on the same seed, and why is not known yet."""
+
+REFERENCE_INTRO = """\
+The same RD with Expert models on their test split (`python -m benchmarks.rd_expert_reference`), the
+student's features compared with the trained teacher's (the deployed map, as in URD's code: its rows
+equal the records above) and with the frozen expert's. The last column is the mean `1 - cos` between
+teacher and expert features on the good test images, per encoder level: how far training moved the
+teacher from the expert on normal images. Nothing here selects a model or a setting: it reads the test
+split to explain recorded results, and the deployed map stays URD's."""
 
 MAP_INTRO = """\
 Encoder-free students distilled from a map-producing teacher's anomaly maps (Pol et al.'s

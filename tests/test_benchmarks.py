@@ -360,6 +360,22 @@ def test_the_mvtec_plan_draws_rd_expert_anomalies_on_the_screw_and_keeps_other_s
     assert mvtec.other_settings_table(path) == ""
 
 
+def test_rd_expert_reference_reads_the_plan_entry_checkpoint_and_tables_both_references(tmp_path: Path) -> None:
+    from benchmarks import rd_expert_reference as reference
+
+    record = {"scheme": "rd_expert", "category": "screw", "compression_ratio": 1.0, "seed": 2,
+              "synthetic_foreground": "dark"}
+    assert reference.checkpoint_of(record).parts[-3:] == ("rd_expert-screw-r1-s2-fg-dark", "checkpoints", "last.ckpt")
+    assert reference.checkpoint_of({**record, "synthetic_foreground": None}).parts[-3] == "rd_expert-screw-r1-s2"
+    results = ResultsFile(tmp_path / "ref.json", key_fields=("mlflow_run_id", "reference"))
+    for name, figure in (("expert", 0.8), ("teacher", 0.5)):
+        results.append({**record, "mlflow_run_id": "r", "reference": name, "image_auroc": figure,
+                        "pixel_auroc": figure, "aupro": figure, "teacher_expert_drift_per_level": [0.2, 0.1, 0.05]})
+    lines = reference.table(tmp_path / "ref.json").splitlines()
+    assert "trained teacher (deployed) | 0.5000" in lines[2] and "frozen expert | 0.8000" in lines[3]
+    assert lines[2].endswith("| 0.200 / 0.100 / 0.050 |")
+
+
 def test_only_patterns_that_match_no_plan_entry_stop_with_one_line() -> None:
     """A plan entry of a variant is named ``<category>/<teacher>/m<ratio>/s<seed>/<variant>``: a pattern
     without the variant part matches nothing, and says so instead of running nothing."""
