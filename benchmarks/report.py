@@ -933,7 +933,9 @@ Runs whose settings the plan has since changed, kept as they were recorded and l
 above. RD with Expert draws its synthetic anomalies where URD does: on screw, on the pixels darker than
 each image's Otsu threshold (`scheme.synthetic_foreground=dark`, `SYNTHETIC_FOREGROUND` in
 `benchmarks/mvtec.py`), a setting taken from the paper's protocol before any run with it. On screw
-neither setting comes near RD's figures on the same seed, and why is not known yet."""
+neither setting comes near RD's figures on the same seed: on screw's good images the trained teacher
+has moved far from the expert, and the student, which learns both, matches neither closely (the next
+section)."""
 
 REFERENCE_INTRO = """\
 The same RD with Expert models on their test split (`python -m benchmarks.rd_expert_reference`), the
