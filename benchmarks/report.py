@@ -934,8 +934,8 @@ above. RD with Expert draws its synthetic anomalies where URD does: on screw, on
 each image's Otsu threshold (`scheme.synthetic_foreground=dark`, `SYNTHETIC_FOREGROUND` in
 `benchmarks/mvtec.py`), a setting taken from the paper's protocol before any run with it. On screw
 neither setting comes near RD's figures on the same seed: on screw's good images the trained teacher
-has moved far from the expert, and the student, which learns both, matches neither closely (the next
-section)."""
+has moved far from the expert, the student (which learns both) stays close to the expert, and the
+deployed map, student against teacher, is high on normal pixels (the next section)."""
 
 REFERENCE_INTRO = """\
 The same RD with Expert models on their test split (`python -m benchmarks.rd_expert_reference`), the
