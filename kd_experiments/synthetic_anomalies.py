@@ -93,7 +93,7 @@ def perlin_mask(
 def otsu_threshold(grey: torch.Tensor, bins: int = 256) -> float:
     """Otsu's threshold of values in [0, 1]: the bin edge that maximises the between-class
     variance of the histogram (values at or below it form one class)."""
-    histogram = torch.histc(grey.detach().float().flatten().cpu(), bins=bins, min=0.0, max=1.0).double()
+    histogram = torch.histc(grey.detach().float().flatten(), bins=bins, min=0.0, max=1.0).double().cpu()
     total = histogram.sum()
     if total == 0:
         return 0.5
