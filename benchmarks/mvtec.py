@@ -84,12 +84,6 @@ PATCHCORE_CORESETS = (1.0, 0.1)
 RD_RATIOS = (1, 16, 64)
 RD_EXPERT_RATIOS = (1, 16)
 EXTRA_SEEDS = (1, 2)
-#: where RD with Expert draws its synthetic anomalies, per category (``scheme.synthetic_foreground``;
-#: none elsewhere), as URD's train.py does: an Otsu foreground (dark on bright) for screw and capsule,
-#: a GrabCut foreground for the other objects (not offered here: OpenCV; bottle fills the frame),
-#: anywhere on textures and transistor. Set from the paper's protocol, before any run with it; records
-#: drawn anywhere on screw are kept, and the tables keep the plan's setting apart from other settings.
-SYNTHETIC_FOREGROUND = {"screw": "dark"}
 #: timed calls of PatchCore's deployed model (encoder + bank): a batch-1 call of the full bank is
 #: about 77 GFLOP at 256 px (1,024 queries x 214,016 bank patches x 176 channels), so the
 #: defaults (50 batch-1 and 5 batch-32 calls, torch and ONNX Runtime) would take most of a run
@@ -117,7 +111,7 @@ class Entry:
     compression_ratio: float
     seed: int
     coreset_fraction: float | None = None
-    #: ``scheme.synthetic_foreground`` when the plan sets one (:data:`SYNTHETIC_FOREGROUND`)
+    #: ``scheme.synthetic_foreground`` when the plan sets one (:func:`planned_foreground`)
     foreground: str | None = None
 
     @property
@@ -137,8 +131,14 @@ class Entry:
 
 
 def planned_foreground(scheme: str, category: str) -> str | None:
-    """The plan's ``scheme.synthetic_foreground`` of a scheme and category (``None``: the default)."""
-    return SYNTHETIC_FOREGROUND.get(category) if scheme == "rd_expert" else None
+    """The plan's ``scheme.synthetic_foreground`` of a scheme and category (``None``: anywhere): for RD
+    with Expert, URD's rule (:func:`kd_experiments.synthetic_anomalies.urd_foreground`, which
+    ``experiment=rd_expert_mvtec`` also applies), set from the paper's protocol before any run with it.
+    Records drawn anywhere on screw are kept; the tables keep the plan's setting apart from others."""
+    from kd_experiments.synthetic_anomalies import urd_foreground
+
+    rule = urd_foreground(category) if scheme == "rd_expert" else "none"
+    return None if rule == "none" else rule
 
 
 def in_plan(run: dict[str, Any]) -> bool:

@@ -931,8 +931,8 @@ reproduces it."""
 OTHER_SETTINGS_INTRO = """\
 Runs whose settings the plan has since changed, kept as they were recorded and left out of the tables
 above. RD with Expert draws its synthetic anomalies where URD does: on screw, on the pixels darker than
-each image's Otsu threshold (`scheme.synthetic_foreground=dark`, `SYNTHETIC_FOREGROUND` in
-`benchmarks/mvtec.py`), a setting taken from the paper's protocol before any run with it. On screw
+each image's Otsu threshold (`scheme.synthetic_foreground=dark`, `urd_foreground` in
+`kd_experiments/synthetic_anomalies.py`, which `experiment=rd_expert_mvtec` applies), a setting taken from the paper's protocol before any run with it. On screw
 neither setting comes near RD's figures on the same seed: on screw's good images the trained teacher
 has moved far from the expert, the student (which learns both) stays close to the expert, and the
 deployed map, student against teacher, is high on normal pixels (the next section)."""

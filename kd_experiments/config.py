@@ -7,7 +7,9 @@ Resolvers (registered on import):
 - ``${kd.uid:}``: a short random id, fixed for one config object, that keeps run
   folders of jobs started in the same second apart;
 - ``${kd.scaled:4.0,${data.image_size}}``: a value set for 256 px images scaled to the
-  configured image size (the anomaly-map blur sigma: 4 at 256 px, 2 at 128 px).
+  configured image size (the anomaly-map blur sigma: 4 at 256 px, 2 at 128 px);
+- ``${kd.urd_foreground:${data.category}}``: where RD with Expert draws its synthetic
+  anomalies on an MVTec AD category, as URD does (``dark`` for screw and capsule, else ``none``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,16 @@ def scaled_to_image(value: float, image_size: Any, reference: float = 256) -> fl
 
 if not OmegaConf.has_resolver("kd.scaled"):
     OmegaConf.register_new_resolver("kd.scaled", scaled_to_image)
+
+
+def _urd_foreground(category: Any) -> str:
+    from kd_experiments.synthetic_anomalies import urd_foreground
+
+    return urd_foreground(category)
+
+
+if not OmegaConf.has_resolver("kd.urd_foreground"):
+    OmegaConf.register_new_resolver("kd.urd_foreground", _urd_foreground)
 
 #: image side of the papers' MVTec AD protocol (resize to 256, maps and metrics at 256)
 PAPER_IMAGE_SIDE = 256

@@ -37,6 +37,16 @@ from kd_experiments.errors import ConfigError
 TEXTURE_SOURCES = ("procedural", "in_set", "mixed")
 #: where masks may fall: anywhere, or on the pixels darker / brighter than the Otsu threshold
 FOREGROUND_RULES = ("none", "dark", "bright")
+#: URD's rule per MVTec AD category (its train.py): an Otsu foreground, dark on bright, for screw
+#: and capsule; GrabCut for the other objects (not offered: OpenCV), anywhere on the textures and
+#: transistor. Categories not named here draw anywhere.
+URD_FOREGROUND: dict[str, str] = {"screw": "dark", "capsule": "dark"}
+
+
+def urd_foreground(category: str | None) -> str:
+    """The foreground rule URD uses for an MVTec AD ``category`` (``none`` when it has none here);
+    the config resolver ``${kd.urd_foreground:${data.category}}``."""
+    return URD_FOREGROUND.get(str(category), "none")
 
 
 def _fade(t: torch.Tensor) -> torch.Tensor:

@@ -287,6 +287,18 @@ def test_synthetic_anomalies_fall_on_the_foreground_when_asked() -> None:
         _scheme(synthetic_foreground="otsu")
 
 
+def test_rd_expert_mvtec_draws_anomalies_where_urd_does_per_category(tmp_path) -> None:
+    from kd_experiments.search import compose_config
+
+    def rule(*overrides: str) -> str:
+        return str(compose_config(list(overrides), output_dir=tmp_path).scheme.synthetic_foreground)
+
+    assert rule("experiment=rd_expert_mvtec", "data.category=screw") == "dark"
+    assert rule("experiment=rd_expert_mvtec", "data.category=transistor") == "none"
+    assert rule("experiment=rd_expert_mvtec", "data.category=screw", "scheme.synthetic_foreground=none") == "none"
+    assert rule("experiment=rd_mvtec", "data.category=screw") == "none"  # RD draws no anomalies to place
+
+
 def test_perlin_noise_is_smooth_and_bounded() -> None:
     noise = perlin_noise(64, 64, (4, 4), torch.Generator().manual_seed(0))
     assert noise.shape == (64, 64) and noise.abs().max() <= 1.5
