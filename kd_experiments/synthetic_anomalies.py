@@ -21,8 +21,9 @@ Shared by every scheme that trains on synthetic anomalies (RD with Expert, map r
 ``foreground`` restricts the masks to an estimate of the object, as URD does for object
 categories (its ``get_forehead_mask``): ``dark`` keeps the pixels at or below the image's
 Otsu threshold of grey intensity (URD's rule for screw and capsule, dark parts on a bright
-background), ``bright`` those above it; ``none`` (the default) blends anywhere. URD's GrabCut estimate for the other object categories needs OpenCV and is not
-offered; for bottle the object fills the frame.
+background), ``bright`` those above it; ``none`` (the default) blends anywhere. URD's
+GrabCut estimate for the other object categories is not offered; for bottle the object
+fills the frame.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ TEXTURE_SOURCES = ("procedural", "in_set", "mixed")
 #: where masks may fall: anywhere, or on the pixels darker / brighter than the Otsu threshold
 FOREGROUND_RULES = ("none", "dark", "bright")
 #: URD's rule per MVTec AD category (its train.py): an Otsu foreground, dark on bright, for screw
-#: and capsule; GrabCut for the other objects (not offered: OpenCV), anywhere on the textures and
+#: and capsule; GrabCut for the other objects (not offered here), anywhere on the textures and
 #: transistor. Categories not named here draw anywhere.
 URD_FOREGROUND: dict[str, str] = {"screw": "dark", "capsule": "dark"}
 
@@ -101,22 +102,17 @@ def perlin_mask(
 
 
 def otsu_threshold(grey: torch.Tensor, bins: int = 256) -> float:
-    """Otsu's threshold of values in [0, 1]: the bin edge that maximises the between-class
-    variance of the histogram (values at or below it form one class)."""
-    histogram = torch.histc(grey.detach().float().flatten(), bins=bins, min=0.0, max=1.0).double().cpu()
-    total = histogram.sum()
-    if total == 0:
-        return 0.5
-    probability = histogram / total
-    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
-    weight_low = probability.cumsum(0)
-    mass_low = (probability * centres).cumsum(0)
-    weight_high = 1.0 - weight_low
-    mean_low = mass_low / weight_low.clamp_min(1e-12)
-    mean_high = (mass_low[-1] - mass_low) / weight_high.clamp_min(1e-12)
-    between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    between[(weight_low <= 0) | (weight_high <= 0)] = -1.0
-    return float((int(torch.argmax(between)) + 1) / bins)
+    """Otsu's threshold of values in [0, 1] (scikit-image's ``threshold_otsu`` on a ``bins``-bin
+    histogram of [0, 1], taken on the values' device): the upper edge of the last bin of the low
+    class, so values at or below it form that class."""
+    import numpy as np
+    from skimage.filters import threshold_otsu
+
+    counts = torch.histc(grey.detach().float().flatten(), bins=bins, min=0.0, max=1.0).cpu().numpy()
+    if np.count_nonzero(counts) < 2:  # one grey level: nothing to split, the first bin's edge
+        return 1.0 / bins
+    centres = (np.arange(bins) + 0.5) / bins
+    return float(threshold_otsu(hist=(counts, centres))) + 0.5 / bins
 
 
 def foreground_mask(pixels: torch.Tensor, rule: str) -> torch.Tensor | None:
