@@ -14,8 +14,13 @@ and the rule the demo is chosen by: the validation means fall with the ratio, an
 ratio's standard deviation is smaller than the gap between its mean and its neighbours'
 (a trade-off a reader can see through the seed spread); among candidates that meet it, the
 one with the highest mean over ratios; when none does, the one with the most ratios
-separated. The rule reads the demo's ratios (``RATIOS``) only; a candidate explored at more
-ratios shows them in the table, but they do not count. It reads the records of the finer
+separated. The rule reads the ratios of ``RATIOS`` only; a candidate explored at more
+ratios shows them in the table, but they do not count. The demo sweeps the chosen candidate's
+ratios less those whose student does not measurably beat the next smaller student
+(:func:`demo_ratios`: from the smallest student up, a ratio is kept when its validation mean
+exceeds the last kept one's by more than both standard deviations): a larger student that ties
+with a smaller one on validation adds a point whose place on the chart is the data's noise, and
+the smaller student is the one the framework looks for. It reads the records of the finer
 validation set (``--val-anomalies all_other_classes``, ``RULE_VAL_ANOMALIES``: every
 other-digit training image, about 1,100, beside the held-out normal ones); the records with
 as many other-digit images as normal ones (about 33 and 33), where one misranked pair moves
@@ -62,7 +67,9 @@ CANDIDATES: dict[str, list[str]] = {
 #: candidate names the same runs whatever ``configs/experiment/quickstart.yaml`` holds now (it
 #: takes the chosen candidate's settings)
 PINNED: list[str] = ["scheme.corruption_exposure.warp_copies=0", "scheme.student_restarts=1"]
-RATIOS = (8, 32, 128, 640)  # the demo sweep's (sweeps/quickstart_compression.yaml; a test keeps them equal)
+#: the ratios the rule reads; the demo sweeps those of them :func:`demo_ratios` keeps
+#: (sweeps/quickstart_compression.yaml; a test keeps the two equal)
+RATIOS = (8, 32, 128, 640)
 SEEDS = (0, 1, 2)
 KEY_FIELDS = ("candidate", "normal_class", "compression_ratio", "seed", "val_fraction", "val_anomalies")
 #: the validation anomalies of a record without the field: as many other-digit images as normal ones
@@ -132,6 +139,26 @@ def chosen(rows: list[dict]) -> dict | None:
     return max(complete, key=lambda r: (r["meets_rule"], r["separated"], r["mean_over_ratios"])) if complete else None
 
 
+def demo_ratios(row: dict) -> list[float]:
+    """The ratios the demo sweeps for the chosen candidate ``row`` (a :func:`summarise` row).
+
+    From the smallest student (the largest ratio of ``RATIOS``) up, a ratio is kept when its
+    validation mean exceeds the last kept ratio's by more than both their standard deviations;
+    a ratio that does not is dropped, and the next larger student is compared with the same
+    kept one. So each kept step down in size costs more validation AUROC than either seed
+    spread, and of two students that tie the smaller one is shown.
+    """
+    cells = {r: (m, s) for r, m, s in zip(row["ratios"], row["means"], row["stds"]) if r in row["rule_ratios"]}
+    kept: list[float] = []
+    for ratio in sorted(cells, reverse=True):
+        if kept:
+            (mean, std), (kept_mean, kept_std) = cells[ratio], cells[kept[-1]]
+            if mean - kept_mean <= max(std, kept_std):
+                continue
+        kept.append(ratio)
+    return sorted(kept)
+
+
 def markdown_table(path: Path) -> str:
     """The selection as Markdown: per validation set, one row per candidate, validation AUROC per
     ratio; the rule's choice reads the records of :data:`RULE_VAL_ANOMALIES`."""
@@ -161,7 +188,9 @@ def _table(rows: list[dict], rule: bool) -> str:
             f"{row['separated']}/{len(row['rule_ratios'])}", f"{row['mean_over_ratios']:.4f}"]) + " |")
     best = chosen(rows) if rule else None
     if best is not None:
-        lines += ["", f"Chosen by the rule: `{best['candidate']}`, digit {best['normal_class']}."]
+        lines += ["", f"Chosen by the rule: `{best['candidate']}`, digit {best['normal_class']}; the demo sweeps "
+                  f"ratios {', '.join(f'{r:g}' for r in demo_ratios(best))} (`demo_ratios`: of two ratios whose "
+                  "validation means are not apart by more than both spreads, the smaller student is kept)."]
     return "\n".join(lines)
 
 
@@ -172,7 +201,8 @@ def print_summary(rows: list[dict]) -> None:
               f"separated {row['separated']}/{len(row['rule_ratios'])}  mean {row['mean_over_ratios']:.4f}")
     best = chosen(rows)
     if best is not None:
-        print(f"chosen by the rule: {best['candidate']} (class {best['normal_class']})")
+        print(f"chosen by the rule: {best['candidate']} (class {best['normal_class']}); "
+              f"demo ratios {', '.join(f'{r:g}' for r in demo_ratios(best))}")
 
 
 def main() -> None:

@@ -73,20 +73,49 @@ def test_parallel_sweep_loses_no_run_and_reports_into_its_parent(tmp_path: Path,
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
-def test_the_demo_sweep_is_4_ratios_by_3_seeds_with_offline_outliers() -> None:
-    """`make demo`'s grid: 3 seeds per ratio (kd-report's mean ± std), joblib jobs, and an experiment
-    that needs no data beyond the installed packages (digits, bundled photo crops as outliers)."""
+def test_the_demo_sweep_is_the_rules_ratios_by_3_seeds_with_offline_outliers() -> None:
+    """`make demo`'s grid: the ratios the selection rule keeps from the committed validation records,
+    3 seeds per ratio (kd-report's mean ± std), joblib jobs, and an experiment that needs no data
+    beyond the installed packages (digits, bundled photo crops as outliers)."""
     sweep = yaml.safe_load((CONFIG_DIR.parent / "sweeps" / "quickstart_compression.yaml").read_text())
     params = sweep["hydra"]["sweeper"]["params"]
-    assert str(params["scheme.compression_ratio"]).split(",") == ["8", "32", "128", "640"]
-    # the demo's settings are chosen by a rule that reads the demo's own ratios
-    from benchmarks.quickstart_selection import RATIOS
+    from benchmarks.harness import ResultsFile
+    from benchmarks.quickstart_selection import RULE_VAL_ANOMALIES, chosen, demo_ratios, summarise
 
-    assert [float(r) for r in str(params["scheme.compression_ratio"]).split(",")] == list(RATIOS)
-    assert str(params["seed"]).split(",") == ["0", "1", "2"] and "joblib" in str(sweep["defaults"])
+    records = ResultsFile(CONFIG_DIR.parent / "benchmarks" / "results" / "quickstart_selection.json").runs
+    best = chosen(summarise(records, RULE_VAL_ANOMALIES))
+    assert best is not None
+    assert [float(r) for r in str(params["scheme.compression_ratio"]).split(",")] == demo_ratios(best)
     cfg = compose_config(["experiment=quickstart"])
+    assert f"warp_copies={cfg.scheme.corruption_exposure.warp_copies}" in best["candidate"]
+    assert f"student_restarts={cfg.scheme.student_restarts}" in best["candidate"]
+    assert cfg.data.normal_class == best["normal_class"]
+    assert str(params["seed"]).split(",") == ["0", "1", "2"] and "joblib" in str(sweep["defaults"])
     assert cfg.data.dataset == "digits" and cfg.data.root is None
     assert cfg.scheme.outlier_exposure.dataset == "photo_patches" and cfg.scheme.outlier_exposure.root is None
+
+
+def test_demo_ratios_keep_the_smaller_of_two_students_that_tie_on_validation() -> None:
+    from benchmarks.quickstart_selection import demo_ratios
+
+    def row(cells: dict[float, tuple[float, float]]) -> dict:
+        ratios = sorted(cells)
+        return {"ratios": ratios, "rule_ratios": ratios,
+                "means": [cells[r][0] for r in ratios], "stds": [cells[r][1] for r in ratios]}
+
+    apart = {8: (0.999, 0.001), 32: (0.990, 0.002), 128: (0.970, 0.005), 640: (0.900, 0.010)}
+    assert demo_ratios(row(apart)) == [8, 32, 128, 640]
+    # 8 beats 32 by less than 32's spread: the 32x student is kept, the 8x one dropped
+    assert demo_ratios(row({**apart, 8: (0.9915, 0.001)})) == [32, 128, 640]
+    # a larger student scoring below a smaller one is dropped too, and the next is compared with
+    # the last kept ratio (128 against 640, not against the dropped 256)
+    assert demo_ratios(row({**apart, 256: (0.89, 0.001)})) == [8, 32, 128, 640]
+    assert demo_ratios(row({**apart, 32: (0.973, 0.002), 8: (0.985, 0.002)})) == [8, 128, 640]
+    # ratios outside the rule's are ignored
+    extra = row(apart)
+    extra["rule_ratios"] = [32, 128, 640]
+    assert demo_ratios(extra) == [32, 128, 640]
+
 
 # -- the Optuna search --------------------------------------------------------------------------
 @pytest.mark.parametrize("search", SEARCHES)
