@@ -273,11 +273,14 @@ SR_DEMO = ("`make demo` sweeps `experiment=quickstart` (scikit-learn's digits, o
            "image); the first table. The coarser one, `other_classes` (as many other-digit images as normal ones, "
            "about 33 and 33), is what the settings were first explored on; the second table. Mean +- "
            "std of the last epoch's validation AUROC over seeds 0-2 per ratio. *Separated*: ratios whose mean is "
-           "below the smaller ratio's and above the larger ratio's by more than their own std. The rule reads the "
-           "demo's own ratios (those of `sweeps/quickstart_compression.yaml`) and no others: most of them separated,"
-           " then the highest mean over them, among candidates (settings and normal digit) with every seed at each "
-           "of them. Candidates explored at more ratios show those too; they do not count. `python -m "
-           "benchmarks.quickstart_selection` reproduces the table (resumable).")
+           "below the smaller ratio's and above the larger ratio's by more than their own std. The rule reads "
+           "ratios 8, 32, 128 and 640 and no others: most of them separated, then the highest mean over them, "
+           "among candidates (settings and normal digit) with every seed at each of them. Candidates explored at "
+           "more ratios show those too; they do not count. The demo then sweeps the chosen candidate's ratios less "
+           "those whose student does not beat the next smaller student by more than both seed spreads "
+           "(`demo_ratios`: of two students that tie, the smaller is shown; `sweeps/quickstart_compression.yaml` "
+           "holds the result, a test keeps them equal). `python -m benchmarks.quickstart_selection` reproduces "
+           "the table (resumable).")
 
 
 def score_regression_page(results: Path) -> Page | None:
