@@ -943,10 +943,13 @@ deployed map, student against teacher, is high on normal pixels (the next sectio
 REFERENCE_INTRO = """\
 The same RD with Expert models on their test split (`python -m benchmarks.rd_expert_reference`), the
 student's features compared with the trained teacher's (the deployed map, as in URD's code: its rows
-equal the records above) and with the frozen expert's. The last column is the mean `1 - cos` between
-teacher and expert features on the good test images, per encoder level: how far training moved the
-teacher from the expert on normal images. Nothing here selects a model or a setting: it reads the test
-split to explain recorded results, and the deployed map stays URD's."""
+equal the records above) and with the frozen expert's; a third row runs the whole deployed pipeline
+through the trained teacher given the expert's BatchNorm running statistics (its weights as trained):
+how much of the drift the running statistics, updated on training batches as in URD's code, account
+for. The last column is the mean `1 - cos` between the row's teacher and the expert's features on the
+good test images, per encoder level: how far training moved the teacher from the expert on normal
+images. Nothing here selects a model or a setting: it reads the test split to explain recorded
+results, and the deployed map stays URD's."""
 
 MAP_INTRO = """\
 Encoder-free students distilled from a map-producing teacher's anomaly maps (Pol et al.'s

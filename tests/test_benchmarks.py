@@ -371,9 +371,36 @@ def test_rd_expert_reference_reads_the_plan_entry_checkpoint_and_tables_both_ref
     for name, figure in (("expert", 0.8), ("teacher", 0.5)):
         results.append({**record, "mlflow_run_id": "r", "reference": name, "image_auroc": figure,
                         "pixel_auroc": figure, "aupro": figure, "teacher_expert_drift_per_level": [0.2, 0.1, 0.05]})
+    results.append({**record, "mlflow_run_id": "r", "reference": "teacher_expert_bn", "image_auroc": 0.7,
+                    "pixel_auroc": 0.7, "aupro": 0.7, "teacher_expert_drift_per_level": [0.2, 0.1, 0.05],
+                    "reference_expert_drift_per_level": [0.03, 0.02, 0.01]})
     lines = reference.table(tmp_path / "ref.json").splitlines()
     assert "trained teacher (deployed) | 0.5000" in lines[2] and "frozen expert | 0.8000" in lines[3]
     assert lines[2].endswith("| 0.200 / 0.100 / 0.050 |")
+    assert "expert's BatchNorm statistics | 0.7000" in lines[4] and lines[4].endswith("| 0.030 / 0.020 / 0.010 |")
+
+
+def test_rd_expert_reference_swaps_batchnorm_statistics_and_keeps_the_weights() -> None:
+    import torch
+
+    from benchmarks.rd_expert_reference import with_batchnorm_statistics_of
+
+    def net(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+        model.train()
+        model(torch.randn(8, 3, 8, 8) * (seed + 1) + seed)  # running statistics of its own
+        return model.eval()
+
+    teacher, expert = net(1), net(2)
+    before = teacher[1].running_mean.clone()
+    swapped = with_batchnorm_statistics_of(teacher, expert)
+    assert torch.equal(swapped[1].running_mean, expert[1].running_mean)
+    assert torch.equal(swapped[1].running_var, expert[1].running_var)
+    assert torch.equal(swapped[0].weight, teacher[0].weight) and torch.equal(swapped[1].weight, teacher[1].weight)
+    assert torch.equal(teacher[1].running_mean, before) and not swapped.training
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        with_batchnorm_statistics_of(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 4, 3))
 
 
 def test_only_patterns_that_match_no_plan_entry_stop_with_one_line() -> None:
