@@ -135,14 +135,16 @@ def with_batchnorm_statistics_of(encoder, expert):
 def table(path: Path) -> str:
     """Markdown: per record, both references' figures and the teacher's drift from the expert."""
     runs = ResultsFile(path).runs if path.exists() else []
-    lines = ["| category | seed | synthetic anomalies | map against | image AUROC | pixel AUROC | AUPRO "
-             "| teacher-expert 1 - cos on good test images, levels 1-3 (the row's teacher) |", "|---|---|---|---|---|---|---|---|"]
-    for run in sorted(runs, key=lambda r: (r["category"], r["seed"], str(r.get("synthetic_foreground")),
-                                           REFERENCES.index(r["reference"]))):
+    lines = ["| category | ratio | seed | synthetic anomalies | map against | image AUROC | pixel AUROC | AUPRO "
+             "| teacher-expert 1 - cos on good test images, levels 1-3 (the row's teacher) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for run in sorted(runs, key=lambda r: (r["category"], float(r["compression_ratio"]), r["seed"],
+                                           str(r.get("synthetic_foreground")), REFERENCES.index(r["reference"]))):
         drift = " / ".join(f"{value:.3f}" for value in run.get("reference_expert_drift_per_level",
                                                               run["teacher_expert_drift_per_level"]))
         reference = TITLES[run["reference"]]
-        lines.append(f"| {run['category']} | {run['seed']} | {run.get('synthetic_foreground') or 'anywhere'} "
+        lines.append(f"| {run['category']} | {float(run['compression_ratio']):g} | {run['seed']} "
+                     f"| {run.get('synthetic_foreground') or 'anywhere'} "
                      f"| {reference} | {run['image_auroc']:.4f} | {run['pixel_auroc']:.4f} | {run['aupro']:.4f} "
                      f"| {drift} |")
     return "\n".join(lines)
