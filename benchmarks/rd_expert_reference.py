@@ -53,7 +53,7 @@ def checkpoint_of(record: dict[str, Any]) -> Path:
 
 
 def measure(record: dict[str, Any], data_root: Path) -> list[dict[str, Any]]:
-    """Both references' figures on the record's test split, and the teacher's drift from the expert."""
+    """Every reference's figures on the record's test split, and each reference teacher's drift from the expert."""
     import torch
     import torch.nn.functional as F
 
