@@ -606,6 +606,73 @@ def retention_summary(runs: list[dict], variant: str | None = None) -> str:
             f"{mean_pixel:.4f} / {mean_aupro:.4f}.")
 
 
+#: the issue's floors for a bottle student at deployed MAC ratio >= 30: (record field, lowest value, name)
+FLOORS = (("image_auroc", 0.98, "image AUROC"), ("pixel_auroc", 0.97, "pixel AUROC"), ("aupro", 0.90, "AUPRO"),
+          ("pixel_retention", 0.98, "pixel retention"), ("latency_ratio", 10.0, "latency ratio"))
+
+
+def floor_figures(run: dict[str, Any]) -> dict[str, float]:
+    """A map student's record as the figures the floors read (retention and the teacher / student latency
+    ratio derived from the same record)."""
+    return {"image_auroc": run["image_auroc"], "pixel_auroc": run["pixel_auroc"], "aupro": run["aupro"],
+            "pixel_retention": run["pixel_auroc"] / run["teacher_pixel_auroc"],
+            "latency_ratio": run["teacher_latency_ms_b1"] / run["student_latency_ms_b1"]}
+
+
+def floors_table(runs: list[dict[str, Any]], preferred: str | None = None, studied: bool = True) -> str:
+    """The floors of a bottle student at deployed MAC ratio >= 30, per setting and requested ratio: the
+    mean (± sample std over seeds when there are several) of each figure, how many records meet every
+    floor, and which floors some record misses. Read from the records; nothing is selected by it.
+    ``preferred`` is rule 5's setting (None: the default), named as such when ``studied`` (a study exists)."""
+    groups: dict[tuple[str | None, int], list[dict[str, Any]]] = {}
+    for run in filter(is_map_student, runs):
+        if run["category"] == "bottle" and run.get("requested_mac_ratio", 0) >= SEED_RATIO:
+            groups.setdefault((run.get("variant"), run["requested_mac_ratio"]), []).append(run)
+    if not groups:
+        return ""
+    lines = ["| setting | MAC ratio | seeds | " + " | ".join(
+                 f"{name} (floor {f'{low:g}x' if key == 'latency_ratio' else f'{low:.2f}'})" for key, low, name in FLOORS)
+             + " | records meeting every floor | floors missed |",
+             "|---|---|---|" + "---|" * len(FLOORS) + "---|---|"]
+    order = lambda item: (item[0][0] != preferred, item[0][0] or "", item[0][1])  # noqa: E731
+    for (variant, ratio), rows in sorted(groups.items(), key=order):
+        figures = [floor_figures(run) for run in sorted(rows, key=lambda r: r["seed"])]
+        cells = []
+        for key, _, _ in FLOORS:
+            values = [f[key] for f in figures]
+            digits = 1 if key == "latency_ratio" else 4
+            spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+            cells.append(f"{statistics.fmean(values):.{digits}f}{spread}")
+        meeting = sum(all(f[key] >= low for key, low, _ in FLOORS) for f in figures)
+        missed = [name for key, low, name in FLOORS if any(f[key] < low for f in figures)]
+        name = setting_name(variant) + (" (rule 5 prefers it)" if studied and variant == preferred else "")
+        lines.append(f"| {name} | {ratio} | {', '.join(str(r['seed']) for r in sorted(rows, key=lambda r: r['seed']))} "
+                     f"| {' | '.join(cells)} | {meeting} of {len(figures)} | {', '.join(missed) or 'none'} |")
+    return "\n".join(lines)
+
+
+def same_size_map_students(runs: list[dict[str, Any]], preferred: str | None = None, studied: bool = True) -> str:
+    """Beside the comparison: every setting's seed-0 map student at the requested ratio the comparison
+    is sized to (same width, so the same deployed MACs), with its image AUROC and its maps' figures
+    (``preferred`` and ``studied`` as in :func:`floors_table`)."""
+    categories = {run["category"] for run in runs if not is_map_student(run)}
+    rows = [run for run in filter(is_map_student, runs) if run["category"] in categories
+            and run.get("requested_mac_ratio") == SEED_RATIO and run.get("seed") == 0]
+    if not rows:
+        return ""
+    lines = ["| category | teacher | setting | deployed MACs | image AUROC | pixel AUROC | AUPRO | latency (ms) |",
+             "|---|---|---|---|---|---|---|---|"]
+    order = lambda r: (r["category"], r["teacher_scheme"], r.get("variant") != preferred, r.get("variant") or "")  # noqa: E731
+    for run in sorted(rows, key=order):
+        name = setting_name(run.get("variant")) + (" (rule 5 prefers it)" if studied and run.get("variant") == preferred
+                                                   else "")
+        macs = f"{run['deployed_macs'] / 1e6:.1f} M" if run.get("deployed_macs") else "-"
+        lines.append(f"| {run['category']} | {run['teacher_scheme']} | {name} | {macs} "
+                     f"| {run['image_auroc']:.4f} | {run['pixel_auroc']:.4f} | {run['aupro']:.4f} "
+                     f"| {run['student_latency_ms_b1']:.2f} |")
+    return "\n".join(lines)
+
+
 def comparison_table(path: Path) -> str:
     """Rule 4: the score-regression student beside the map student it is sized to (image AUROC)."""
     runs = [run for run in (ResultsFile(path).runs if path.exists() else []) if not is_map_student(run)]

@@ -105,7 +105,9 @@ def test_optional_pages_appear_with_their_json(tmp_path: Path) -> None:
     # the score-regression comparison row: its own table, never a point of the map students' charts
     assert "| bottle | rd | deep[8, 8] at 128 px | 2.0 M | 31.0 | 900 | 0.9100 | 0.9900 | 2.1 M / 0.9800 | 0.50 |" \
         in pages["map_regression"].markdown
-    assert pages["map_regression"].markdown.count("| bottle | rd |") == 3
+    # two map students, the comparison row, and the ratio-30 map student again under it (every setting's, same size)
+    assert pages["map_regression"].markdown.count("| bottle | rd |") == 4
+    assert "| bottle | rd | default | - | 0.9800 | 0.9720 | 0.9000 | 1.00 |" in pages["map_regression"].markdown
     assert "python -m benchmarks.x" in pages["deploy"].markdown  # the records' own commands
     deploy_chart = pages["deploy"].charts[0]
     assert {s.label for s in deploy_chart.series} == {"reverse_distillation, student, torch",
