@@ -299,7 +299,8 @@ def study(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, f
     client, run = mlflow_run(tag, "map_regression_bottle")
     steps = {point.step: int(point.value) for point in client.get_metric_history(run.info.run_id, "epoch")}
     epochs: dict[int, dict[str, float]] = {}
-    for name in ("val/synthetic_pixel_auroc", "val/synthetic_image_auroc", "val/loss", "train/loss"):
+    for name in ("val/synthetic_pixel_auroc", "val/synthetic_image_auroc", "val/synthetic_aupro", "val/loss",
+                 "train/loss"):
         for point in client.get_metric_history(run.info.run_id, name):
             if point.step in steps:
                 epochs.setdefault(steps[point.step] + 1, {})[name.replace("/", "_")] = point.value
@@ -696,17 +697,21 @@ def budget_table(path: Path) -> str:
     """The study (rules 1 and 2): per studied teacher, its validation figures, the student's at the
     candidate budgets, and what the rules give (or that the study is incomplete)."""
     records = ResultsFile(path).runs if path.exists() else []
+    with_aupro = any("val_synthetic_aupro" in record for record in records)  # logged by later studies
     lines = ["| teacher | setting | teacher val synthetic pixel / image AUROC | epoch "
-             "| student val synthetic pixel AUROC | student val synthetic image AUROC | val loss |",
-             "|---|---|---|---|---|---|---|"]
+             "| student val synthetic pixel AUROC | student val synthetic image AUROC "
+             + ("| student val synthetic AUPRO " if with_aupro else "") + "| val loss |",
+             "|---|---|---|---|---|---|" + ("---|" if with_aupro else "") + "---|"]
     for record in sorted(records, key=lambda r: (r["teacher_scheme"], r.get("variant") or "", r["epoch"])):
         if record["epoch"] in budget_candidates(record.get("variant")):
             teacher = " / ".join(f"{record[name.replace('/', '_')]:.4f}" if name.replace("/", "_") in record else "-"
                                  for name in TEACHER_METRICS)
             setting = setting_of(record)
+            aupro = record.get("val_synthetic_aupro")
+            aupro_cell = (f"| {'-' if aupro is None else f'{aupro:.4f}'} " if with_aupro else "")
             lines.append(f"| {record['teacher_scheme']} | {setting} | {teacher} | {record['epoch']} "
                          f"| {record['val_synthetic_pixel_auroc']:.4f} | {record['val_synthetic_image_auroc']:.4f} "
-                         f"| {record['val_loss']:.4f} |")
+                         f"{aupro_cell}| {record['val_loss']:.4f} |")
     teacher = choose_teacher(records)
     epochs = choose_epochs(records, teacher) if teacher else None
     studied = sorted({r["teacher_scheme"] for r in records})

@@ -469,3 +469,28 @@ def test_the_floors_table_counts_records_that_meet_every_floor_and_names_what_is
     same = same_size_map_students(runs, preferred="a=1").splitlines()
     # the seed-0 ratio-30 students of the categories with a comparison row (bottle only here), preferred first
     assert [line.split(" | ")[2] for line in same[2:]] == ["`a=1` (rule 5 prefers it)", "default"]
+
+
+def test_the_budget_table_shows_validation_aupro_only_when_a_study_logged_it(tmp_path: Path) -> None:
+    from benchmarks.harness import ResultsFile
+    from benchmarks.map_regression import STUDY_EPOCHS, budget_table
+
+    def rows(variant, aupro=None):
+        return [{"teacher_scheme": "patchcore", "variant": variant, "epoch": epoch, "val_synthetic_pixel_auroc": 0.7,
+                 "val_synthetic_image_auroc": 0.8, "val_loss": 0.2, "val_teacher_synthetic_pixel_auroc": 0.79,
+                 "val_teacher_synthetic_image_auroc": 0.96, **({} if aupro is None else
+                                                                        {"val_synthetic_aupro": aupro})}
+                for epoch in range(1, STUDY_EPOCHS + 1)]
+
+    path = tmp_path / "budget.json"
+    results = ResultsFile(path)
+    for record in rows(None):
+        results.append(record)
+    assert "AUPRO" not in budget_table(path)
+    for record in rows("scheme.feature_weight=4.0", aupro=0.55):
+        results.append(record)
+    table = budget_table(path).splitlines()
+    assert table[0].count("|") == table[1].count("|") == 9  # the column appears, header and rule alike
+    assert f"| patchcore | `scheme.feature_weight=4.0` | 0.7900 / 0.9600 | {STUDY_EPOCHS} | 0.7000 | 0.8000 | 0.5500 | 0.2000 |" \
+        in table
+    assert f"| patchcore | default | 0.7900 / 0.9600 | {STUDY_EPOCHS} | 0.7000 | 0.8000 | - | 0.2000 |" in table

@@ -296,7 +296,7 @@ def test_a_run_logs_quality_sizes_and_reuses_the_teacher_maps(patchcore_teacher)
     assert first.data.metrics["teacher_map_cache_hit"] == 0.0 and second.data.metrics["teacher_map_cache_hit"] == 1.0
     assert second.data.params["scheme.lr_schedule"] == "cosine" and second.info.status == "FINISHED"
     for key in ("test/image_auroc", "test/pixel_auroc", "test/aupro", "test/teacher_pixel_auroc",
-                "val/synthetic_pixel_auroc", "val/teacher_synthetic_pixel_auroc"):
+                "val/synthetic_pixel_auroc", "val/synthetic_aupro", "val/teacher_synthetic_pixel_auroc"):
         assert key in first.data.metrics, key
     params = first.data.params
     assert float(params["deployed_mac_compression_ratio"]) == pytest.approx(10, rel=0.25)  # the smoke ratio

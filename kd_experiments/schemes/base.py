@@ -196,12 +196,15 @@ class AnomalyScheme(L.LightningModule):
         self.log_dict(metrics, sync_dist=False)  # the same value on every rank
 
     def log_synthetic_validation(self, maps: torch.Tensor, masks: torch.Tensor, scores: torch.Tensor,
-                                 labels: torch.Tensor) -> None:
+                                 labels: torch.Tensor, aupro: bool = False) -> None:
         """``val/synthetic_pixel_auroc`` and ``val/synthetic_image_auroc`` of validation images
         with synthetic anomalies pasted in (maps ``(N, H, W)``, boolean masks, image scores and
-        labels); a metric whose classes are not both present is skipped."""
+        labels), and with ``aupro`` ``val/synthetic_aupro`` (about a second per epoch for 40
+        images at 256 px on a CPU); a metric whose classes are not both present is skipped."""
         if masks.any():
             self.log("val/synthetic_pixel_auroc", kd_metrics.pixel_auroc(maps, masks), sync_dist=True, batch_size=1)
+            if aupro and not masks.all():
+                self.log("val/synthetic_aupro", kd_metrics.aupro(maps, masks), sync_dist=True, batch_size=1)
         if 0 < int(labels.sum()) < len(labels):
             self.log("val/synthetic_image_auroc", kd_metrics.image_auroc(scores, labels), sync_dist=True,
                      batch_size=1)

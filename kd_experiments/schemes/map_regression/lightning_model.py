@@ -46,8 +46,9 @@ of the teacher's normal-image scale (its ``map_scale_quantile`` quantile over th
 training maps), with the loss of :mod:`.loss` (L1 by default, anomalous pixels weighted
 ``1 + anomaly_weight``). Validation uses held-out normal training images and fixed
 synthetic anomalies made from them (``val/synthetic_pixel_auroc``,
-``val/synthetic_image_auroc``, ``val/loss``; the teacher's own figures on the same images
-are logged once as ``val/teacher_synthetic_*``): never the test split.
+``val/synthetic_image_auroc``, ``val/synthetic_aupro``, ``val/loss``; the teacher's own
+figures on the same images are logged once as ``val/teacher_synthetic_*``): never the test
+split.
 
 Size: ``scheme.deployed_mac_ratio`` asks for a student whose *deployed* model (the whole
 thing that ships: preprocessing, network, smoothing, scoring) has that many times fewer
@@ -619,7 +620,8 @@ class MapRegressionScheme(AnomalyScheme):
         super().on_validation_epoch_end()
         if not self._val.get("maps"):
             return
-        self.log_synthetic_validation(*(torch.cat(self._val[key]) for key in ("maps", "masks", "scores", "labels")))
+        self.log_synthetic_validation(*(torch.cat(self._val[key]) for key in ("maps", "masks", "scores", "labels")),
+                                      aupro=True)  # the figure a map student most often falls short on
         self._val = {}
 
     # -- test --------------------------------------------------------------------------------
