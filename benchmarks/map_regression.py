@@ -64,6 +64,12 @@ last ``REFERENCE_EPOCHS`` epochs of each study, whatever its length.
    retention line of the results page) are those of that setting. The other settings' test
    records stay in the file, named by their overrides.
 
+After the fact, :func:`criteria_table` sets each studied setting's validation criteria (rule 5's
+score, ``val/loss``: the unweighted L1 distance of the student's maps to the teacher's on the
+held-out images, and ``val/synthetic_aupro`` where logged) beside its bottle ratio-30 test figures,
+with each criterion's rank correlation with test AUPRO. It reads the test split and selects
+nothing; it says which criterion a future rule should trust.
+
 Entries are named ``<category>/<teacher>/m<ratio>/s<seed>``; ``--only`` takes shell patterns.
 Resumable: a record already in the file is skipped::
 
@@ -671,6 +677,65 @@ def same_size_map_students(runs: list[dict[str, Any]], preferred: str | None = N
         lines.append(f"| {run['category']} | {run['teacher_scheme']} | {name} | {macs} "
                      f"| {run['image_auroc']:.4f} | {run['pixel_auroc']:.4f} | {run['aupro']:.4f} "
                      f"| {run['student_latency_ms_b1']:.2f} |")
+    return "\n".join(lines)
+
+
+def _last_epochs_mean(records: list[dict[str, Any]], teacher: str, variant: str | None, metric: str) -> float | None:
+    """The mean of ``metric`` over the last ``REFERENCE_EPOCHS`` epochs of a complete study (None: not there)."""
+    length = study_epochs(variant)
+    rows = {r["epoch"]: r for r in records if r.get("teacher_scheme") == teacher and r.get("variant") == variant}
+    values = [rows[e].get(metric) for e in range(length - REFERENCE_EPOCHS + 1, length + 1) if e in rows]
+    if len(values) < REFERENCE_EPOCHS or any(v is None for v in values):
+        return None
+    return statistics.fmean(values)
+
+
+#: validation criteria set beside test AUPRO: (name, budget-record field or None for rule 5's score, sign)
+CRITERIA = (("rule 5 score", None, 1.0), ("val L1 to the teacher", "val_loss", -1.0),
+            ("val synthetic AUPRO", "val_synthetic_aupro", 1.0))
+
+
+def criteria_table(budget: list[dict[str, Any]], runs: list[dict[str, Any]]) -> str:
+    """After the fact: each studied setting's validation criteria beside its bottle ratio-30 test
+    figures (mean over the seeds run), and each criterion's Spearman rank correlation with test
+    AUPRO over the settings that have both. It reads the test split to say which validation
+    criterion tracks the test figures; it selects nothing (rule 5 stays the rule)."""
+    from scipy.stats import spearmanr
+
+    teacher = choose_teacher(budget)
+    if teacher is None:
+        return ""
+    scores = setting_scores(budget, teacher)
+    tested: dict[str | None, list[dict[str, Any]]] = {}
+    for run in filter(is_map_student, runs):
+        if run["category"] == "bottle" and run.get("requested_mac_ratio") == SEED_RATIO \
+                and run.get("teacher_scheme") == teacher:
+            tested.setdefault(run.get("variant"), []).append(run)
+    lines = ["| setting | " + " | ".join(name for name, _, _ in CRITERIA)
+             + " | test AUPRO (seeds) | test pixel AUROC |", "|---|" + "---|" * (len(CRITERIA) + 2)]
+    columns: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in CRITERIA}
+    for variant in sorted(scores, key=lambda v: -scores[v]):
+        values = {name: scores[variant] if field is None else _last_epochs_mean(budget, teacher, variant, field)
+                  for name, field, _ in CRITERIA}
+        rows = tested.get(variant, [])
+        aupro = statistics.fmean(r["aupro"] for r in rows) if rows else None
+        pixel = statistics.fmean(r["pixel_auroc"] for r in rows) if rows else None
+        for name, _, _ in CRITERIA:
+            if values[name] is not None and aupro is not None:
+                columns[name].append((values[name], aupro))
+        cells = " | ".join("-" if values[name] is None else f"{values[name]:.4f}" for name, _, _ in CRITERIA)
+        lines.append(f"| {setting_name(variant)} | {cells} | "
+                     + (f"{aupro:.4f} ({', '.join(str(r['seed']) for r in sorted(rows, key=lambda r: r['seed']))})"
+                        f" | {pixel:.4f} |" if rows else "- | - |"))
+    correlations = []
+    for name, _, sign in CRITERIA:
+        pairs = columns[name]
+        if len(pairs) >= 3:
+            rho = spearmanr([sign * v for v, _ in pairs], [a for _, a in pairs]).statistic
+            correlations.append(f"{name} {rho:.2f} (n={len(pairs)})")
+    if correlations:
+        lines += ["", "Spearman rank correlation with test AUPRO over the tested settings (each criterion "
+                  "oriented so that higher means better on validation): " + "; ".join(correlations) + "."]
     return "\n".join(lines)
 
 

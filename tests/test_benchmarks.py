@@ -494,3 +494,30 @@ def test_the_budget_table_shows_validation_aupro_only_when_a_study_logged_it(tmp
     assert f"| patchcore | `scheme.feature_weight=4.0` | 0.7900 / 0.9600 | {STUDY_EPOCHS} | 0.7000 | 0.8000 | 0.5500 | 0.2000 |" \
         in table
     assert f"| patchcore | default | 0.7900 / 0.9600 | {STUDY_EPOCHS} | 0.7000 | 0.8000 | - | 0.2000 |" in table
+
+
+def test_the_criteria_table_sets_validation_criteria_beside_test_aupro_and_ranks_them() -> None:
+    """benchmarks.map_regression.criteria_table: per studied setting of the chosen teacher, rule 5's score and the
+    validation L1 to the teacher beside the bottle ratio-30 test AUPRO (mean over seeds); Spearman per criterion,
+    with the L1 oriented so that lower distance counts as better."""
+    from benchmarks.map_regression import STUDY_EPOCHS, criteria_table
+
+    def study(teacher, variant, score, loss):
+        return [{"teacher_scheme": teacher, "variant": variant, "epoch": epoch, "val_synthetic_pixel_auroc": score,
+                 "val_synthetic_image_auroc": score, "val_loss": loss, "val_teacher_synthetic_pixel_auroc":
+                 0.8 if teacher == "patchcore" else 0.7, "val_teacher_synthetic_image_auroc": 0.9}
+                for epoch in range(1, STUDY_EPOCHS + 1)]
+
+    # rule 5 ranks a > b > default > c; the L1 ranks c, default, b, a (closest first); the test agrees with the L1
+    budget = (study("rd", None, 0.5, 0.3) + study("patchcore", None, 0.7, 0.2) + study("patchcore", "a=1", 0.9, 0.4)
+              + study("patchcore", "b=1", 0.8, 0.3) + study("patchcore", "c=1", 0.6, 0.1))
+    test = {None: [0.85], "a=1": [0.70], "b=1": [0.75, 0.81], "c=1": [0.90]}
+    runs = [{"category": "bottle", "teacher_scheme": "patchcore", "variant": variant, "requested_mac_ratio": 30,
+             "seed": seed, "aupro": aupro, "pixel_auroc": 0.97} for variant, values in test.items()
+            for seed, aupro in enumerate(values)]
+    runs.append({**runs[0], "category": "screw", "aupro": 0.1})  # another category: not read
+    table = criteria_table(budget, runs).splitlines()
+    assert [line.split(" | ")[0] for line in table[2:6]] == ["| `a=1`", "| `b=1`", "| default", "| `c=1`"]
+    assert table[3] == "| `b=1` | 0.8000 | 0.3000 | - | 0.7800 (0, 1) | 0.9700 |"
+    assert table[-1].endswith("rule 5 score -1.00 (n=4); val L1 to the teacher 1.00 (n=4).")
+    assert criteria_table(study("patchcore", None, 0.7, 0.2), runs) == ""  # no teacher chosen yet
