@@ -476,7 +476,10 @@ def map_regression_page(results: Path) -> Page | None:
     parts = [HEADER, "", "# Encoder-free pixel students (map regression)", "", MAP_INTRO, "",
              "## Results (`benchmarks/results/map_regression.json`)", ""]
     if runs:
-        parts += [map_regression.results_table(results / "map_regression.json", map_regression.preferred_in(budget)), "",
+        chosen = map_regression.choose_teacher(budget)
+        fidelity = map_regression.fidelity_preferred(budget, chosen) if chosen else None
+        parts += [map_regression.results_table(results / "map_regression.json", map_regression.preferred_in(budget),
+                                               fidelity), "",
                   *[c.markdown() for c in charts], ""]
         if not timed:
             parts += [NO_LATENCY, ""]

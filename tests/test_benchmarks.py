@@ -521,3 +521,22 @@ def test_the_criteria_table_sets_validation_criteria_beside_test_aupro_and_ranks
     assert table[3] == "| `b=1` | 0.8000 | 0.3000 | - | 0.7800 (0, 1) | 0.9700 |"
     assert table[-1].endswith("rule 5 score -1.00 (n=4); val L1 to the teacher 1.00 (n=4).")
     assert criteria_table(study("patchcore", None, 0.7, 0.2), runs) == ""  # no teacher chosen yet
+
+
+def test_rule_6_prefers_the_setting_closest_to_the_teacher_and_says_whether_that_tests_it() -> None:
+    from benchmarks.map_regression import STUDY_EPOCHS, fidelity_preferred, rule_6_line
+
+    def study(variant, loss, epochs=STUDY_EPOCHS):
+        return [{"teacher_scheme": "patchcore", "variant": variant, "epoch": epoch, "val_loss": loss}
+                for epoch in range(1, epochs + 1)]
+
+    known = "trainer.max_epochs=120 scheme.feature_weight=4.0 scheme.feature_level=0"  # studied before rule 6
+    records = study(None, 0.2) + study("scheme.feature_weight=4.0", 0.15)
+    assert fidelity_preferred(records, "patchcore") == "scheme.feature_weight=4.0"
+    assert "not a test of rule 6" in rule_6_line(records, "patchcore")
+    new = "scheme.feature_weight=4.0 scheme.width=64"
+    records += study(new, 0.1) + study("scheme.depth=9", 0.01)[:-1]  # an unfinished study does not count
+    assert fidelity_preferred(records, "patchcore") == new
+    assert rule_6_line(records, "patchcore").endswith("(studied after rule 6 was written: its test runs are a "
+                                                      "forward test of rule 6).")
+    assert fidelity_preferred(study(known, 0.3), "rd") is None and rule_6_line([], "patchcore") == ""
