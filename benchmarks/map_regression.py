@@ -349,16 +349,27 @@ def choose_teacher(records: list[dict[str, Any]]) -> str | None:
     return max(TEACHERS, key=lambda teacher: scores[teacher])
 
 
+def _last_epochs(records: list[dict[str, Any]], teacher: str, variant: str | None) -> list[dict[str, Any]] | None:
+    """The records of the last ``REFERENCE_EPOCHS`` epochs of one setting's study with ``teacher``
+    (None: the study is not complete)."""
+    length = study_epochs(variant)
+    rows = {r["epoch"]: r for r in records if r.get("teacher_scheme") == teacher and r.get("variant") == variant}
+    last = range(length - REFERENCE_EPOCHS + 1, length + 1)
+    return [rows[e] for e in last] if all(e in rows for e in last) else None
+
+
+def _studied_settings(records: list[dict[str, Any]], teacher: str) -> set[str | None]:
+    return {r.get("variant") for r in records if r.get("teacher_scheme") == teacher}
+
+
 def _scored_epochs(records: list[dict[str, Any]], teacher: str) -> dict[str | None, list[float]]:
     """Per setting studied with ``teacher`` (None: the default) whose study is complete, the
     per-epoch score (mean of the budget metrics) over its last ``REFERENCE_EPOCHS`` epochs."""
     scored = {}
-    for variant in {r.get("variant") for r in records if r.get("teacher_scheme") == teacher}:
-        length = study_epochs(variant)
-        last = range(length - REFERENCE_EPOCHS + 1, length + 1)
-        rows = {r["epoch"]: r for r in records if r.get("teacher_scheme") == teacher and r.get("variant") == variant}
-        if all(epoch in rows for epoch in last):
-            scored[variant] = [statistics.fmean(rows[e][metric] for metric in BUDGET_METRICS) for e in last]
+    for variant in _studied_settings(records, teacher):
+        last = _last_epochs(records, teacher, variant)
+        if last is not None:
+            scored[variant] = [statistics.fmean(row[metric] for metric in BUDGET_METRICS) for row in last]
     return scored
 
 
@@ -390,13 +401,12 @@ def preferred_in(records: list[dict[str, Any]]) -> str | None:
 
 
 def _last_epochs_mean(records: list[dict[str, Any]], teacher: str, variant: str | None, metric: str) -> float | None:
-    """The mean of ``metric`` over the last ``REFERENCE_EPOCHS`` epochs of a complete study (None: not there)."""
-    length = study_epochs(variant)
-    rows = {r["epoch"]: r for r in records if r.get("teacher_scheme") == teacher and r.get("variant") == variant}
-    values = [rows[e].get(metric) for e in range(length - REFERENCE_EPOCHS + 1, length + 1) if e in rows]
-    if len(values) < REFERENCE_EPOCHS or any(v is None for v in values):
+    """The mean of ``metric`` over the last ``REFERENCE_EPOCHS`` epochs of a complete study (None: the
+    study is not complete or did not log ``metric``)."""
+    last = _last_epochs(records, teacher, variant)
+    if last is None or any(row.get(metric) is None for row in last):
         return None
-    return statistics.fmean(values)
+    return statistics.fmean(row[metric] for row in last)
 
 
 #: rule 6 reads this budget-record field, lower is better: ``val/loss``, the unweighted L1 distance of the
@@ -422,12 +432,9 @@ STUDIED_BEFORE_RULE_6 = frozenset({
 def fidelity_scores(records: list[dict[str, Any]], teacher: str) -> dict[str | None, float]:
     """Rule 6: per setting studied with ``teacher`` whose study is complete, the mean of ``FIDELITY_METRIC``
     over the last ``REFERENCE_EPOCHS`` epochs (lower: the student's maps are closer to the teacher's)."""
-    scores = {}
-    for variant in {r.get("variant") for r in records if r.get("teacher_scheme") == teacher}:
-        value = _last_epochs_mean(records, teacher, variant, FIDELITY_METRIC)
-        if value is not None:
-            scores[variant] = value
-    return scores
+    scores = {variant: _last_epochs_mean(records, teacher, variant, FIDELITY_METRIC)
+              for variant in _studied_settings(records, teacher)}
+    return {variant: score for variant, score in scores.items() if score is not None}
 
 
 def fidelity_preferred(records: list[dict[str, Any]], teacher: str) -> str | None:
@@ -651,6 +658,16 @@ def results_table(path: Path, preferred: str | None = None, fidelity: str | None
     return "\n".join(lines)
 
 
+def seeds_of(rows: list[dict[str, Any]]) -> str:
+    """The seeds of some records, in order, as ``0, 1, 2``."""
+    return ", ".join(str(seed) for seed in sorted(run["seed"] for run in rows))
+
+
+def labelled_setting(variant: str | None, preferred: str | None, studied: bool) -> str:
+    """A setting as a table cell, marked when it is rule 5's (``studied``: a study exists to prefer it)."""
+    return setting_name(variant) + (" (rule 5 prefers it)" if studied and variant == preferred else "")
+
+
 def seed_summary(runs: list[dict], variant: str | None = None) -> str:
     """Bottle at the requested deployed MAC ratio ``SEED_RATIO``, one setting: mean and sample
     standard deviation over its seeds (when there are at least two)."""
@@ -664,7 +681,7 @@ def seed_summary(runs: list[dict], variant: str | None = None) -> str:
         figures.append(f"{name} {statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}")
     retention = [run["pixel_auroc"] / run["teacher_pixel_auroc"] for run in rows]
     figures.append(f"pixel retention {statistics.fmean(retention):.4f} ± {statistics.stdev(retention):.4f}")
-    seeds = ", ".join(str(run["seed"]) for run in sorted(rows, key=lambda r: r["seed"]))
+    seeds = seeds_of(rows)
     return (f"Bottle, setting {setting_name(variant)}, requested deployed MAC ratio "
             f"{SEED_RATIO}, seeds {seeds} (mean ± sample std): {'; '.join(figures)}.")
 
@@ -729,8 +746,7 @@ def floors_table(runs: list[dict[str, Any]], preferred: str | None = None, studi
             cells.append(f"{statistics.fmean(values):.{digits}f}{spread}")
         meeting = sum(all(f[key] >= low for key, low, _ in FLOORS) for f in figures)
         missed = [name for key, low, name in FLOORS if any(f[key] < low for f in figures)]
-        name = setting_name(variant) + (" (rule 5 prefers it)" if studied and variant == preferred else "")
-        lines.append(f"| {name} | {ratio} | {', '.join(str(r['seed']) for r in sorted(rows, key=lambda r: r['seed']))} "
+        lines.append(f"| {labelled_setting(variant, preferred, studied)} | {ratio} | {seeds_of(rows)} "
                      f"| {' | '.join(cells)} | {meeting} of {len(figures)} | {', '.join(missed) or 'none'} |")
     return "\n".join(lines)
 
@@ -748,8 +764,7 @@ def same_size_map_students(runs: list[dict[str, Any]], preferred: str | None = N
              "|---|---|---|---|---|---|---|---|"]
     order = lambda r: (r["category"], r["teacher_scheme"], r.get("variant") != preferred, r.get("variant") or "")  # noqa: E731
     for run in sorted(rows, key=order):
-        name = setting_name(run.get("variant")) + (" (rule 5 prefers it)" if studied and run.get("variant") == preferred
-                                                   else "")
+        name = labelled_setting(run.get("variant"), preferred, studied)
         macs = f"{run['deployed_macs'] / 1e6:.1f} M" if run.get("deployed_macs") else "-"
         lines.append(f"| {run['category']} | {run['teacher_scheme']} | {name} | {macs} "
                      f"| {run['image_auroc']:.4f} | {run['pixel_auroc']:.4f} | {run['aupro']:.4f} "
@@ -792,7 +807,7 @@ def criteria_table(budget: list[dict[str, Any]], runs: list[dict[str, Any]]) -> 
                 columns[name].append((values[name], aupro))
         cells = " | ".join("-" if values[name] is None else f"{values[name]:.4f}" for name, _, _ in CRITERIA)
         lines.append(f"| {setting_name(variant)} | {cells} | "
-                     + (f"{aupro:.4f} ({', '.join(str(r['seed']) for r in sorted(rows, key=lambda r: r['seed']))})"
+                     + (f"{aupro:.4f} ({seeds_of(rows)})"
                         f" | {pixel:.4f} |" if rows else "- | - |"))
     correlations = []
     for name, _, sign in CRITERIA:

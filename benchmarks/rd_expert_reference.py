@@ -133,7 +133,7 @@ def with_batchnorm_statistics_of(encoder, expert):
 
 
 def table(path: Path) -> str:
-    """Markdown: per record, both references' figures and the teacher's drift from the expert."""
+    """Markdown: per record, every reference's figures and its teacher's drift from the expert."""
     runs = ResultsFile(path).runs if path.exists() else []
     lines = ["| category | ratio | seed | synthetic anomalies | map against | image AUROC | pixel AUROC | AUPRO "
              "| teacher-expert 1 - cos on good test images, levels 1-3 (the row's teacher) |",

@@ -475,16 +475,15 @@ def map_regression_page(results: Path) -> Page | None:
          "student latency, batch 1 (ms)", "student_latency_ms_b1", label)) if runs else ([], True)
     parts = [HEADER, "", "# Encoder-free pixel students (map regression)", "", MAP_INTRO, "",
              "## Results (`benchmarks/results/map_regression.json`)", ""]
+    chosen = map_regression.choose_teacher(budget)  # rule 1; None until the study has both teachers
+    preferred = map_regression.preferred_in(budget)  # rule 5
+    fidelity = map_regression.fidelity_preferred(budget, chosen) if chosen else None  # rule 6
     if runs:
-        chosen = map_regression.choose_teacher(budget)
-        fidelity = map_regression.fidelity_preferred(budget, chosen) if chosen else None
-        parts += [map_regression.results_table(results / "map_regression.json", map_regression.preferred_in(budget),
-                                               fidelity), "",
+        parts += [map_regression.results_table(results / "map_regression.json", preferred, fidelity), "",
                   *[c.markdown() for c in charts], ""]
         if not timed:
             parts += [NO_LATENCY, ""]
-        floors = map_regression.floors_table(runs, map_regression.preferred_in(budget),
-                                             studied=map_regression.choose_teacher(budget) is not None)
+        floors = map_regression.floors_table(runs, preferred, studied=chosen is not None)
         if floors:
             parts += ["## The floors at deployed MAC ratio 30 and above (bottle)", "", FLOORS_INTRO, "", floors, ""]
     else:
@@ -499,8 +498,7 @@ def map_regression_page(results: Path) -> Page | None:
                   "(the default setting's); every setting's ratio-30 student has the same width and so the same "
                   "deployed MACs, and the table under it lists them all.", "", comparison, "",
                   "Map students of that size (requested ratio 30, seed 0), every setting tested:", "",
-                  map_regression.same_size_map_students(records, map_regression.preferred_in(budget),
-                                                        studied=map_regression.choose_teacher(budget) is not None), ""]
+                  map_regression.same_size_map_students(records, preferred, studied=chosen is not None), ""]
     shift = load_runs(results, "map_regression_shift.json")
     if shift:
         columns = [("category", "category"), ("seed", "seed"), ("model", "model"), ("split_seed", "split seed"),
