@@ -18,8 +18,9 @@ every job, on every machine and node, in ``KD_SWEEP_PARENT_RUN_ID``; a job witho
 (a compose-API run) finds or creates the parent under a file lock in the sweep folder.
 Each job run carries its overrides (tag ``kd.job_overrides``): re-running a sweep into
 the same sweep folder (same ``sweep_id``) skips the jobs already FINISHED, and a re-run
-job marks its earlier unfinished attempts ``kd.superseded_by``. Run names are ``<scheme>-<dataset>-cr<ratio>-s<seed>-<id>``:
-readable, and unique across seeds and repeats.
+job marks its earlier unfinished attempts ``kd.superseded_by``. Run names are
+``<scheme>-<dataset>-cr<ratio>-s<seed>-<id>`` (the ratio the scheme sweeps): readable, and unique
+across seeds and repeats.
 
 The default store is ``sqlite:///<cwd>/mlruns/mlflow.db`` with artifacts in
 ``<cwd>/mlruns/artifacts``; ``MLFLOW_TRACKING_URI`` overrides it (a server, another

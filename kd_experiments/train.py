@@ -91,7 +91,10 @@ def _instantiate_extra_loggers(logger_cfg: DictConfig | None) -> list[Any]:
 
 
 def _run_name(cfg: DictConfig, dataset: str) -> str:
-    ratio = cfg.scheme.get("compression_ratio", None) or cfg.scheme.get("mac_compression_ratio", None)
+    # the ratio the scheme sweeps: the student's parameter or MAC ratio to its teacher, or (map regression)
+    # the deployed MAC ratio of the teacher's deployed model to the student's
+    names = ("compression_ratio", "mac_compression_ratio", "deployed_mac_ratio")
+    ratio = next((cfg.scheme.get(n) for n in names if cfg.scheme.get(n, None) is not None), None)
     try:
         ratio = float(ratio) if ratio is not None else 1.0
     except (TypeError, ValueError):

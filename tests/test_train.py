@@ -122,6 +122,19 @@ def test_run_names_do_not_collide_across_seeds(compose_cfg, mlflow_uri: str) -> 
     assert sum("-s1-" in name for name in names) == 1
 
 
+@pytest.mark.parametrize(("scheme", "expected"), [
+    ({"_target_": "kd_experiments.schemes.score_regression.ScoreRegressionScheme", "compression_ratio": 64}, "cr64"),
+    ({"_target_": "kd_experiments.schemes.map_regression.MapRegressionScheme", "deployed_mac_ratio": 30}, "cr30"),
+    ({"_target_": "kd_experiments.schemes.patchcore.PatchCoreScheme"}, "cr1"),
+])
+def test_run_names_carry_the_ratio_the_scheme_sweeps(scheme: dict, expected: str) -> None:
+    from kd_experiments.train import _run_name
+
+    cfg = OmegaConf.create({"scheme": scheme, "seed": 2, "run_name": None})
+    name = _run_name(cfg, "mvtec-bottle")
+    assert name.split("-")[:4] == [name.split("-")[0], "mvtec", "bottle", expected] and "-s2-" in name
+
+
 def test_csv_logger_makes_no_mlflow_run(compose_cfg, mlflow_uri: str, tmp_path: Path) -> None:
     cfg = compose_cfg("experiment=quickstart", "logger=csv", *fast_overrides())
     metrics = train(cfg)
