@@ -16,7 +16,7 @@ from kd_experiments.anomaly_maps import gaussian_blur
 from kd_experiments.augmentation import random_views
 from kd_experiments.cache import TensorCache, digest, module_digest, tensor_digest
 from kd_experiments.checkpoints import load_scheme
-from kd_experiments.compression import count_macs
+from kd_experiments.compression import count_macs, export_onnx, onnx_parity
 from kd_experiments.deployable import DeployableModel, Preprocessing
 from kd_experiments.errors import ConfigError
 from kd_experiments.schedules import COSINE_FLOOR, cosine_decay
@@ -24,6 +24,7 @@ from kd_experiments.schemes.map_regression import MapRegressionScheme
 from kd_experiments.schemes.map_regression.loss import map_loss
 from kd_experiments.schemes.map_regression.teachers import MapTeacher
 from kd_experiments.schemes.map_regression.torch_model import (
+    FUSIONS,
     MapStudent,
     MapStudentDeployable,
     smooth_student_map,
@@ -80,14 +81,15 @@ def test_cache_hit_miss_and_new_key_when_the_teacher_changes(tmp_path: Path) -> 
 
 
 # -- the student family ------------------------------------------------------------------------
+@pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("ratio", [10, 30, 100, 300])
-def test_width_search_reaches_each_deployed_mac_ratio(ratio: int) -> None:
+def test_width_search_reaches_each_deployed_mac_ratio(ratio: int, fusion: str) -> None:
     """Against a 256 px reference of 1.3 GMACs (the order of RD's deployed model at 256 px)."""
     reference = 1.3e9
     preprocessing = Preprocessing.identity((3, 256, 256))
 
     def macs_of(width: int) -> int:
-        model = MapStudentDeployable(preprocessing, MapStudent(3, width, 2), 4.0, torch.tensor(1.0))
+        model = MapStudentDeployable(preprocessing, MapStudent(3, width, 2, fusion=fusion), 4.0, torch.tensor(1.0))
         return count_macs(model, model.example_input(1))
 
     width = width_for_mac_ratio(ratio, reference, macs_of)
@@ -99,6 +101,32 @@ def test_width_search_reaches_each_deployed_mac_ratio(ratio: int) -> None:
 def test_an_unreachable_ratio_is_one_config_error() -> None:
     with pytest.raises(ConfigError, match="deployed_mac_ratio"):
         width_for_mac_ratio(1e6, 1e6, lambda width: 1000 * width, max_width=8)
+
+
+def test_the_pyramid_fusion_adds_a_stride_8_step_and_keeps_the_default_student_as_it_was(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    context, pyramid = MapStudent(3, 4, 1), MapStudent(3, 4, 1, fusion="pyramid")
+    # the default's parameters are unchanged (its checkpoints load); the pyramid adds its stride-8 step
+    assert set(pyramid.state_dict()) - set(context.state_dict()) == {
+        "lateral8.weight", "lateral8.bias", "merge8.0.weight", "merge8.0.bias"}
+    pyramid.load_state_dict(context.state_dict(), strict=False)
+    images = torch.randn(2, 3, SIZE, SIZE)
+    assert pyramid(images).shape == context(images).shape == (2, 1, SIZE // 4, SIZE // 4)
+    # the stride-8 features reach the map: a change of the lateral changes the output
+    before = pyramid(images)
+    with torch.no_grad():
+        pyramid.lateral8.weight.add_(0.5)
+    assert not torch.allclose(before, pyramid(images))
+    # it exports: ONNX Runtime gives the same scores and maps
+    deployable = MapStudentDeployable(Preprocessing.identity((3, SIZE, SIZE)), pyramid.eval(), 4.0,
+                                      torch.tensor(2.0)).eval()
+    raw = (torch.rand(2, 3, SIZE, SIZE) * 255).to(torch.uint8)
+    path = export_onnx(deployable, raw, tmp_path / "pyramid.onnx")
+    assert onnx_parity(deployable, path, raw) < 1e-4
+    with pytest.raises(ConfigError, match="scheme.fusion"):
+        MapStudent(3, 4, 1, fusion="unet")
+    with pytest.raises(ConfigError, match="scheme.fusion"):
+        MapRegressionScheme((3, SIZE, SIZE), width=4, fusion="sum")
 
 
 def test_deployable_student_takes_raw_images_and_returns_scores_and_maps() -> None:
@@ -196,7 +224,8 @@ def test_random_views_are_seeded_mild_and_a_bad_setting_is_one_config_error() ->
 
 
 # -- learning ------------------------------------------------------------------------------------
-def test_the_loss_learns_and_a_planted_anomaly_scores_above_normal_pixels() -> None:
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_the_loss_learns_and_a_planted_anomaly_scores_above_normal_pixels(fusion: str) -> None:
     """On grey images with a brighter square, the student learns the teacher's map: the loss
     falls, and a square at a place never seen in training scores above the normal pixels."""
     torch.manual_seed(0)
@@ -211,7 +240,7 @@ def test_the_loss_learns_and_a_planted_anomaly_scores_above_normal_pixels() -> N
     target = target / scale
     preprocessing = Preprocessing((SIZE, SIZE), 3, (0.5,) * 3, (0.05,) * 3)  # the data's normalisation
     normalised = (images - 0.5) / 0.05
-    student = MapStudent(3, 8, 1)
+    student = MapStudent(3, 8, 1, fusion=fusion)
     optimiser = torch.optim.AdamW(student.parameters(), lr=3e-3)
     losses = []
     for _ in range(150):
@@ -261,8 +290,9 @@ def test_a_run_logs_quality_sizes_and_reuses_the_teacher_maps(patchcore_teacher)
     common = ["experiment=map_regression_smoke", *SMOKE, "trainer.max_epochs=1",
               f"scheme.teacher.checkpoint={checkpoint}"]
     train_in_process(common, env, root / "first")
-    # same data and teacher, another schedule
-    train_in_process([*common, "scheme.learning_rate=0.001", "scheme.lr_schedule=cosine"], env, root / "second")
+    # same data and teacher, another schedule and the pyramid student: the teacher's maps are reused
+    train_in_process([*common, "scheme.learning_rate=0.001", "scheme.lr_schedule=cosine", "scheme.fusion=pyramid"],
+                     env, root / "second")
     # the teacher-feature switch: more targets (two encoder levels), trained beside the student, never shipped
     train_in_process([*common, "scheme.feature_weight=1.0", "scheme.feature_level=[0,1]", *NO_DEPLOY], env,
                      root / "features")
@@ -295,6 +325,9 @@ def test_a_run_logs_quality_sizes_and_reuses_the_teacher_maps(patchcore_teacher)
     assert "feature_head" not in dict(rebuilt.deployable_model().named_children())
     assert first.data.metrics["teacher_map_cache_hit"] == 0.0 and second.data.metrics["teacher_map_cache_hit"] == 1.0
     assert second.data.params["scheme.lr_schedule"] == "cosine" and second.info.status == "FINISHED"
+    assert (first.data.params["student_fusion"], second.data.params["student_fusion"]) == ("context", "pyramid")
+    # the ratio holds for either student: the width search counts the pyramid's stride-8 step
+    assert float(second.data.params["deployed_mac_compression_ratio"]) == pytest.approx(10, rel=0.25)
     for key in ("test/image_auroc", "test/pixel_auroc", "test/aupro", "test/teacher_pixel_auroc",
                 "val/synthetic_pixel_auroc", "val/synthetic_aupro", "val/teacher_synthetic_pixel_auroc"):
         assert key in first.data.metrics, key

@@ -119,6 +119,8 @@ class MapRegressionScheme(AnomalyScheme):
         width: the student's width directly (wins over the ratio).
         depth: 3x3 convolutions of the student's context path at stride 16.
         context_multiplier: context-path width / ``width``.
+        fusion: ``context`` | ``pyramid``: how the context path joins the stem's features
+            (:class:`~.torch_model.MapStudent`).
         loss: ``l1`` | ``mse`` on the normalised maps.
         anomaly_weight: extra weight of anomalous pixels (0: plain mean).
         synthetic_per_image: synthetic anomalies made from each training image.
@@ -160,6 +162,7 @@ class MapRegressionScheme(AnomalyScheme):
         width: int | None = None,
         depth: int = 2,
         context_multiplier: int = 2,
+        fusion: str = "context",
         loss: str = "l1",
         anomaly_weight: float = 4.0,
         synthetic_per_image: int = 2,
@@ -228,7 +231,7 @@ class MapRegressionScheme(AnomalyScheme):
             width = width_for_mac_ratio(deployed_mac_ratio, self.teacher_deployed_macs(),
                                         lambda candidate: self._deployed_macs_of(int(candidate)))
             self.hparams["width"] = int(width)  # a checkpoint rebuilds the same student without the teacher
-        self.student = MapStudent(self.input_shape[0], int(width), depth, context_multiplier)
+        self.student = MapStudent(self.input_shape[0], int(width), depth, context_multiplier, fusion)
         self.feature_head: nn.Module | None = None
         if float(feature_weight) > 0:
             if feature_channels is None:
@@ -300,7 +303,8 @@ class MapRegressionScheme(AnomalyScheme):
     def _deployed_macs_of(self, width: int) -> int:
         deployable = MapStudentDeployable(
             Preprocessing.identity(self.input_shape),
-            MapStudent(self.input_shape[0], width, self.hparams.depth, self.hparams.context_multiplier),
+            MapStudent(self.input_shape[0], width, self.hparams.depth, self.hparams.context_multiplier,
+                       self.hparams.fusion),
             self.hparams.blur_sigma, torch.tensor(1.0),
         )
         return count_macs(deployable, deployable.example_input(1))
@@ -332,7 +336,8 @@ class MapRegressionScheme(AnomalyScheme):
                 teacher_params, teacher_macs = student_params, float("nan")
             summary = size_summary(teacher_params, student_params, teacher_macs, student_macs)
             summary.update(deployed_sizes(student, self.teacher.model if self.teacher is not None else None))
-            summary.update({"student_width": self.student.width, "student_depth": self.student.depth})
+            summary.update({"student_width": self.student.width, "student_depth": self.student.depth,
+                            "student_fusion": self.student.fusion})
             self._summary = summary
         return dict(self._summary)
 
