@@ -451,24 +451,28 @@ def test_the_floors_table_counts_records_that_meet_every_floor_and_names_what_is
     derived from the record itself); the preferred setting comes first."""
     from benchmarks.map_regression import floors_table, same_size_map_students
 
-    def run(variant, ratio, seed, aupro, image=0.99, pixel=0.975, category="bottle", student_ms=2.0) -> dict:
+    def run(variant, ratio, seed, aupro, image=0.99, pixel=0.975, category="bottle", student_ms=2.0,
+            deployed=None) -> dict:
         return {"category": category, "teacher_scheme": "patchcore", "variant": variant, "requested_mac_ratio": ratio,
-                "seed": seed, "image_auroc": image, "pixel_auroc": pixel, "aupro": aupro, "teacher_pixel_auroc": 0.98,
+                "deployed_mac_ratio": ratio * 1.02 if deployed is None else deployed, "seed": seed, "image_auroc": image, "pixel_auroc": pixel, "aupro": aupro, "teacher_pixel_auroc": 0.98,
                 "student_latency_ms_b1": student_ms, "teacher_latency_ms_b1": 60.0, "deployed_macs": 124e6}
 
     runs = [run("a=1", 30, 0, 0.91), run("a=1", 30, 1, 0.89), run("a=1", 30, 2, 0.92, student_ms=7.0),
-            run(None, 30, 0, 0.95), run(None, 10, 0, 0.99), run(None, 30, 0, 0.2, category="screw"),
+            run(None, 30, 0, 0.95), run(None, 10, 0, 0.99), run("b=2", 30, 0, 0.95, deployed=29.7), run(None, 30, 0, 0.2, category="screw"),
             {**run(None, 30, 0, 0.0), "student": "score_regression"}]
     lines = floors_table(runs, preferred="a=1").splitlines()
-    assert len(lines) == 4  # header, rule, a=1 at 30, default at 30 (not ratio 10, screw or the score student)
-    assert lines[2].startswith("| `a=1` (rule 5 prefers it) | 30 | 0, 1, 2 | 0.9900 ± 0.0000 |")
+    # header, rule, a=1 at 30, default at 30, b=2 at 30 (not ratio 10, screw or the score student)
+    assert len(lines) == 5
+    assert lines[2].startswith("| `a=1` (rule 5 prefers it) | 30 | 0, 1, 2 | 30.6 ± 0.0 | 0.9900 ± 0.0000 |")
     assert lines[2].endswith("| 1 of 3 | AUPRO, latency ratio |")  # seed 1: AUPRO; seed 2: 60 / 7 < 10
     assert "| 0.9067 ± 0.0153 |" in lines[2]
+    # requested 30 but deployed 29.7: every quality floor met, the size floor not
     assert lines[3].startswith("| default | 30 | 0 |") and lines[3].endswith("| 1 of 1 | none |")
+    assert lines[4].startswith("| `b=2` | 30 | 0 | 29.7 |") and lines[4].endswith("| 0 of 1 | deployed MAC ratio |")
     assert floors_table([run(None, 10, 0, 0.95)]) == ""
     same = same_size_map_students(runs, preferred="a=1").splitlines()
     # the seed-0 ratio-30 students of the categories with a comparison row (bottle only here), preferred first
-    assert [line.split(" | ")[2] for line in same[2:]] == ["`a=1` (rule 5 prefers it)", "default"]
+    assert [line.split(" | ")[2] for line in same[2:]] == ["`a=1` (rule 5 prefers it)", "default", "`b=2`"]
 
 
 def test_the_budget_table_shows_validation_aupro_only_when_a_study_logged_it(tmp_path: Path) -> None:
