@@ -719,16 +719,16 @@ RATIO_FLOORS = ("deployed_mac_ratio", "latency_ratio")
 def floor_figures(run: dict[str, Any]) -> dict[str, float]:
     """A map student's record as the figures the floors read (retention and the teacher / student latency
     ratio derived from the same record)."""
-    return {"deployed_mac_ratio": run["deployed_mac_ratio"], "image_auroc": run["image_auroc"], "pixel_auroc": run["pixel_auroc"], "aupro": run["aupro"],
+    return {"deployed_mac_ratio": run["deployed_mac_ratio"], "image_auroc": run["image_auroc"],
+            "pixel_auroc": run["pixel_auroc"], "aupro": run["aupro"],
             "pixel_retention": run["pixel_auroc"] / run["teacher_pixel_auroc"],
             "latency_ratio": run["teacher_latency_ms_b1"] / run["student_latency_ms_b1"]}
 
 
 def floors_table(runs: list[dict[str, Any]], preferred: str | None = None, studied: bool = True) -> str:
     """The floors of a bottle student at deployed MAC ratio >= 30 (the deployed ratio one of them), per setting
-    and requested ratio: the
-    mean (± sample std over seeds when there are several) of each figure, how many records meet every
-    floor, and which floors some record misses. Read from the records; nothing is selected by it.
+    and requested ratio: the mean (± sample std over seeds when there are several) of each figure, how many
+    records meet every floor, and which floors some record misses. Read from the records; nothing is selected by it.
     ``preferred`` is rule 5's setting (None: the default), named as such when ``studied`` (a study exists)."""
     groups: dict[tuple[str | None, int], list[dict[str, Any]]] = {}
     for run in filter(is_map_student, runs):

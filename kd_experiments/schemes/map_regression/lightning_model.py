@@ -87,6 +87,7 @@ from kd_experiments.schemes.map_regression.torch_model import (
     MAP_STRIDE,
     MapStudent,
     MapStudentDeployable,
+    describe,
     smooth_student_map,
     width_for_mac_ratio,
 )
@@ -336,8 +337,7 @@ class MapRegressionScheme(AnomalyScheme):
                 teacher_params, teacher_macs = student_params, float("nan")
             summary = size_summary(teacher_params, student_params, teacher_macs, student_macs)
             summary.update(deployed_sizes(student, self.teacher.model if self.teacher is not None else None))
-            summary.update({"student_width": self.student.width, "student_depth": self.student.depth,
-                            "student_fusion": self.student.fusion})
+            summary.update(describe(self.student))
             self._summary = summary
         return dict(self._summary)
 
