@@ -27,6 +27,7 @@ from kd_experiments.schemes.map_regression.torch_model import (
     FUSIONS,
     MapStudent,
     MapStudentDeployable,
+    describe,
     smooth_student_map,
     width_for_mac_ratio,
 )
@@ -127,6 +128,36 @@ def test_the_pyramid_fusion_adds_a_stride_8_step_and_keeps_the_default_student_a
         MapStudent(3, 4, 1, fusion="unet")
     with pytest.raises(ConfigError, match="scheme.fusion"):
         MapRegressionScheme((3, SIZE, SIZE), width=4, fusion="sum")
+
+
+def test_the_pyramid_merge_depth_adds_stride_8_convolutions_that_reach_the_map_and_count() -> None:
+    torch.manual_seed(0)
+    one, three = MapStudent(3, 4, 1, fusion="pyramid"), MapStudent(3, 4, 1, fusion="pyramid", merge_depth=3)
+    # merge_depth=1 is the pyramid as it was (its checkpoints load); each further step is one 3x3 conv at stride 8
+    assert set(three.state_dict()) - set(one.state_dict()) == {
+        f"refine8.{index}.0.{kind}" for index in (0, 1) for kind in ("weight", "bias")}
+    three.load_state_dict(one.state_dict(), strict=False)
+    images = torch.randn(2, 3, SIZE, SIZE)
+    before = three(images)
+    assert before.shape == (2, 1, SIZE // 4, SIZE // 4)
+    with torch.no_grad():
+        three.refine8[1][0].weight.add_(0.5)
+    assert not torch.allclose(before, three(images))
+    # the width search sees the extra multiply-accumulates: a 3x3 conv at stride 8 on 2 * width channels each
+    preprocessing = Preprocessing.identity((3, 256, 256))
+
+    def macs(student: MapStudent) -> int:
+        model = MapStudentDeployable(preprocessing, student, 4.0, torch.tensor(1.0))
+        return count_macs(model, model.example_input(1))
+
+    width = 8
+    deeper = macs(MapStudent(3, width, 2, fusion="pyramid", merge_depth=2))
+    assert deeper - macs(MapStudent(3, width, 2, fusion="pyramid")) == (2 * width) ** 2 * 9 * (256 // 8) ** 2
+    assert describe(three)["student_merge_depth"] == 3
+    with pytest.raises(ConfigError, match="merge_depth"):
+        MapStudent(3, 4, 1, fusion="pyramid", merge_depth=0)
+    with pytest.raises(ConfigError, match="needs scheme.fusion=pyramid"):
+        MapRegressionScheme((3, SIZE, SIZE), width=4, merge_depth=2)
 
 
 def test_deployable_student_takes_raw_images_and_returns_scores_and_maps() -> None:

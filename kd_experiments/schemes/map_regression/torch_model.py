@@ -73,10 +73,12 @@ class MapStudent(nn.Module):
         context_multiplier: width of the context path relative to ``width``.
         fusion: ``context`` (the stride-16 context added at stride 4) or ``pyramid`` (added
             at stride 8 to the path's stride-8 features first; see the module docstring).
+        merge_depth: 3x3 convolutions of the pyramid's merge at stride 8 (``pyramid`` only):
+            each one costs about a quarter of a 3x3 convolution at the map resolution.
     """
 
     def __init__(self, in_channels: int = 3, width: int = 16, depth: int = 2, context_multiplier: int = 2,
-                 fusion: str = "context") -> None:
+                 fusion: str = "context", merge_depth: int = 1) -> None:
         super().__init__()
         if int(width) < 1 or int(depth) < 0 or int(context_multiplier) < 1:
             raise ConfigError(
@@ -85,7 +87,12 @@ class MapStudent(nn.Module):
             )
         if fusion not in FUSIONS:
             raise ConfigError(f"scheme.fusion must be one of {FUSIONS}, got {fusion!r}")
-        self.width, self.depth, self.fusion = int(width), int(depth), fusion
+        if isinstance(merge_depth, bool) or not isinstance(merge_depth, int) or merge_depth < 1:
+            raise ConfigError(f"scheme.merge_depth must be an integer >= 1, got {merge_depth!r}")
+        if merge_depth != 1 and fusion != "pyramid":
+            raise ConfigError(f"scheme.merge_depth={merge_depth} needs scheme.fusion=pyramid (the context fusion "
+                              "has no stride-8 merge)")
+        self.width, self.depth, self.fusion, self.merge_depth = int(width), int(depth), fusion, merge_depth
         features, context = 2 * self.width, int(context_multiplier) * self.width
         self.stem = nn.Sequential(_conv(in_channels, self.width, 4, 2), _conv(self.width, features, 4, 2))
         self.context = nn.Sequential(
@@ -97,6 +104,8 @@ class MapStudent(nn.Module):
         if fusion == "pyramid":  # the stride-8 step (context[0] is the path's stride-8 convolution)
             self.lateral8 = nn.Conv2d(context, features, 1)
             self.merge8 = _conv(features, features, 3)
+            # the merge's further convolutions (a module of its own: merge_depth=1 checkpoints load as before)
+            self.refine8 = nn.Sequential(*[_conv(features, features, 3) for _ in range(merge_depth - 1)])
         self.head = nn.Sequential(_conv(features, self.width, 3), nn.Conv2d(self.width, 1, 1))
 
     @property
@@ -111,7 +120,7 @@ class MapStudent(nn.Module):
             middle = self.context[0](local)
             context = F.interpolate(self.lateral(self.context[1:](middle)), size=middle.shape[-2:], mode="bilinear",
                                     align_corners=False)
-            context = self.merge8(self.lateral8(middle) + context)
+            context = self.refine8(self.merge8(self.lateral8(middle) + context))
         else:
             context = self.lateral(self.context(local))
         context = F.interpolate(context, size=local.shape[-2:], mode="bilinear", align_corners=False)
@@ -179,4 +188,5 @@ def width_for_mac_ratio(
 
 def describe(student: MapStudent) -> dict[str, Any]:
     """The student's architecture as loggable values."""
-    return {"student_width": student.width, "student_depth": student.depth, "student_fusion": student.fusion}
+    return {"student_width": student.width, "student_depth": student.depth, "student_fusion": student.fusion,
+            "student_merge_depth": student.merge_depth}
