@@ -28,6 +28,10 @@ provenance keep every field they had and are marked ``provenance: "file-level"``
 file's last ``command`` and ``commit`` (its last writer's, not necessarily theirs) copied in
 as ``file_command`` and ``file_commit``.
 
+A record may hold a run's per-epoch figures as arrays of equal length, its ``per_epoch`` field
+naming them (the budget study of :mod:`benchmarks.map_regression`); :func:`epoch_rows` expands
+such records into one flat row per epoch, which is what their readers take.
+
 Writers append under an exclusive lock on ``<file>.lock`` and re-read the file inside it,
 so several processes may run pieces of one plan into one file. Data: ``--data-root``,
 default ``$KD_DATA_DIR`` or ``../shared/data`` beside the checkout (the rule of the
@@ -47,7 +51,7 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +144,26 @@ def mark_file_level(data: dict[str, Any]) -> int:
             run["file_commit"] = data["commit"]
         marked += 1
     return marked
+
+
+def epoch_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records with each per-epoch record expanded into its flat rows, in order.
+
+    A record whose ``per_epoch`` field names some of its fields holds those fields as arrays of
+    equal length; row ``i`` has the ``i``-th element of each, every other field as it is, and no
+    ``per_epoch``. Records without ``per_epoch`` are rows already and are kept as they are."""
+    rows: list[dict[str, Any]] = []
+    for record in records:
+        names = record.get("per_epoch")
+        if names is None:
+            rows.append(record)
+            continue
+        lengths = {len(record[name]) for name in names}
+        if len(lengths) != 1:
+            raise ValueError(f"the per-epoch arrays {names} of a record differ in length (or none is named)")
+        rows += [{field: value[i] if field in names else value for field, value in record.items()
+                  if field != "per_epoch"} for i in range(lengths.pop())]
+    return rows
 
 
 def _indent_of(text: str) -> int:
@@ -239,6 +263,13 @@ class ResultsFile:
         started_at, started = now_utc(), time.perf_counter()
         yield record
         self.append(record, started_at=started_at, wall_s=time.perf_counter() - started)
+
+    @contextlib.contextmanager
+    def rewrite(self) -> Iterator[dict[str, Any]]:
+        """The file's data, re-read under its lock; what the block leaves in it is saved (maintenance
+        that rewrites records, e.g. :func:`benchmarks.map_regression.migrate_budget`)."""
+        with self._locked() as data:
+            yield data
 
     def update(self, key: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
         """Add or change ``fields`` of the record matching ``key``; the change is logged in its ``updates``."""

@@ -3,7 +3,7 @@
 Writes ``benchmarks/results/map_regression.json`` (``runs``: one flat record per student run, with
 its teacher's test figures and both latencies from the same run, and the per-record provenance of
 :mod:`benchmarks.harness`) and ``benchmarks/results/map_regression_budget.json`` (the validation
-study: one record per studied epoch).
+study: one record per study run, its per-epoch figures as arrays; see *The budget file* below).
 
 Protocol (every record): images resized to 256x256, maps and metrics at 256x256, blur sigma 4,
 one torch thread; the student (``scheme=map_regression``, ``experiment=map_regression_bottle``
@@ -80,6 +80,26 @@ held-out images, and ``val/synthetic_aupro`` where logged) beside its bottle rat
 with each criterion's rank correlation with test AUPRO. It reads the test split and selects
 nothing; it says which criterion a future rule should trust.
 
+The budget file: one record per study run (:func:`record_study`), holding once the run's key
+(``category``, ``teacher_scheme``, ``requested_mac_ratio``, ``seed``, ``image_size``, ``variant``,
+``max_epochs``), the teacher's validation figures (``val_teacher_synthetic_pixel_auroc``,
+``val_teacher_synthetic_image_auroc``: one value per run), ``teacher_epochs``,
+``teacher_budget_rule`` and the run's provenance, and its per-epoch figures (``EPOCH_FIELDS``) as
+arrays of equal length, which its ``per_epoch`` field names: ``epoch`` (1 to ``max_epochs``),
+``val_synthetic_pixel_auroc``, ``val_synthetic_image_auroc``, ``val_synthetic_aupro`` (in the
+studies that logged it), ``val_loss`` and ``train_loss``; null where an epoch did not log a figure::
+
+    {"category": "bottle", "teacher_scheme": "patchcore", ..., "max_epochs": 60,
+     "per_epoch": ["epoch", "val_synthetic_pixel_auroc", ..., "train_loss"], "epoch": [1, 2, ..., 60],
+     "val_synthetic_pixel_auroc": [0.398, 0.487, ...], ..., "val_teacher_synthetic_pixel_auroc": 0.792, ...,
+     "git_commit": "...", "command": "...", "machine": {...}, "started_at": "...", "wall_s": 2623.8, ...}
+
+The rules read flat per-epoch rows: every reader takes :func:`~benchmarks.harness.epoch_rows` of the
+records (one row per epoch, the run's fields in each). Records of the earlier layout (one flat record
+per studied epoch, each repeating its run's fields and provenance) are rows already and are read as
+they are, beside per-run records; ``--migrate-budget [FILE]`` rewrites them in the per-run layout
+(:func:`migrate_budget`; idempotent).
+
 Entries are named ``<category>/<teacher>/m<ratio>/s<seed>``; ``--only`` takes shell patterns.
 Resumable: a record already in the file is skipped::
 
@@ -87,6 +107,7 @@ Resumable: a record already in the file is skipped::
     nohup .venv/bin/python -m benchmarks.map_regression > logs/benchmarks/map_regression.log 2>&1 &
     nohup .venv/bin/python -m benchmarks.map_regression --comparison > logs/benchmarks/map_regression_comparison.log 2>&1 &
     .venv/bin/python -m benchmarks.map_regression --table
+    .venv/bin/python -m benchmarks.map_regression --migrate-budget   # the budget file, per-epoch records -> per-run
 """
 
 from __future__ import annotations
@@ -102,7 +123,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import QUIET, ROOT, ResultsFile, base_parser, compose, now_utc, select
+from benchmarks.harness import QUIET, ROOT, ResultsFile, base_parser, compose, epoch_rows, now_utc, select
 from benchmarks.mvtec import budget_path, choose_budget, mlflow_run, use_project_mlflow_store
 
 CATEGORIES = ("bottle", "screw", "transistor")
@@ -124,6 +145,10 @@ BUDGET_TOLERANCE = 0.01
 REFERENCE_EPOCHS = 5
 BUDGET_METRICS = ("val_synthetic_pixel_auroc", "val_synthetic_image_auroc")
 TEACHER_METRICS = ("val/teacher_synthetic_pixel_auroc", "val/teacher_synthetic_image_auroc")
+#: the student's figures a study logs per epoch, and their budget-file fields (``epoch`` first)
+STUDY_METRICS = ("val/synthetic_pixel_auroc", "val/synthetic_image_auroc", "val/synthetic_aupro", "val/loss",
+                 "train/loss")
+EPOCH_FIELDS = ("epoch", *(name.replace("/", "_") for name in STUDY_METRICS))
 # -- the comparison row (rule 4) -----------------------------------------------------------------------
 COMPARISON_EPOCHS = 80
 COMPARISON_LR = 1e-3
@@ -315,8 +340,7 @@ def study(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, f
     client, run = mlflow_run(tag, "map_regression_bottle")
     steps = {point.step: int(point.value) for point in client.get_metric_history(run.info.run_id, "epoch")}
     epochs: dict[int, dict[str, float]] = {}
-    for name in ("val/synthetic_pixel_auroc", "val/synthetic_image_auroc", "val/synthetic_aupro", "val/loss",
-                 "train/loss"):
+    for name in STUDY_METRICS:
         for point in client.get_metric_history(run.info.run_id, name):
             if point.step in steps:
                 epochs.setdefault(steps[point.step] + 1, {})[name.replace("/", "_")] = point.value
@@ -324,17 +348,99 @@ def study(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, f
     return epochs, {**teacher, **teacher_budget_used}
 
 
+def study_record(key: dict[str, Any], epochs: dict[int, dict[str, float]],
+                 teacher_figures: dict[str, Any]) -> dict[str, Any]:
+    """One study run's budget record (the layout of the module docstring): ``key``, the per-epoch
+    figures :func:`study` returned as arrays in epoch order (``per_epoch`` names them; a figure
+    some epoch logged and another did not is null there), then the teacher's figures."""
+    order = sorted(epochs)
+    logged = [name for name in EPOCH_FIELDS[1:] if any(name in epochs[epoch] for epoch in order)]
+    return {**key, "per_epoch": ["epoch", *logged], "epoch": order,
+            **{name: [epochs[epoch].get(name) for epoch in order] for name in logged}, **teacher_figures}
+
+
 def record_study(entry: Entry, args: argparse.Namespace, budgets: ResultsFile) -> None:
-    """Run the study of ``entry`` unless its records are there; one record per studied epoch."""
+    """Run the study of ``entry`` unless its last epoch is in the file (in either layout); one record
+    for the run (:func:`study_record`)."""
     length = study_epochs(entry.variant)
     key = {**entry.key(), "max_epochs": length}
-    if budgets.has({**key, "epoch": length}):
+    last = {**key, "epoch": length}
+    if any(all(row.get(k) == v for k, v in last.items()) for row in epoch_rows(budgets.reload()["runs"])):
         return
     started_at, started = now_utc(), time.perf_counter()
     epochs, teacher_figures = study(entry, args)
-    wall = time.perf_counter() - started
-    for epoch, values in sorted(epochs.items()):
-        budgets.append({**key, "epoch": epoch, **values, **teacher_figures}, started_at=started_at, wall_s=wall)
+    budgets.append(study_record(key, epochs, teacher_figures), started_at=started_at,
+                   wall_s=time.perf_counter() - started)
+
+
+def _run_fields(row: dict[str, Any]) -> str:
+    """A per-epoch row's run: every field but ``EPOCH_FIELDS`` (key, teacher figures, provenance)."""
+    return json.dumps({field: value for field, value in row.items() if field not in EPOCH_FIELDS}, sort_keys=True)
+
+
+def _per_run_record(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rows of one run (epochs in order, the same fields in the same order) as one record whose
+    ``EPOCH_FIELDS`` are arrays, fields in the rows' order, ``per_epoch`` before the first array."""
+    names = [field for field in rows[0] if field in EPOCH_FIELDS]
+    record: dict[str, Any] = {}
+    for field, value in rows[0].items():
+        if field == names[0]:
+            record["per_epoch"] = names
+        record[field] = [row[field] for row in rows] if field in names else value
+    return record
+
+
+def compact_study_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The budget file's records with the flat per-epoch rows of each complete study run (the
+    earlier layout) made one per-run record; per-run records are kept as they are.
+
+    A run's rows are those whose fields other than ``EPOCH_FIELDS`` (key, teacher figures,
+    provenance) are all equal. They are compacted when their epochs are 1 to ``max_epochs``, each
+    once, and every row has the same fields in the same order, so that
+    :func:`~benchmarks.harness.epoch_rows` gives them back exactly; the record stands where the
+    run's first row stood. The rows of any other run (a gap or a repeated epoch, a run whose rows
+    are still being appended) are kept as they are, where they are."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        if "per_epoch" not in record:
+            runs.setdefault(_run_fields(record), []).append(record)
+    compacted: dict[str, dict[str, Any]] = {}
+    for fields, rows in runs.items():
+        complete = ({row.get("epoch") for row in rows} == set(range(1, len(rows) + 1))  # 1..N, each once
+                    and rows[0].get("max_epochs", len(rows)) == len(rows))
+        if complete and len({tuple(row) for row in rows}) == 1:
+            compacted[fields] = _per_run_record(sorted(rows, key=lambda row: row["epoch"]))
+    result: list[dict[str, Any]] = []
+    placed: set[str] = set()
+    for record in records:
+        fields = None if "per_epoch" in record else _run_fields(record)
+        if fields not in compacted:
+            result.append(record)
+        elif fields not in placed:
+            placed.add(fields)
+            result.append(compacted[fields])
+    return result
+
+
+def migrate_budget(path: Path) -> str:
+    """Rewrite the budget file at ``path`` in the per-run layout (:func:`compact_study_rows`), under
+    its lock (a study may be appending); idempotent. It checks that the rewritten file expands to
+    exactly the rows it held (else it raises and leaves the file as it was). Returns what it did."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no budget file to migrate")
+
+    def rows(records: list[dict[str, Any]]) -> list[str]:
+        return sorted(json.dumps(row, sort_keys=True) for row in epoch_rows(records))
+
+    with ResultsFile(path).rewrite() as data:
+        before = data["runs"]
+        after = compact_study_rows(before)
+        if rows(after) != rows(before):
+            raise RuntimeError(f"{path}: the per-run records would not expand to the rows the file holds")
+        data["runs"] = after
+    per_run = sum("per_epoch" in record for record in after)
+    return (f"{path.name}: {len(before)} records -> {len(after)} ({per_run} per-run records, "
+            f"{len(after) - per_run} per-epoch rows kept as they are)")
 
 
 def choose_teacher(records: list[dict[str, Any]]) -> str | None:
@@ -845,10 +951,15 @@ def comparison_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def budget_rows(path: Path) -> list[dict[str, Any]]:
+    """The budget file's per-epoch rows (:func:`~benchmarks.harness.epoch_rows`; none when it is absent)."""
+    return epoch_rows(ResultsFile(path).runs) if path.exists() else []
+
+
 def budget_table(path: Path) -> str:
     """The study (rules 1 and 2): per studied teacher, its validation figures, the student's at the
     candidate budgets, and what the rules give (or that the study is incomplete)."""
-    records = ResultsFile(path).runs if path.exists() else []
+    records = budget_rows(path)
     with_aupro = any("val_synthetic_aupro" in record for record in records)  # logged by later studies
     lines = ["| teacher | setting | teacher val synthetic pixel / image AUROC | epoch "
              "| student val synthetic pixel AUROC | student val synthetic image AUROC "
@@ -901,10 +1012,15 @@ def main() -> None:
                              "validation data beside the default; without, the plan run at the variant's own budget")
     parser.add_argument("--comparison", action="store_true",
                         help="the score-regression student at the ratio-30 map student's size (rule 4)")
+    parser.add_argument("--migrate-budget", nargs="?", const="", default=None, metavar="FILE",
+                        help="rewrite the budget file (default: the one beside --output) from one record per "
+                             "epoch to one per study run, and stop")
     args = parser.parse_args()
+    if args.migrate_budget is not None:
+        print(migrate_budget(Path(args.migrate_budget) if args.migrate_budget else budget_path(args.output)))
+        return
     if args.table:
-        budget = budget_path(args.output)
-        print(results_table(args.output, preferred_in(ResultsFile(budget).runs if budget.exists() else [])))
+        print(results_table(args.output, preferred_in(budget_rows(budget_path(args.output)))))
         print(comparison_table(args.output))
         return
     results, budgets = ResultsFile(args.output), ResultsFile(budget_path(args.output))
@@ -913,7 +1029,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     use_project_mlflow_store()
     if args.budget and args.variant:
-        teacher = choose_teacher(budgets.runs)
+        teacher = choose_teacher(epoch_rows(budgets.runs))
         if teacher is None:
             raise SystemExit("a variant is studied with the chosen teacher: run --budget first")
         record_study(Entry("bottle", teacher, SEED_RATIO, 0, " ".join(args.variant)), args, budgets)
@@ -922,7 +1038,7 @@ def main() -> None:
     if args.budget:
         for teacher in TEACHERS:
             record_study(Entry("bottle", teacher, SEED_RATIO, 0), args, budgets)
-    records = budgets.reload()["runs"]
+    records = epoch_rows(budgets.reload()["runs"])
     teacher = choose_teacher(records)
     epochs = choose_epochs(records, teacher) if teacher else None
     print(f"[map_regression] teacher: {teacher or 'study incomplete'}, budget: {epochs or '-'}", flush=True)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import RESULTS, ROOT
+from benchmarks.harness import RESULTS, ROOT, epoch_rows
 
 DOCS = ROOT / "docs" / "results"
 CHART_DIR = "charts"
@@ -109,8 +109,11 @@ def render_png(chart: Chart, path: Path) -> None:
 
 
 def load_runs(results: Path, name: str) -> list[dict[str, Any]]:
+    """A results file's records, a record holding per-epoch arrays read as its flat per-epoch rows
+    (:func:`~benchmarks.harness.epoch_rows`: the map-regression budget study's per-run records), so
+    the pages read and count a study's epochs as one record each, as they did before such records."""
     path = results / name
-    return json.loads(path.read_text())["runs"] if path.exists() else []
+    return epoch_rows(json.loads(path.read_text())["runs"]) if path.exists() else []
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -477,27 +477,115 @@ def test_the_floors_table_counts_records_that_meet_every_floor_and_names_what_is
 
 def test_the_budget_table_shows_validation_aupro_only_when_a_study_logged_it(tmp_path: Path) -> None:
     from benchmarks.harness import ResultsFile
-    from benchmarks.map_regression import STUDY_EPOCHS, budget_table
+    from benchmarks.map_regression import STUDY_EPOCHS, budget_table, study_record
 
-    def rows(variant, aupro=None):
-        return [{"teacher_scheme": "patchcore", "variant": variant, "epoch": epoch, "val_synthetic_pixel_auroc": 0.7,
-                 "val_synthetic_image_auroc": 0.8, "val_loss": 0.2, "val_teacher_synthetic_pixel_auroc": 0.79,
-                 "val_teacher_synthetic_image_auroc": 0.96, **({} if aupro is None else
-                                                                        {"val_synthetic_aupro": aupro})}
-                for epoch in range(1, STUDY_EPOCHS + 1)]
+    def record(variant, aupro=None):  # one study run's record, as record_study writes it
+        epochs = {epoch: {"val_synthetic_pixel_auroc": 0.7, "val_synthetic_image_auroc": 0.8, "val_loss": 0.2,
+                          **({} if aupro is None else {"val_synthetic_aupro": aupro})}
+                  for epoch in range(1, STUDY_EPOCHS + 1)}
+        return study_record({"teacher_scheme": "patchcore", "variant": variant}, epochs,
+                            {"val_teacher_synthetic_pixel_auroc": 0.79, "val_teacher_synthetic_image_auroc": 0.96})
 
     path = tmp_path / "budget.json"
     results = ResultsFile(path)
-    for record in rows(None):
-        results.append(record)
+    results.append(record(None))
     assert "AUPRO" not in budget_table(path)
-    for record in rows("scheme.feature_weight=4.0", aupro=0.55):
-        results.append(record)
+    results.append(record("scheme.feature_weight=4.0", aupro=0.55))
     table = budget_table(path).splitlines()
     assert table[0].count("|") == table[1].count("|") == 9  # the column appears, header and rule alike
     assert f"| patchcore | `scheme.feature_weight=4.0` | 0.7900 / 0.9600 | {STUDY_EPOCHS} | 0.7000 | 0.8000 | 0.5500 | 0.2000 |" \
         in table
     assert f"| patchcore | default | 0.7900 / 0.9600 | {STUDY_EPOCHS} | 0.7000 | 0.8000 | - | 0.2000 |" in table
+
+
+def _fake_study(length: int, aupro: bool = True, skip_aupro_at: int | None = None):
+    """What ``map_regression.study`` returns for a study of ``length`` epochs: per-epoch figures, the teacher's."""
+    epochs = {epoch: {"val_synthetic_pixel_auroc": 0.5 + epoch / 1000, "val_synthetic_image_auroc": 0.6,
+                      **({"val_synthetic_aupro": 0.3} if aupro and epoch != skip_aupro_at else {}),
+                      "val_loss": 1 / epoch, "train_loss": 2 / epoch} for epoch in range(1, length + 1)}
+    return epochs, {"val_teacher_synthetic_pixel_auroc": 0.79, "val_teacher_synthetic_image_auroc": 0.96,
+                    "teacher_epochs": None, "teacher_budget_rule": None}
+
+
+def test_a_budget_study_writes_one_record_with_per_epoch_arrays(tmp_path: Path, monkeypatch) -> None:
+    """benchmarks.map_regression.record_study: one record per study run, its key, teacher figures and provenance
+    once, the per-epoch figures as arrays named by ``per_epoch``; expanded, one row per epoch as the per-epoch
+    records were; a study whose last epoch is in the file is not run again."""
+    from benchmarks import map_regression
+    from benchmarks.harness import epoch_rows
+
+    studied = []
+    monkeypatch.setattr(map_regression, "study", lambda entry, args: (studied.append(entry), _fake_study(
+        map_regression.STUDY_EPOCHS, skip_aupro_at=2))[1])
+    results = ResultsFile(tmp_path / "map_regression_budget.json")
+    entry = map_regression.Entry("bottle", "patchcore", 30, 0)
+    map_regression.record_study(entry, argparse.Namespace(), results)
+    (record,) = json.loads(results.path.read_text())["runs"]
+    length = map_regression.STUDY_EPOCHS
+    assert record["per_epoch"] == ["epoch", "val_synthetic_pixel_auroc", "val_synthetic_image_auroc",
+                                   "val_synthetic_aupro", "val_loss", "train_loss"]
+    assert record["epoch"] == list(range(1, length + 1))
+    assert all(len(record[name]) == length for name in record["per_epoch"])
+    assert record["val_synthetic_aupro"][:3] == [0.3, None, 0.3]  # epoch 2 did not log it
+    assert record["val_teacher_synthetic_pixel_auroc"] == 0.79 and record["max_epochs"] == length
+    assert record["provenance"] == "record" and all(name in record for name in harness.PROVENANCE_FIELDS)
+    rows = epoch_rows([record])
+    assert len(rows) == length and "per_epoch" not in rows[0]
+    epochs, teacher = _fake_study(length, skip_aupro_at=2)
+    provenance = {name: record[name] for name in (*harness.PROVENANCE_FIELDS, "provenance")}
+    assert rows[4] == {**entry.key(), "max_epochs": length, "epoch": 5, **epochs[5], **teacher, **provenance}
+    assert rows[1]["val_synthetic_aupro"] is None
+    map_regression.record_study(entry, argparse.Namespace(), results)  # done: not studied again
+    assert len(studied) == 1 and len(results.reload()["runs"]) == 1
+
+
+def test_the_budget_file_is_migrated_to_one_record_per_study_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    """benchmarks.map_regression.migrate_budget: the per-epoch records of each complete study run become one
+    record that expands to exactly those rows; rows of an incomplete run or with a repeated epoch stay as they
+    are; records already per run are kept; it is idempotent, and readers give what they gave on the old file."""
+    from benchmarks import map_regression, report
+    from benchmarks.harness import epoch_rows
+
+    length = map_regression.STUDY_EPOCHS
+
+    def rows(teacher, started_at, variant=..., epochs=range(1, length + 1), aupro=False):
+        provenance = {"git_commit": "abc", "command": "python -m benchmarks.map_regression --budget",
+                      "machine": {"cores": 2}, "started_at": started_at, "wall_s": 10.0, "provenance": "record"}
+        key = {"category": "bottle", "teacher_scheme": teacher, "requested_mac_ratio": 30, "seed": 0,
+               "image_size": 256, **({} if variant is ... else {"variant": variant}), "max_epochs": length}
+        figures, teacher_figures = _fake_study(length, aupro)
+        teacher_figures["val_teacher_synthetic_pixel_auroc"] -= 0.1 if teacher == "rd" else 0.0
+        return [{**key, "epoch": epoch, **figures[epoch], **teacher_figures, **provenance} for epoch in epochs]
+
+    old = (rows("patchcore", "t0") + rows("rd", "t1") + rows("patchcore", "t2", variant="a=1", aupro=True)
+           + rows("patchcore", "t3", variant="b=1", epochs=[1, 2, 2, 3])  # a repeated epoch, a gap: kept
+           + rows("patchcore", "t4", variant="c=1", epochs=range(1, 4)))  # still being appended: kept
+    path = tmp_path / "map_regression_budget.json"
+    path.write_text(json.dumps({"runs": old}, indent=1) + "\n")
+    before = map_regression.budget_table(path)
+
+    assert map_regression.migrate_budget(path).endswith(f"{len(old)} records -> 10 (3 per-run records, "
+                                                        "7 per-epoch rows kept as they are)")
+    runs = json.loads(path.read_text())["runs"]
+    assert [run.get("per_epoch") is not None for run in runs[:4]] == [True, True, True, False]
+    assert "variant" not in runs[0] and runs[2]["per_epoch"][3] == "val_synthetic_aupro"
+    assert runs[1]["val_teacher_synthetic_pixel_auroc"] == pytest.approx(0.69)  # one value per run
+    assert [json.dumps(row) for row in epoch_rows(runs)] == [json.dumps(row) for row in old]  # field order too
+    assert map_regression.budget_table(path) == before  # rules 1, 2, 5 and 6 read the same rows
+    assert "Rule 1 (teacher): patchcore; rule 2 (budget): 50 epochs." in before and "Preferred: `a=1`" in before
+    assert report.load_runs(tmp_path, path.name) == old
+    migrated = path.read_bytes()
+    monkeypatch.setattr("sys.argv", ["map_regression", "--migrate-budget", str(path)])
+    map_regression.main()  # the command line, again: idempotent
+    assert path.read_bytes() == migrated and "10 records -> 10 (3 per-run records" in capsys.readouterr().out
+
+    # the per-epoch writer of a study that is still running appends beside per-run records: a mixed file
+    later = rows("patchcore", "t5", variant="d=1")
+    with ResultsFile(path).rewrite() as data:
+        data["runs"] += later
+    assert epoch_rows(json.loads(path.read_text())["runs"]) == old + later
+    assert map_regression.migrate_budget(path).endswith("-> 11 (4 per-run records, 7 per-epoch rows kept as they are)")
+    assert epoch_rows(json.loads(path.read_text())["runs"]) == old + later
 
 
 def test_the_criteria_table_sets_validation_criteria_beside_test_aupro_and_ranks_them() -> None:
