@@ -328,7 +328,7 @@ def run_student(entry: Entry, args: argparse.Namespace, epochs: int) -> dict[str
 
 def study(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
     """The budget study of one teacher (with the entry's variant, a setting studied on validation
-    data): per-epoch validation figures and the teacher's own."""
+    data): per-epoch validation figures, and the teacher's own with the student's deployed size."""
     from kd_experiments.train import train
 
     checkpoint, teacher_budget_used = build_teacher(entry.teacher, entry.category, args)
@@ -345,18 +345,29 @@ def study(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, f
             if point.step in steps:
                 epochs.setdefault(steps[point.step] + 1, {})[name.replace("/", "_")] = point.value
     teacher = {name.replace("/", "_"): run.data.metrics[name] for name in TEACHER_METRICS if name in run.data.metrics}
-    return epochs, {**teacher, **teacher_budget_used}
+    return epochs, {**teacher, **teacher_budget_used, **student_size(run.data.params)}
+
+
+def student_size(params: dict[str, str]) -> dict[str, Any]:
+    """The studied student's deployed size from its run's parameters (``deployed_macs`` and
+    ``deployed_mac_ratio``: the teacher's deployed MACs over the student's), known before it trains,
+    so a rule may hold a setting to a size floor without reading any test figure."""
+    if "deployed_mac_compression_ratio" not in params:
+        return {}
+    return {"deployed_macs": int(params["deployed_macs"]),
+            "deployed_mac_ratio": float(params["deployed_mac_compression_ratio"])}
 
 
 def study_record(key: dict[str, Any], epochs: dict[int, dict[str, float]],
-                 teacher_figures: dict[str, Any]) -> dict[str, Any]:
+                 run_figures: dict[str, Any]) -> dict[str, Any]:
     """One study run's budget record (the layout of the module docstring): ``key``, the per-epoch
     figures :func:`study` returned as arrays in epoch order (``per_epoch`` names them; a figure
-    some epoch logged and another did not is null there), then the teacher's figures."""
+    some epoch logged and another did not is null there), then the run's own figures (the teacher's,
+    its budget, the student's deployed size)."""
     order = sorted(epochs)
     logged = [name for name in EPOCH_FIELDS[1:] if any(name in epochs[epoch] for epoch in order)]
     return {**key, "per_epoch": ["epoch", *logged], "epoch": order,
-            **{name: [epochs[epoch].get(name) for epoch in order] for name in logged}, **teacher_figures}
+            **{name: [epochs[epoch].get(name) for epoch in order] for name in logged}, **run_figures}
 
 
 def record_study(entry: Entry, args: argparse.Namespace, budgets: ResultsFile) -> None:
@@ -368,8 +379,8 @@ def record_study(entry: Entry, args: argparse.Namespace, budgets: ResultsFile) -
     if any(all(row.get(k) == v for k, v in last.items()) for row in epoch_rows(budgets.reload()["runs"])):
         return
     started_at, started = now_utc(), time.perf_counter()
-    epochs, teacher_figures = study(entry, args)
-    budgets.append(study_record(key, epochs, teacher_figures), started_at=started_at,
+    epochs, run_figures = study(entry, args)
+    budgets.append(study_record(key, epochs, run_figures), started_at=started_at,
                    wall_s=time.perf_counter() - started)
 
 

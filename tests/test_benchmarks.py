@@ -539,6 +539,15 @@ def test_a_budget_study_writes_one_record_with_per_epoch_arrays(tmp_path: Path, 
     assert len(studied) == 1 and len(results.reload()["runs"]) == 1
 
 
+def test_a_study_record_carries_the_students_deployed_size_from_its_run() -> None:
+    """benchmarks.map_regression.student_size: the size a rule may hold a setting to, from the run's params."""
+    from benchmarks import map_regression
+
+    params = {"deployed_macs": "124144640", "deployed_mac_compression_ratio": "30.541444302387923", "x": "1"}
+    assert map_regression.student_size(params) == {"deployed_macs": 124144640, "deployed_mac_ratio": 30.541444302387923}
+    assert map_regression.student_size({"x": "1"}) == {}  # a run without the sizes (none counted): no fields
+
+
 def test_the_budget_file_is_migrated_to_one_record_per_study_run(tmp_path: Path, monkeypatch, capsys) -> None:
     """benchmarks.map_regression.migrate_budget: the per-epoch records of each complete study run become one
     record that expands to exactly those rows; rows of an incomplete run or with a repeated epoch stay as they
