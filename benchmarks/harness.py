@@ -211,10 +211,11 @@ class ResultsFile:
         return {name: fields.get(name) for name in self.key_fields}
 
     def find(self, key: dict[str, Any]) -> dict[str, Any] | None:
-        """The first record whose fields equal ``key``'s (a field a record lacks counts as ``None``)."""
+        """The first record whose fields equal ``key``'s (a field a record lacks counts as ``None``; a
+        record holding per-epoch arrays is searched as its rows, :func:`epoch_rows`)."""
         wanted = self._key(key)
         self.reload()
-        return next((run for run in self.runs if all(run.get(k) == v for k, v in wanted.items())), None)
+        return next((run for run in epoch_rows(self.runs) if all(run.get(k) == v for k, v in wanted.items())), None)
 
     def has(self, key: dict[str, Any] | None = None, **fields: Any) -> bool:
         """Whether a record with these key fields is already there (resumable plans skip it)."""

@@ -375,8 +375,7 @@ def record_study(entry: Entry, args: argparse.Namespace, budgets: ResultsFile) -
     for the run (:func:`study_record`)."""
     length = study_epochs(entry.variant)
     key = {**entry.key(), "max_epochs": length}
-    last = {**key, "epoch": length}
-    if any(all(row.get(k) == v for k, v in last.items()) for row in epoch_rows(budgets.reload()["runs"])):
+    if budgets.has({**key, "epoch": length}):
         return
     started_at, started = now_utc(), time.perf_counter()
     epochs, run_figures = study(entry, args)
@@ -475,8 +474,11 @@ def _last_epochs(records: list[dict[str, Any]], teacher: str, variant: str | Non
     return [rows[e] for e in last] if all(e in rows for e in last) else None
 
 
-def _studied_settings(records: list[dict[str, Any]], teacher: str) -> set[str | None]:
-    return {r.get("variant") for r in records if r.get("teacher_scheme") == teacher}
+def _studied_settings(records: list[dict[str, Any]], teacher: str) -> list[str | None]:
+    """The settings studied with ``teacher`` (None: the default), in the order first studied, so that
+    a tie in rules 5 and 6 goes to the earlier setting in every process (a set's order of strings
+    changes with the interpreter's hash seed)."""
+    return list(dict.fromkeys(r.get("variant") for r in records if r.get("teacher_scheme") == teacher))
 
 
 def _scored_epochs(records: list[dict[str, Any]], teacher: str) -> dict[str | None, list[float]]:
