@@ -645,3 +645,74 @@ def test_rule_6_prefers_the_setting_closest_to_the_teacher_and_says_whether_that
     assert rule_6_line(records, "patchcore").endswith("(studied after rule 6 was written: its test runs are a "
                                                       "forward test of rule 6).")
     assert fidelity_preferred(study(known, 0.3), "rd") is None and rule_6_line([], "patchcore") == ""
+
+
+def _study_checkpoint(path: Path, processed: int, **settings) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {}, "kd_mlflow_run_id": "study-run",
+                "loops": {"fit_loop": {"epoch_progress": {"total": {"processed": processed}}}},
+                "hyper_parameters": {"input_shape": [3, 256, 256], "cache_dir": "/elsewhere", **settings}}, path)
+
+
+def test_the_seed_0_test_run_tests_its_study_runs_final_weights_only_when_they_are_what_it_would_train(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks.map_regression.study_weights: bottle, seed 0, ratio 30, the study's whole length, a finished
+    study, the same learned settings, a study newer than its teacher; else None (the run trains)."""
+    import os
+
+    from benchmarks import map_regression as mr
+
+    monkeypatch.setattr(mr, "ROOT", tmp_path)
+    variant = "trainer.max_epochs=200 scheme.lr_schedule=cosine scheme.width=17"
+    entry = mr.Entry("bottle", "patchcore", mr.SEED_RATIO, 0, variant)
+    teacher = tmp_path / "teacher.ckpt"
+    teacher.write_bytes(b"teacher")
+    os.utime(teacher, (1_000, 1_000))
+    study = mr.study_run_dir(entry) / "checkpoints" / "last.ckpt"
+    scheme = {"width": 17, "lr_schedule": "cosine", "cache_dir": "/here", "teacher": {"checkpoint": "t"}}
+    _study_checkpoint(study, 200, width=17, lr_schedule="cosine")
+    assert mr.study_weights(entry, 200, scheme, teacher) == study  # where it caches does not count
+    assert mr.study_weights(entry, 180, scheme, teacher) is None  # a shorter budget: not the study's weights
+    for other in (mr.Entry("bottle", "patchcore", mr.SEED_RATIO, 1, variant),
+                  mr.Entry("bottle", "patchcore", 10, 0, variant), mr.Entry("screw", "patchcore", mr.SEED_RATIO, 0, variant)):
+        assert mr.study_weights(other, 200, scheme, teacher) is None  # no study of that entry
+    assert mr.study_weights(entry, 200, {**scheme, "width": 18}, teacher) is None  # another setting
+    os.utime(teacher, None)
+    os.utime(study, (1_000, 1_000))
+    assert mr.study_weights(entry, 200, scheme, teacher) is None  # the teacher was built again after it
+    _study_checkpoint(study, 120, width=17, lr_schedule="cosine")
+    assert mr.study_weights(entry, 200, scheme, teacher) is None  # a study stopped before its end
+
+
+def test_a_test_run_from_the_study_runs_weights_is_test_only_and_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks.map_regression.run_student: with the study's weights, kd-train runs ``train=false`` with
+    ``ckpt_path`` the study's last.ckpt and the record says ``weights: study`` and names the study's run;
+    ``--retrain`` (or no such weights) trains, ``weights: trained``."""
+    from types import SimpleNamespace
+
+    import kd_experiments.checkpoints
+    import kd_experiments.train
+    from benchmarks import map_regression as mr
+
+    study = tmp_path / "last.ckpt"
+    composed: list[list[str]] = []
+    monkeypatch.setattr(mr, "build_teacher", lambda teacher, category, args: (tmp_path / "t.ckpt", {}))
+    monkeypatch.setattr(mr, "compose", lambda overrides, output_dir: (composed.append(list(overrides)), SimpleNamespace(
+        experiment_name="x", scheme={}, trainer=SimpleNamespace(max_epochs=200)))[1])
+    monkeypatch.setattr(mr, "study_weights", lambda entry, epochs, scheme, teacher: study)
+    monkeypatch.setattr(kd_experiments.train, "train", lambda cfg: {"test/image_auroc": 0.99})
+    monkeypatch.setattr(kd_experiments.checkpoints, "mlflow_run_id_of", lambda path: "study-run")
+    run = SimpleNamespace(data=SimpleNamespace(metrics={}, params={}), info=SimpleNamespace(run_id="test-run"))
+    monkeypatch.setattr(mr, "mlflow_run", lambda tag, experiment: (None, run))
+    entry = mr.Entry("bottle", "patchcore", mr.SEED_RATIO, 0, "trainer.max_epochs=200 scheme.lr_schedule=cosine")
+
+    record = mr.run_student(entry, argparse.Namespace(retrain=False, data_root=tmp_path), 200)
+    assert record["weights"] == "study" and record["weights_mlflow_run_id"] == "study-run"
+    assert composed[-1][-2:] == ["train=false", f"ckpt_path={study}"]
+    assert not any(o.startswith(("train=", "ckpt_path=")) for o in composed[0])
+    composed.clear()
+    record = mr.run_student(entry, argparse.Namespace(retrain=True, data_root=tmp_path), 200)
+    assert record["weights"] == "trained" and "weights_mlflow_run_id" not in record and len(composed) == 1
