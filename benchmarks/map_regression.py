@@ -56,6 +56,11 @@ tested with ``--variant`` (without ``--budget``) at its own budget, rule 2 appli
 its records carry ``variant`` too and never stand for the default's. A variant whose learning rate
 decays over the run (``scheme.lr_schedule=cosine``) is tested at the study's length
 (``STUDY_EPOCHS``, or its own, below): its study curve at an earlier epoch is not what a run of that many epochs gives.
+That budget does not depend on what the study shows, so such a variant's test runs may start once its study
+has (its run folder exists) rather than once it has ended (``study_done_before_test: false`` in their
+records); whether its records stand for the preferred setting is still rules 5 and 6's call on the
+study alone, and bottle's seed-0 ratio-30 run, which tests the study's own weights (:func:`study_weights`),
+waits for them (it is skipped until the study has ended).
 A longer schedule is studied as a variant too (``--budget --variant trainer.max_epochs=120
 scheme.feature_weight=4.0``): its study runs that many epochs, rule 2 reads its own curve with
 candidates every ``LONG_CANDIDATE_STEP`` epochs beyond ``STUDY_EPOCHS``, and rule 5 compares the
@@ -1124,8 +1129,13 @@ def main() -> None:
                 record.update(run_comparison(category, teacher, args, results))
         return
     variant = " ".join(args.variant) if args.variant else None
+    study_done = True
     if variant is not None:
         epochs = choose_epochs(records, teacher, variant)
+        if epochs is None and decays_over_the_run(variant) and study_run_dir(
+                Entry("bottle", teacher, SEED_RATIO, 0, variant)).is_dir():
+            # its budget is its study's length whatever the study shows (rule 2), fixed before the study ends
+            epochs, study_done = study_epochs(variant), False
         if epochs is None:
             raise SystemExit(f"the variant {variant!r} is tested at its own budget: run --budget --variant first")
         print(f"[map_regression] variant {variant}: budget {epochs}", flush=True)
@@ -1138,10 +1148,15 @@ def main() -> None:
             continue
         if done:
             continue
+        if not study_done and (entry.category, entry.ratio, entry.seed) == ("bottle", SEED_RATIO, 0):
+            print(f"[map_regression] {entry.name}: waits for its study's final weights (run it again when the "
+                  "study has ended)", flush=True)
+            continue
         print(f"[map_regression] {entry.name}: running ({epochs} epochs)", flush=True)
         with results.record({**entry.key(), "student": "map_regression"}) as record:
             record.update(run_student(entry, args, epochs))
             record["budget_rule"] = "validation"
+            record["study_done_before_test"] = study_done
 
 
 if __name__ == "__main__":
