@@ -659,6 +659,24 @@ def choose_epochs(records: list[dict[str, Any]], teacher: str, variant: str | No
     return length
 
 
+def variant_budget(records: list[dict[str, Any]], teacher: str, variant: str) -> tuple[int | None, bool]:
+    """A studied variant's test budget (rule 2 on its own study; None: not yet known) and whether its
+    study has ended. A variant whose learning rate decays over the run has its study's length
+    whatever the study shows, so its budget is known once its study has begun (its run folder exists)."""
+    epochs = choose_epochs(records, teacher, variant)
+    if epochs is not None:
+        return epochs, True
+    if decays_over_the_run(variant) and study_run_dir(Entry("bottle", teacher, SEED_RATIO, 0, variant)).is_dir():
+        return study_epochs(variant), False
+    return None, False
+
+
+def waits_for_study(entry: Entry, study_done: bool) -> bool:
+    """Whether ``entry``'s test run waits for its study to end: the study's own entry (bottle, seed 0,
+    ``SEED_RATIO``), which tests the study's final weights (:func:`study_weights`)."""
+    return not study_done and (entry.category, entry.ratio, entry.seed) == ("bottle", SEED_RATIO, 0)
+
+
 # -- the comparison: a score-regression student of the same teacher at the same deployed size ---------
 def is_map_student(run: dict[str, Any]) -> bool:
     """A map student's record (records written before the comparison existed have no ``student``)."""
@@ -1131,11 +1149,7 @@ def main() -> None:
     variant = " ".join(args.variant) if args.variant else None
     study_done = True
     if variant is not None:
-        epochs = choose_epochs(records, teacher, variant)
-        if epochs is None and decays_over_the_run(variant) and study_run_dir(
-                Entry("bottle", teacher, SEED_RATIO, 0, variant)).is_dir():
-            # its budget is its study's length whatever the study shows (rule 2), fixed before the study ends
-            epochs, study_done = study_epochs(variant), False
+        epochs, study_done = variant_budget(records, teacher, variant)
         if epochs is None:
             raise SystemExit(f"the variant {variant!r} is tested at its own budget: run --budget --variant first")
         print(f"[map_regression] variant {variant}: budget {epochs}", flush=True)
@@ -1148,7 +1162,7 @@ def main() -> None:
             continue
         if done:
             continue
-        if not study_done and (entry.category, entry.ratio, entry.seed) == ("bottle", SEED_RATIO, 0):
+        if waits_for_study(entry, study_done):
             print(f"[map_regression] {entry.name}: waits for its study's final weights (run it again when the "
                   "study has ended)", flush=True)
             continue

@@ -716,3 +716,27 @@ def test_a_test_run_from_the_study_runs_weights_is_test_only_and_says_so(
     composed.clear()
     record = mr.run_student(entry, argparse.Namespace(retrain=True, data_root=tmp_path), 200)
     assert record["weights"] == "trained" and "weights_mlflow_run_id" not in record and len(composed) == 1
+
+
+def test_a_decaying_variants_test_runs_may_start_once_its_study_has_but_the_study_entry_waits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks.map_regression.variant_budget / waits_for_study: a cosine variant's budget is its study's length
+    as soon as its study run exists (not before); a constant-rate variant's waits for rule 2 on the ended study;
+    until the study ends, bottle's seed-0 ratio-30 entry (the study's own weights) waits, the other entries run."""
+    from benchmarks import map_regression as mr
+
+    monkeypatch.setattr(mr, "ROOT", tmp_path)
+    cosine = "trainer.max_epochs=300 scheme.lr_schedule=cosine scheme.width=17"
+    constant = "trainer.max_epochs=300 scheme.width=17"
+    assert mr.variant_budget([], "patchcore", cosine) == (None, False)  # no study begun: no test
+    for variant in (cosine, constant):
+        mr.study_run_dir(mr.Entry("bottle", "patchcore", mr.SEED_RATIO, 0, variant)).mkdir(parents=True)
+    assert mr.variant_budget([], "patchcore", cosine) == (300, False)
+    assert mr.variant_budget([], "patchcore", constant) == (None, False)  # rule 2 needs its curve
+    ended = [{"teacher_scheme": "patchcore", "variant": cosine, "epoch": epoch, "val_synthetic_pixel_auroc": 0.7,
+              "val_synthetic_image_auroc": 0.8} for epoch in range(1, 301)]
+    assert mr.variant_budget(ended, "patchcore", cosine) == (300, True)
+    assert mr.waits_for_study(mr.Entry("bottle", "patchcore", mr.SEED_RATIO, 0, cosine), False)
+    assert not mr.waits_for_study(mr.Entry("bottle", "patchcore", mr.SEED_RATIO, 0, cosine), True)
+    assert not mr.waits_for_study(mr.Entry("bottle", "patchcore", mr.SEED_RATIO, 1, cosine), False)
+    assert not mr.waits_for_study(mr.Entry("screw", "patchcore", mr.SEED_RATIO, 0, cosine), False)
