@@ -195,6 +195,11 @@ def plan(teacher: str, categories: tuple[str, ...] = CATEGORIES, variant: str | 
     return entries
 
 
+def study_entry(teacher: str, variant: str | None = None) -> Entry:
+    """The entry a setting's study runs (rule 2): bottle, seed 0, ``SEED_RATIO``, ``teacher``."""
+    return Entry("bottle", teacher, SEED_RATIO, 0, variant)
+
+
 # -- teachers ----------------------------------------------------------------------------------------
 def teacher_checkpoint(teacher: str, category: str) -> Path:
     return ROOT / "logs" / "benchmarks" / "map_regression" / f"teacher-{teacher}-{category}" / "checkpoints" / "last.ckpt"
@@ -319,14 +324,15 @@ def study_weights(entry: Entry, epochs: int, scheme: Any, teacher_checkpoint_pat
     study length; a test run of the same entry at that budget (a setting whose learning rate decays
     over the run always is) trains the same student with the same seed and data, and training on
     the CPU is deterministic: a test-only run of the study's ``last.ckpt`` gives the test figures a
-    retrained one does, bit for bit (checked on bottle, width 17, ``scheme.merge_depth=3``: image
-    AUROC 0.99286, pixel AUROC 0.97834, AUPRO 0.89124 both ways). It is used only when the checkpoint
+    retrained one does, bit for bit (checked with ``kd-train ... train=false ckpt_path=<study>/last.ckpt``
+    on the 200-epoch width 17 / ``scheme.merge_depth=3`` study: the three test figures of that
+    setting's seed-0 record in ``map_regression.json``, which trained its own student). It is used only when the checkpoint
     finished all ``epochs``, its scheme settings (``hyper_parameters``) equal ``scheme``'s (the
     composed config, less ``_UNLEARNED_SETTINGS``), and it is newer than the teacher's checkpoint
     (a teacher built again means a student trained again)."""
     from kd_experiments.checkpoints import load_checkpoint
 
-    if (entry.category, entry.ratio, entry.seed) != ("bottle", SEED_RATIO, 0) or epochs != study_epochs(entry.variant):
+    if entry != study_entry(entry.teacher, entry.variant) or epochs != study_epochs(entry.variant):
         return None
     path = study_run_dir(entry) / "checkpoints" / "last.ckpt"
     if not path.is_file() or path.stat().st_mtime <= teacher_checkpoint_path.stat().st_mtime:
@@ -666,7 +672,7 @@ def variant_budget(records: list[dict[str, Any]], teacher: str, variant: str) ->
     epochs = choose_epochs(records, teacher, variant)
     if epochs is not None:
         return epochs, True
-    if decays_over_the_run(variant) and study_run_dir(Entry("bottle", teacher, SEED_RATIO, 0, variant)).is_dir():
+    if decays_over_the_run(variant) and study_run_dir(study_entry(teacher, variant)).is_dir():
         return study_epochs(variant), False
     return None, False
 
@@ -674,7 +680,7 @@ def variant_budget(records: list[dict[str, Any]], teacher: str, variant: str) ->
 def waits_for_study(entry: Entry, study_done: bool) -> bool:
     """Whether ``entry``'s test run waits for its study to end: the study's own entry (bottle, seed 0,
     ``SEED_RATIO``), which tests the study's final weights (:func:`study_weights`)."""
-    return not study_done and (entry.category, entry.ratio, entry.seed) == ("bottle", SEED_RATIO, 0)
+    return not study_done and entry == study_entry(entry.teacher, entry.variant)
 
 
 # -- the comparison: a score-regression student of the same teacher at the same deployed size ---------
@@ -1125,12 +1131,12 @@ def main() -> None:
         teacher = choose_teacher(epoch_rows(budgets.runs))
         if teacher is None:
             raise SystemExit("a variant is studied with the chosen teacher: run --budget first")
-        record_study(Entry("bottle", teacher, SEED_RATIO, 0, " ".join(args.variant)), args, budgets)
+        record_study(study_entry(teacher, " ".join(args.variant)), args, budgets)
         print(budget_table(budget_path(args.output)), flush=True)
         return
     if args.budget:
         for teacher in TEACHERS:
-            record_study(Entry("bottle", teacher, SEED_RATIO, 0), args, budgets)
+            record_study(study_entry(teacher), args, budgets)
     records = epoch_rows(budgets.reload()["runs"])
     teacher = choose_teacher(records)
     epochs = choose_epochs(records, teacher) if teacher else None
