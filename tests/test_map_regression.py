@@ -369,6 +369,38 @@ def test_a_run_logs_quality_sizes_and_reuses_the_teacher_maps(patchcore_teacher)
 
 
 @pytest.mark.slow
+def test_callbacks_ema_validates_checkpoints_and_tests_the_average(patchcore_teacher) -> None:
+    """``callbacks=ema``: the checkpoint's state_dict is the moving average (the step's own weights
+    beside it, for resuming), and the run tested that average: testing the checkpoint alone gives
+    the run's test metrics, while the step's own weights give other maps."""
+    checkpoint, env = patchcore_teacher
+    root = checkpoint.parents[2]
+    common = ["experiment=map_regression_smoke", *SMOKE, *NO_DEPLOY, "trainer.max_epochs=2",
+              f"scheme.teacher.checkpoint={checkpoint}", "experiment_name=map_regression_ema"]
+    trained = train_in_process(["callbacks=ema", *common], env, root / "ema")
+    last = root / "ema" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert int(saved["averaging_state"]["n_averaged"]) == saved["global_step"] > 1  # every optimiser step
+    average, current = saved["state_dict"], saved["current_model_state"]
+    assert average.keys() == current.keys()
+    assert any(not torch.equal(average[key], current[key]) for key in average if key.startswith("student."))
+    tested = train_in_process([*common, "train=false", f"ckpt_path={last}"], env, root / "ema_test")
+    for key in ("test/image_auroc", "test/pixel_auroc", "test/aupro"):
+        assert tested[key] == pytest.approx(trained[key], abs=1e-6), key
+    scheme = load_scheme("kd_experiments.schemes.map_regression.MapRegressionScheme", last)
+    own = load_scheme("kd_experiments.schemes.map_regression.MapRegressionScheme", last)
+    own.load_state_dict(current)
+    images = torch.rand(2, 3, scheme.input_shape[1], scheme.input_shape[2])
+    with torch.no_grad():
+        assert not torch.allclose(scheme.deployable_model().eval()(images)[1], own.deployable_model().eval()(images)[1])
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    run = client.search_runs([client.get_experiment_by_name("map_regression_ema").experiment_id],
+                             order_by=["attributes.start_time ASC"])[0]
+    assert run.info.status == "FINISHED"
+    assert float(run.data.params["callbacks.weight_averaging.decay"]) == 0.999
+
+
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(patchcore_teacher) -> None:
     checkpoint, env = patchcore_teacher
     root = checkpoint.parents[2]
