@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -388,7 +389,7 @@ def test_callbacks_ema_validates_checkpoints_and_tests_the_average(patchcore_tea
     for key in ("test/image_auroc", "test/pixel_auroc", "test/aupro"):
         assert tested[key] == pytest.approx(trained[key], abs=1e-6), key
     scheme = load_scheme("kd_experiments.schemes.map_regression.MapRegressionScheme", last)
-    own = load_scheme("kd_experiments.schemes.map_regression.MapRegressionScheme", last)
+    own = copy.deepcopy(scheme)
     own.load_state_dict(current)
     images = torch.rand(2, 3, scheme.input_shape[1], scheme.input_shape[2])
     with torch.no_grad():
