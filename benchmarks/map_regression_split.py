@@ -1,0 +1,100 @@
+"""Which half of a run's seed moves a map student's test figures: its data split or the rest.
+
+In :mod:`benchmarks.map_regression` a run's ``seed`` sets two things at once:
+
+- ``data.seed``: which tenth of ``train/good`` the MVTec datamodule holds out for validation
+  (so which images the student trains on) and the order it reads them in;
+- everything else a seed draws: the student's initialisation and the random augmentation of
+  its training batches (the synthetic anomalies and views are fixed by ``scheme.synthetic_seed``
+  and do not change with the seed).
+
+The ratio-30 records of a setting are its *diagonal* (seed ``s`` on split ``s``). This benchmark
+runs the two crossed cells of seeds 0 and 1 (seed 1 on seed 0's split, seed 0 on seed 1's split)
+at the setting's own budget (rule 2 of :mod:`benchmarks.map_regression`, from its study), trained
+and tested exactly as that benchmark's runs are, with ``data.seed`` overridden. With the diagonal
+this gives a 2 x 2 table: when the test figures follow the split (rows agree down a column) the
+spread between seeds is the spread between which ~21 of bottle's 209 training images the student
+did not train on; when they follow the seed, it is the initialisation and batch order.
+
+One record per crossed cell in ``benchmarks/results/map_regression_split.json`` (fields
+``category``, ``teacher_scheme``, ``requested_mac_ratio``, ``seed``, ``data_seed``, ``variant``
+(the setting, without the ``data.seed`` override), the test figures of a
+:mod:`benchmarks.map_regression` record and the per-record provenance of
+:mod:`benchmarks.harness`); resumable. Nothing here selects a model, a seed, a split or a
+setting: the figures explain test results already recorded.
+
+    python -m benchmarks.map_regression_split --variant trainer.max_epochs=400 scheme.feature_weight=4.0 ...
+    python -m benchmarks.map_regression_split --variant ... --only 's1/d0'     # one cell
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from benchmarks.harness import ResultsFile, base_parser, epoch_rows
+from benchmarks.map_regression import (
+    SEED_RATIO,
+    Entry,
+    budget_path,
+    choose_teacher,
+    run_student,
+    use_project_mlflow_store,
+    variant_budget,
+)
+
+#: the crossed cells (seed, data.seed); the diagonal (s, s) are the setting's own records
+CROSSED = ((1, 0), (0, 1))
+CATEGORY = "bottle"
+
+
+def cell_name(seed: int, data_seed: int) -> str:
+    return f"s{seed}/d{data_seed}"
+
+
+def cell_entry(teacher: str, variant: str, seed: int, data_seed: int) -> Entry:
+    """The :mod:`benchmarks.map_regression` entry of a cell: its setting with ``data.seed`` overridden
+    (the override comes after ``seed=``, so it wins over ``data.seed: ${seed}``)."""
+    if "data.seed=" in variant:
+        raise SystemExit("--variant names the setting; the benchmark sets data.seed itself")
+    return Entry(CATEGORY, teacher, SEED_RATIO, seed, f"{variant} data.seed={data_seed}")
+
+
+def main() -> None:
+    parser = base_parser(__doc__, output="map_regression_split.json")
+    parser.add_argument("--variant", nargs="+", required=True, metavar="OVERRIDE",
+                        help="the studied setting (the --variant of benchmarks.map_regression)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PATTERN", help="cells to run, e.g. s1/d0")
+    args = parser.parse_args()
+    args.retrain = True  # a crossed cell is never a study's own run: it always trains
+    args.teacher_epochs = None
+    variant = " ".join(args.variant)
+    results = ResultsFile(args.output, key_fields=("category", "teacher_scheme", "requested_mac_ratio", "seed",
+                                                   "data_seed", "variant"))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    use_project_mlflow_store()
+    studies = epoch_rows(ResultsFile(budget_path(args.output.with_name("map_regression.json"))).runs)
+    teacher = choose_teacher(studies)
+    if teacher is None:
+        raise SystemExit("no teacher chosen yet: run `python -m benchmarks.map_regression --budget` first")
+    epochs, study_done = variant_budget(studies, teacher, variant)
+    if epochs is None or not study_done:
+        raise SystemExit(f"the setting {variant!r} has no finished study: run benchmarks.map_regression "
+                         "--budget --variant first")
+    for seed, data_seed in CROSSED:
+        name = cell_name(seed, data_seed)
+        if args.only and not any(fnmatch.fnmatch(name, pattern) for pattern in args.only):
+            continue
+        key = {"category": CATEGORY, "teacher_scheme": teacher, "requested_mac_ratio": SEED_RATIO, "seed": seed,
+               "data_seed": data_seed, "variant": variant}
+        if results.has(key):
+            continue
+        print(f"[map_regression_split] {name}: running ({epochs} epochs)", flush=True)
+        with results.record(key) as record:
+            record.update(run_student(cell_entry(teacher, variant, seed, data_seed), args, epochs))
+            record["budget_rule"] = "validation"
+
+
+if __name__ == "__main__":
+    main()
