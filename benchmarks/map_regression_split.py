@@ -4,17 +4,18 @@ In :mod:`benchmarks.map_regression` a run's ``seed`` sets two things at once:
 
 - ``data.seed``: which tenth of ``train/good`` the MVTec datamodule holds out for validation
   (so which images the student trains on) and the order it reads them in;
-- everything else a seed draws: the student's initialisation and the random augmentation of
-  its training batches (the synthetic anomalies and views are fixed by ``scheme.synthetic_seed``
-  and do not change with the seed).
+- everything else a seed draws, which for this scheme is the student's initialisation: the
+  synthetic anomalies, the views and the per-step choice among them are drawn from
+  ``scheme.synthetic_seed`` and do not change with the seed.
 
 The ratio-30 records of a setting are its *diagonal* (seed ``s`` on split ``s``). This benchmark
 runs the two crossed cells of seeds 0 and 1 (seed 1 on seed 0's split, seed 0 on seed 1's split)
 at the setting's own budget (rule 2 of :mod:`benchmarks.map_regression`, from its study), trained
 and tested exactly as that benchmark's runs are, with ``data.seed`` overridden. With the diagonal
-this gives a 2 x 2 table: when the test figures follow the split (rows agree down a column) the
-spread between seeds is the spread between which ~21 of bottle's 209 training images the student
-did not train on; when they follow the seed, it is the initialisation and batch order.
+this gives a 2 x 2 table: when the two runs on one split agree and the splits differ, the spread
+between seeds is the spread between which tenth of bottle's 209 training images the student did
+not train on (and the order it read the rest in); when the two runs of one seed agree, it is the
+initialisation.
 
 One record per crossed cell in ``benchmarks/results/map_regression_split.json`` (fields
 ``category``, ``teacher_scheme``, ``requested_mac_ratio``, ``seed``, ``data_seed``, ``variant``
@@ -30,6 +31,7 @@ setting: the figures explain test results already recorded.
 from __future__ import annotations
 
 import fnmatch
+from typing import Any
 
 from benchmarks.harness import ResultsFile, base_parser, epoch_rows
 from benchmarks.map_regression import (
@@ -57,6 +59,31 @@ def cell_entry(teacher: str, variant: str, seed: int, data_seed: int) -> Entry:
     if "data.seed=" in variant:
         raise SystemExit("--variant names the setting; the benchmark sets data.seed itself")
     return Entry(CATEGORY, teacher, SEED_RATIO, seed, f"{variant} data.seed={data_seed}")
+
+
+def split_table(records: list[dict[str, Any]], crossed: list[dict[str, Any]]) -> str:
+    """The 2 x 2 table of each setting with crossed records: seeds 0 and 1 on splits 0 and 1, the
+    diagonal from ``map_regression.json`` (``records``: the setting's own ratio-30 runs), the crossed
+    cells from this benchmark's file; Markdown, empty when there is no crossed record."""
+    rows = []
+    for variant in dict.fromkeys(run.get("variant") for run in crossed):
+        cells = {(run["seed"], run["data_seed"]): (run, "map_regression_split.json") for run in crossed
+                 if run.get("variant") == variant}
+        teacher = next(iter(cells.values()))[0]["teacher_scheme"]
+        for run in records:  # the last record of each diagonal cell
+            if (run.get("variant") == variant and run.get("category") == CATEGORY
+                    and run.get("teacher_scheme") == teacher and run.get("requested_mac_ratio") == SEED_RATIO
+                    and run.get("student", "map_regression") == "map_regression" and run.get("seed") in (0, 1)):
+                cells[(run["seed"], run["seed"])] = (run, "map_regression.json")
+        for seed, data_seed in sorted(cells, key=lambda cell: (cell[1], cell[0])):
+            run, source = cells[(seed, data_seed)]
+            figures = " | ".join("-" if run.get(k) is None else f"{run[k]:.4f}"
+                                 for k in ("image_auroc", "pixel_auroc", "aupro"))
+            rows.append(f"| `{variant}` | {data_seed} | {seed} | {figures} | {source} | {run.get('git_commit', '')[:7]} |")
+    if not rows:
+        return ""
+    return "\n".join(["| setting | data split (data.seed) | seed (initialisation) | image AUROC | "
+                      "pixel AUROC | AUPRO | record file | commit |", "|---|---|---|---|---|---|---|---|", *rows])
 
 
 def main() -> None:

@@ -532,6 +532,13 @@ def map_regression_page(results: Path) -> Page | None:
                   "(`benchmarks/results/map_regression_regions.json`)", "",
                   REGIONS_INTRO, "", generic_table(sorted(regions, key=lambda r: (
                       r.get("category"), str(r.get("variant")), r.get("seed"), r.get("model"))), columns), ""]
+    crossed = load_runs(results, "map_regression_split.json")
+    if crossed:
+        from benchmarks.map_regression_split import split_table
+
+        parts += ["## Which half of the seed moves the ratio-30 figures: the data split or the initialisation "
+                  "(`benchmarks/results/map_regression_split.json`)", "", SPLIT_INTRO, "",
+                  split_table(records, crossed), ""]
     if budget:
         parts += ["## Teacher and epoch budget chosen on validation data "
                   "(`benchmarks/results/map_regression_budget.json`)", "",
@@ -543,7 +550,8 @@ def map_regression_page(results: Path) -> Page | None:
             parts += ["## Which validation criterion tracks the test figures (read after the fact)", "",
                       CRITERIA_INTRO, "", criteria, ""]
     parts += [provenance_section(results, ["map_regression.json", "map_regression_budget.json",
-                                           "map_regression_shift.json", "map_regression_regions.json"])]
+                                           "map_regression_shift.json", "map_regression_regions.json",
+                                           "map_regression_split.json"])]
     return Page("map_regression", "\n".join(parts) + "\n", charts)
 
 
@@ -1016,6 +1024,16 @@ same on 32 images the model trained on (a PatchCore teacher's own bank images, w
 as targets), and for a PatchCore teacher whose bank records its source images, those images each
 scored against the bank less its own patches (`scheme.teacher_leave_one_out`). The last two columns are the records' test figures (with anomalies), for reference.
 Nothing here selects a model or a setting."""
+
+
+SPLIT_INTRO = """\
+A run's `seed` sets both its train / validation split of `train/good` (`data.seed`: which tenth the
+student does not train on, and the order it reads the rest in) and its initialisation (the synthetic
+anomalies and views are drawn from `scheme.synthetic_seed`, the same for every seed). `python -m
+benchmarks.map_regression_split` trains the crossed cells (seed 1 on seed 0's split, seed 0 on seed
+1's) at the setting's own budget, trained and tested as the records of the results table are; the
+diagonal cells are those records. Nothing here selects a model, a seed, a split or a setting: it
+explains recorded test results."""
 
 
 REGIONS_INTRO = """\

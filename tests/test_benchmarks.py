@@ -740,3 +740,35 @@ def test_a_decaying_variants_test_runs_may_start_once_its_study_has_but_the_stud
     assert not mr.waits_for_study(mr.Entry("bottle", "patchcore", mr.SEED_RATIO, 0, cosine), True)
     assert not mr.waits_for_study(mr.Entry("bottle", "patchcore", mr.SEED_RATIO, 1, cosine), False)
     assert not mr.waits_for_study(mr.Entry("screw", "patchcore", mr.SEED_RATIO, 0, cosine), False)
+
+
+def test_the_split_benchmark_overrides_only_the_data_seed_and_tables_crossed_cells_beside_the_diagonal(
+        tmp_path: Path) -> None:
+    """benchmarks.map_regression_split: a crossed cell is the setting's run with data.seed overridden
+    after seed (so the run's split is the other seed's and its initialisation its own); the table joins
+    the crossed records with the setting's own ratio-30 records of seeds 0 and 1, and nothing else."""
+    from benchmarks.harness import compose
+    from benchmarks.map_regression import student_overrides
+    from benchmarks.map_regression_split import cell_entry, split_table
+
+    setting = "scheme.width=17"
+    entry = cell_entry("patchcore", setting, seed=1, data_seed=0)
+    args = argparse.Namespace(data_root=tmp_path)
+    (tmp_path / "mvtec_ad" / "bottle").mkdir(parents=True)
+    cfg = compose(student_overrides(entry, tmp_path / "teacher.ckpt", args, 3, "tag", "test"), output_dir=tmp_path)
+    assert (cfg.seed, cfg.data.seed, cfg.scheme.width) == (1, 0, 17)
+    with pytest.raises(SystemExit, match="data.seed"):
+        cell_entry("patchcore", f"{setting} data.seed=2", seed=0, data_seed=1)
+
+    def run(seed, data_seed=None, variant=setting, aupro=0.9, **extra):
+        return {"category": "bottle", "teacher_scheme": "patchcore", "requested_mac_ratio": 30, "seed": seed,
+                "variant": variant, "image_auroc": 0.99, "pixel_auroc": 0.98, "aupro": aupro,
+                "git_commit": "abcdef0123", **({} if data_seed is None else {"data_seed": data_seed}), **extra}
+
+    records = [run(0, aupro=0.915), run(1, aupro=0.889), run(2, aupro=0.91), run(1, variant="other", aupro=0.5),
+               run(1, aupro=0.1, student="score_regression")]
+    assert split_table(records, []) == ""
+    lines = split_table(records, [run(1, 0, aupro=0.912), run(0, 1, aupro=0.887)]).splitlines()[2:]
+    cells = [[field.strip() for field in line.split("|")[2:7]] for line in lines]
+    assert cells == [["0", "0", "0.9900", "0.9800", "0.9150"], ["0", "1", "0.9900", "0.9800", "0.9120"],
+                     ["1", "0", "0.9900", "0.9800", "0.8870"], ["1", "1", "0.9900", "0.9800", "0.8890"]]
