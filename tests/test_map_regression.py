@@ -161,6 +161,45 @@ def test_the_pyramid_merge_depth_adds_stride_8_convolutions_that_reach_the_map_a
         MapRegressionScheme((3, SIZE, SIZE), width=4, merge_depth=2)
 
 
+def test_map_depth_adds_separable_blocks_at_the_map_resolution_that_reach_the_map_count_and_export(
+        tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    plain, refined = MapStudent(3, 4, 1, fusion="pyramid"), MapStudent(3, 4, 1, fusion="pyramid", map_depth=2)
+    # map_depth=0 is the student as it was (its checkpoints load); each block is a depthwise 3x3 and a 1x1
+    assert set(refined.state_dict()) - set(plain.state_dict()) == {
+        f"refine4.{index}.{conv}.{kind}" for index in (0, 1) for conv in ("depthwise", "pointwise")
+        for kind in ("weight", "bias")}
+    assert refined.refine4[0].depthwise.groups == 2 * 4
+    refined.load_state_dict(plain.state_dict(), strict=False)
+    images = torch.randn(2, 3, SIZE, SIZE)
+    before = refined(images)
+    assert before.shape == (2, 1, SIZE // 4, SIZE // 4)
+    with torch.no_grad():
+        refined.refine4[1].pointwise.weight.add_(0.5)
+    assert not torch.allclose(before, refined(images))
+    # the width search sees each block: 9c + c^2 multiply-accumulates per map pixel for c = 2 * width
+    preprocessing = Preprocessing.identity((3, 256, 256))
+
+    def macs(student: MapStudent) -> int:
+        model = MapStudentDeployable(preprocessing, student, 4.0, torch.tensor(1.0))
+        return count_macs(model, model.example_input(1))
+
+    width, channels = 8, 16
+    added = macs(MapStudent(3, width, 2, fusion="pyramid", map_depth=1)) - macs(MapStudent(3, width, 2, fusion="pyramid"))
+    assert added == (9 * channels + channels ** 2) * (256 // 4) ** 2
+    assert describe(refined)["student_map_depth"] == 2 and describe(plain)["student_map_depth"] == 0
+    # it exports: ONNX Runtime gives the same scores and maps
+    deployable = MapStudentDeployable(Preprocessing.identity((3, SIZE, SIZE)), refined.eval(), 4.0,
+                                      torch.tensor(2.0)).eval()
+    raw = (torch.rand(2, 3, SIZE, SIZE) * 255).to(torch.uint8)
+    assert onnx_parity(deployable, export_onnx(deployable, raw, tmp_path / "refined.onnx"), raw) < 1e-4
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="scheme.map_depth"):
+            MapStudent(3, 4, 1, map_depth=bad)
+    scheme = MapRegressionScheme((3, SIZE, SIZE), width=4, fusion="pyramid", map_depth=1)
+    assert scheme.student.map_depth == 1
+
+
 def test_deployable_student_takes_raw_images_and_returns_scores_and_maps() -> None:
     model = MapStudentDeployable(Preprocessing.identity((3, SIZE, SIZE)), MapStudent(3, 4, 1), 4.0,
                                  torch.tensor(2.0)).eval()

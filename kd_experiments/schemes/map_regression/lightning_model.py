@@ -123,6 +123,7 @@ class MapRegressionScheme(AnomalyScheme):
         fusion: ``context`` | ``pyramid``: how the context path joins the stem's features
             (:class:`~.torch_model.MapStudent`).
         merge_depth: 3x3 convolutions of the pyramid's merge at stride 8 (``pyramid`` only).
+        map_depth: residual depthwise-separable blocks at the map resolution, before the head.
         loss: ``l1`` | ``mse`` on the normalised maps.
         anomaly_weight: extra weight of anomalous pixels (0: plain mean).
         synthetic_per_image: synthetic anomalies made from each training image.
@@ -166,6 +167,7 @@ class MapRegressionScheme(AnomalyScheme):
         context_multiplier: int = 2,
         fusion: str = "context",
         merge_depth: int = 1,
+        map_depth: int = 0,
         loss: str = "l1",
         anomaly_weight: float = 4.0,
         synthetic_per_image: int = 2,
@@ -234,7 +236,8 @@ class MapRegressionScheme(AnomalyScheme):
             width = width_for_mac_ratio(deployed_mac_ratio, self.teacher_deployed_macs(),
                                         lambda candidate: self._deployed_macs_of(int(candidate)))
             self.hparams["width"] = int(width)  # a checkpoint rebuilds the same student without the teacher
-        self.student = MapStudent(self.input_shape[0], int(width), depth, context_multiplier, fusion, merge_depth)
+        self.student = MapStudent(self.input_shape[0], int(width), depth, context_multiplier, fusion, merge_depth,
+                                  map_depth)
         self.feature_head: nn.Module | None = None
         if float(feature_weight) > 0:
             if feature_channels is None:
@@ -307,7 +310,7 @@ class MapRegressionScheme(AnomalyScheme):
         deployable = MapStudentDeployable(
             Preprocessing.identity(self.input_shape),
             MapStudent(self.input_shape[0], width, self.hparams.depth, self.hparams.context_multiplier,
-                       self.hparams.fusion, self.hparams.get("merge_depth", 1)),
+                       self.hparams.fusion, self.hparams.get("merge_depth", 1), self.hparams.get("map_depth", 0)),
             self.hparams.blur_sigma, torch.tensor(1.0),
         )
         return count_macs(deployable, deployable.example_input(1))

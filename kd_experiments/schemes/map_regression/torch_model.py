@@ -24,6 +24,12 @@ encoder at inference.
   features directly, so every map pixel reads context that was localised to 16-pixel cells;
   the pyramid gives a small defect mid-scale features localised to 8-pixel cells for about a
   tenth of the student's multiply-accumulates;
+- ``map_depth`` residual depthwise-separable blocks (a 3x3 depthwise convolution, then a 1x1
+  convolution, added to their input; the separable convolution of Howard et al., "MobileNets:
+  Efficient Convolutional Neural Networks for Mobile Vision Applications", arXiv 1704.04861) may
+  refine the fused features at the map resolution: each costs about a seventh of a full 3x3
+  convolution there (``9c + c^2`` against ``9c^2`` multiply-accumulates per pixel for ``c``
+  channels), so a student can spend depth where the map is written rather than at stride 8;
 - a head (3x3 then 1x1 convolution) writes one channel: the anomaly map at stride 4,
   in units of the teacher's normal-image map scale (see :class:`MapStudentDeployable`).
 
@@ -62,6 +68,19 @@ def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1
     )
 
 
+class SeparableBlock(nn.Module):
+    """``relu(x + pointwise(relu(depthwise(x))))``: a residual depthwise-separable 3x3 convolution
+    (see the module docstring) that keeps the channels and the resolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.pointwise = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.relu(features + self.pointwise(F.relu(self.depthwise(features))))
+
+
 class MapStudent(nn.Module):
     """Encoder-free fully convolutional map regressor (see the module docstring).
 
@@ -75,10 +94,12 @@ class MapStudent(nn.Module):
             at stride 8 to the path's stride-8 features first; see the module docstring).
         merge_depth: 3x3 convolutions of the pyramid's merge at stride 8 (``pyramid`` only):
             each one costs about a quarter of a 3x3 convolution at the map resolution.
+        map_depth: residual depthwise-separable blocks on the fused features at the map
+            resolution, before the head (0: none, the student as it was).
     """
 
     def __init__(self, in_channels: int = 3, width: int = 16, depth: int = 2, context_multiplier: int = 2,
-                 fusion: str = "context", merge_depth: int = 1) -> None:
+                 fusion: str = "context", merge_depth: int = 1, map_depth: int = 0) -> None:
         super().__init__()
         if int(width) < 1 or int(depth) < 0 or int(context_multiplier) < 1:
             raise ConfigError(
@@ -92,7 +113,10 @@ class MapStudent(nn.Module):
         if merge_depth != 1 and fusion != "pyramid":
             raise ConfigError(f"scheme.merge_depth={merge_depth} needs scheme.fusion=pyramid (the context fusion "
                               "has no stride-8 merge)")
+        if isinstance(map_depth, bool) or not isinstance(map_depth, int) or map_depth < 0:
+            raise ConfigError(f"scheme.map_depth must be an integer >= 0, got {map_depth!r}")
         self.width, self.depth, self.fusion, self.merge_depth = int(width), int(depth), fusion, merge_depth
+        self.map_depth = map_depth
         features, context = 2 * self.width, int(context_multiplier) * self.width
         self.stem = nn.Sequential(_conv(in_channels, self.width, 4, 2), _conv(self.width, features, 4, 2))
         self.context = nn.Sequential(
@@ -106,6 +130,8 @@ class MapStudent(nn.Module):
             self.merge8 = _conv(features, features, 3)
             # the merge's further convolutions (a module of its own: merge_depth=1 checkpoints load as before)
             self.refine8 = nn.Sequential(*[_conv(features, features, 3) for _ in range(merge_depth - 1)])
+        if map_depth:  # a module of its own only when used: map_depth=0 checkpoints load as before
+            self.refine4 = nn.Sequential(*[SeparableBlock(features) for _ in range(map_depth)])
         self.head = nn.Sequential(_conv(features, self.width, 3), nn.Conv2d(self.width, 1, 1))
 
     @property
@@ -124,7 +150,8 @@ class MapStudent(nn.Module):
         else:
             context = self.lateral(self.context(local))
         context = F.interpolate(context, size=local.shape[-2:], mode="bilinear", align_corners=False)
-        return F.relu(local + context)
+        fused = F.relu(local + context)
+        return self.refine4(fused) if self.map_depth else fused
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images ``(B, C, H, W)`` -> raw maps ``(B, 1, H / 4, W / 4)`` (normal-image units)."""
@@ -189,4 +216,4 @@ def width_for_mac_ratio(
 def describe(student: MapStudent) -> dict[str, Any]:
     """The student's architecture as loggable values."""
     return {"student_width": student.width, "student_depth": student.depth, "student_fusion": student.fusion,
-            "student_merge_depth": student.merge_depth}
+            "student_merge_depth": student.merge_depth, "student_map_depth": student.map_depth}
