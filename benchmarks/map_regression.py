@@ -66,6 +66,14 @@ scheme.feature_weight=4.0``): its study runs that many epochs, rule 2 reads its 
 candidates every ``LONG_CANDIDATE_STEP`` epochs beyond ``STUDY_EPOCHS``, and rule 5 compares the
 last ``REFERENCE_EPOCHS`` epochs of each study, whatever its length.
 
+A studied setting is *refitted* with ``--variant <setting> data.refit=true``: the student trains on
+every ``train/good`` image, the tenth its study held out too (:class:`~kd_experiments.data.mvtec.MVTecDataModule`'s
+``refit``), for the setting's own budget (rule 2 on the setting's study, without the refit override), and
+the final weights are tested. A refit is never studied (its validation images are training images: the
+validation figures of its run are in-sample, so it validates every ``REFIT_VAL_EVERY`` epochs only, as a
+monitor) and always trains (its study's weights never saw the held-out tenth). Its records carry the
+variant with ``data.refit=true`` and ``val_every_n_epochs``.
+
 5. **Setting** (which studied setting the results stand for): per setting studied with the chosen
    teacher (the default and each variant), the mean of ``val/synthetic_pixel_auroc`` and
    ``val/synthetic_image_auroc`` over the last ``REFERENCE_EPOCHS`` epochs of its study; the
@@ -358,8 +366,12 @@ def run_student(entry: Entry, args: argparse.Namespace, epochs: int) -> dict[str
     tag = f"map-regression-{entry.folder}-{os.getpid()}-{time.time_ns()}"
     run_dir = ROOT / "logs" / "benchmarks" / "map_regression" / entry.folder
     overrides = student_overrides(entry, checkpoint, args, epochs, tag, "benchmark")
+    refit = is_refit(entry.variant)
+    if refit:  # its validation images are training images: an in-sample monitor, run now and then
+        overrides.append(f"trainer.check_val_every_n_epoch={REFIT_VAL_EVERY}")
     cfg = compose(overrides, output_dir=run_dir)
-    weights = None if getattr(args, "retrain", False) else study_weights(entry, epochs, cfg.scheme, checkpoint)
+    weights = (None if getattr(args, "retrain", False) or refit
+               else study_weights(entry, epochs, cfg.scheme, checkpoint))
     if weights is not None:
         print(f"[map_regression] {entry.name}: testing the study run's final weights ({weights})", flush=True)
         cfg = compose([*overrides, "train=false", f"ckpt_path={weights}"], output_dir=run_dir)
@@ -388,6 +400,7 @@ def run_student(entry: Entry, args: argparse.Namespace, epochs: int) -> dict[str
         "mlflow_run_id": run.info.run_id, **teacher_budget_used,
         "weights": "trained" if weights is None else "study",
         **({} if weights is None else {"weights_mlflow_run_id": mlflow_run_id_of(weights)}),
+        **({"val_every_n_epochs": REFIT_VAL_EVERY} if refit else {}),
     }
 
 
@@ -665,10 +678,32 @@ def choose_epochs(records: list[dict[str, Any]], teacher: str, variant: str | No
     return length
 
 
+REFIT = "data.refit=true"
+#: a refit's validation (in-sample, a monitor) runs every this many epochs
+REFIT_VAL_EVERY = 50
+
+
+def is_refit(variant: str | None) -> bool:
+    """Whether a variant refits a studied setting on every training image (``data.refit=true``)."""
+    return variant_value(variant, "data.refit") in ("true", "True")
+
+
+def refitted_setting(variant: str) -> str:
+    """The studied setting a refit variant refits: the variant without its ``data.refit`` override."""
+    return " ".join(o for o in variant.split() if o.partition("=")[0] != "data.refit")
+
+
 def variant_budget(records: list[dict[str, Any]], teacher: str, variant: str) -> tuple[int | None, bool]:
     """A studied variant's test budget (rule 2 on its own study; None: not yet known) and whether its
     study has ended. A variant whose learning rate decays over the run has its study's length
-    whatever the study shows, so its budget is known once its study has begun (its run folder exists)."""
+    whatever the study shows, so its budget is known once its study has begun (its run folder exists).
+    A refit (:func:`is_refit`) has the budget of the setting it refits, and only once that study has ended."""
+    if is_refit(variant):
+        setting = refitted_setting(variant)
+        if not setting:
+            return None, False
+        epochs = choose_epochs(records, teacher, setting)
+        return (epochs, True) if epochs is not None else (None, False)
     epochs = choose_epochs(records, teacher, variant)
     if epochs is not None:
         return epochs, True
@@ -1115,6 +1150,9 @@ def main() -> None:
                         help="rewrite the budget file (default: the one beside --output) from one record per "
                              "epoch to one per study run, and stop")
     args = parser.parse_args()
+    if args.budget and args.variant and is_refit(" ".join(args.variant)):
+        raise SystemExit("a refit (data.refit=true) is not studied: its validation images are training images; "
+                         "study the setting without it, then test --variant <setting> data.refit=true")
     if args.migrate_budget is not None:
         print(migrate_budget(Path(args.migrate_budget) if args.migrate_budget else budget_path(args.output)))
         return

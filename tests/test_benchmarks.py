@@ -742,6 +742,51 @@ def test_a_decaying_variants_test_runs_may_start_once_its_study_has_but_the_stud
     assert not mr.waits_for_study(mr.Entry("screw", "patchcore", mr.SEED_RATIO, 0, cosine), False)
 
 
+def test_a_refit_has_its_studied_settings_budget_always_trains_on_every_image_and_is_never_studied(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks.map_regression: ``--variant <setting> data.refit=true`` is tested at the setting's own
+    budget once the setting's study has ended (never before, never one of its own), trains even where the
+    setting's study weights exist (they never saw the held-out tenth), validates only every
+    REFIT_VAL_EVERY epochs, composes a datamodule with refit on, and cannot be studied."""
+    from types import SimpleNamespace
+
+    import kd_experiments.train
+    from benchmarks import map_regression as mr
+    from benchmarks.harness import compose
+
+    setting = "trainer.max_epochs=300 scheme.lr_schedule=cosine scheme.width=17"
+    refit = f"{setting} {mr.REFIT}"
+    assert mr.is_refit(refit) and not mr.is_refit(setting) and mr.refitted_setting(refit) == setting
+    monkeypatch.setattr(mr, "ROOT", tmp_path)
+    mr.study_run_dir(mr.Entry("bottle", "patchcore", mr.SEED_RATIO, 0, setting)).mkdir(parents=True)
+    assert mr.variant_budget([], "patchcore", refit) == (None, False)  # begun is not enough for a refit
+    ended = [{"teacher_scheme": "patchcore", "variant": setting, "epoch": epoch, "val_synthetic_pixel_auroc": 0.7,
+              "val_synthetic_image_auroc": 0.8} for epoch in range(1, 301)]
+    assert mr.variant_budget(ended, "patchcore", refit) == (300, True)
+    assert mr.variant_budget(ended, "patchcore", mr.REFIT) == (None, False)  # refits nothing studied
+
+    composed: list[list[str]] = []
+    monkeypatch.setattr(mr, "build_teacher", lambda teacher, category, args: (tmp_path / "t.ckpt", {}))
+    monkeypatch.setattr(mr, "compose", lambda overrides, output_dir: (composed.append(list(overrides)), SimpleNamespace(
+        experiment_name="x", scheme={}, trainer=SimpleNamespace(max_epochs=300)))[1])
+    monkeypatch.setattr(mr, "study_weights", lambda entry, epochs, scheme, teacher: tmp_path / "last.ckpt")
+    monkeypatch.setattr(kd_experiments.train, "train", lambda cfg: {"test/image_auroc": 0.99})
+    run = SimpleNamespace(data=SimpleNamespace(metrics={}, params={}), info=SimpleNamespace(run_id="r"))
+    monkeypatch.setattr(mr, "mlflow_run", lambda tag, experiment: (None, run))
+    record = mr.run_student(mr.Entry("bottle", "patchcore", mr.SEED_RATIO, 0, refit),
+                            argparse.Namespace(retrain=False, data_root=tmp_path), 300)
+    assert record["weights"] == "trained" and record["val_every_n_epochs"] == mr.REFIT_VAL_EVERY
+    assert len(composed) == 1 and f"trainer.check_val_every_n_epoch={mr.REFIT_VAL_EVERY}" in composed[0]
+    (tmp_path / "mvtec_ad" / "bottle").mkdir(parents=True)
+    cfg = compose(composed[0], output_dir=tmp_path)
+    assert cfg.data.refit is True and cfg.trainer.check_val_every_n_epoch == mr.REFIT_VAL_EVERY
+
+    monkeypatch.setattr("sys.argv", ["map_regression", "--budget", "--output", str(tmp_path / "m.json"),
+                                     "--variant", *refit.split()])
+    with pytest.raises(SystemExit, match="not studied"):
+        mr.main()
+
+
 def test_the_split_benchmark_overrides_only_the_data_seed_and_tables_crossed_cells_beside_the_diagonal(
         tmp_path: Path) -> None:
     """benchmarks.map_regression_split: a crossed cell is the setting's run with data.seed overridden

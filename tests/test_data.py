@@ -237,6 +237,27 @@ def test_mvtec_split_and_shuffle_are_seeded(synthetic_root: Path) -> None:
     assert sorted(train_order(0)) == list(range(N_TRAIN - 1))
 
 
+def test_mvtec_refit_trains_on_every_good_image_and_keeps_the_seeded_validation_split(
+    synthetic_root: Path,
+) -> None:
+    def splits(refit: bool) -> tuple[set[Path], list[Path]]:
+        datamodule = MVTecDataModule(
+            synthetic_root, "synthetic", image_size=SIZE, val_fraction=0.3, seed=1, refit=refit
+        )
+        datamodule.setup("fit")
+        return (
+            {sample.image_path for sample in datamodule.train_dataset.samples},
+            [sample.image_path for sample in datamodule.val_dataset.samples],
+        )
+
+    (held_train, held_val), (refit_train, refit_val) = splits(False), splits(True)
+    train_good = set((synthetic_root / "synthetic" / "train" / "good").glob("*.png"))
+    assert refit_train == train_good and held_train < train_good
+    assert refit_val == held_val and set(refit_val) <= refit_train  # in-sample validation
+    with pytest.raises(ConfigError, match="refit"):
+        MVTecDataModule(synthetic_root, "synthetic", refit="yes")
+
+
 def test_mvtec_cache_keeps_decoded_images(synthetic_copy: Path) -> None:
     root = synthetic_copy.parent
     cached = MVTecDataModule(root, "synthetic", image_size=SIZE, cache_images=True)

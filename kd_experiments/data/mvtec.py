@@ -45,7 +45,7 @@ from kd_experiments.data.common import (
     require_dir,
     split_indices,
 )
-from kd_experiments.errors import DataError
+from kd_experiments.errors import ConfigError, DataError
 
 NORMALIZATIONS: tuple[str, ...] = INPUT_NORMALIZATIONS
 """Allowed values of ``normalization``: ImageNet mean/std, or raw [0, 1] pixels."""
@@ -203,6 +203,12 @@ class MVTecDataModule(SplitDataModule):
         grayscale: Read images as a single channel.
         cache_images: Keep decoded, resized images in memory after their first
             read; worthwhile for small categories, especially on CPU.
+        refit: Train on every ``train/good`` image, the held-out ones too: the
+            final fit of a setting whose budget was chosen on the validation
+            split beforehand (a fixed schedule, refitted on all the normal
+            training data). The validation split is still drawn and evaluated,
+            but it is then in-sample (the student trains on it): its figures
+            monitor the fit and choose nothing.
 
     Raises:
         ConfigError: For an invalid argument value.
@@ -225,6 +231,7 @@ class MVTecDataModule(SplitDataModule):
         normalization: str = "imagenet",
         grayscale: bool = False,
         cache_images: bool = False,
+        refit: bool = False,
     ) -> None:
         super().__init__()
         self.image_size = parse_image_size("image_size", image_size)
@@ -240,6 +247,9 @@ class MVTecDataModule(SplitDataModule):
         self.normalization = check_choice("normalization", normalization, NORMALIZATIONS)
         self.grayscale = grayscale
         self.cache_images = cache_images
+        if not isinstance(refit, bool):
+            raise ConfigError(f"refit={refit!r} must be true or false")
+        self.refit = refit
         self.category = category
         self.category_dir = _category_dir(root, category)
 
@@ -274,7 +284,7 @@ class MVTecDataModule(SplitDataModule):
         if stage in (None, "fit", "validate") and self._train is None:
             train_samples = self._train_samples()
             kept, held_out = split_indices(len(train_samples), self.val_fraction, self.seed)
-            self._train = self._dataset([train_samples[i] for i in kept])
+            self._train = self._dataset(train_samples if self.refit else [train_samples[i] for i in kept])
             self._val = self._dataset([train_samples[i] for i in held_out])
         if stage in (None, "test") and self._test is None:
             self._test = self._dataset(self._test_samples())

@@ -266,7 +266,7 @@ class SyntheticMVTecDataModule(MVTecDataModule):
         image_size: Side of the generated square images in pixels.
         generator_seed: Seed of the generated textures and defects.
         batch_size, eval_batch_size, val_fraction, num_workers, seed,
-        normalization, grayscale, cache_images: As for ``MVTecDataModule``
+        normalization, grayscale, cache_images, refit: As for ``MVTecDataModule``
             (``cache_images`` defaults to ``True``: generated sets are small).
     """
 
@@ -287,6 +287,7 @@ class SyntheticMVTecDataModule(MVTecDataModule):
         normalization: str = "imagenet",
         grayscale: bool = False,
         cache_images: bool = True,
+        refit: bool = False,
     ) -> None:
         generate_mvtec_like(
             root, category, n_train, n_test_good, n_test_defect_per_type, image_size, generator_seed
@@ -303,4 +304,5 @@ class SyntheticMVTecDataModule(MVTecDataModule):
             normalization=normalization,
             grayscale=grayscale,
             cache_images=cache_images,
+            refit=refit,
         )
