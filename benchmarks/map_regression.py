@@ -884,14 +884,19 @@ def results_table(path: Path, preferred: str | None = None, fidelity: str | None
             f"| {run['aupro']:.4f} | {run['teacher_image_auroc']:.4f} / {run['teacher_pixel_auroc']:.4f} / "
             f"{run['teacher_aupro']:.4f} | {retention:.4f} | {run['student_latency_ms_b1']:.2f} / "
             f"{run['teacher_latency_ms_b1']:.2f} | {setting} |")
-    settings = list(dict.fromkeys([preferred, fidelity, None]))
+    refits = {f"{chosen} {REFIT}": role for role, chosen in (("rule 5", preferred), ("rule 6", fidelity)) if chosen}
+    settings = list(dict.fromkeys([preferred, fidelity, None, *refits]))
     roles = {variant: ", ".join(role for role, chosen in (("rule 5", preferred), ("rule 6", fidelity))
                                 if chosen == variant) for variant in settings}
+    roles.update({variant: "" for variant in refits})
     summaries = [(variant, seed_summary(runs, variant)) for variant in settings]
     summaries += [(variant, retention_summary(runs, variant)) for variant in settings]
     for variant, summary in summaries:
         if summary:
-            lines += ["", (f"**Preferred by {roles[variant]}.** " if roles[variant] else "") + summary]
+            label = (f"**Preferred by {roles[variant]}.** " if roles.get(variant) else
+                     f"**{refits[variant][:1].upper()}{refits[variant][1:]}'s setting, refitted on every training "
+                     "image.** " if variant in refits else "")
+            lines += ["", label + summary]
     return "\n".join(lines)
 
 

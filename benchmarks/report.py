@@ -448,7 +448,10 @@ FLOORS_INTRO = (
     "and a student requested at 30 that deploys at 29.7 is not one at 30 or more. Per "
     "setting and requested ratio: the mean of each figure over the seeds run (± sample std when there are "
     "several), how many records meet every floor, and which floors some record misses. Read from the records "
-    "above; it selects nothing.")
+    "above; it selects nothing. A setting ending in `data.refit=true` is a studied setting refitted: the same "
+    "overrides and budget (its study's, rule 2), trained on every `train/good` image, the tenth its study held "
+    "out for validation too, and its final weights tested (`python -m benchmarks.map_regression --variant "
+    "<setting> data.refit=true`); it was not studied itself (its validation images are training images).")
 
 
 CRITERIA_INTRO = (
