@@ -703,7 +703,7 @@ def variant_budget(records: list[dict[str, Any]], teacher: str, variant: str) ->
         if not setting:
             return None, False
         epochs = choose_epochs(records, teacher, setting)
-        return (epochs, True) if epochs is not None else (None, False)
+        return epochs, epochs is not None
     epochs = choose_epochs(records, teacher, variant)
     if epochs is not None:
         return epochs, True
@@ -884,19 +884,17 @@ def results_table(path: Path, preferred: str | None = None, fidelity: str | None
             f"| {run['aupro']:.4f} | {run['teacher_image_auroc']:.4f} / {run['teacher_pixel_auroc']:.4f} / "
             f"{run['teacher_aupro']:.4f} | {retention:.4f} | {run['student_latency_ms_b1']:.2f} / "
             f"{run['teacher_latency_ms_b1']:.2f} | {setting} |")
-    refits = {f"{chosen} {REFIT}": role for role, chosen in (("rule 5", preferred), ("rule 6", fidelity)) if chosen}
-    settings = list(dict.fromkeys([preferred, fidelity, None, *refits]))
-    roles = {variant: ", ".join(role for role, chosen in (("rule 5", preferred), ("rule 6", fidelity))
-                                if chosen == variant) for variant in settings}
-    roles.update({variant: "" for variant in refits})
-    summaries = [(variant, seed_summary(runs, variant)) for variant in settings]
-    summaries += [(variant, retention_summary(runs, variant)) for variant in settings]
+    rules = (("rule 5", preferred), ("rule 6", fidelity))
+    labels = {variant: ", ".join(role for role, chosen in rules if chosen == variant)
+              for variant in (preferred, fidelity, None)}
+    labels = {variant: f"**Preferred by {roles}.** " if roles else "" for variant, roles in labels.items()}
+    labels.update({f"{chosen} {REFIT}": f"**{role.capitalize()}'s setting, refitted on every training image.** "
+                   for role, chosen in rules if chosen})  # the refit of each preferred setting, its own line
+    summaries = [(variant, seed_summary(runs, variant)) for variant in labels]
+    summaries += [(variant, retention_summary(runs, variant)) for variant in labels]
     for variant, summary in summaries:
         if summary:
-            label = (f"**Preferred by {roles[variant]}.** " if roles.get(variant) else
-                     f"**{refits[variant][:1].upper()}{refits[variant][1:]}'s setting, refitted on every training "
-                     "image.** " if variant in refits else "")
-            lines += ["", label + summary]
+            lines += ["", labels[variant] + summary]
     return "\n".join(lines)
 
 
