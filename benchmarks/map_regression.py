@@ -130,6 +130,7 @@ Resumable: a record already in the file is skipped::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -173,6 +174,11 @@ COMPARISON_BATCH = 32
 COMPARISON_POOL_FACTORS = (1, 2, 4)  # the score student's input: 256, 128 or 64 px
 
 
+#: the longest run-folder name an entry gets (:attr:`Entry.folder`), below the 255-byte file-name limit
+#: with room for the run folders' prefixes (``budget-``)
+FOLDER_MAX = 200
+
+
 @dataclass(frozen=True)
 class Entry:
     category: str
@@ -188,8 +194,15 @@ class Entry:
 
     @property
     def folder(self) -> str:
-        """The entry's name as a folder name and Hydra tag value."""
-        return re.sub(r"[^A-Za-z0-9._-]", "_", self.name.replace("/", "-"))
+        """The entry's name as a folder name and Hydra tag value. A name longer than ``FOLDER_MAX`` characters
+        (a variant of many overrides: a file name has at most 255 bytes, and the run folders get prefixes)
+        keeps its first characters and ends with a digest of the whole name, so distinct entries keep
+        distinct folders; shorter names are kept whole, as their existing folders are named."""
+        folder = re.sub(r"[^A-Za-z0-9._-]", "_", self.name.replace("/", "-"))
+        if len(folder) <= FOLDER_MAX:
+            return folder
+        digest = hashlib.sha256(self.name.encode()).hexdigest()[:16]
+        return f"{folder[:FOLDER_MAX - len(digest) - 1]}-{digest}"
 
     def key(self) -> dict[str, Any]:
         return {"category": self.category, "teacher_scheme": self.teacher, "requested_mac_ratio": self.ratio,

@@ -839,3 +839,17 @@ def test_the_split_benchmark_overrides_only_the_data_seed_and_tables_crossed_cel
     cells = [[field.strip() for field in line.split("|")[2:7]] for line in lines]
     assert cells == [["0", "0", "0.9900", "0.9800", "0.9150"], ["0", "1", "0.9900", "0.9800", "0.9120"],
                      ["1", "0", "0.9900", "0.9800", "0.8870"], ["1", "1", "0.9900", "0.9800", "0.8890"]]
+
+
+def test_a_map_regression_entry_of_many_overrides_gets_a_short_distinct_folder_and_short_ones_keep_theirs():
+    from benchmarks import map_regression as mr
+
+    short = mr.Entry("bottle", "patchcore", 30, 0, "scheme.width=17 callbacks=ema")
+    assert short.folder == "bottle-patchcore-m30-s0-scheme.width_17_callbacks_ema"  # existing folders keep their names
+    many = ("trainer.max_epochs=400 scheme.feature_weight=4.0 scheme.feature_level=0 scheme.teacher_leave_one_out=true "
+            "scheme.lr_schedule=cosine scheme.fusion=pyramid scheme.width=17 scheme.merge_depth=3 callbacks=ema")
+    folders = {mr.Entry("bottle", "patchcore", 30, 0, f"{many} scheme.learning_rate={lr}").folder for lr in ("4.0e-3", "3.0e-3")}
+    assert len(folders) == 2  # the digest keeps entries that differ past the cut apart
+    for folder in folders:
+        assert len(folder) == mr.FOLDER_MAX and folder.startswith("bottle-patchcore-m30-s0-trainer.max_epochs_400")
+        assert len(mr.study_run_dir(mr.Entry("bottle", "patchcore", 30, 0, many + " x=1")).name.encode()) <= 255
