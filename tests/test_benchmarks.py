@@ -852,4 +852,4 @@ def test_a_map_regression_entry_of_many_overrides_gets_a_short_distinct_folder_a
     assert len(folders) == 2  # the digest keeps entries that differ past the cut apart
     for folder in folders:
         assert len(folder) == mr.FOLDER_MAX and folder.startswith("bottle-patchcore-m30-s0-trainer.max_epochs_400")
-        assert len(mr.study_run_dir(mr.Entry("bottle", "patchcore", 30, 0, many + " x=1")).name.encode()) <= 255
+    assert len(mr.study_run_dir(mr.Entry("bottle", "patchcore", 30, 0, many + " x=1")).name.encode()) <= 255
