@@ -35,7 +35,9 @@ The rule, fixed in this file before any map-regression test figure exists:
    ``BUDGET_CANDIDATES`` at which both are at least the reference minus ``BUDGET_TOLERANCE``
    (0.01). It is used for every ratio, seed and category.
 3. **Plan**: bottle at deployed MAC ratios 10, 30, 100 and 300 (seed 0) and seeds 1 and 2 at
-   ratio 30; every other category at ratio 30, seed 0, with its own teacher.
+   ratio 30; every other category at ratio 30, seed 0, with its own teacher. A setting that fixes
+   the student's width (``scheme.width=N`` wins over the requested ratio) is one student size and
+   plans bottle at ratio 30 only (:func:`plan`).
 
 4. **Comparison** (``--comparison``, what pixel supervision buys): per category, a score-regression
    student (Pol et al.'s image-score student, :mod:`kd_experiments.schemes.score_regression`) of
@@ -210,7 +212,13 @@ class Entry:
 
 
 def plan(teacher: str, categories: tuple[str, ...] = CATEGORIES, variant: str | None = None) -> list[Entry]:
-    entries = [Entry("bottle", teacher, ratio, 0, variant) for ratio in BOTTLE_RATIOS]
+    """The runs of a setting: bottle at every ratio of ``BOTTLE_RATIOS`` (seed 0), bottle at ``SEED_RATIO``
+    with ``EXTRA_SEEDS``, and every other category at ``SEED_RATIO`` (seed 0). A setting that fixes the
+    student's width (``scheme.width=N``, which wins over the requested ratio) is one student size, the
+    one it was studied at: it has no ratio family, so its bottle runs are at ``SEED_RATIO`` only
+    (requested ratios 10, 100 and 300 would train that same student again under another name)."""
+    ratios = (SEED_RATIO,) if variant_value(variant, "scheme.width") is not None else BOTTLE_RATIOS
+    entries = [Entry("bottle", teacher, ratio, 0, variant) for ratio in ratios]
     entries += [Entry("bottle", teacher, SEED_RATIO, seed, variant) for seed in EXTRA_SEEDS]
     entries += [Entry(category, teacher, SEED_RATIO, 0, variant) for category in categories if category != "bottle"]
     return entries

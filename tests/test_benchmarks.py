@@ -417,6 +417,21 @@ def test_only_patterns_that_match_no_plan_entry_stop_with_one_line() -> None:
         select(entries, ["bottle/patchcore/m30/s0"])
 
 
+def test_a_setting_that_fixes_the_width_has_no_ratio_family() -> None:
+    """scheme.width wins over the requested ratio, so a setting that fixes it plans its bottle runs at the
+    seed ratio only (its seeds and the other categories stay); other settings plan every ratio."""
+    from benchmarks.map_regression import BOTTLE_RATIOS, EXTRA_SEEDS, SEED_RATIO, plan
+
+    def bottle_ratios(variant: str | None) -> list[float]:
+        return sorted({e.ratio for e in plan("patchcore", ("bottle", "screw"), variant) if e.category == "bottle"})
+
+    assert bottle_ratios(None) == bottle_ratios("scheme.fusion=pyramid") == sorted(BOTTLE_RATIOS)
+    fixed = plan("patchcore", ("bottle", "screw"), "scheme.fusion=pyramid scheme.width=17")
+    assert bottle_ratios("scheme.fusion=pyramid scheme.width=17") == [SEED_RATIO]
+    assert sorted(e.seed for e in fixed if e.category == "bottle") == [0, *EXTRA_SEEDS]
+    assert [(e.category, e.ratio) for e in fixed if e.category != "bottle"] == [("screw", SEED_RATIO)]
+
+
 def test_region_figures_read_the_overlap_curve_and_where_false_positives_lie() -> None:
     """benchmarks.map_regression_regions: a map that marks each defect exactly covers every region at
     every false-positive rate, with no false positive near it; a map that also lights a ring around
