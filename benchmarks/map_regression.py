@@ -15,7 +15,10 @@ student and the teacher measured side by side in the student's run (``deploy/onn
 ratio-30 student at its study's whole length is the study run's student (same seed, data and
 settings; CPU training is deterministic): its test run tests the study's final weights
 (:func:`study_weights`; the record says ``weights: "study"`` and names that run) instead of training
-it a second time; ``--retrain`` trains it again.
+it a second time; ``--retrain`` trains it again. A run that trains its student (not a refit) records
+``val_loss_last``: rule 6's figure for that run (the mean ``val/loss`` of its last ``REFERENCE_EPOCHS``
+epochs, :func:`last_epochs_val_loss`), so the seeds' spread of rule 6's figure is on record beside that of
+their test figures; the seed-0 run that tests the study's weights has its study's figure in the budget file.
 
 Teachers (built once per category, seed 0, checkpoints under ``logs/benchmarks/map_regression``):
 ``patchcore`` (``experiment=patchcore_bottle``, 10 % coreset) and ``rd`` (``experiment=rd_mvtec``,
@@ -397,8 +400,9 @@ def run_student(entry: Entry, args: argparse.Namespace, epochs: int) -> dict[str
         print(f"[map_regression] {entry.name}: testing the study run's final weights ({weights})", flush=True)
         cfg = compose([*overrides, "train=false", f"ckpt_path={weights}"], output_dir=run_dir)
     metrics = train(cfg)
-    _, run = mlflow_run(tag, str(cfg.experiment_name))
+    client, run = mlflow_run(tag, str(cfg.experiment_name))
     logged, params = run.data.metrics, run.data.params
+    trained_here = weights is None and not refit
 
     def number(name: str) -> float | None:
         value = params.get(name)
@@ -422,7 +426,19 @@ def run_student(entry: Entry, args: argparse.Namespace, epochs: int) -> dict[str
         "weights": "trained" if weights is None else "study",
         **({} if weights is None else {"weights_mlflow_run_id": mlflow_run_id_of(weights)}),
         **({"val_every_n_epochs": REFIT_VAL_EVERY} if refit else {}),
+        **({"val_loss_last": last_epochs_val_loss(client, run.info.run_id)} if trained_here else {}),
     }
+
+
+def last_epochs_val_loss(client: Any, run_id: str) -> float | None:
+    """The mean of a trained run's ``val/loss`` (rule 6's ``FIDELITY_METRIC``: the L1 distance of the student's
+    maps to the teacher's on the held-out normal images and their synthetic anomalies) over its last
+    ``REFERENCE_EPOCHS`` validated epochs: rule 6's figure for this seed's run, so the spread of rule 6's figure
+    between seeds is on record beside the spread of the test figures (None: fewer epochs validated)."""
+    history = sorted(client.get_metric_history(run_id, "val/loss"), key=lambda point: point.step)
+    if len(history) < REFERENCE_EPOCHS:
+        return None
+    return statistics.fmean(point.value for point in history[-REFERENCE_EPOCHS:])
 
 
 def study(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
@@ -471,10 +487,14 @@ def study_record(key: dict[str, Any], epochs: dict[int, dict[str, float]],
 
 def record_study(entry: Entry, args: argparse.Namespace, budgets: ResultsFile) -> None:
     """Run the study of ``entry`` unless its last epoch is in the file (in either layout); one record
-    for the run (:func:`study_record`)."""
+    for the run (:func:`study_record`). With ``--plan``, say whether it is done and run nothing."""
     length = study_epochs(entry.variant)
     key = {**entry.key(), "max_epochs": length}
-    if budgets.has({**key, "epoch": length}):
+    done = budgets.has({**key, "epoch": length})
+    if getattr(args, "plan", False):
+        print(f"{'done ' if done else 'to do'}  study {entry.name} ({length} epochs)", flush=True)
+        return
+    if done:
         return
     started_at, started = now_utc(), time.perf_counter()
     epochs, run_figures = study(entry, args)

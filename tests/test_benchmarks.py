@@ -868,3 +868,41 @@ def test_a_map_regression_entry_of_many_overrides_gets_a_short_distinct_folder_a
     for folder in folders:
         assert len(folder) == mr.FOLDER_MAX and folder.startswith("bottle-patchcore-m30-s0-trainer.max_epochs_400")
     assert len(mr.study_run_dir(mr.Entry("bottle", "patchcore", 30, 0, many + " x=1")).name.encode()) <= 255
+
+
+def test_a_trained_runs_record_carries_rule_6s_figure_over_its_last_validated_epochs() -> None:
+    """``val_loss_last``: the mean of the run's last ``REFERENCE_EPOCHS`` ``val/loss`` points in step order,
+    whatever order the store returns them in; None when fewer epochs were validated."""
+    from types import SimpleNamespace
+
+    from benchmarks.map_regression import REFERENCE_EPOCHS, last_epochs_val_loss
+
+    class Client:
+        def __init__(self, values: list[float]) -> None:
+            self.points = [SimpleNamespace(step=10 * i, value=v) for i, v in enumerate(values)][::-1]
+
+        def get_metric_history(self, run_id: str, key: str) -> list:
+            assert (run_id, key) == ("run", "val/loss")
+            return self.points
+
+    values = [9.0, 9.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert REFERENCE_EPOCHS == 5
+    assert last_epochs_val_loss(Client(values), "run") == pytest.approx(3.0)
+    assert last_epochs_val_loss(Client(values[:REFERENCE_EPOCHS - 1]), "run") is None
+
+
+def test_plan_lists_a_budget_study_and_never_runs_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``--budget --variant X --plan`` says whether X's study is done; it starts no training."""
+    from argparse import Namespace
+
+    from benchmarks import map_regression
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("--plan ran a study")
+
+    monkeypatch.setattr(map_regression, "study", refuse)
+    entry = map_regression.study_entry("patchcore", "trainer.max_epochs=300 scheme.lr_schedule=cosine")
+    map_regression.record_study(entry, Namespace(plan=True), ResultsFile(tmp_path / "budget.json"))
+    assert capsys.readouterr().out.startswith(f"to do  study {entry.name} (300 epochs)")
+    with pytest.raises(AssertionError, match="ran a study"):
+        map_regression.record_study(entry, Namespace(plan=False), ResultsFile(tmp_path / "budget.json"))
