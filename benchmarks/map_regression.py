@@ -96,6 +96,18 @@ variant with ``data.refit=true`` and ``val_every_n_epochs``.
    table below); its preference among those is no test of it, a setting studied after it is. Rule 5
    still names the setting of the headline figures; the page gives rule 6's beside it.
 
+7. **Fidelity over seeds** (a forward rule): rule 6's figure averaged over seeds 0, 1 and 2, each seed
+   validating on its own held-out tenth of ``train/good``: seed 0's is rule 6's (its study), seeds 1
+   and 2's are the ``val_loss_last`` of their trained bottle ratio-30 test runs (:func:`seed_fidelity_figures`);
+   the lowest mean is the setting rule 7 prefers. Rule 6 reads one validation split, and the seeds of one
+   setting differ on it by more than settings do (bottle, the ``synthetic_per_image=4`` setting: 0.0729 on
+   seed 0's split, 0.0700 and 0.0696 on seeds 1 and 2's, against a gap of 0.0006 between rule 6's first two
+   settings). Rule 7 ranks only the settings whose three figures are on record; the runs that trained
+   before the field existed get it with ``--backfill-val-loss`` (read from their MLflow runs where the
+   store still holds them, the change logged in each record's ``updates``). It was written when the test
+   figures of the settings in ``STUDIED_BEFORE_RULE_7`` were known: its preference among those is no
+   test of it, a setting studied after it is.
+
 After the fact, :func:`criteria_table` sets each studied setting's validation criteria (rule 5's
 score, ``val/loss``: the unweighted L1 distance of the student's maps to the teacher's on the
 held-out images, and ``val/synthetic_aupro`` where logged) beside its bottle ratio-30 test figures,
@@ -441,6 +453,38 @@ def last_epochs_val_loss(client: Any, run_id: str) -> float | None:
     return statistics.fmean(point.value for point in history[-REFERENCE_EPOCHS:])
 
 
+def backfill_val_loss(results: ResultsFile, client: Any = None) -> str:
+    """Rule 7's field for the trained, non-refit test records that lack it: ``val_loss_last`` of their MLflow
+    run (:func:`last_epochs_val_loss`), added with :meth:`ResultsFile.update` (logged in the record's
+    ``updates``); a run the store no longer holds is left as it is. Returns one line per record looked at."""
+    if client is None:
+        from kd_experiments.tracking import make_client, resolve_tracking_uri
+
+        client = make_client(resolve_tracking_uri(None, ROOT))
+    from mlflow.exceptions import MlflowException
+
+    lines = []
+    for run in list(results.reload()["runs"]):
+        if (not is_map_student(run) or run.get("weights") != "trained" or is_refit(run.get("variant"))
+                or SEED_FIDELITY_METRIC in run or not run.get("mlflow_run_id")):
+            continue
+        run_id = run["mlflow_run_id"]
+        try:
+            figure = last_epochs_val_loss(client, run_id)
+        except MlflowException as error:  # a store that says it does not hold the run: nothing to add
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            figure = None
+        if figure is None:  # the SQL store answers an empty history for a run it does not hold
+            lines.append(f"{run_id}: fewer than {REFERENCE_EPOCHS} validated epochs of val/loss in the store "
+                         "(or not the run at all), left as it is")
+            continue
+        results.update({"mlflow_run_id": run_id}, {SEED_FIDELITY_METRIC: figure})
+        lines.append(f"{run_id}: {SEED_FIDELITY_METRIC} {figure:.4f} ({run['category']}, seed {run['seed']}, "
+                     f"{setting_name(run.get('variant'))})")
+    return "\n".join(lines) or "nothing to backfill"
+
+
 def study(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
     """The budget study of one teacher (with the entry's variant, a setting studied on validation
     data): per-epoch validation figures, and the teacher's own with the student's deployed size."""
@@ -697,6 +741,75 @@ def rule_6_line(records: list[dict[str, Any]], teacher: str) -> str:
             + f". Preferred: {setting_name(preferred)} ({standing}).")
 
 
+#: rule 7 reads this field of the seed runs' test records: rule 6's figure for that run (:func:`last_epochs_val_loss`)
+SEED_FIDELITY_METRIC = "val_loss_last"
+_CHOSEN = ("scheme.feature_weight=4.0 scheme.feature_level=0 scheme.teacher_leave_one_out=true scheme.lr_schedule=cosine "
+           "scheme.fusion=pyramid")
+_CHOSEN_17 = f"{_CHOSEN} scheme.width=17 scheme.merge_depth=3"
+#: the settings whose bottle test figures were known when rule 7 was written (None: the default); rule 7
+#: preferring one of them is no test of rule 7, a setting studied after it is
+STUDIED_BEFORE_RULE_7 = STUDIED_BEFORE_RULE_6 | frozenset({
+    f"trainer.max_epochs=200 {_CHOSEN.removesuffix(' scheme.fusion=pyramid')}", f"trainer.max_epochs=200 {_CHOSEN}",
+    f"trainer.max_epochs=200 {_CHOSEN_17}", f"trainer.max_epochs=200 {_CHOSEN} scheme.width=18",
+    f"trainer.max_epochs=300 {_CHOSEN_17}", f"trainer.max_epochs=400 {_CHOSEN_17}",
+    f"trainer.max_epochs=600 {_CHOSEN_17} callbacks=ema",
+    *(f"trainer.max_epochs=400 {_CHOSEN_17} callbacks=ema{extra}"
+      for extra in ("", " scheme.augment_per_image=1", " scheme.learning_rate=1.0e-3", " scheme.learning_rate=4.0e-3",
+                    " scheme.synthetic_per_image=4", " scheme.weight_decay=5.0e-2")),
+})
+
+
+def seed_fidelity_figures(records: list[dict[str, Any]], runs: list[dict[str, Any]],
+                          teacher: str) -> dict[str | None, list[float]]:
+    """Rule 7: per setting with rule 6's figure (its complete study, the seed-0 run) and a trained bottle
+    record at ``SEED_RATIO`` carrying ``SEED_FIDELITY_METRIC`` for every seed of ``EXTRA_SEEDS``: rule 6's
+    figure per seed, seed 0 first. Each seed holds out its own tenth of ``train/good`` for validation, so
+    every setting is measured on the same three validation sets."""
+    figures: dict[str | None, list[float]] = {}
+    for variant, seed_0 in fidelity_scores(records, teacher).items():
+        per_seed = [seed_0]
+        for seed in EXTRA_SEEDS:
+            found = [run[SEED_FIDELITY_METRIC] for run in runs
+                     if is_map_student(run) and run.get("variant") == variant and run["category"] == "bottle"
+                     and run["teacher_scheme"] == teacher and run.get("requested_mac_ratio") == SEED_RATIO
+                     and run["seed"] == seed and run.get(SEED_FIDELITY_METRIC) is not None]
+            if not found:
+                break
+            per_seed.append(found[0])
+        else:
+            figures[variant] = per_seed
+    return figures
+
+
+def seed_fidelity_preferred(records: list[dict[str, Any]], runs: list[dict[str, Any]], teacher: str) -> str | None:
+    """Rule 7: the setting with the lowest mean of rule 6's figure over seeds 0, 1, 2 (None: the default, or
+    no setting has all three)."""
+    figures = seed_fidelity_figures(records, runs, teacher)
+    return min(figures, key=lambda variant: statistics.fmean(figures[variant])) if figures else None
+
+
+def rule_7_line(records: list[dict[str, Any]], runs: list[dict[str, Any]], teacher: str) -> str:
+    """Rule 7's ranking (each setting's mean and its three seeds), its preference and whether that is a
+    forward test of it, and how many studied settings it cannot rank yet."""
+    figures = seed_fidelity_figures(records, runs, teacher)
+    if not figures:
+        return ""
+    means = {variant: statistics.fmean(per_seed) for variant, per_seed in figures.items()}
+    ranked = sorted(means, key=lambda variant: means[variant])
+    preferred = ranked[0]
+    standing = ("its test figures were known when rule 7 was written: not a test of rule 7"
+                if preferred in STUDIED_BEFORE_RULE_7 else
+                "studied after rule 7 was written: its test runs are a forward test of rule 7")
+    unranked = len(fidelity_scores(records, teacher)) - len(figures)
+    return ("- Rule 7 (fidelity over seeds; rule 6's figure averaged over seeds 0, 1 and 2, each on its own "
+            "held-out tenth: seed 0 from the study, seeds 1 and 2 from their test runs' last "
+            f"{REFERENCE_EPOCHS} epochs; lower first; in brackets the three seeds): "
+            + "; ".join(f"{setting_name(v)} {means[v]:.4f} ({' / '.join(f'{x:.4f}' for x in figures[v])})"
+                        for v in ranked)
+            + f". Preferred: {setting_name(preferred)} ({standing}). Not ranked: {unranked} studied "
+            "setting(s) whose seed runs' validation figures are not on record.")
+
+
 def decays_over_the_run(variant: str) -> bool:
     """Whether a variant's learning rate decays over the run's length (``scheme.lr_schedule=cosine``)."""
     return variant_value(variant, "scheme.lr_schedule") == "cosine"
@@ -908,9 +1021,11 @@ def setting_of(record: dict[str, Any]) -> str:
     return setting_name(record.get("variant"))
 
 
-def results_table(path: Path, preferred: str | None = None, fidelity: str | None = None) -> str:
+def results_table(path: Path, preferred: str | None = None, fidelity: str | None = None,
+                  seeded: str | None = None) -> str:
     """The map students' test records; then the seed and retention lines of the setting validation
-    prefers (rule 5, ``preferred``), of rule 6's (``fidelity``) and of the default, when they differ."""
+    prefers (rule 5, ``preferred``), of rule 6's (``fidelity``), of rule 7's (``seeded``) and of the default,
+    when they differ."""
     runs = [run for run in (ResultsFile(path).runs if path.exists() else []) if is_map_student(run)]
     lines = ["| category | teacher | MAC ratio | param ratio | seed | image AUROC | pixel AUROC | AUPRO "
              "| teacher image / pixel / AUPRO | pixel retention | latency student / teacher (ms) | setting |",
@@ -925,9 +1040,9 @@ def results_table(path: Path, preferred: str | None = None, fidelity: str | None
             f"| {run['aupro']:.4f} | {run['teacher_image_auroc']:.4f} / {run['teacher_pixel_auroc']:.4f} / "
             f"{run['teacher_aupro']:.4f} | {retention:.4f} | {run['student_latency_ms_b1']:.2f} / "
             f"{run['teacher_latency_ms_b1']:.2f} | {setting} |")
-    rules = (("rule 5", preferred), ("rule 6", fidelity))
+    rules = (("rule 5", preferred), ("rule 6", fidelity), ("rule 7", seeded))
     labels = {variant: ", ".join(role for role, chosen in rules if chosen == variant)
-              for variant in (preferred, fidelity, None)}
+              for variant in (preferred, fidelity, seeded, None)}
     labels = {variant: f"**Preferred by {roles}.** " if roles else "" for variant, roles in labels.items()}
     labels.update({f"{chosen} {REFIT}": f"**{role.capitalize()}'s setting, refitted on every training image.** "
                    for role, chosen in rules if chosen})  # the refit of each preferred setting, its own line
@@ -1131,7 +1246,7 @@ def budget_rows(path: Path) -> list[dict[str, Any]]:
     return epoch_rows(ResultsFile(path).runs) if path.exists() else []
 
 
-def budget_table(path: Path) -> str:
+def budget_table(path: Path, runs: list[dict[str, Any]] | None = None) -> str:
     """The study (rules 1 and 2): per studied teacher, its validation figures, the student's at the
     candidate budgets, and what the rules give (or that the study is incomplete)."""
     records = budget_rows(path)
@@ -1171,6 +1286,9 @@ def budget_table(path: Path) -> str:
         rule_6 = rule_6_line(records, teacher)
         if rule_6:
             lines.append(rule_6)
+        rule_7 = rule_7_line(records, runs or [], teacher)
+        if rule_7:
+            lines.append(rule_7)
     return "\n".join(lines)
 
 
@@ -1190,6 +1308,9 @@ def main() -> None:
                              "are what a test run would train (by default those are tested, test-only)")
     parser.add_argument("--comparison", action="store_true",
                         help="the score-regression student at the ratio-30 map student's size (rule 4)")
+    parser.add_argument("--backfill-val-loss", action="store_true",
+                        help="add val_loss_last (rule 7) to the trained test records that lack it, from their MLflow "
+                             "runs where the store holds them, and stop")
     parser.add_argument("--migrate-budget", nargs="?", const="", default=None, metavar="FILE",
                         help="rewrite the budget file (default: the one beside --output) from one record per "
                              "epoch to one per study run, and stop")
@@ -1199,6 +1320,10 @@ def main() -> None:
                          "study the setting without it, then test --variant <setting> data.refit=true")
     if args.migrate_budget is not None:
         print(migrate_budget(Path(args.migrate_budget) if args.migrate_budget else budget_path(args.output)))
+        return
+    if args.backfill_val_loss:
+        use_project_mlflow_store()
+        print(backfill_val_loss(ResultsFile(args.output)))
         return
     if args.table:
         print(results_table(args.output, preferred_in(budget_rows(budget_path(args.output)))))
@@ -1214,7 +1339,7 @@ def main() -> None:
         if teacher is None:
             raise SystemExit("a variant is studied with the chosen teacher: run --budget first")
         record_study(study_entry(teacher, " ".join(args.variant)), args, budgets)
-        print(budget_table(budget_path(args.output)), flush=True)
+        print(budget_table(budget_path(args.output), results.runs), flush=True)
         return
     if args.budget:
         for teacher in TEACHERS:

@@ -906,3 +906,77 @@ def test_plan_lists_a_budget_study_and_never_runs_it(tmp_path: Path, monkeypatch
     assert capsys.readouterr().out.startswith(f"to do  study {entry.name} (300 epochs)")
     with pytest.raises(AssertionError, match="ran a study"):
         map_regression.record_study(entry, Namespace(plan=False), ResultsFile(tmp_path / "budget.json"))
+
+
+def test_rule_7_averages_rule_6s_figure_over_three_seeds_and_ranks_only_settings_with_all_three() -> None:
+    """Seed 0's figure is the study's (rule 6); seeds 1 and 2's are their trained test records' ``val_loss_last``.
+    A setting missing a seed's figure is not ranked; the forward-test standing follows ``STUDIED_BEFORE_RULE_7``."""
+    from benchmarks.map_regression import (STUDY_EPOCHS, seed_fidelity_figures, seed_fidelity_preferred,
+                                           rule_7_line)
+
+    def study(variant, loss):
+        return [{"teacher_scheme": "patchcore", "variant": variant, "epoch": epoch, "val_loss": loss}
+                for epoch in range(1, STUDY_EPOCHS + 1)]
+
+    def run(variant, seed, loss, **fields):
+        return {"category": "bottle", "teacher_scheme": "patchcore", "variant": variant, "requested_mac_ratio": 30,
+                "seed": seed, "val_loss_last": loss, **fields}
+
+    known = "scheme.feature_weight=4.0"  # its test figures were known when rule 7 was written
+    new = "scheme.feature_weight=4.0 scheme.width=64"
+    # rule 6 (seed 0 alone) prefers `known`; over three seeds `new` is closer to the teacher
+    records = study(known, 0.070) + study(new, 0.072) + study(None, 0.060)
+    runs = [run(known, 1, 0.074), run(known, 2, 0.075), run(new, 1, 0.068), run(new, 2, 0.067),
+            run(None, 1, 0.01), run(None, 2, None),  # the default lacks seed 2's figure: not ranked
+            run(new, 1, 0.001, category="screw"), run(new, 2, 0.001, requested_mac_ratio=100),  # not read
+            {**run(new, 1, 0.001), "student": "score_regression"}]
+    figures = seed_fidelity_figures(records, runs, "patchcore")
+    assert figures == {known: [0.070, 0.074, 0.075], new: [0.072, 0.068, 0.067]}
+    assert seed_fidelity_preferred(records, runs, "patchcore") == new
+    line = rule_7_line(records, runs, "patchcore")
+    assert "`scheme.feature_weight=4.0 scheme.width=64` 0.0690 (0.0720 / 0.0680 / 0.0670)" in line
+    assert "forward test of rule 7" in line and line.endswith("Not ranked: 1 studied setting(s) whose seed runs' "
+                                                              "validation figures are not on record.")
+    runs[2:4] = [run(new, 1, 0.08), run(new, 2, 0.08)]
+    assert seed_fidelity_preferred(records, runs, "patchcore") == known
+    assert "not a test of rule 7" in rule_7_line(records, runs, "patchcore")
+    assert rule_7_line(records, [], "patchcore") == "" and seed_fidelity_preferred(records, [], "patchcore") is None
+
+
+def test_the_backfill_adds_rule_7s_figure_from_the_store_and_logs_it(tmp_path: Path) -> None:
+    """Trained, non-refit map students lacking ``val_loss_last`` get it from their MLflow run; a run the store
+    lacks, a study-weights run, a refit and a record that has the field are left as they are."""
+    from types import SimpleNamespace
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    from benchmarks.map_regression import backfill_val_loss
+
+    class Client:  # "gone": a file store raises, the SQL store answers an empty history; "short": 4 epochs
+        def get_metric_history(self, run_id: str, key: str) -> list:
+            if run_id == "gone":
+                raise MlflowException(f"Run '{run_id}' not found", error_code=RESOURCE_DOES_NOT_EXIST)
+            if run_id == "broken":
+                raise MlflowException("database is locked")
+            points = {"kept": 6, "short": 4}.get(run_id, 0)
+            return [SimpleNamespace(step=step, value=0.07 + step / 1000) for step in range(points)]
+
+    base = {"category": "bottle", "teacher_scheme": "patchcore", "requested_mac_ratio": 30, "variant": "a=1"}
+    results = ResultsFile(tmp_path / "map_regression.json")
+    for seed, run_id, fields in ((1, "kept", {}), (2, "gone", {}), (1, "short", {}), (2, "empty", {}),
+                                 (0, "study", {"weights": "study"}),
+                                 (1, "refit", {"variant": "a=1 data.refit=true"}), (2, "done", {"val_loss_last": 0.5})):
+        results.append({**base, "seed": seed, "mlflow_run_id": run_id, "weights": "trained", **fields})
+    lines = backfill_val_loss(results, Client()).splitlines()
+    left = "validated epochs of val/loss in the store (or not the run at all), left as it is"
+    assert lines == ["kept: val_loss_last 0.0730 (bottle, seed 1, `a=1`)", f"gone: fewer than 5 {left}",
+                     f"short: fewer than 5 {left}", f"empty: fewer than 5 {left}"]
+    runs = {run["mlflow_run_id"]: run for run in ResultsFile(results.path).runs}
+    assert runs["kept"]["val_loss_last"] == pytest.approx(0.073) and runs["kept"]["updates"][0]["fields"] == [
+        "val_loss_last"]
+    assert "val_loss_last" not in runs["gone"] and runs["done"]["val_loss_last"] == 0.5
+    assert backfill_val_loss(results, Client()).splitlines() == lines[1:]  # idempotent
+    results.append({**base, "seed": 2, "mlflow_run_id": "broken", "weights": "trained"})
+    with pytest.raises(MlflowException, match="locked"):  # any other store error is not swallowed
+        backfill_val_loss(results, Client())
