@@ -99,7 +99,9 @@ variant with ``data.refit=true`` and ``val_every_n_epochs``.
 7. **Fidelity over seeds** (a forward rule): rule 6's figure averaged over seeds 0, 1 and 2, each seed
    validating on its own held-out tenth of ``train/good``: seed 0's is rule 6's (its study), seeds 1
    and 2's are the ``val_loss_last`` of their trained bottle ratio-30 test runs (:func:`seed_fidelity_figures`);
-   the lowest mean is the setting rule 7 prefers. Rule 6 reads one validation split, and the seeds of one
+   the lowest mean is the setting rule 7 prefers. The three splits are not alike (the teachers are built
+   with seed 0, so most of seeds 1 and 2's validation images are images a PatchCore teacher's bank holds),
+   but each is the same for every setting. Rule 6 reads one validation split, and the seeds of one
    setting differ on it by more than settings do (bottle, the ``synthetic_per_image=4`` setting: 0.0729 on
    seed 0's split, 0.0700 and 0.0696 on seeds 1 and 2's, against a gap of 0.0006 between rule 6's first two
    settings). Rule 7 ranks only the settings whose three figures are on record; the runs that trained

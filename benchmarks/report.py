@@ -1008,7 +1008,8 @@ student's; latencies are ONNX Runtime, batch 1, 1 thread, student and teacher me
 the same run. Budgets are chosen on validation data only. Settings other than the default (the overrides
 in the "setting" column) are studied on validation data first, and the retention line leads with the
 setting validation prefers (rule 5 of `benchmarks/map_regression.py`; the ranking is under the budget
-table). Teachers are built once per category with seed 0, and a run's train / validation split of
+table), and the settings rules 6 and 7 prefer (the student's validation L1 to its teacher's maps, on seed
+0's validation split and averaged over seeds 0, 1 and 2's) have lines of their own, labelled. Teachers are built once per category with seed 0, and a run's train / validation split of
 `train/good` follows its own seed: for seeds 1 and 2 about a tenth of the student's training images
 are images its teacher held out, and most of its validation images are among those a PatchCore teacher
 built its memory bank from (their teacher maps are those of memorised images); the test split is the

@@ -743,16 +743,20 @@ def test_a_test_run_from_the_study_runs_weights_is_test_only_and_says_so(
     monkeypatch.setattr(kd_experiments.train, "train", lambda cfg: {"test/image_auroc": 0.99})
     monkeypatch.setattr(kd_experiments.checkpoints, "mlflow_run_id_of", lambda path: "study-run")
     run = SimpleNamespace(data=SimpleNamespace(metrics={}, params={}), info=SimpleNamespace(run_id="test-run"))
-    monkeypatch.setattr(mr, "mlflow_run", lambda tag, experiment: (None, run))
+    history = [SimpleNamespace(step=step, value=float(step)) for step in range(8)]  # the trained run's val/loss
+    client = SimpleNamespace(get_metric_history=lambda run_id, key: history if run_id == "test-run" else [])
+    monkeypatch.setattr(mr, "mlflow_run", lambda tag, experiment: (client, run))
     entry = mr.Entry("bottle", "patchcore", mr.SEED_RATIO, 0, "trainer.max_epochs=200 scheme.lr_schedule=cosine")
 
     record = mr.run_student(entry, argparse.Namespace(retrain=False, data_root=tmp_path), 200)
     assert record["weights"] == "study" and record["weights_mlflow_run_id"] == "study-run"
+    assert "val_loss_last" not in record  # a test-only run validates nothing; its study's figure is rule 6's
     assert composed[-1][-2:] == ["train=false", f"ckpt_path={study}"]
     assert not any(o.startswith(("train=", "ckpt_path=")) for o in composed[0])
     composed.clear()
     record = mr.run_student(entry, argparse.Namespace(retrain=True, data_root=tmp_path), 200)
     assert record["weights"] == "trained" and "weights_mlflow_run_id" not in record and len(composed) == 1
+    assert record["val_loss_last"] == pytest.approx(5.0)  # the mean of its last 5 epochs: 3, 4, 5, 6, 7
 
 
 def test_a_decaying_variants_test_runs_may_start_once_its_study_has_but_the_study_entry_waits(
