@@ -106,7 +106,11 @@ variant with ``data.refit=true`` and ``val_every_n_epochs``.
    seed 0's split, 0.0700 and 0.0696 on seeds 1 and 2's, against a gap of 0.0006 between rule 6's first two
    settings). Rule 7 ranks only the settings whose three figures are on record; the runs that trained
    before the field existed get it with ``--backfill-val-loss`` (read from their MLflow runs where the
-   store still holds them, the change logged in each record's ``updates``). It was written when the test
+   store still holds them, the change logged in each record's ``updates``); where the store does not, the
+   setting's seeds 1 and 2 are trained again for validation only (``--seed-validation --variant <setting>``:
+   its study at that seed, ``test=false``, one per-run record each in
+   ``benchmarks/results/map_regression_seed_validation.json``, the budget file's layout), and rule 7 reads
+   their last ``REFERENCE_EPOCHS`` epochs. It was written when the test
    figures of the settings in ``STUDIED_BEFORE_RULE_7`` were known: its preference among those is no
    test of it, a setting studied after it is.
 
@@ -761,39 +765,58 @@ STUDIED_BEFORE_RULE_7 = STUDIED_BEFORE_RULE_6 | frozenset({
 })
 
 
-def seed_fidelity_figures(records: list[dict[str, Any]], runs: list[dict[str, Any]],
-                          teacher: str) -> dict[str | None, list[float]]:
-    """Rule 7: per setting with rule 6's figure (its complete study, the seed-0 run) and a trained bottle
-    record at ``SEED_RATIO`` carrying ``SEED_FIDELITY_METRIC`` for every seed of ``EXTRA_SEEDS``: rule 6's
-    figure per seed, seed 0 first. Each seed holds out its own tenth of ``train/good`` for validation, so
-    every setting is measured on the same three validation sets."""
+def seed_validation_path(output: Path) -> Path:
+    """The validation-only seed runs' file beside the results file (``map_regression.json`` ->
+    ``map_regression_seed_validation.json``)."""
+    return output.with_name(f"{output.stem}_seed_validation{output.suffix}")
+
+
+def seed_study_entries(teacher: str, variant: str) -> list[Entry]:
+    """The validation-only runs of a setting's seeds 1 and 2 (``--seed-validation``): its study at another seed."""
+    return [Entry("bottle", teacher, SEED_RATIO, seed, variant) for seed in EXTRA_SEEDS]
+
+
+def _seed_figure(runs: list[dict[str, Any]], seed_studies: list[dict[str, Any]], teacher: str,
+                 variant: str | None, seed: int) -> float | None:
+    """Rule 6's figure for one seed of a setting: its trained test record's ``SEED_FIDELITY_METRIC``, else
+    the mean ``val_loss`` of the last ``REFERENCE_EPOCHS`` epochs of its complete validation-only run."""
+    for run in runs:
+        if (is_map_student(run) and run.get("variant") == variant and run["category"] == "bottle"
+                and run["teacher_scheme"] == teacher and run.get("requested_mac_ratio") == SEED_RATIO
+                and run["seed"] == seed and run.get(SEED_FIDELITY_METRIC) is not None):
+            return run[SEED_FIDELITY_METRIC]
+    return _last_epochs_mean([row for row in seed_studies if row.get("seed") == seed and row.get("category") == "bottle"
+                              and row.get("requested_mac_ratio") == SEED_RATIO], teacher, variant, FIDELITY_METRIC)
+
+
+def seed_fidelity_figures(records: list[dict[str, Any]], runs: list[dict[str, Any]], teacher: str,
+                          seed_studies: list[dict[str, Any]] = ()) -> dict[str | None, list[float]]:
+    """Rule 7: per setting with rule 6's figure (its complete study, the seed-0 run) and a figure for every
+    seed of ``EXTRA_SEEDS`` (:func:`_seed_figure`: its trained bottle test record at ``SEED_RATIO``, else its
+    validation-only run, ``seed_studies``' per-epoch rows): rule 6's figure per seed, seed 0 first. Each seed
+    holds out its own tenth of ``train/good`` for validation, so every setting is measured on the same
+    three validation sets."""
     figures: dict[str | None, list[float]] = {}
     for variant, seed_0 in fidelity_scores(records, teacher).items():
-        per_seed = [seed_0]
-        for seed in EXTRA_SEEDS:
-            found = [run[SEED_FIDELITY_METRIC] for run in runs
-                     if is_map_student(run) and run.get("variant") == variant and run["category"] == "bottle"
-                     and run["teacher_scheme"] == teacher and run.get("requested_mac_ratio") == SEED_RATIO
-                     and run["seed"] == seed and run.get(SEED_FIDELITY_METRIC) is not None]
-            if not found:
-                break
-            per_seed.append(found[0])
-        else:
+        per_seed = [seed_0, *(_seed_figure(runs, list(seed_studies), teacher, variant, seed) for seed in EXTRA_SEEDS)]
+        if None not in per_seed:
             figures[variant] = per_seed
     return figures
 
 
-def seed_fidelity_preferred(records: list[dict[str, Any]], runs: list[dict[str, Any]], teacher: str) -> str | None:
+def seed_fidelity_preferred(records: list[dict[str, Any]], runs: list[dict[str, Any]], teacher: str,
+                            seed_studies: list[dict[str, Any]] = ()) -> str | None:
     """Rule 7: the setting with the lowest mean of rule 6's figure over seeds 0, 1, 2 (None: the default, or
     no setting has all three)."""
-    figures = seed_fidelity_figures(records, runs, teacher)
+    figures = seed_fidelity_figures(records, runs, teacher, seed_studies)
     return min(figures, key=lambda variant: statistics.fmean(figures[variant])) if figures else None
 
 
-def rule_7_line(records: list[dict[str, Any]], runs: list[dict[str, Any]], teacher: str) -> str:
+def rule_7_line(records: list[dict[str, Any]], runs: list[dict[str, Any]], teacher: str,
+                seed_studies: list[dict[str, Any]] = ()) -> str:
     """Rule 7's ranking (each setting's mean and its three seeds), its preference and whether that is a
     forward test of it, and how many studied settings it cannot rank yet."""
-    figures = seed_fidelity_figures(records, runs, teacher)
+    figures = seed_fidelity_figures(records, runs, teacher, seed_studies)
     if not figures:
         return ""
     means = {variant: statistics.fmean(per_seed) for variant, per_seed in figures.items()}
@@ -805,7 +828,7 @@ def rule_7_line(records: list[dict[str, Any]], runs: list[dict[str, Any]], teach
     unranked = len(fidelity_scores(records, teacher)) - len(figures)
     return ("- Rule 7 (fidelity over seeds; rule 6's figure averaged over seeds 0, 1 and 2, each on its own "
             "held-out tenth: seed 0 from the study, seeds 1 and 2 from their test runs' last "
-            f"{REFERENCE_EPOCHS} epochs; lower first; in brackets the three seeds): "
+            f"{REFERENCE_EPOCHS} epochs or their validation-only runs'; lower first; in brackets the three seeds): "
             + "; ".join(f"{setting_name(v)} {means[v]:.4f} ({' / '.join(f'{x:.4f}' for x in figures[v])})"
                         for v in ranked)
             + f". Preferred: {setting_name(preferred)} ({standing}). Not ranked: {unranked} studied "
@@ -1248,7 +1271,8 @@ def budget_rows(path: Path) -> list[dict[str, Any]]:
     return epoch_rows(ResultsFile(path).runs) if path.exists() else []
 
 
-def budget_table(path: Path, runs: list[dict[str, Any]] | None = None) -> str:
+def budget_table(path: Path, runs: list[dict[str, Any]] | None = None,
+                 seed_studies: list[dict[str, Any]] | None = None) -> str:
     """The study (rules 1 and 2): per studied teacher, its validation figures, the student's at the
     candidate budgets, and what the rules give (or that the study is incomplete)."""
     records = budget_rows(path)
@@ -1288,7 +1312,7 @@ def budget_table(path: Path, runs: list[dict[str, Any]] | None = None) -> str:
         rule_6 = rule_6_line(records, teacher)
         if rule_6:
             lines.append(rule_6)
-        rule_7 = rule_7_line(records, runs or [], teacher)
+        rule_7 = rule_7_line(records, runs or [], teacher, seed_studies or [])
         if rule_7:
             lines.append(rule_7)
     return "\n".join(lines)
@@ -1310,6 +1334,10 @@ def main() -> None:
                              "are what a test run would train (by default those are tested, test-only)")
     parser.add_argument("--comparison", action="store_true",
                         help="the score-regression student at the ratio-30 map student's size (rule 4)")
+    parser.add_argument("--seed-validation", action="store_true",
+                        help="rule 7: train --variant's bottle ratio-30 seeds 1 and 2 as its study is trained "
+                             "(test=false, validation every epoch) into map_regression_seed_validation.json, for a "
+                             "setting whose seed test runs predate val_loss_last; --only picks a seed")
     parser.add_argument("--backfill-val-loss", action="store_true",
                         help="add val_loss_last (rule 7) to the trained test records that lack it, from their MLflow "
                              "runs where the store holds them, and stop")
@@ -1332,16 +1360,27 @@ def main() -> None:
         print(comparison_table(args.output))
         return
     results, budgets = ResultsFile(args.output), ResultsFile(budget_path(args.output))
+    seeds = ResultsFile(seed_validation_path(args.output))
     import torch
 
     torch.set_num_threads(args.threads)
     use_project_mlflow_store()
+    if args.seed_validation:
+        teacher = choose_teacher(epoch_rows(budgets.runs))
+        if teacher is None or not args.variant:
+            raise SystemExit("--seed-validation runs a studied setting's seeds 1 and 2 for rule 7: pass --variant, "
+                             "and run --budget first")
+        for entry in select(seed_study_entries(teacher, " ".join(args.variant)), args.only):
+            record_study(entry, args, seeds)
+        if not args.plan:
+            print(budget_table(budget_path(args.output), results.runs, epoch_rows(seeds.runs)), flush=True)
+        return
     if args.budget and args.variant:
         teacher = choose_teacher(epoch_rows(budgets.runs))
         if teacher is None:
             raise SystemExit("a variant is studied with the chosen teacher: run --budget first")
         record_study(study_entry(teacher, " ".join(args.variant)), args, budgets)
-        print(budget_table(budget_path(args.output), results.runs), flush=True)
+        print(budget_table(budget_path(args.output), results.runs, epoch_rows(seeds.runs)), flush=True)
         return
     if args.budget:
         for teacher in TEACHERS:

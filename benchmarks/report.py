@@ -486,7 +486,8 @@ def map_regression_page(results: Path) -> Page | None:
     chosen = map_regression.choose_teacher(budget)  # rule 1; None until the study has both teachers
     preferred = map_regression.preferred_in(budget)  # rule 5
     fidelity = map_regression.fidelity_preferred(budget, chosen) if chosen else None  # rule 6
-    seeded = map_regression.seed_fidelity_preferred(budget, runs, chosen) if chosen else None  # rule 7
+    seed_studies = load_runs(results, "map_regression_seed_validation.json")  # rule 7's validation-only seed runs
+    seeded = map_regression.seed_fidelity_preferred(budget, runs, chosen, seed_studies) if chosen else None  # rule 7
     if runs:
         parts += [map_regression.results_table(results / "map_regression.json", preferred, fidelity, seeded), "",
                   *[c.markdown() for c in charts], ""]
@@ -548,12 +549,13 @@ def map_regression_page(results: Path) -> Page | None:
                   "(`benchmarks/results/map_regression_budget.json`)", "",
                   "Bottle, deployed MAC ratio 30, seed 0, `test=false`: validation images are held-out normal "
                   "training images and the same images with fixed synthetic anomalies; epochs listed are the "
-                  "rule's candidates.", "", map_regression.budget_table(results / "map_regression_budget.json", runs), ""]
+                  "rule's candidates.", "", map_regression.budget_table(results / "map_regression_budget.json", runs, seed_studies), ""]
         criteria = map_regression.criteria_table(budget, runs)
         if criteria:
             parts += ["## Which validation criterion tracks the test figures (read after the fact)", "",
                       CRITERIA_INTRO, "", criteria, ""]
     parts += [provenance_section(results, ["map_regression.json", "map_regression_budget.json",
+                                           "map_regression_seed_validation.json",
                                            "map_regression_shift.json", "map_regression_regions.json",
                                            "map_regression_split.json"])]
     return Page("map_regression", "\n".join(parts) + "\n", charts)

@@ -984,3 +984,28 @@ def test_the_backfill_adds_rule_7s_figure_from_the_store_and_logs_it(tmp_path: P
     results.append({**base, "seed": 2, "mlflow_run_id": "broken", "weights": "trained"})
     with pytest.raises(MlflowException, match="locked"):  # any other store error is not swallowed
         backfill_val_loss(results, Client())
+
+
+def test_rule_7_reads_a_validation_only_seed_run_where_the_test_record_lacks_the_figure(tmp_path: Path) -> None:
+    """``--seed-validation`` runs (the study at seeds 1 and 2, ``test=false``) stand in for a seed whose test record
+    has no ``val_loss_last``; an unfinished one does not count, and a test record's figure comes first."""
+    from benchmarks.map_regression import (STUDY_EPOCHS, seed_fidelity_figures, seed_study_entries,
+                                           seed_validation_path)
+
+    def study(variant, loss, seed=0, epochs=STUDY_EPOCHS):
+        return [{"category": "bottle", "teacher_scheme": "patchcore", "requested_mac_ratio": 30, "seed": seed,
+                 "variant": variant, "epoch": epoch, "val_loss": loss} for epoch in range(1, epochs + 1)]
+
+    setting = "scheme.feature_weight=4.0"
+    records = study(setting, 0.070)
+    tested = [{"category": "bottle", "teacher_scheme": "patchcore", "variant": setting, "requested_mac_ratio": 30,
+               "seed": seed, "weights": "trained"} for seed in (1, 2)]  # test records that predate the field
+    seed_studies = study(setting, 0.066, seed=1) + study(setting, 0.068, seed=2, epochs=STUDY_EPOCHS - 1)
+    assert seed_fidelity_figures(records, tested, "patchcore", seed_studies) == {}  # seed 2's run unfinished
+    seed_studies += study(setting, 0.064, seed=2)[-1:]
+    assert seed_fidelity_figures(records, tested, "patchcore", seed_studies) == {setting: [0.070, 0.066, pytest.approx(0.0672)]}  # (4 x 0.068 + 0.064) / 5
+    tested[0]["val_loss_last"] = 0.05
+    assert seed_fidelity_figures(records, tested, "patchcore", seed_studies)[setting][1] == 0.05
+    assert [entry.name for entry in seed_study_entries("patchcore", setting)] == [
+        f"bottle/patchcore/m30/s{seed}/{setting}" for seed in (1, 2)]
+    assert seed_validation_path(tmp_path / "map_regression.json").name == "map_regression_seed_validation.json"
