@@ -165,7 +165,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import QUIET, ROOT, ResultsFile, base_parser, compose, epoch_rows, now_utc, select
-from benchmarks.mvtec import budget_path, choose_budget, mlflow_run, use_project_mlflow_store
+from benchmarks.mvtec import budget_path, choose_budget, mlflow_run, resumable_run, use_project_mlflow_store
 
 CATEGORIES = ("bottle", "screw", "transistor")
 TEACHERS = ("patchcore", "rd")
@@ -493,14 +493,24 @@ def backfill_val_loss(results: ResultsFile, client: Any = None) -> str:
 
 def study(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
     """The budget study of one teacher (with the entry's variant, a setting studied on validation
-    data): per-epoch validation figures, and the teacher's own with the student's deployed size."""
+    data): per-epoch validation figures, and the teacher's own with the student's deployed size.
+
+    A study is hours of CPU: one stopped part-way (a process killed, a session's end) continues from
+    its run folder's ``last.ckpt`` into the same MLflow run (:func:`benchmarks.mvtec.resumable_run`,
+    ``kd-train``'s exact resume: optimiser, schedule and the EMA average are in the checkpoint), when
+    its teacher is the same build and its length the same; its record then says ``resumed: true``."""
     from kd_experiments.train import train
 
     checkpoint, teacher_budget_used = build_teacher(entry.teacher, entry.category, args)
-    tag = f"map-regression-budget-{entry.folder}-{os.getpid()}-{time.time_ns()}"
     run_dir = study_run_dir(entry)
-    chosen = [*student_overrides(entry, checkpoint, args, study_epochs(entry.variant), tag, "budget"), "test=false",
+    length = study_epochs(entry.variant)
+    tag, resume_from = resumable_run(run_dir, f"map-regression-budget-{entry.folder}",
+                                     f"teacher={checkpoint} built={checkpoint.stat().st_mtime_ns} epochs={length}")
+    chosen = [*student_overrides(entry, checkpoint, args, length, tag, "budget"), "test=false",
               "trainer.num_sanity_val_steps=0", "deploy.measure=false", "deploy.log_model=false"]
+    if resume_from is not None:
+        chosen.append(f"ckpt_path={resume_from}")
+        print(f"[map_regression] study {entry.name}: continues from {resume_from}", flush=True)
     train(compose(chosen, output_dir=run_dir))
     client, run = mlflow_run(tag, "map_regression_bottle")
     steps = {point.step: int(point.value) for point in client.get_metric_history(run.info.run_id, "epoch")}
@@ -510,7 +520,8 @@ def study(entry: Entry, args: argparse.Namespace) -> tuple[dict[int, dict[str, f
             if point.step in steps:
                 epochs.setdefault(steps[point.step] + 1, {})[name.replace("/", "_")] = point.value
     teacher = {name.replace("/", "_"): run.data.metrics[name] for name in TEACHER_METRICS if name in run.data.metrics}
-    return epochs, {**teacher, **teacher_budget_used, **student_size(run.data.params)}
+    return epochs, {**teacher, **teacher_budget_used, **student_size(run.data.params),
+                    **({"resumed": True} if resume_from is not None else {})}
 
 
 def student_size(params: dict[str, str]) -> dict[str, Any]:

@@ -1009,3 +1009,46 @@ def test_rule_7_reads_a_validation_only_seed_run_where_the_test_record_lacks_the
     assert [entry.name for entry in seed_study_entries("patchcore", setting)] == [
         f"bottle/patchcore/m30/s{seed}/{setting}" for seed in (1, 2)]
     assert seed_validation_path(tmp_path / "map_regression.json").name == "map_regression_seed_validation.json"
+
+
+def test_a_stopped_map_study_continues_from_its_checkpoint_into_the_same_run_unless_the_teacher_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks.map_regression.study: a second call after a stop passes the study folder's last.ckpt to kd-train,
+    finds the first call's MLflow run by the tag it kept, and says ``resumed``; after the teacher is built again
+    (or with another length) the study starts afresh."""
+    import os
+    from types import SimpleNamespace
+
+    import kd_experiments.train
+    from benchmarks import map_regression as mr
+
+    monkeypatch.setattr(mr, "ROOT", tmp_path)
+    teacher = tmp_path / "teacher.ckpt"
+    teacher.write_bytes(b"teacher")
+    monkeypatch.setattr(mr, "build_teacher", lambda name, category, args: (teacher, {}))
+    composed: list[list[str]] = []
+    monkeypatch.setattr(mr, "compose", lambda overrides, output_dir: composed.append(list(overrides)))
+    monkeypatch.setattr(kd_experiments.train, "train", lambda cfg: {})
+    looked_up: list[str] = []
+
+    class History:
+        def get_metric_history(self, run_id: str, name: str) -> list:
+            return [SimpleNamespace(step=0, value=0.0 if name == "epoch" else 0.5)]
+
+    run = SimpleNamespace(info=SimpleNamespace(run_id="r"), data=SimpleNamespace(metrics={}, params={}))
+    monkeypatch.setattr(mr, "mlflow_run", lambda tag, experiment: (looked_up.append(tag), (History(), run))[1])
+    args = argparse.Namespace(data_root=tmp_path, threads=1, trainer="cpu")
+    entry = mr.Entry("bottle", "patchcore", mr.SEED_RATIO, 1, "trainer.max_epochs=300 scheme.lr_schedule=cosine")
+
+    _, figures = mr.study(entry, args)  # a first call: no checkpoint yet
+    assert "resumed" not in figures and not any(o.startswith("ckpt_path=") for o in composed[0])
+    last = mr.study_run_dir(entry) / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"stopped at some epoch")
+    _, figures = mr.study(entry, args)  # after a stop: continue, same run
+    assert figures["resumed"] is True and f"ckpt_path={last}" in composed[1]
+    assert looked_up[1] == looked_up[0] and f"+tags.benchmark_run={looked_up[0]}" in composed[1]
+    os.utime(teacher, ns=(1, 1))  # the teacher built again: its maps changed, the stopped study is not continued
+    _, figures = mr.study(entry, args)
+    assert "resumed" not in figures and not any(o.startswith("ckpt_path=") for o in composed[2])
+    assert looked_up[2] != looked_up[0]
