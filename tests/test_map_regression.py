@@ -29,6 +29,7 @@ from kd_experiments.schemes.map_regression.torch_model import (
     MapStudent,
     MapStudentDeployable,
     describe,
+    fold_batch_norm,
     smooth_student_map,
     width_for_mac_ratio,
 )
@@ -198,6 +199,51 @@ def test_map_depth_adds_separable_blocks_at_the_map_resolution_that_reach_the_ma
             MapStudent(3, 4, 1, map_depth=bad)
     scheme = MapRegressionScheme((3, SIZE, SIZE), width=4, fusion="pyramid", map_depth=1)
     assert scheme.student.map_depth == 1
+
+
+def test_batch_norm_trains_between_each_convolution_and_its_relu_and_ships_folded(tmp_path: Path) -> None:
+    """``norm="batch"``: a normalisation after each ReLU'd convolution while training; the deployed
+    student is the plain one with each pair folded into its convolution: the same keys, parameters
+    and MACs as a ``norm="none"`` student, the same maps as the trained student in eval mode."""
+    torch.manual_seed(0)
+    student = MapStudent(3, 4, 1, fusion="pyramid", merge_depth=2, norm="batch")
+    plain = MapStudent(3, 4, 1, fusion="pyramid", merge_depth=2)
+    norms = [name for name, module in student.named_modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    # stem 2, context path 2 + depth 1, merge 1 + refine 1, head 1; no norm on the laterals or the last 1x1
+    assert len(norms) == 8 and all(name.endswith(".1") for name in norms)
+    optimiser = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    for _ in range(5):  # moves the running statistics and the affine parameters off their defaults
+        loss = student(torch.randn(4, 3, SIZE, SIZE) * 2 + 1).square().mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    student.eval()
+    folded = fold_batch_norm(student)
+    assert folded.norm == "none" and set(folded.state_dict()) == set(plain.state_dict())
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in folded.modules())
+    images = torch.randn(2, 3, SIZE, SIZE) * 2 + 1
+    with torch.no_grad():
+        assert torch.allclose(folded(images), student(images), atol=1e-5, rtol=1e-4)
+    assert fold_batch_norm(plain) is plain
+    assert describe(student)["student_norm"] == "batch" and describe(folded)["student_norm"] == "none"
+    # the scheme ships the folded student: same deployed size as the plain student's, ONNX parity
+    scheme = MapRegressionScheme((3, SIZE, SIZE), width=4, depth=1, fusion="pyramid", merge_depth=2, norm="batch")
+    scheme.student.load_state_dict(student.state_dict())
+    scheme.eval()
+    deployable = scheme.deployable_model().eval()
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in deployable.modules())
+    reference = MapRegressionScheme((3, SIZE, SIZE), width=4, depth=1, fusion="pyramid",
+                                   merge_depth=2).deployable_model()
+    raw = (torch.rand(2, 3, SIZE, SIZE) * 255).to(torch.uint8)
+    assert count_macs(deployable, raw) == count_macs(reference, raw)
+    assert sum(p.numel() for p in deployable.parameters()) == sum(p.numel() for p in reference.parameters())
+    assert scheme.compression_summary()["student_norm"] == "batch"
+    unfolded = MapStudentDeployable(scheme.deployment_preprocessing(), student, 4.0, scheme.map_scale).eval()
+    with torch.no_grad():
+        assert torch.allclose(deployable(raw)[1], unfolded(raw)[1], atol=1e-4, rtol=1e-4)
+    assert onnx_parity(deployable, export_onnx(deployable, raw, tmp_path / "folded.onnx"), raw) < 1e-4
+    with pytest.raises(ConfigError, match="scheme.norm"):
+        MapStudent(3, 4, 1, norm="layer")
 
 
 def test_deployable_student_takes_raw_images_and_returns_scores_and_maps() -> None:

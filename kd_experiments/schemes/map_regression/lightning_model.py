@@ -88,6 +88,7 @@ from kd_experiments.schemes.map_regression.torch_model import (
     MapStudent,
     MapStudentDeployable,
     describe,
+    fold_batch_norm,
     smooth_student_map,
     width_for_mac_ratio,
 )
@@ -124,6 +125,8 @@ class MapRegressionScheme(AnomalyScheme):
             (:class:`~.torch_model.MapStudent`).
         merge_depth: 3x3 convolutions of the pyramid's merge at stride 8 (``pyramid`` only).
         map_depth: residual depthwise-separable blocks at the map resolution, before the head.
+        norm: ``none`` | ``batch``: batch normalisation between each convolution and its ReLU
+            while training, folded into the convolutions in the deployable model (same MACs).
         loss: ``l1`` | ``mse`` on the normalised maps.
         anomaly_weight: extra weight of anomalous pixels (0: plain mean).
         synthetic_per_image: synthetic anomalies made from each training image.
@@ -168,6 +171,7 @@ class MapRegressionScheme(AnomalyScheme):
         fusion: str = "context",
         merge_depth: int = 1,
         map_depth: int = 0,
+        norm: str = "none",
         loss: str = "l1",
         anomaly_weight: float = 4.0,
         synthetic_per_image: int = 2,
@@ -237,7 +241,7 @@ class MapRegressionScheme(AnomalyScheme):
                                         lambda candidate: self._deployed_macs_of(int(candidate)))
             self.hparams["width"] = int(width)  # a checkpoint rebuilds the same student without the teacher
         self.student = MapStudent(self.input_shape[0], int(width), depth, context_multiplier, fusion, merge_depth,
-                                  map_depth)
+                                  map_depth, norm)
         self.feature_head: nn.Module | None = None
         if float(feature_weight) > 0:
             if feature_channels is None:
@@ -333,8 +337,8 @@ class MapRegressionScheme(AnomalyScheme):
         if self._summary is None:
             student = self.deployable_model()
             example = student.example_input(1)
-            student_params, student_macs = count_parameters(self.student), count_macs(self.student,
-                                                                                       student.preprocess(example))
+            student_params, student_macs = count_parameters(student.student), count_macs(student.student,
+                                                                                          student.preprocess(example))
             if self.teacher is not None:
                 teacher_params = count_parameters(self.teacher.model)
                 teacher_macs = self.teacher_deployed_macs()
@@ -348,8 +352,9 @@ class MapRegressionScheme(AnomalyScheme):
 
     # -- the deployed model ---------------------------------------------------------------
     def deployable_model(self) -> DeployableModel:
-        return MapStudentDeployable(self.deployment_preprocessing(), self.student, self.hparams.blur_sigma,
-                                    self.map_scale).to(self.map_scale.device)
+        # a norm="batch" student ships folded (fold_batch_norm): the plain student, what was counted
+        return MapStudentDeployable(self.deployment_preprocessing(), fold_batch_norm(self.student),
+                                    self.hparams.blur_sigma, self.map_scale).to(self.map_scale.device)
 
     def teacher_deployable_model(self) -> DeployableModel | None:
         return self.teacher.model if self.teacher is not None else None

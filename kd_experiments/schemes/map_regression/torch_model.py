@@ -31,7 +31,14 @@ encoder at inference.
   convolution there (``9c + c^2`` against ``9c^2`` multiply-accumulates per pixel for ``c``
   channels), so a student can spend depth where the map is written rather than at stride 8;
 - a head (3x3 then 1x1 convolution) writes one channel: the anomaly map at stride 4,
-  in units of the teacher's normal-image map scale (see :class:`MapStudentDeployable`).
+  in units of the teacher's normal-image map scale (see :class:`MapStudentDeployable`);
+- with ``norm="batch"`` every convolution followed by a ReLU (stem, context path, merge, head)
+  is trained with batch normalisation between the two (Ioffe and Szegedy, "Batch
+  Normalization", ICML 2015), which conditions a plain stack of convolutions far better than
+  the default initialisation alone; at inference a normalisation is an affine map per channel,
+  so :func:`fold_batch_norm` folds each into the weights and bias of its convolution and the
+  student that ships is the plain one (``norm="none"``): same layers, same parameter count,
+  same multiply-accumulates, same outputs up to rounding.
 
 :class:`MapStudentDeployable` is what ships: raw images in, preprocessing inside, the
 map smoothed at its own resolution (Gaussian of ``sigma / stride``: a blur of the
@@ -42,12 +49,14 @@ teacher's units, and the image score is the map maximum (the teachers' rule).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from kd_experiments.anomaly_maps import gaussian_blur, image_scores, upsample
 from kd_experiments.compression import check_ratio, closest_to_ratio
@@ -58,14 +67,18 @@ from kd_experiments.errors import ConfigError
 MAP_STRIDE = 4
 #: how the context path's features join the stem's (see the module docstring)
 FUSIONS = ("context", "pyramid")
+#: the normalisation trained between a convolution and its ReLU (folded away at deployment)
+NORMS = ("none", "batch")
 
 
-def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=(kernel_size - 1) // 2 if
-                  kernel_size % 2 else kernel_size // 2 - 1),
-        nn.ReLU(inplace=True),
-    )
+def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, norm: str = "none") -> nn.Sequential:
+    """``Conv2d -> [BatchNorm2d] -> ReLU``: the convolution at index 0 whatever ``norm`` is (checkpoints
+    of ``norm="none"`` students keep their keys; :func:`fold_batch_norm` finds the pairs by position)."""
+    convolution = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                            padding=(kernel_size - 1) // 2 if kernel_size % 2 else kernel_size // 2 - 1)
+    if norm == "batch":
+        return nn.Sequential(convolution, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+    return nn.Sequential(convolution, nn.ReLU(inplace=True))
 
 
 class SeparableBlock(nn.Module):
@@ -96,10 +109,13 @@ class MapStudent(nn.Module):
             each one costs about a quarter of a 3x3 convolution at the map resolution.
         map_depth: residual depthwise-separable blocks on the fused features at the map
             resolution, before the head (0: none, the student as it was).
+        norm: ``none`` or ``batch`` (batch normalisation after each convolution of the stem,
+            context path, merge and head while training; :func:`fold_batch_norm` gives the plain
+            student it deploys as).
     """
 
     def __init__(self, in_channels: int = 3, width: int = 16, depth: int = 2, context_multiplier: int = 2,
-                 fusion: str = "context", merge_depth: int = 1, map_depth: int = 0) -> None:
+                 fusion: str = "context", merge_depth: int = 1, map_depth: int = 0, norm: str = "none") -> None:
         super().__init__()
         if int(width) < 1 or int(depth) < 0 or int(context_multiplier) < 1:
             raise ConfigError(
@@ -115,24 +131,27 @@ class MapStudent(nn.Module):
                               "has no stride-8 merge)")
         if isinstance(map_depth, bool) or not isinstance(map_depth, int) or map_depth < 0:
             raise ConfigError(f"scheme.map_depth must be an integer >= 0, got {map_depth!r}")
+        if norm not in NORMS:
+            raise ConfigError(f"scheme.norm must be one of {NORMS}, got {norm!r}")
         self.width, self.depth, self.fusion, self.merge_depth = int(width), int(depth), fusion, merge_depth
-        self.map_depth = map_depth
+        self.map_depth, self.norm = map_depth, norm
+        self.in_channels, self.context_multiplier = int(in_channels), int(context_multiplier)
         features, context = 2 * self.width, int(context_multiplier) * self.width
-        self.stem = nn.Sequential(_conv(in_channels, self.width, 4, 2), _conv(self.width, features, 4, 2))
+        self.stem = nn.Sequential(_conv(in_channels, self.width, 4, 2, norm), _conv(self.width, features, 4, 2, norm))
         self.context = nn.Sequential(
-            _conv(features, context, 3, 2),
-            _conv(context, context, 3, 2),
-            *[_conv(context, context, 3) for _ in range(self.depth)],
+            _conv(features, context, 3, 2, norm),
+            _conv(context, context, 3, 2, norm),
+            *[_conv(context, context, 3, norm=norm) for _ in range(self.depth)],
         )
         self.lateral = nn.Conv2d(context, features, 1)
         if fusion == "pyramid":  # the stride-8 step (context[0] is the path's stride-8 convolution)
             self.lateral8 = nn.Conv2d(context, features, 1)
-            self.merge8 = _conv(features, features, 3)
+            self.merge8 = _conv(features, features, 3, norm=norm)
             # the merge's further convolutions (a module of its own: merge_depth=1 checkpoints load as before)
-            self.refine8 = nn.Sequential(*[_conv(features, features, 3) for _ in range(merge_depth - 1)])
+            self.refine8 = nn.Sequential(*[_conv(features, features, 3, norm=norm) for _ in range(merge_depth - 1)])
         if map_depth:  # a module of its own only when used: map_depth=0 checkpoints load as before
             self.refine4 = nn.Sequential(*[SeparableBlock(features) for _ in range(map_depth)])
-        self.head = nn.Sequential(_conv(features, self.width, 3), nn.Conv2d(self.width, 1, 1))
+        self.head = nn.Sequential(_conv(features, self.width, 3, norm=norm), nn.Conv2d(self.width, 1, 1))
 
     @property
     def feature_channels(self) -> int:
@@ -156,6 +175,31 @@ class MapStudent(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images ``(B, C, H, W)`` -> raw maps ``(B, 1, H / 4, W / 4)`` (normal-image units)."""
         return self.head(self.features(images))
+
+
+def fold_batch_norm(student: MapStudent) -> MapStudent:
+    """The plain (``norm="none"``) student that computes what ``student`` computes in eval mode.
+
+    Each ``Conv2d -> BatchNorm2d`` pair of a ``norm="batch"`` student becomes one convolution
+    whose weights and bias absorb the normalisation's running statistics and affine parameters
+    (:func:`torch.nn.utils.fusion.fuse_conv_bn_eval`); every other weight is copied. A
+    ``norm="none"`` student is returned as it is. The result is a new module: ``student`` keeps
+    training, and the folded copy is what is scored, exported and counted.
+    """
+    if student.norm == "none":
+        return student
+    plain = MapStudent(student.in_channels, student.width, student.depth, student.context_multiplier, student.fusion,
+                       student.merge_depth, student.map_depth, norm="none").to(next(student.parameters()).device)
+    normalisations = {name for name, module in student.named_modules() if isinstance(module, nn.BatchNorm2d)}
+    state = {key: value.detach() for key, value in student.state_dict().items()
+             if key.rsplit(".", 1)[0] not in normalisations}
+    for name in normalisations:  # "<block>.1": its convolution is "<block>.0" (see _conv)
+        block = name.rsplit(".", 1)[0]
+        convolution, normalisation = student.get_submodule(f"{block}.0"), student.get_submodule(name)
+        fused = fuse_conv_bn_eval(copy.deepcopy(convolution).eval(), copy.deepcopy(normalisation).eval())
+        state[f"{block}.0.weight"], state[f"{block}.0.bias"] = fused.weight.detach(), fused.bias.detach()
+    plain.load_state_dict(state, strict=True)
+    return plain.train(student.training)
 
 
 def smooth_student_map(raw: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -216,4 +260,5 @@ def width_for_mac_ratio(
 def describe(student: MapStudent) -> dict[str, Any]:
     """The student's architecture as loggable values."""
     return {"student_width": student.width, "student_depth": student.depth, "student_fusion": student.fusion,
-            "student_merge_depth": student.merge_depth, "student_map_depth": student.map_depth}
+            "student_merge_depth": student.merge_depth, "student_map_depth": student.map_depth,
+            "student_norm": student.norm}
