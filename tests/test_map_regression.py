@@ -455,14 +455,18 @@ def test_a_run_logs_quality_sizes_and_reuses_the_teacher_maps(patchcore_teacher)
 
 
 @pytest.mark.slow
-def test_callbacks_ema_validates_checkpoints_and_tests_the_average(patchcore_teacher) -> None:
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_callbacks_ema_validates_checkpoints_and_tests_the_average(patchcore_teacher, norm: str) -> None:
     """``callbacks=ema``: the checkpoint's state_dict is the moving average (the step's own weights
     beside it, for resuming), and the run tested that average: testing the checkpoint alone gives
-    the run's test metrics, while the step's own weights give other maps."""
+    the run's test metrics, while the step's own weights give other maps. With ``scheme.norm=batch``
+    the average holds the normalisations' running statistics too, and the student tested is the
+    folded one."""
     checkpoint, env = patchcore_teacher
-    root = checkpoint.parents[2]
+    root = checkpoint.parents[2] / norm
+    experiment = f"map_regression_ema_{norm}"
     common = ["experiment=map_regression_smoke", *SMOKE, *NO_DEPLOY, "trainer.max_epochs=2",
-              f"scheme.teacher.checkpoint={checkpoint}", "experiment_name=map_regression_ema"]
+              f"scheme.teacher.checkpoint={checkpoint}", f"experiment_name={experiment}", f"scheme.norm={norm}"]
     trained = train_in_process(["callbacks=ema", *common], env, root / "ema")
     last = root / "ema" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=False)
@@ -480,7 +484,10 @@ def test_callbacks_ema_validates_checkpoints_and_tests_the_average(patchcore_tea
     with torch.no_grad():
         assert not torch.allclose(scheme.deployable_model().eval()(images)[1], own.deployable_model().eval()(images)[1])
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    run = client.search_runs([client.get_experiment_by_name("map_regression_ema").experiment_id],
+    if norm == "batch":
+        assert any(key.endswith("running_var") and not torch.equal(average[key], current[key]) for key in average)
+        assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in scheme.deployable_model().modules())
+    run = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
                              order_by=["attributes.start_time ASC"])[0]
     assert run.info.status == "FINISHED"
     assert float(run.data.params["callbacks.weight_averaging.decay"]) == 0.999
