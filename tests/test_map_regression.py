@@ -455,18 +455,14 @@ def test_a_run_logs_quality_sizes_and_reuses_the_teacher_maps(patchcore_teacher)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("norm", ["none", "batch"])
-def test_callbacks_ema_validates_checkpoints_and_tests_the_average(patchcore_teacher, norm: str) -> None:
+def test_callbacks_ema_validates_checkpoints_and_tests_the_average(patchcore_teacher) -> None:
     """``callbacks=ema``: the checkpoint's state_dict is the moving average (the step's own weights
     beside it, for resuming), and the run tested that average: testing the checkpoint alone gives
-    the run's test metrics, while the step's own weights give other maps. With ``scheme.norm=batch``
-    the average holds the normalisations' running statistics too, and the student tested is the
-    folded one."""
+    the run's test metrics, while the step's own weights give other maps."""
     checkpoint, env = patchcore_teacher
-    root = checkpoint.parents[2] / norm
-    experiment = f"map_regression_ema_{norm}"
+    root = checkpoint.parents[2]
     common = ["experiment=map_regression_smoke", *SMOKE, *NO_DEPLOY, "trainer.max_epochs=2",
-              f"scheme.teacher.checkpoint={checkpoint}", f"experiment_name={experiment}", f"scheme.norm={norm}"]
+              f"scheme.teacher.checkpoint={checkpoint}", "experiment_name=map_regression_ema"]
     trained = train_in_process(["callbacks=ema", *common], env, root / "ema")
     last = root / "ema" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=False)
@@ -484,13 +480,33 @@ def test_callbacks_ema_validates_checkpoints_and_tests_the_average(patchcore_tea
     with torch.no_grad():
         assert not torch.allclose(scheme.deployable_model().eval()(images)[1], own.deployable_model().eval()(images)[1])
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    if norm == "batch":
-        assert any(key.endswith("running_var") and not torch.equal(average[key], current[key]) for key in average)
-        assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in scheme.deployable_model().modules())
-    run = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+    run = client.search_runs([client.get_experiment_by_name("map_regression_ema").experiment_id],
                              order_by=["attributes.start_time ASC"])[0]
     assert run.info.status == "FINISHED"
     assert float(run.data.params["callbacks.weight_averaging.decay"]) == 0.999
+
+
+@pytest.mark.slow
+def test_a_batch_normalised_student_trains_without_ema_and_refuses_it_in_one_line(patchcore_teacher) -> None:
+    """``scheme.norm=batch`` trains and tests the folded student; under ``callbacks=ema`` (an average
+    of the weights and of the normalisation statistics, which do not belong together) the run
+    stops before the teacher is called, with one line naming both settings, and ends FAILED."""
+    checkpoint, env = patchcore_teacher
+    root = checkpoint.parents[2] / "norm"
+    common = ["experiment=map_regression_smoke", *SMOKE, *NO_DEPLOY, "trainer.max_epochs=2", "scheme.norm=batch",
+              f"scheme.teacher.checkpoint={checkpoint}", "experiment_name=map_regression_norm"]
+    tested = train_in_process(common, env, root / "plain")
+    assert 0.0 <= tested["test/pixel_auroc"] <= 1.0
+    scheme = load_scheme("kd_experiments.schemes.map_regression.MapRegressionScheme",
+                         root / "plain" / "checkpoints" / "last.ckpt")
+    assert scheme.student.norm == "batch"
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in scheme.deployable_model().modules())
+    with pytest.raises(ConfigError, match=r"scheme.norm=batch cannot train under EMAWeightAveraging \(callbacks=ema\)"):
+        train_in_process(["callbacks=ema", *common], env, root / "ema")
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("map_regression_norm").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    assert [run.info.status for run in runs] == ["FINISHED", "FAILED"]
 
 
 @pytest.mark.slow
