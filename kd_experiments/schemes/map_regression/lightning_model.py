@@ -565,7 +565,7 @@ class MapRegressionScheme(AnomalyScheme):
         training images sat 0.75 normal-map units above the same weights' maps under their own batch
         statistics by epoch 74, its validation L1 rising every epoch while the training loss fell.
         """
-        if self.hparams.get("norm", "none") != "batch" or self._trainer is None:
+        if self.student.norm != "batch" or self._trainer is None:
             return
         from lightning.pytorch.callbacks import WeightAveraging
 
